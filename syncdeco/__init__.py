@@ -1,0 +1,55 @@
+"""syncdeco: rank-coordination decorators for torch.distributed that never hang.
+
+>>> import syncdeco as sd
+>>> @sd.main_first
+... def load(): ...
+"""
+
+from ._backend import DEFAULT, Backend, Failure, NullBackend, SyncPoint, get_backend, init, use_backend
+from ._decorate import (
+    barrier,
+    barrier_after,
+    is_main,
+    local_rank,
+    main_first,
+    on_main_only,
+    rank,
+    world_size,
+)
+from ._env import LaunchEnvError
+from ._errors import (
+    CompositionError,
+    PeerFailedError,
+    SyncError,
+    SyncMismatchError,
+    SyncTimeoutError,
+)
+from ._torch import TorchBackend
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT",
+    "Backend",
+    "CompositionError",
+    "Failure",
+    "LaunchEnvError",
+    "NullBackend",
+    "PeerFailedError",
+    "SyncError",
+    "SyncMismatchError",
+    "SyncPoint",
+    "SyncTimeoutError",
+    "TorchBackend",
+    "barrier",
+    "barrier_after",
+    "get_backend",
+    "init",
+    "is_main",
+    "local_rank",
+    "main_first",
+    "on_main_only",
+    "rank",
+    "use_backend",
+    "world_size",
+]

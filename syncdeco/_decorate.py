@@ -1,0 +1,448 @@
+"""The public faces: decorators, context managers and plain calls.
+
+Each face validates its options when decorating and builds a policy; stacked
+syncdeco decorators fuse into one :class:`_Fused` wrapper that runs a tuple
+of policies around the call.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+from collections.abc import Callable, Coroutine
+from types import TracebackType
+from typing import Any, Literal, ParamSpec, Protocol, TypeVar, final, overload
+
+import wrapt
+
+from ._backend import DEFAULT, Backend, Timeout, check_timeout, get_backend
+from ._errors import CompositionError
+from ._policy import (
+    BarrierAfter,
+    MainFirst,
+    OnMainOnly,
+    Policy,
+    Site,
+    check_stack,
+    meet,
+    run,
+    run_async,
+)
+
+__all__ = [
+    "barrier",
+    "barrier_after",
+    "is_main",
+    "local_rank",
+    "main_first",
+    "on_main_only",
+    "rank",
+    "world_size",
+]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+D = TypeVar("D")
+
+
+# -- the fused wrapper ------------------------------------------------------
+
+
+@final
+class _Stack:
+    """An immutable tuple of policies (outermost first) and how to run it."""
+
+    __slots__ = ("policies",)
+
+    def __init__(self, policies: tuple[Policy, ...]) -> None:
+        self.policies = policies
+
+    def call(
+        self,
+        wrapped: Callable[..., Any],
+        instance: object,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        return run(self.policies, get_backend(), lambda: wrapped(*args, **kwargs))
+
+    async def call_async(
+        self,
+        wrapped: Callable[..., Any],
+        instance: object,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        return await run_async(self.policies, get_backend(), lambda: wrapped(*args, **kwargs))
+
+
+class _Fused(wrapt.FunctionWrapper):  # type: ignore[misc]
+    """One wrapper for a whole stack of syncdeco decorators."""
+
+    def __init__(self, wrapped: object, stack: _Stack, is_async: bool) -> None:
+        super().__init__(wrapped, stack.call_async if is_async else stack.call)
+        self._self_stack = stack
+
+
+def _function_of(target: object) -> Any:
+    func = target
+    while True:
+        if isinstance(func, (classmethod, staticmethod)):
+            func = func.__func__
+        elif isinstance(func, wrapt.ObjectProxy):
+            func = func.__wrapped__
+        else:
+            return func
+
+
+def _site_of(func: Any, name: str | None) -> Site:
+    code = getattr(func, "__code__", None)
+    location = "<unknown>"
+    if code is not None:
+        location = f"{os.path.basename(code.co_filename)}:{code.co_firstlineno}"
+    if name is None:
+        module = getattr(func, "__module__", None) or "?"
+        name = f"{module}.{getattr(func, '__qualname__', repr(func))}"
+    return Site(name, location)
+
+
+def _caller_site(name: str | None, depth: int) -> Site:
+    frame = sys._getframe(depth + 1)
+    location = f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}"
+    return Site(name if name is not None else location, location)
+
+
+def _decorate(target: object, name: str | None, make: Callable[[Site], Policy]) -> Any:
+    if not (callable(target) or isinstance(target, (classmethod, staticmethod))):
+        raise TypeError(
+            f"syncdeco decorates functions and methods, not {type(target).__name__} "
+            f"{target!r}. To pass options, call the decorator with keywords only: "
+            f"@main_first(local=True)."
+        )
+    func = _function_of(target)
+    what = getattr(func, "__qualname__", repr(func))
+    if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+        raise CompositionError(
+            f"{what} is a generator function; syncdeco cannot sync around it because "
+            f"a half-consumed generator leaves ranks out of step. Return a list "
+            f"instead, or put the sync point around the loop that consumes it."
+        )
+    policy = make(_site_of(func, name))
+    if isinstance(target, _Fused):
+        policies = (policy, *target._self_stack.policies)
+        target = target.__wrapped__
+    else:
+        policies = (policy,)
+    check_stack(policies, what)
+    return _Fused(target, _Stack(policies), inspect.iscoroutinefunction(func))
+
+
+def _check_name(name: object) -> None:
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"name= must be a string or None, not {type(name).__name__}")
+
+
+def _check_bool(option: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{option}= must be True or False, not {value!r}")
+
+
+# -- typing helpers ---------------------------------------------------------
+
+
+class _Keeps(Protocol):
+    """A decorator that keeps the decorated function's type."""
+
+    @overload
+    def __call__(
+        self, target: Callable[P, Coroutine[Any, Any, R]], /
+    ) -> Callable[P, Coroutine[Any, Any, R]]: ...
+    @overload
+    def __call__(self, target: Callable[P, R], /) -> Callable[P, R]: ...
+
+
+class _Defaults(Protocol[D]):
+    """A decorator whose function returns the result or a default."""
+
+    @overload
+    def __call__(  # type: ignore[overload-overlap]
+        self, target: Callable[P, Coroutine[Any, Any, R]], /
+    ) -> Callable[P, Coroutine[Any, Any, R | D]]: ...
+    @overload
+    def __call__(self, target: Callable[P, R], /) -> Callable[P, R | D]: ...
+
+
+# -- context-manager faces --------------------------------------------------
+
+
+class _Scoped:
+    """Base of the objects that are both a decorator and a context manager.
+
+    The ``with`` form keeps a small stack of what each entry decided, so the
+    same object may be nested; do not share one across threads."""
+
+    __slots__ = ("_entries", "_name", "_timeout")
+
+    def __init__(self, name: str | None, timeout: Timeout) -> None:
+        self._name = name
+        self._timeout = timeout
+        self._entries: list[tuple[Policy, Backend, object]] = []
+
+    def _policy(self, site: Site) -> Policy:
+        raise NotImplementedError
+
+    @overload
+    def __call__(
+        self, target: Callable[P, Coroutine[Any, Any, R]], /
+    ) -> Callable[P, Coroutine[Any, Any, R]]: ...
+    @overload
+    def __call__(self, target: Callable[P, R], /) -> Callable[P, R]: ...
+    def __call__(self, target: Callable[P, R], /) -> Callable[P, R]:
+        result: Callable[P, R] = _decorate(target, self._name, self._policy)
+        return result
+
+    def __enter__(self) -> None:
+        policy = self._policy(_caller_site(self._name, 1))
+        backend = get_backend()
+        go, state = policy.enter(backend)
+        assert go, "a with block cannot be skipped"
+        self._entries.append((policy, backend, state))
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> Literal[False]:
+        policy, backend, state = self._entries.pop()
+        try:
+            policy.exit(backend, state, exc, None)
+        except BaseException as error:
+            if error is exc:
+                return False  # the with block's own exception goes on
+            raise
+        return False
+
+
+@final
+class _MainFirst(_Scoped):
+    __slots__ = ("_local",)
+
+    def __init__(self, local: bool, name: str | None, timeout: Timeout) -> None:
+        super().__init__(name, timeout)
+        self._local = local
+
+    def _policy(self, site: Site) -> Policy:
+        return MainFirst(site, self._local, self._timeout)
+
+    def __repr__(self) -> str:
+        return f"main_first(local={self._local}, name={self._name!r}, timeout={self._timeout!r})"
+
+
+@final
+class _BarrierAfter(_Scoped):
+    __slots__ = ("_every",)
+
+    def __init__(self, every: int, name: str | None, timeout: Timeout) -> None:
+        super().__init__(name, timeout)
+        self._every = every
+
+    def _policy(self, site: Site) -> Policy:
+        return BarrierAfter(site, self._every, self._timeout)
+
+    def __repr__(self) -> str:
+        return f"barrier_after(every={self._every}, name={self._name!r}, timeout={self._timeout!r})"
+
+
+# -- main_first ---------------------------------------------------------------
+
+
+@overload
+def main_first(target: Callable[P, Coroutine[Any, Any, R]], /) -> Callable[P, Coroutine[Any, Any, R]]: ...
+@overload
+def main_first(target: Callable[P, R], /) -> Callable[P, R]: ...
+@overload
+def main_first(
+    target: None = None, /, *, local: bool = False, name: str | None = None, timeout: Timeout = DEFAULT
+) -> _MainFirst: ...
+def main_first(
+    target: Callable[P, R] | None = None,
+    /,
+    *,
+    local: bool = False,
+    name: str | None = None,
+    timeout: Timeout = DEFAULT,
+) -> Callable[P, R] | _MainFirst:
+    """The main rank runs the body first; the others wait, then run it too.
+
+    Use it as ``@main_first``, ``@main_first(...)`` or ``with main_first(...):``.
+    Every rank returns its own result.  Every rank must reach it: it is a
+    sync point.  ``local=True`` does this per node (LOCAL_RANK 0 of each node
+    goes first; the others wait only for their own node's main).  If the
+    main rank raises, it re-raises and the others raise ``PeerFailedError``
+    instead of running the body.  ``name`` names the sync point (default:
+    the function's qualified name, or the file and line of the ``with``);
+    ``timeout`` is in seconds (None: wait forever; default: ``init``'s).
+    """
+    _check_bool("local", local)
+    _check_name(name)
+    check_timeout(timeout)
+    face = _MainFirst(local, name, timeout)
+    if target is None:
+        return face
+    return face(target)
+
+
+# -- barrier_after ------------------------------------------------------------
+
+
+@overload
+def barrier_after(target: Callable[P, Coroutine[Any, Any, R]], /) -> Callable[P, Coroutine[Any, Any, R]]: ...
+@overload
+def barrier_after(target: Callable[P, R], /) -> Callable[P, R]: ...
+@overload
+def barrier_after(
+    target: None = None, /, *, every: int = 1, name: str | None = None, timeout: Timeout = DEFAULT
+) -> _BarrierAfter: ...
+def barrier_after(
+    target: Callable[P, R] | None = None,
+    /,
+    *,
+    every: int = 1,
+    name: str | None = None,
+    timeout: Timeout = DEFAULT,
+) -> Callable[P, R] | _BarrierAfter:
+    """Every rank runs the body, then all ranks meet.
+
+    Use it as ``@barrier_after``, ``@barrier_after(...)`` or
+    ``with barrier_after(...):``.  Every rank must reach it.  With
+    ``every=N`` only every Nth call meets (calls N, 2N, ...), for training
+    steps.  If a rank raises in the body, it re-raises and every other rank
+    raises ``PeerFailedError`` naming it.
+    """
+    if isinstance(every, bool) or not isinstance(every, int):
+        raise TypeError(f"every= must be a positive int, not {every!r}")
+    if every < 1:
+        raise ValueError(f"every= must be at least 1 (sync on every Nth call), got {every}")
+    _check_name(name)
+    check_timeout(timeout)
+    face = _BarrierAfter(every, name, timeout)
+    if target is None:
+        return face
+    return face(target)
+
+
+# -- on_main_only -------------------------------------------------------------
+
+
+@overload
+def on_main_only(  # type: ignore[overload-overlap]
+    target: Callable[P, Coroutine[Any, Any, R]], /
+) -> Callable[P, Coroutine[Any, Any, R | None]]: ...
+@overload
+def on_main_only(target: Callable[P, R], /) -> Callable[P, R | None]: ...
+@overload
+def on_main_only(
+    target: None = None,
+    /,
+    *,
+    broadcast: Literal[True],
+    local: bool = False,
+    name: str | None = None,
+    timeout: Timeout = DEFAULT,
+) -> _Keeps: ...
+@overload
+def on_main_only(
+    target: None = None,
+    /,
+    *,
+    broadcast: Literal[False] = False,
+    default: D,
+    local: bool = False,
+    name: str | None = None,
+    timeout: Timeout = DEFAULT,
+) -> _Defaults[D]: ...
+@overload
+def on_main_only(
+    target: None = None,
+    /,
+    *,
+    broadcast: Literal[False] = False,
+    local: bool = False,
+    name: str | None = None,
+    timeout: Timeout = DEFAULT,
+) -> _Defaults[None]: ...
+def on_main_only(
+    target: Callable[..., Any] | None = None,
+    /,
+    *,
+    broadcast: bool = False,
+    default: object = None,
+    local: bool = False,
+    name: str | None = None,
+    timeout: Timeout = DEFAULT,
+) -> Any:
+    """Only the main rank runs the function.
+
+    Without ``broadcast`` the other ranks return ``default`` at once and
+    nothing is communicated, so it is not a sync point.  With
+    ``broadcast=True`` every rank must call it: the others wait and every
+    rank returns the main rank's result (it must pickle); if the main rank
+    raises, the others raise ``PeerFailedError``.  ``local=True`` picks
+    LOCAL_RANK 0 of each node as its main.
+    """
+    _check_bool("broadcast", broadcast)
+    _check_bool("local", local)
+    _check_name(name)
+    check_timeout(timeout)
+    if broadcast and default is not None:
+        raise TypeError(
+            "on_main_only(broadcast=True, default=...): with broadcast every rank "
+            "returns the main rank's result, so default is never used; drop one."
+        )
+
+    def make(site: Site) -> Policy:
+        return OnMainOnly(site, broadcast, default, local, timeout)
+
+    def decorate(func: Callable[..., Any], /) -> Any:
+        return _decorate(func, name, make)
+
+    if target is None:
+        return decorate
+    return decorate(target)
+
+
+# -- plain calls --------------------------------------------------------------
+
+
+def barrier(name: str | None = None, *, timeout: Timeout = DEFAULT) -> None:
+    """A sync point as a plain call: every rank must call it.
+
+    Named by ``name`` (default: the file and line of the call).  Raises
+    ``SyncMismatchError`` if ranks reach different barriers and
+    ``SyncTimeoutError`` if some do not arrive within ``timeout``.
+    """
+    _check_name(name)
+    meet(get_backend(), "barrier", _caller_site(name, 1), timeout=timeout)
+
+
+def rank() -> int:
+    """This process's global rank (0 without a distributed job)."""
+    return get_backend().rank()
+
+
+def world_size() -> int:
+    """The number of ranks (1 without a distributed job)."""
+    return get_backend().world_size()
+
+
+def local_rank() -> int:
+    """This process's rank within its node (0 without a distributed job)."""
+    return get_backend().local_rank()
+
+
+def is_main(*, local: bool = False) -> bool:
+    """Whether this is rank 0 (or LOCAL_RANK 0 of its node, with ``local``)."""
+    backend = get_backend()
+    return (backend.local_rank() if local else backend.rank()) == 0

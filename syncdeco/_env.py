@@ -1,0 +1,122 @@
+"""Reading a launcher's environment: torchrun, SLURM and Open MPI.
+
+Nothing here touches torch.distributed; it only turns environment variables
+into a :class:`Launch` or raises a :class:`LaunchEnvError` naming the variable
+that is wrong.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import final
+
+from ._errors import SyncError
+
+__all__ = ["Launch", "LaunchEnvError", "detect_launch", "local_rank_from_env", "node_key"]
+
+
+@final
+class LaunchEnvError(SyncError, ValueError):
+    """The launcher's environment variables are missing or malformed."""
+
+    __module__ = "syncdeco"
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Launch:
+    """Where this process sits in a job, as its launcher described it."""
+
+    launcher: str
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str | None
+    master_port: int | None
+
+
+# (launcher, rank variable, world size variable, local rank variable)
+_LAUNCHERS = (
+    ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK"),
+    ("Open MPI", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+    ("SLURM", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
+)
+
+_LOCAL_RANK_VARS = ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID")
+
+
+def _int(env: Mapping[str, str], var: str, launcher: str, *, minimum: int) -> int:
+    raw = env[var]
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise LaunchEnvError(
+            f"{var}={raw!r} is not an integer; {launcher} sets it to this process's "
+            f"place in the job. Unset it, or launch through {launcher}."
+        ) from None
+    if value < minimum:
+        raise LaunchEnvError(f"{var}={raw!r} must be at least {minimum} ({launcher}).")
+    return value
+
+
+def detect_launch(env: Mapping[str, str]) -> Launch | None:
+    """Return the job described by ``env``, or None when no launcher is found.
+
+    Raises :class:`LaunchEnvError` naming the variable when a launcher's
+    variables are present but unusable.
+    """
+    for launcher, rank_var, size_var, local_var in _LAUNCHERS:
+        if rank_var not in env and size_var not in env:
+            continue
+        for var in (rank_var, size_var):
+            if var not in env:
+                other = size_var if var == rank_var else rank_var
+                raise LaunchEnvError(
+                    f"{other} is set but {var} is not; {launcher} sets both. "
+                    f"Set {var} or unset {other}."
+                )
+        rank = _int(env, rank_var, launcher, minimum=0)
+        world_size = _int(env, size_var, launcher, minimum=1)
+        if rank >= world_size:
+            raise LaunchEnvError(
+                f"{rank_var}={rank} is not below {size_var}={world_size}; "
+                f"ranks run from 0 to {world_size - 1}."
+            )
+        local_rank = (
+            _int(env, local_var, launcher, minimum=0) if local_var in env else rank
+        )
+        addr = env.get("MASTER_ADDR")
+        port: int | None = None
+        if world_size > 1:
+            for var in ("MASTER_ADDR", "MASTER_PORT"):
+                if not env.get(var):
+                    raise LaunchEnvError(
+                        f"{var} is not set, but {size_var}={world_size} needs it to "
+                        f"find rank 0 ({launcher} job). torchrun sets it; under "
+                        f"{launcher} export it before starting the ranks."
+                    )
+            port = _int(env, "MASTER_PORT", launcher, minimum=1)
+            if port > 65535:
+                raise LaunchEnvError(f"MASTER_PORT={port} is not a TCP port (1-65535).")
+        return Launch(launcher, rank, world_size, local_rank, addr, port)
+    return None
+
+
+def local_rank_from_env(env: Mapping[str, str]) -> int | None:
+    """LOCAL_RANK as any known launcher set it, or None."""
+    for var in _LOCAL_RANK_VARS:
+        if var in env:
+            return _int(env, var, "the launcher", minimum=0)
+    return None
+
+
+def node_key(env: Mapping[str, str]) -> str:
+    """A string equal on the ranks of one node and different across nodes."""
+    # torchrun's GROUP_RANK tells two agents apart even on one host (the
+    # loopback two-node test relies on it); SLURM and Open MPI name the node.
+    for var in ("GROUP_RANK", "SLURM_NODEID", "OMPI_COMM_WORLD_NODE_RANK"):
+        if var in env:
+            return f"{var}={env[var]}"
+    return f"host={socket.gethostname()}"

@@ -1,0 +1,136 @@
+"""The exceptions syncdeco raises.
+
+Every error names what happened, on which rank, at which sync point, and
+what to do about it.  All of them derive from :class:`SyncError` except
+:class:`CompositionError`, which is a programming mistake found when
+decorating (it derives from both ``SyncError`` and ``TypeError``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import final
+
+__all__ = [
+    "CompositionError",
+    "PeerFailedError",
+    "SyncError",
+    "SyncMismatchError",
+    "SyncTimeoutError",
+]
+
+
+class SyncError(RuntimeError):
+    """Base class of every error raised at a syncdeco sync point."""
+
+    __module__ = "syncdeco"
+    _kwargs: dict[str, object] | None = None
+
+    def __reduce__(self) -> str | tuple[object, ...]:
+        # Errors built from keyword arguments pickle by those arguments, so
+        # they survive multiprocessing and the pytest-xdist boundary intact.
+        if self._kwargs is None:
+            return super().__reduce__()
+        return (_from_kwargs, (type(self), self._kwargs))
+
+
+@final
+class PeerFailedError(SyncError):
+    """Another rank raised inside a synced region.
+
+    ``rank`` is the rank that failed, ``exc_type`` the name of its exception
+    type, ``message`` its ``str()``, ``remote_traceback`` its formatted
+    traceback, and ``point`` the sync point that carried the failure.
+    The failing rank itself re-raises its own exception instead.
+    """
+
+    __module__ = "syncdeco"
+
+    def __init__(
+        self,
+        *,
+        rank: int,
+        exc_type: str,
+        message: str,
+        remote_traceback: str,
+        point: str,
+        observer: int,
+    ) -> None:
+        self._kwargs = dict(
+            rank=rank,
+            exc_type=exc_type,
+            message=message,
+            remote_traceback=remote_traceback,
+            point=point,
+            observer=observer,
+        )
+        self.rank = rank
+        self.exc_type = exc_type
+        self.message = message
+        self.remote_traceback = remote_traceback
+        self.point = point
+        self.observer = observer
+        super().__init__(
+            f"rank {rank} raised {exc_type}: {message} "
+            f"(seen by rank {observer} at {point}). Rank {rank}'s own log "
+            f"has the full error; its traceback is in .remote_traceback."
+        )
+
+@final
+class SyncTimeoutError(SyncError, TimeoutError):
+    """Not every rank reached a sync point within its timeout.
+
+    ``missing`` lists the ranks that did not arrive (as seen from this rank).
+    """
+
+    __module__ = "syncdeco"
+
+    def __init__(
+        self, *, missing: Sequence[int], point: str, timeout: float, observer: int
+    ) -> None:
+        self._kwargs = dict(
+            missing=tuple(missing), point=point, timeout=timeout, observer=observer
+        )
+        self.missing = tuple(missing)
+        self.point = point
+        self.timeout = timeout
+        self.observer = observer
+        ranks = ", ".join(map(str, self.missing))
+        super().__init__(
+            f"rank {observer} waited {timeout:g}s at {point} but rank(s) "
+            f"{ranks} did not arrive. Check those ranks' logs for a crash or a "
+            f"slow step, or pass a larger timeout= (timeout=None waits forever)."
+        )
+
+@final
+class SyncMismatchError(SyncError):
+    """Ranks met at different sync points.
+
+    ``points`` maps each sync point description to the ranks found there.
+    """
+
+    __module__ = "syncdeco"
+
+    def __init__(self, *, points: dict[str, tuple[int, ...]], observer: int) -> None:
+        self._kwargs = dict(points=dict(points), observer=observer)
+        self.points = dict(points)
+        self.observer = observer
+        where = "; ".join(
+            f"rank{'s' if len(r) > 1 else ''} {', '.join(map(str, r))} at {p}"
+            for p, r in self.points.items()
+        )
+        super().__init__(
+            f"ranks reached different sync points ({where}); seen by rank "
+            f"{observer}. Every rank must pass the same sync points in the same "
+            f"order: look for a branch that depends on the rank or on data."
+        )
+
+@final
+class CompositionError(SyncError, TypeError):
+    """A decorator stack or a nested sync point that could only deadlock."""
+
+    __module__ = "syncdeco"
+
+
+def _from_kwargs(cls: type[SyncError], kwargs: dict[str, object]) -> SyncError:
+    return cls(**kwargs)

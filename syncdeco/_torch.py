@@ -1,0 +1,430 @@
+"""The torch.distributed backend.
+
+Sync traffic does not go through collectives.  Each sync point is a star
+exchange over the process group's c10d store (syncdeco clones its own
+connection to it): every member pushes a small frame (its status and the sync
+point's identity) to the scope main, the main compares them and pushes one
+verdict back to each member.  The store is what makes this safe:
+
+* a wait on it can time out and the connection stays usable, so a missing
+  rank turns into ``SyncTimeoutError`` instead of a pair torn down (Gloo
+  tears the pair down when a point-to-point wait times out) or a hang until
+  the process-group timeout;
+* it is the same for Gloo and NCCL, so no CUDA tensor carries sync traffic;
+* a frame carries failures and small results along with the sync itself.
+
+Every frame carries the scope's sequence number, so a frame left behind by a
+sync point that timed out is recognised and dropped at the next one.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from datetime import timedelta
+from typing import Final, final
+
+import torch
+import torch.distributed as dist
+
+from ._backend import Failure, SyncPoint
+from ._env import Launch, LaunchEnvError, detect_launch, local_rank_from_env, node_key
+from ._errors import PeerFailedError, SyncError, SyncMismatchError, SyncTimeoutError
+
+__all__ = ["TorchBackend", "auto_backend", "backend_from_name"]
+
+_PREFIX: Final = "syncdeco"
+_OK, _FAILED, _MISMATCH, _TIMEOUT = range(4)
+_FOREVER_CHUNK: Final = 3600.0  # one store wait, when a sync point waits forever
+_MIN_WAIT: Final = 0.001
+
+
+class _Late(Exception):
+    """A store wait ran out of time (internal)."""
+
+
+class _Mail:
+    """Ordered boxes on a store: queues where the store has them, else keys."""
+
+    def __init__(self, store: dist.Store) -> None:
+        self.store = store
+        try:
+            store.queue_len(f"{_PREFIX}/probe")
+            self.queues = True
+        except Exception:  # FileStore and friends: no queue support
+            self.queues = False
+
+    def _timeout(self, seconds: float) -> timedelta:
+        return timedelta(seconds=max(seconds, _MIN_WAIT))
+
+    def send(self, box: str, seq: int, data: bytes) -> None:
+        if self.queues:
+            self.store.queue_push(box, data)
+        else:
+            self.store.set(f"{box}/{seq}", data)
+
+    def ready(self, box: str, seq: int) -> bool:
+        if self.queues:
+            return bool(self.store.queue_len(box) > 0)
+        return bool(self.store.check([f"{box}/{seq}"]))
+
+    def recv(self, box: str, seq: int, deadline: float | None) -> bytes:
+        """The next frame in ``box``; raises _Late once ``deadline`` passes."""
+        while True:
+            left = _FOREVER_CHUNK if deadline is None else deadline - time.monotonic()
+            if left <= 0 and not self.ready(box, seq):
+                raise _Late
+            try:
+                if self.queues:
+                    self.store.set_timeout(self._timeout(left))
+                    return bytes(self.store.queue_pop(box, block=True))
+                key = f"{box}/{seq}"
+                self.store.wait([key], self._timeout(left))
+                data = bytes(self.store.get(key))
+                self.store.delete_key(key)
+                return data
+            except dist.DistStoreError as exc:
+                if "timeout" not in str(exc).lower():
+                    raise SyncError(
+                        f"syncdeco lost the process group's store while waiting: "
+                        f"{exc}. Rank 0 or the launcher may have exited."
+                    ) from exc
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise _Late from None
+
+
+@final
+class _Channel:
+    """syncdeco's connection to one process group, and the counters that keep
+    the ranks' sync points in step.  Shared by every TorchBackend of the group."""
+
+    def __init__(self, group: object, env: Mapping[str, str]) -> None:
+        self.group = group
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        store = dist.distributed_c10d._get_default_store().clone()
+        self.mail = _Mail(store)
+        self.store = store
+        self.lock = threading.Lock()
+        self.seq: dict[str, int] = {}
+        self.node: tuple[int, tuple[int, ...]] | None = None
+        local = local_rank_from_env(env)
+        self.local_rank = self.rank if local is None else local
+        topo = pickle.dumps((node_key(env), self.local_rank))
+        store.set(f"{_PREFIX}/topo/{self.rank}", topo)
+
+    def scope(self, local: bool, deadline: float | None, point: SyncPoint) -> tuple[str, int, tuple[int, ...]]:
+        """(scope name, main rank, member ranks) of the world or this node."""
+        if not local or self.world_size == 1:
+            return "w", 0, tuple(range(1, self.world_size))
+        if self.node is None:
+            self.node = self._read_topology(deadline, point)
+        main, members = self.node
+        return "l", main, members
+
+    def _read_topology(self, deadline: float | None, point: SyncPoint) -> tuple[int, tuple[int, ...]]:
+        keys = [f"{_PREFIX}/topo/{r}" for r in range(self.world_size)]
+        while True:
+            left = _FOREVER_CHUNK if deadline is None else deadline - time.monotonic()
+            try:
+                self.store.wait(keys, timedelta(seconds=max(left, _MIN_WAIT)))
+                break
+            except dist.DistStoreError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    missing = [r for r, k in enumerate(keys) if not self.store.check([k])]
+                    raise SyncTimeoutError(
+                        missing=missing,
+                        point=point.describe() + " [finding each node's main rank]",
+                        timeout=0.0 if deadline is None else left,
+                        observer=self.rank,
+                    ) from None
+        facts = [pickle.loads(v) for v in self.store.multi_get(keys)]
+        mine = facts[self.rank][0]
+        node = [(lr, r) for r, (key, lr) in enumerate(facts) if key == mine]
+        main = min(node)[1]
+        return main, tuple(r for _, r in sorted(node) if r != main)
+
+    def next_seq(self, scope: str) -> int:
+        seq = self.seq.get(scope, 0) + 1
+        self.seq[scope] = seq
+        return seq
+
+    # -- the exchange ---------------------------------------------------------
+
+    def sync(
+        self,
+        point: SyncPoint,
+        local: bool,
+        failure: Failure | None,
+        payload: object,
+        timeout: float | None,
+    ) -> object:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.lock:
+            scope, main, members = self.scope(local, deadline, point)
+            if not members:
+                return payload
+            seq = self.next_seq(scope)
+            base = f"{_PREFIX}/{scope}/{main}"
+            if self.rank == main:
+                return self._lead(base, seq, members, point, failure, payload, deadline, timeout)
+            return self._follow(base, seq, main, point, failure, deadline, timeout)
+
+    def _fresh(self, box: str, seq: int, deadline: float | None) -> tuple[object, ...]:
+        # Frames older than this sync point were left by one that timed out.
+        while True:
+            frame: tuple[object, ...] = pickle.loads(self.mail.recv(box, seq, deadline))
+            if not isinstance(frame[0], int) or frame[0] >= seq:
+                return frame
+
+    def _lead(
+        self,
+        base: str,
+        seq: int,
+        members: Sequence[int],
+        point: SyncPoint,
+        failure: Failure | None,
+        payload: object,
+        deadline: float | None,
+        timeout: float | None,
+    ) -> object:
+        arrived: dict[int, tuple[object, ...]] = {}
+        missing: list[int] = []
+        for member in members:
+            box = f"{base}/{member}/up"
+            try:
+                if missing:  # out of time already: take only what is there
+                    if not self.mail.ready(box, seq):
+                        raise _Late
+                    arrived[member] = self._fresh(box, seq, time.monotonic())
+                else:
+                    arrived[member] = self._fresh(box, seq, deadline)
+            except _Late:
+                missing.append(member)
+
+        mine = (seq, point.kind, point.name, point.count)
+        own_error: BaseException | None = None
+        verdict: tuple[object, ...]
+        if missing:
+            verdict = (seq, _TIMEOUT, tuple(missing))
+        elif any(tuple(f[0:1] + f[2:5]) != mine for f in arrived.values()):
+            where: dict[str, list[int]] = {point.describe(): [self.rank]}
+            for r, f in arrived.items():
+                desc = f[6] if f[0] == seq else f"{f[6]} [its sync #{f[0]}, this is #{seq}]"
+                where.setdefault(str(desc), []).append(r)
+            verdict = (seq, _MISMATCH, {k: tuple(v) for k, v in where.items()})
+        else:
+            failures = [] if failure is None else [failure]
+            failures += [Failure(*f[5]) for f in arrived.values() if f[5] is not None]  # type: ignore[misc]
+            if not failures and payload is not None:
+                try:
+                    data: bytes | None = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
+                except Exception as exc:
+                    exc.add_note(
+                        f"syncdeco: rank {self.rank} could not pickle the result of "
+                        f"{point.describe()} to broadcast it; return something picklable."
+                    )
+                    own_error = exc
+                    failures = [Failure.from_exception(self.rank, exc)]
+            else:
+                data = None
+            if failures:
+                first = min(failures, key=lambda f: f.rank)
+                verdict = (seq, _FAILED, (first.rank, first.exc_type, first.message, first.traceback))
+            else:
+                verdict = (seq, _OK, data)
+
+        frame = pickle.dumps(verdict, protocol=pickle.HIGHEST_PROTOCOL)
+        for member in members:
+            self.mail.send(f"{base}/{member}/down", seq, frame)
+        if own_error is not None:
+            raise own_error
+        if verdict[1] == _OK:
+            return payload
+        self._raise(verdict, point, timeout)
+        return None
+
+    def _follow(
+        self,
+        base: str,
+        seq: int,
+        main: int,
+        point: SyncPoint,
+        failure: Failure | None,
+        deadline: float | None,
+        timeout: float | None,
+    ) -> object:
+        failed = None
+        if failure is not None:
+            failed = (failure.rank, failure.exc_type, failure.message, failure.traceback)
+        frame = (seq, self.rank, point.kind, point.name, point.count, failed, point.describe())
+        self.mail.send(f"{base}/{self.rank}/up", seq, pickle.dumps(frame, protocol=pickle.HIGHEST_PROTOCOL))
+        try:
+            verdict = self._fresh(f"{base}/{self.rank}/down", seq, deadline)
+        except _Late:
+            raise SyncTimeoutError(
+                missing=(main,), point=point.describe(), timeout=timeout or 0.0, observer=self.rank
+            ) from None
+        if verdict[1] == _OK:
+            data = verdict[2]
+            if data is None:
+                return None
+            try:
+                return pickle.loads(data)  # type: ignore[arg-type]
+            except Exception as exc:
+                raise SyncError(
+                    f"rank {self.rank} could not unpickle the result rank {main} "
+                    f"broadcast at {point.describe()}: {exc!r}. Make sure its type "
+                    f"can be imported on every rank."
+                ) from exc
+        self._raise(verdict, point, timeout)
+        return None
+
+    def _raise(self, verdict: tuple[object, ...], point: SyncPoint, timeout: float | None) -> None:
+        code, detail = verdict[1], verdict[2]
+        if code == _FAILED:
+            rank, exc_type, message, tb = detail  # type: ignore[misc]
+            if rank == self.rank:
+                return  # the caller re-raises its own exception
+            raise PeerFailedError(
+                rank=rank,
+                exc_type=exc_type,
+                message=message,
+                remote_traceback=tb,
+                point=point.describe(),
+                observer=self.rank,
+            )
+        if code == _MISMATCH:
+            raise SyncMismatchError(points=detail, observer=self.rank)  # type: ignore[arg-type]
+        if code == _TIMEOUT:
+            raise SyncTimeoutError(
+                missing=detail,  # type: ignore[arg-type]
+                point=point.describe(),
+                timeout=timeout or 0.0,
+                observer=self.rank,
+            )
+        raise SyncError(f"rank {self.rank} got an unknown verdict {code!r} at {point.describe()}")
+
+
+_channel_lock = threading.Lock()
+_channel: _Channel | None = None
+
+
+def _channel_for_default_group(env: Mapping[str, str]) -> _Channel:
+    global _channel
+    group = dist.distributed_c10d._get_default_group()
+    with _channel_lock:
+        if _channel is None or _channel.group is not group:
+            _channel = _Channel(group, env)
+        return _channel
+
+
+@final
+class TorchBackend:
+    """Sync points over the default torch.distributed process group.
+
+    Works with any process-group backend (Gloo, NCCL, ...): sync traffic goes
+    through the group's store.  If no process group exists when it is first
+    needed, it initialises one from the launcher's environment with
+    ``backend`` (default: ``"nccl"`` when CUDA is available, else ``"gloo"``).
+    """
+
+    __slots__ = ("_backend", "_env", "__weakref__")
+
+    def __init__(self, backend: str | None = None, *, env: Mapping[str, str] | None = None) -> None:
+        if backend is not None and backend not in ("gloo", "nccl", "mpi", "ucc", "xccl"):
+            raise ValueError(f"TorchBackend(backend={backend!r}): expected 'gloo' or 'nccl'")
+        self._backend = backend
+        self._env = os.environ if env is None else env
+
+    def __repr__(self) -> str:
+        return f"TorchBackend({self._backend!r})" if self._backend else "TorchBackend()"
+
+    def _launch(self) -> Launch:
+        launch = detect_launch(self._env)
+        if launch is None:
+            raise SyncError(
+                "TorchBackend has no process group: torch.distributed is not "
+                "initialised and no launcher environment (RANK/WORLD_SIZE from "
+                "torchrun, SLURM_PROCID/SLURM_NTASKS, OMPI_COMM_WORLD_RANK/SIZE) "
+                "was found. Launch with torchrun, call "
+                "torch.distributed.init_process_group() first, or use NullBackend()."
+            )
+        return launch
+
+    def ensure_group(self) -> None:
+        """Initialise the default process group from the launcher's
+        environment unless one exists.  Every rank must call it."""
+        if dist.is_initialized():
+            return
+        launch = self._launch()
+        name = self._backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if name == "nccl":
+            torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
+        if launch.launcher == "torchrun":
+            dist.init_process_group(name)  # env://, and torchrun's agent store
+        else:
+            dist.init_process_group(
+                name,
+                init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+                rank=launch.rank,
+                world_size=launch.world_size,
+            )
+
+    def rank(self) -> int:
+        if dist.is_initialized():
+            return dist.get_rank()
+        return self._launch().rank
+
+    def world_size(self) -> int:
+        if dist.is_initialized():
+            return dist.get_world_size()
+        return self._launch().world_size
+
+    def local_rank(self) -> int:
+        local = local_rank_from_env(self._env)
+        return self.rank() if local is None else local
+
+    def sync(
+        self,
+        point: SyncPoint,
+        *,
+        local: bool,
+        failure: Failure | None,
+        payload: object,
+        timeout: float | None,
+    ) -> object:
+        """Meet the other ranks at ``point``; every rank of the scope must call it."""
+        self.ensure_group()
+        return _channel_for_default_group(self._env).sync(point, local, failure, payload, timeout)
+
+
+_AUTO: Final = TorchBackend()
+
+
+def auto_backend(env: Mapping[str, str]) -> TorchBackend | None:
+    """The backend for an initialised group or a launcher's job, if any."""
+    if not dist.is_available():
+        return None
+    if dist.is_initialized():
+        return _AUTO
+    launch = detect_launch(env)
+    if launch is not None and launch.world_size > 1:
+        return _AUTO
+    return None
+
+
+def backend_from_name(name: str, env: Mapping[str, str]) -> TorchBackend | object:
+    from ._backend import NullBackend
+
+    if name == "null":
+        return NullBackend()
+    if name in ("gloo", "nccl"):
+        return TorchBackend(name, env=env)
+    raise ValueError(f"init(backend={name!r}): expected a Backend, 'null', 'gloo', 'nccl' or None")
+
+
+__all__ += ["LaunchEnvError"]
