@@ -91,11 +91,22 @@ class SyncTimeoutError(SyncError, TimeoutError):
         self._kwargs = dict(
             missing=tuple(missing), point=point, timeout=timeout, observer=observer
         )
+        ranks = ", ".join(map(str, missing))
+        if observer in missing:
+            self.missing = tuple(missing)
+            self.point = point
+            self.timeout = timeout
+            self.observer = observer
+            super().__init__(
+                f"rank {observer} reached {point} after the main rank had given up "
+                f"waiting ({timeout:g}s); late rank(s): {ranks}. Find what slowed "
+                f"rank {observer} down, or pass a larger timeout= (None waits forever)."
+            )
+            return
         self.missing = tuple(missing)
         self.point = point
         self.timeout = timeout
         self.observer = observer
-        ranks = ", ".join(map(str, self.missing))
         super().__init__(
             f"rank {observer} waited {timeout:g}s at {point} but rank(s) "
             f"{ranks} did not arrive. Check those ranks' logs for a crash or a "

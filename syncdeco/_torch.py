@@ -73,6 +73,7 @@ class _Mail:
 
     def recv(self, box: str, seq: int, deadline: float | None) -> bytes:
         """The next frame in ``box``; raises _Late once ``deadline`` passes."""
+        empty_pops = 0
         while True:
             left = _FOREVER_CHUNK if deadline is None else deadline - time.monotonic()
             if left <= 0 and not self.ready(box, seq):
@@ -86,6 +87,12 @@ class _Mail:
                 data = bytes(self.store.get(key))
                 self.store.delete_key(key)
                 return data
+            except dist.QueueEmptyError:
+                # The store's wait on a queue key can return while the queue
+                # is empty (a race in the store server); back off and wait
+                # again rather than spin.
+                empty_pops += 1
+                time.sleep(min(1e-5 * 2**empty_pops, 1e-3))
             except dist.DistStoreError as exc:
                 if "timeout" not in str(exc).lower():
                     raise SyncError(

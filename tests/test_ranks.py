@@ -1,0 +1,588 @@
+"""syncdeco on real Gloo ranks: every behaviour that crosses processes.
+
+Each scenario is a module-level function run on every rank by
+``run_ranks``; events are ordered with syncdeco's own sync points or with
+files, never with sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+import syncdeco as sd
+from ranks import run_ranks
+
+WORLD_SIZES = [2, 4]
+
+
+def _mark(tmp: Path, name: str) -> None:
+    (tmp / name).write_text(str(sd.rank()))
+
+
+def _seen(tmp: Path, name: str) -> bool:
+    return (tmp / name).exists()
+
+
+# -- main_first ----------------------------------------------------------------
+
+
+def main_first_order(tmp: Path) -> tuple[int, bool]:
+    @sd.main_first
+    def prepare() -> int:
+        saw_cache = _seen(tmp, "cache")
+        if sd.is_main():
+            _mark(tmp, "cache")  # the main rank fills the cache
+        return saw_cache
+
+    return sd.rank(), prepare()
+
+
+@pytest.mark.parametrize("n", WORLD_SIZES)
+def test_main_first_runs_main_then_others(tmp_path: Path, n: int) -> None:
+    results = [o.unwrap() for o in run_ranks(main_first_order, n, tmp_path)]
+    assert results[0] == (0, False)  # main found no cache: it went first
+    assert all(saw for _, saw in results[1:])  # the others found it filled
+    assert [r for r, _ in results] == list(range(n))  # each returns its own
+
+
+def main_first_context_manager(tmp: Path) -> bool:
+    with sd.main_first():
+        saw = _seen(tmp, "cm")
+        if sd.is_main():
+            _mark(tmp, "cm")
+    return saw
+
+
+def test_main_first_context_manager(tmp_path: Path) -> None:
+    results = [o.unwrap() for o in run_ranks(main_first_context_manager, 2, tmp_path)]
+    assert results == [False, True]
+
+
+def main_first_main_raises(tmp: Path) -> None:
+    @sd.main_first
+    def download() -> None:
+        _mark(tmp, f"ran{sd.rank()}")
+        raise ValueError("checksum mismatch in shard 7")
+
+    try:
+        download()
+    finally:
+        sd.barrier("still works")
+
+
+@pytest.mark.parametrize("n", WORLD_SIZES)
+def test_main_first_failure_reaches_every_rank(tmp_path: Path, n: int) -> None:
+    outcomes = run_ranks(main_first_main_raises, n, tmp_path)
+    assert type(outcomes[0].error) is ValueError
+    for o in outcomes[1:]:
+        err = o.error
+        assert isinstance(err, sd.PeerFailedError), o.tb
+        assert (err.rank, err.exc_type, err.message) == (0, "ValueError", "checksum mismatch in shard 7")
+        assert "rank 0 raised ValueError: checksum mismatch in shard 7" in str(err)
+        assert "main_first" in str(err) and "download" in str(err)
+        assert "raise ValueError" in err.remote_traceback
+    # the others never ran the body after the main rank failed
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["ran0"]
+
+
+# -- on_main_only ----------------------------------------------------------------
+
+
+def on_main_only_plain(tmp: Path) -> object:
+    @sd.on_main_only
+    def save() -> str:
+        _mark(tmp, f"saved{sd.rank()}")
+        return "saved"
+
+    @sd.on_main_only(default="skipped")
+    def log() -> str:
+        return "logged"
+
+    return save(), log()
+
+
+@pytest.mark.parametrize("n", WORLD_SIZES)
+def test_on_main_only_runs_on_main_and_others_get_default(tmp_path: Path, n: int) -> None:
+    results = [o.unwrap() for o in run_ranks(on_main_only_plain, n, tmp_path)]
+    assert results[0] == ("saved", "logged")
+    assert all(r == (None, "skipped") for r in results[1:])
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["saved0"]
+
+
+def on_main_only_broadcast(tmp: Path) -> object:
+    @sd.on_main_only(broadcast=True)
+    def vocab() -> dict[str, object]:
+        return {"tokens": ["<pad>", "hello"], "from": sd.rank(), "big": "x" * 100_000}
+
+    return vocab()
+
+
+@pytest.mark.parametrize("n", WORLD_SIZES)
+def test_on_main_only_broadcast_gives_everyone_mains_result(tmp_path: Path, n: int) -> None:
+    results = [o.unwrap() for o in run_ranks(on_main_only_broadcast, n, tmp_path)]
+    assert all(r == results[0] for r in results)
+    assert results[0]["from"] == 0
+
+
+def on_main_only_broadcast_raises(tmp: Path) -> object:
+    @sd.on_main_only(broadcast=True)
+    def vocab() -> dict[str, int]:
+        raise KeyError("vocab.json")
+
+    try:
+        return vocab()
+    finally:
+        sd.barrier("after")
+
+
+def test_on_main_only_broadcast_failure(tmp_path: Path) -> None:
+    outcomes = run_ranks(on_main_only_broadcast_raises, 2, tmp_path)
+    assert type(outcomes[0].error) is KeyError
+    err = outcomes[1].error
+    assert isinstance(err, sd.PeerFailedError) and err.rank == 0 and err.exc_type == "KeyError"
+
+
+def on_main_only_unpicklable(tmp: Path) -> object:
+    @sd.on_main_only(broadcast=True)
+    def handle() -> object:
+        return lambda: None
+
+    try:
+        return handle()
+    finally:
+        sd.barrier("after")
+
+
+def test_unpicklable_broadcast_fails_on_main_and_peers(tmp_path: Path) -> None:
+    outcomes = run_ranks(on_main_only_unpicklable, 2, tmp_path)
+    assert outcomes[0].error is not None and "could not pickle" in outcomes[0].tb
+    assert isinstance(outcomes[1].error, sd.PeerFailedError)
+
+
+# -- barrier_after and barrier ------------------------------------------------------
+
+
+def barrier_after_waits_for_all(tmp: Path) -> bool:
+    @sd.barrier_after
+    def step() -> None:
+        _mark(tmp, f"step{sd.rank()}")
+
+    step()
+    return all(_seen(tmp, f"step{r}") for r in range(sd.world_size()))
+
+
+@pytest.mark.parametrize("n", WORLD_SIZES)
+def test_barrier_after_waits_for_every_rank(tmp_path: Path, n: int) -> None:
+    assert all(o.unwrap() for o in run_ranks(barrier_after_waits_for_all, n, tmp_path))
+
+
+def barrier_after_every(tmp: Path) -> list[bool]:
+    seen = []
+
+    @sd.barrier_after(every=3)
+    def step(i: int) -> None:
+        _mark(tmp, f"r{sd.rank()}-{i}")
+
+    for i in range(1, 7):
+        step(i)
+        seen.append(all(_seen(tmp, f"r{r}-{i}") for r in range(sd.world_size())))
+    return seen
+
+
+def test_barrier_after_every_syncs_on_every_nth_call(tmp_path: Path) -> None:
+    for o in run_ranks(barrier_after_every, 2, tmp_path):
+        seen = o.unwrap()
+        assert seen[2] and seen[5]  # calls 3 and 6 synced
+
+
+def barrier_after_rank_raises(tmp: Path) -> None:
+    @sd.barrier_after
+    def step() -> None:
+        if sd.rank() == sd.world_size() - 1:
+            raise RuntimeError("CUDA out of memory (pretend)")
+
+    try:
+        step()
+    finally:
+        sd.barrier("after")
+
+
+@pytest.mark.parametrize("n", WORLD_SIZES)
+def test_barrier_after_failure_names_the_rank(tmp_path: Path, n: int) -> None:
+    outcomes = run_ranks(barrier_after_rank_raises, n, tmp_path)
+    last = n - 1
+    assert type(outcomes[last].error) is RuntimeError
+    for o in outcomes[:last]:
+        assert isinstance(o.error, sd.PeerFailedError), o.tb
+        assert o.error.rank == last and o.error.exc_type == "RuntimeError"
+        assert f"rank {last} raised RuntimeError: CUDA out of memory (pretend)" in str(o.error)
+
+
+def barrier_after_context_manager(tmp: Path) -> bool:
+    with sd.barrier_after():
+        _mark(tmp, f"cm{sd.rank()}")
+    return all(_seen(tmp, f"cm{r}") for r in range(sd.world_size()))
+
+
+def test_barrier_after_context_manager(tmp_path: Path) -> None:
+    assert all(o.unwrap() for o in run_ranks(barrier_after_context_manager, 2, tmp_path))
+
+
+def mismatched_barriers(tmp: Path) -> str:
+    try:
+        if sd.rank() == 0:
+            sd.barrier("save_checkpoint")
+        else:
+            sd.barrier("load_checkpoint")
+    except sd.SyncMismatchError as err:
+        message = str(err)
+    else:
+        message = "no error"
+    sd.barrier("next")  # the group still works
+    return message
+
+
+@pytest.mark.parametrize("n", WORLD_SIZES)
+def test_mismatched_sync_points_raise_on_all_ranks(tmp_path: Path, n: int) -> None:
+    for o in run_ranks(mismatched_barriers, n, tmp_path):
+        message = o.unwrap()
+        assert "'save_checkpoint'" in message and "'load_checkpoint'" in message, message
+        assert "rank 0 at" in message
+
+
+def mismatched_decorators(tmp: Path) -> str:
+    @sd.barrier_after
+    def save_checkpoint() -> None: ...
+
+    @sd.barrier_after
+    def load_checkpoint() -> None: ...
+
+    try:
+        (save_checkpoint if sd.rank() == 0 else load_checkpoint)()
+    except sd.SyncMismatchError as err:
+        return str(err)
+    return "no error"
+
+
+def test_mismatched_decorated_functions(tmp_path: Path) -> None:
+    for o in run_ranks(mismatched_decorators, 2, tmp_path):
+        message = o.unwrap()
+        assert "save_checkpoint" in message and "load_checkpoint" in message
+
+
+def errors_in_a_row(tmp: Path) -> int:
+    ok = 0
+    for i in range(10):
+        try:
+            sd.barrier(f"a{i}" if sd.rank() == 0 else f"b{i}")
+        except sd.SyncMismatchError:
+            pass
+        sd.barrier("together")
+        ok += 1
+    return ok
+
+
+def test_group_survives_many_errors(tmp_path: Path) -> None:
+    assert [o.unwrap() for o in run_ranks(errors_in_a_row, 2, tmp_path)] == [10, 10]
+
+
+# -- stacking -------------------------------------------------------------------
+
+
+def save_and_wait(tmp: Path) -> tuple[object, bool]:
+    @sd.barrier_after
+    @sd.on_main_only
+    def save() -> str:
+        _mark(tmp, "ckpt")
+        return "path/to/ckpt"
+
+    result = save()
+    return result, _seen(tmp, "ckpt")
+
+
+@pytest.mark.parametrize("n", WORLD_SIZES)
+def test_barrier_after_over_on_main_only(tmp_path: Path, n: int) -> None:
+    results = [o.unwrap() for o in run_ranks(save_and_wait, n, tmp_path)]
+    assert results[0] == ("path/to/ckpt", True)
+    assert all(r == (None, True) for r in results[1:])  # everyone waited for the save
+
+
+def save_fails_everyone_hears(tmp: Path) -> None:
+    @sd.barrier_after
+    @sd.on_main_only
+    def save() -> None:
+        raise OSError("No space left on device")
+
+    save()
+
+
+def test_stacked_save_failure(tmp_path: Path) -> None:
+    outcomes = run_ranks(save_fails_everyone_hears, 2, tmp_path)
+    assert type(outcomes[0].error) is OSError
+    assert isinstance(outcomes[1].error, sd.PeerFailedError)
+    assert outcomes[1].error.exc_type == "OSError"
+
+
+class _Counting:
+    """Counts sync points; delegates everything to the real TorchBackend."""
+
+    def __init__(self) -> None:
+        self.inner = sd.TorchBackend()
+        self.syncs: list[str] = []
+
+    def rank(self) -> int:
+        return self.inner.rank()
+
+    def world_size(self) -> int:
+        return self.inner.world_size()
+
+    def local_rank(self) -> int:
+        return self.inner.local_rank()
+
+    def sync(self, point: sd.SyncPoint, **kw: object) -> object:
+        self.syncs.append(f"{point.kind}:{point.name}")
+        return self.inner.sync(point, **kw)  # type: ignore[arg-type]
+
+
+def nested_main_first(tmp: Path) -> list[str]:
+    counting = _Counting()
+
+    @sd.main_first(name="inner")
+    def inner() -> int:
+        return 1
+
+    @sd.main_first(name="outer")
+    def outer() -> int:
+        with sd.main_first():
+            return inner() + 1
+
+    with sd.use_backend(counting):
+        assert outer() == 2
+    return counting.syncs
+
+
+def test_nested_main_first_adds_no_wait(tmp_path: Path) -> None:
+    for o in run_ranks(nested_main_first, 2, tmp_path):
+        assert o.unwrap() == ["main_first:outer"]
+
+
+def sync_inside_on_main_only(tmp: Path) -> object:
+    @sd.on_main_only
+    def save() -> None:
+        sd.barrier("inside")  # only rank 0 gets here: would hang
+
+    return save()
+
+
+def test_sync_inside_on_main_only_raises_at_once(tmp_path: Path) -> None:
+    outcomes = run_ranks(sync_inside_on_main_only, 2, tmp_path)
+    err = outcomes[0].error
+    assert isinstance(err, sd.CompositionError), outcomes[0].tb
+    assert "'inside'" in str(err) and "on_main_only" in str(err)
+    assert outcomes[1].unwrap() is None
+
+
+def sync_inside_main_first(tmp: Path) -> object:
+    @sd.main_first
+    def load() -> None:
+        sd.barrier("inside")
+
+    return load()
+
+
+def test_sync_inside_main_first_raises_instead_of_hanging(tmp_path: Path) -> None:
+    outcomes = run_ranks(sync_inside_main_first, 2, tmp_path)
+    assert isinstance(outcomes[0].error, sd.CompositionError)
+    assert isinstance(outcomes[1].error, sd.PeerFailedError)
+    assert outcomes[1].error.exc_type == "CompositionError"
+
+
+# -- kinds of callables on real ranks ------------------------------------------------
+
+
+class Trainer:
+    def __init__(self) -> None:
+        self.saved = 0
+
+    @sd.barrier_after
+    @sd.on_main_only(broadcast=True)
+    def save(self, step: int) -> str:
+        self.saved += 1
+        return f"ckpt-{step}"
+
+    @sd.main_first
+    @classmethod
+    def build(cls) -> str:
+        return cls.__name__
+
+    @sd.barrier_after
+    @staticmethod
+    def step() -> int:
+        return sd.rank()
+
+
+def methods(tmp: Path) -> tuple[object, ...]:
+    t = Trainer()
+    return t.save(5), t.saved, Trainer.build(), Trainer.step(), t.step()
+
+
+def test_methods_classmethods_staticmethods(tmp_path: Path) -> None:
+    outcomes = [o.unwrap() for o in run_ranks(methods, 2, tmp_path)]
+    assert outcomes == [("ckpt-5", 1, "Trainer", 0, 0), ("ckpt-5", 0, "Trainer", 1, 1)]
+
+
+def coroutines(tmp: Path) -> object:
+    @sd.main_first
+    async def fetch() -> bool:
+        saw = _seen(tmp, "async")
+        if sd.is_main():
+            _mark(tmp, "async")
+        return saw
+
+    @sd.on_main_only(broadcast=True)
+    async def meta() -> dict[str, int]:
+        return {"rank": sd.rank()}
+
+    async def main() -> tuple[bool, dict[str, int]]:
+        return await fetch(), await meta()
+
+    return asyncio.run(main())
+
+
+def test_async_functions(tmp_path: Path) -> None:
+    outcomes = [o.unwrap() for o in run_ranks(coroutines, 2, tmp_path)]
+    assert outcomes == [(False, {"rank": 0}), (True, {"rank": 0})]
+
+
+# -- timeouts ---------------------------------------------------------------------
+
+
+def member_late(tmp: Path) -> tuple[object, ...]:
+    first: object = "ok"
+    if sd.rank() == 1:
+        while not _seen(tmp, "main-gave-up"):
+            os.sched_yield()
+    try:
+        sd.barrier("late", timeout=0.5)
+    except sd.SyncTimeoutError as err:
+        first = err.missing
+        if sd.rank() == 0:
+            _mark(tmp, "main-gave-up")
+    sd.barrier("next", timeout=30)  # the stale arrival does not confuse it
+    return first, isinstance(first, tuple)
+
+
+def test_timeout_names_the_missing_rank(tmp_path: Path) -> None:
+    outcomes = [o.unwrap() for o in run_ranks(member_late, 2, tmp_path)]
+    assert outcomes == [((1,), True), ((1,), True)]
+
+
+def main_late(tmp: Path) -> object:
+    result: object = "ok"
+    if sd.rank() == 0:
+        while not _seen(tmp, "member-gave-up"):
+            os.sched_yield()
+    try:
+        sd.barrier("late", timeout=0.5)
+    except sd.SyncTimeoutError as err:
+        result = err.missing
+        _mark(tmp, "member-gave-up")
+    sd.barrier("next", timeout=30)
+    return result
+
+
+def test_member_times_out_when_main_is_missing(tmp_path: Path) -> None:
+    outcomes = [o.unwrap() for o in run_ranks(main_late, 2, tmp_path)]
+    # rank 1 gave up on rank 0; rank 0 arrived later and found rank 1's arrival
+    assert outcomes == ["ok", (0,)]
+
+
+# -- backend resolution on real ranks ----------------------------------------------------
+
+
+def from_launcher_env(tmp: Path) -> tuple[object, ...]:
+    import torch.distributed as dist
+
+    before = dist.is_initialized()
+    facts = (sd.rank(), sd.world_size(), sd.local_rank(), sd.is_main())
+    got = on_main_only_broadcast(tmp)
+    return before, facts, dist.is_initialized(), dist.get_backend(), type(sd.get_backend()).__name__, got["from"]
+
+
+def test_backend_initialises_group_from_torchrun_env(tmp_path: Path) -> None:
+    outcomes = [o.unwrap() for o in run_ranks(from_launcher_env, 2, tmp_path, init=False)]
+    assert outcomes[0] == (False, (0, 2, 0, True), True, "gloo", "TorchBackend", 0)
+    assert outcomes[1] == (False, (1, 2, 1, False), True, "gloo", "TorchBackend", 0)
+
+
+def explicit_init(tmp: Path) -> tuple[object, ...]:
+    backend = sd.init("gloo", timeout=60)
+    return type(backend).__name__, sd.get_backend() is backend, sd.barrier() is None
+
+
+def test_init_with_a_backend_name(tmp_path: Path) -> None:
+    for o in run_ranks(explicit_init, 2, tmp_path, init=False):
+        assert o.unwrap() == ("TorchBackend", True, True)
+
+
+def null_inside_ranks(tmp: Path) -> tuple[object, ...]:
+    with sd.use_backend(sd.NullBackend()):
+        return sd.rank(), sd.world_size(), on_main_only_broadcast(tmp)["from"]
+
+
+def test_use_backend_overrides_the_group(tmp_path: Path) -> None:
+    assert [o.unwrap() for o in run_ranks(null_inside_ranks, 2, tmp_path)] == [(0, 1, 0), (0, 1, 0)]
+
+
+# -- local=True on simulated nodes (the real two-agent torchrun run is in test_torchrun.py) --
+
+
+def local_main_first(tmp: Path) -> tuple[int, int, bool, bool]:
+    node = os.environ["GROUP_RANK"]
+
+    @sd.main_first(local=True)
+    def fill() -> bool:
+        saw = _seen(tmp, f"node{node}")
+        if sd.is_main(local=True):
+            _mark(tmp, f"node{node}")
+        return saw
+
+    saw = fill()
+    return sd.rank(), sd.local_rank(), sd.is_main(local=True), saw
+
+
+def test_local_main_first_per_node(tmp_path: Path) -> None:
+    outcomes = [o.unwrap() for o in run_ranks(local_main_first, 4, tmp_path, nodes=2)]
+    assert outcomes == [(0, 0, True, False), (1, 1, False, True), (2, 0, True, False), (3, 1, False, True)]
+
+
+def local_broadcast(tmp: Path) -> object:
+    @sd.on_main_only(broadcast=True, local=True)
+    def node_info() -> tuple[int, str]:
+        return sd.rank(), os.environ["GROUP_RANK"]
+
+    return node_info()
+
+
+def test_local_broadcast_per_node(tmp_path: Path) -> None:
+    outcomes = [o.unwrap() for o in run_ranks(local_broadcast, 4, tmp_path, nodes=2)]
+    assert outcomes == [(0, "0"), (0, "0"), (2, "1"), (2, "1")]
+
+
+def four_rank_mix(tmp: Path) -> object:
+    results = []
+    for i in range(5):
+        results.append(on_main_only_broadcast(tmp)["from"])
+        sd.barrier(f"round{i}")
+    return results
+
+
+def test_many_sync_points_on_four_ranks(tmp_path: Path) -> None:
+    for o in run_ranks(four_rank_mix, 4, tmp_path):
+        assert o.unwrap() == [0] * 5
+
+

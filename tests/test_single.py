@@ -1,0 +1,417 @@
+"""Single-process tests: decorating, composing, validating, choosing a
+backend, and the errors themselves.  Nothing here starts a process group."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import pickle
+import re
+from collections.abc import Iterator
+
+import pytest
+
+import syncdeco as sd
+from syncdeco._decorate import _Fused
+from syncdeco._env import detect_launch
+
+# -- what can be decorated ---------------------------------------------------------
+
+
+def add(a: int, b: int = 2) -> int:
+    """Add two numbers."""
+    return a + b
+
+
+DECORATORS = [
+    pytest.param(sd.main_first, id="main_first"),
+    pytest.param(sd.main_first(local=True), id="main_first(local)"),
+    pytest.param(sd.on_main_only, id="on_main_only"),
+    pytest.param(sd.on_main_only(broadcast=True), id="on_main_only(broadcast)"),
+    pytest.param(sd.barrier_after, id="barrier_after"),
+    pytest.param(sd.barrier_after(every=3), id="barrier_after(every)"),
+]
+
+
+@pytest.mark.parametrize("deco", DECORATORS)
+def test_function_keeps_signature_name_doc(deco: object) -> None:
+    wrapped = deco(add)  # type: ignore[operator]
+    assert wrapped(1) == 3 and wrapped(1, b=5) == 6
+    assert inspect.signature(wrapped) == inspect.signature(add)
+    assert wrapped.__name__ == "add" and wrapped.__doc__ == "Add two numbers."
+    assert wrapped.__wrapped__ is add
+
+
+@pytest.mark.parametrize("deco", DECORATORS)
+def test_methods_classmethods_staticmethods(deco: object) -> None:
+    d = deco  # type: ignore[assignment]
+
+    class Model:
+        scale = 10
+
+        def __init__(self) -> None:
+            self.offset = 1
+
+        @d
+        def method(self, x: int) -> int:
+            return x + self.offset
+
+        @d
+        @classmethod
+        def inner_classmethod(cls, x: int) -> int:
+            return x * cls.scale
+
+        @classmethod
+        @d
+        def outer_classmethod(cls, x: int) -> int:
+            return x * cls.scale
+
+        @d
+        @staticmethod
+        def inner_staticmethod(x: int) -> int:
+            return -x
+
+        @staticmethod
+        @d
+        def outer_staticmethod(x: int) -> int:
+            return -x
+
+    m = Model()
+    assert m.method(1) == 2
+    assert Model.method(m, 1) == 2
+    assert Model.inner_classmethod(2) == 20 == m.inner_classmethod(2)
+    assert Model.outer_classmethod(2) == 20 == m.outer_classmethod(2)
+    assert Model.inner_staticmethod(3) == -3 == m.inner_staticmethod(3)
+    assert Model.outer_staticmethod(3) == -3 == m.outer_staticmethod(3)
+    assert list(inspect.signature(m.method).parameters) == ["x"]
+
+
+@pytest.mark.parametrize("deco", DECORATORS)
+def test_async_stays_a_coroutine_function(deco: object) -> None:
+    async def fetch(x: int) -> int:
+        await asyncio.sleep(0)
+        return x * 2
+
+    wrapped = deco(fetch)  # type: ignore[operator]
+    assert inspect.iscoroutinefunction(wrapped)
+    assert asyncio.run(wrapped(21)) == 42
+    assert inspect.signature(wrapped) == inspect.signature(fetch)
+
+
+@pytest.mark.parametrize("deco", DECORATORS)
+def test_generators_are_refused(deco: object) -> None:
+    def gen() -> Iterator[int]:
+        yield 1
+
+    async def agen():  # type: ignore[no-untyped-def]
+        yield 1
+
+    for target in (gen, agen):
+        with pytest.raises(sd.CompositionError, match="generator") as info:
+            deco(target)  # type: ignore[operator]
+        assert isinstance(info.value, TypeError)
+
+
+def test_non_callables_are_refused() -> None:
+    with pytest.raises(TypeError, match="keywords only"):
+        sd.main_first(True)  # type: ignore[call-overload]
+    with pytest.raises(TypeError):
+        sd.barrier_after("step")  # type: ignore[call-overload]
+
+
+# -- stacking ------------------------------------------------------------------------
+
+
+def test_stacked_decorators_fuse_into_one_wrapper() -> None:
+    @sd.barrier_after
+    @sd.main_first
+    @sd.on_main_only
+    def load() -> int:
+        return 5
+
+    assert isinstance(load, _Fused)
+    assert not isinstance(load.__wrapped__, _Fused)  # one layer, not three
+    assert [p.kind for p in load._self_stack.policies] == ["barrier_after", "main_first", "on_main_only"]
+    assert load() == 5
+
+
+def _stack(*decorators: object) -> None:
+    def f() -> None: ...
+
+    for deco in reversed(decorators):
+        f = deco(f)  # type: ignore[operator]
+
+
+@pytest.mark.parametrize(
+    "outer, inner, fix",
+    [
+        (sd.on_main_only, sd.barrier_after, "Put @barrier_after above @on_main_only"),
+        (sd.on_main_only, sd.main_first, "Put @main_first above @on_main_only"),
+        (sd.on_main_only, sd.on_main_only(broadcast=True), "above @on_main_only"),
+        (sd.on_main_only(broadcast=True), sd.barrier_after, "above @on_main_only(broadcast=True)"),
+        (sd.main_first, sd.barrier_after, "Put @barrier_after above @main_first"),
+        (sd.main_first, sd.on_main_only(broadcast=True), "above @main_first"),
+        (sd.main_first, sd.main_first(local=True), "above @main_first"),
+    ],
+)
+def test_stacks_that_can_only_deadlock_are_refused(outer: object, inner: object, fix: str) -> None:
+    with pytest.raises(sd.CompositionError, match=re.escape(fix)) as info:
+        _stack(outer, inner)
+    assert "f" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "decorators",
+    [
+        (sd.barrier_after, sd.on_main_only),
+        (sd.barrier_after, sd.on_main_only(broadcast=True)),
+        (sd.barrier_after, sd.main_first),
+        (sd.main_first, sd.main_first),
+        (sd.main_first, sd.on_main_only),
+        (sd.barrier_after(every=10), sd.barrier_after),
+    ],
+)
+def test_stacks_that_work_are_accepted(decorators: tuple[object, ...]) -> None:
+    _stack(*decorators)
+
+
+def test_sync_inside_on_main_only_raises_even_on_one_process() -> None:
+    @sd.on_main_only
+    def save() -> None:
+        sd.barrier("inner")
+
+    with pytest.raises(sd.CompositionError, match="'inner'.*on_main_only"):
+        save()
+
+
+def test_main_first_with_block_nested_in_main_first_function() -> None:
+    @sd.main_first
+    def outer() -> int:
+        with sd.main_first():
+            return 1
+
+    assert outer() == 1
+
+
+# -- options ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "call, error, text",
+    [
+        (lambda: sd.barrier_after(every=0), ValueError, "every"),
+        (lambda: sd.barrier_after(every=1.5), TypeError, "every"),
+        (lambda: sd.main_first(timeout=-1), ValueError, "positive"),
+        (lambda: sd.main_first(timeout="10"), TypeError, "timeout"),
+        (lambda: sd.on_main_only(name=3), TypeError, "name"),
+        (lambda: sd.on_main_only(broadcast=True, default=0), TypeError, "default"),
+        (lambda: sd.main_first(local="yes"), TypeError, "local"),
+        (lambda: sd.main_first(locale=True), TypeError, "locale"),
+        (lambda: sd.barrier(timeout=0), ValueError, "positive"),
+    ],
+)
+def test_bad_options_fail_when_decorating(call: object, error: type, text: str) -> None:
+    with pytest.raises(error, match=text):
+        call()  # type: ignore[operator]
+
+
+# -- the Null backend ----------------------------------------------------------------------
+
+
+def test_null_backend_runs_everything_locally() -> None:
+    assert isinstance(sd.get_backend(), sd.NullBackend)
+    assert (sd.rank(), sd.world_size(), sd.local_rank(), sd.is_main(), sd.is_main(local=True)) == (
+        0,
+        1,
+        0,
+        True,
+        True,
+    )
+
+    @sd.on_main_only(broadcast=True)
+    def vocab() -> dict[str, int]:
+        return {"a": 1}
+
+    @sd.on_main_only(default=-1)
+    def log() -> int:
+        return 7
+
+    assert vocab() == {"a": 1} and log() == 7
+    with sd.main_first():
+        pass
+    with sd.barrier_after(every=2):
+        pass
+    assert sd.barrier() is None
+
+
+def test_exceptions_pass_through_unchanged() -> None:
+    @sd.barrier_after
+    @sd.main_first
+    def boom() -> None:
+        raise ValueError("bad shard")
+
+    with pytest.raises(ValueError, match="bad shard"):
+        boom()
+    with pytest.raises(KeyError):
+        with sd.main_first():
+            raise KeyError("x")
+
+
+class _Recording:
+    def __init__(self) -> None:
+        self.points: list[sd.SyncPoint] = []
+
+    def rank(self) -> int:
+        return 0
+
+    def world_size(self) -> int:
+        return 1
+
+    def local_rank(self) -> int:
+        return 0
+
+    def sync(self, point: sd.SyncPoint, **kw: object) -> object:
+        self.points.append(point)
+        return kw["payload"]
+
+
+def test_user_backend_sees_named_counted_sync_points() -> None:
+    rec = _Recording()
+    assert isinstance(rec, sd.Backend)
+
+    @sd.barrier_after(every=2)
+    def step() -> None: ...
+
+    with sd.use_backend(rec):
+        for _ in range(4):
+            step()
+        sd.barrier("ckpt")
+    assert [(p.kind, p.count) for p in rec.points] == [("barrier_after", 1), ("barrier_after", 2), ("barrier", 1)]
+    assert rec.points[0].name.endswith("test_user_backend_sees_named_counted_sync_points.<locals>.step")
+    assert rec.points[0].location.startswith("test_single.py:")
+    assert rec.points[2].name == "ckpt"
+
+
+def test_use_backend_nests_and_restores() -> None:
+    a, b = _Recording(), sd.NullBackend()
+    with sd.use_backend(a):
+        with sd.use_backend(b):
+            assert sd.get_backend() is b
+        assert sd.get_backend() is a
+    assert isinstance(sd.get_backend(), sd.NullBackend)
+    with pytest.raises(TypeError, match="Backend"):
+        with sd.use_backend("gloo"):  # type: ignore[arg-type]
+            pass
+
+
+def test_init_sets_backend_and_default_timeout() -> None:
+    backend = sd.init("null", timeout=5)
+    assert isinstance(backend, sd.NullBackend) and sd.get_backend() is backend
+    with pytest.raises(ValueError, match="'mpi2'"):
+        sd.init("mpi2")
+    with pytest.raises(ValueError, match="positive"):
+        sd.init(timeout=0)
+
+
+# -- launcher environments -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "env, var",
+    [
+        ({"RANK": "abc", "WORLD_SIZE": "2"}, "RANK='abc'"),
+        ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"}, "RANK=2"),
+        ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "29500"}, "MASTER_ADDR"),
+        ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h"}, "MASTER_PORT"),
+        ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "x"}, "MASTER_PORT"),
+        ({"RANK": "0"}, "WORLD_SIZE"),
+        ({"WORLD_SIZE": "0", "RANK": "0"}, "WORLD_SIZE"),
+        ({"SLURM_PROCID": "1", "SLURM_NTASKS": "4"}, "MASTER_ADDR"),
+        ({"OMPI_COMM_WORLD_RANK": "-1", "OMPI_COMM_WORLD_SIZE": "4"}, "OMPI_COMM_WORLD_RANK"),
+    ],
+)
+def test_broken_environment_names_the_variable(
+    env: dict[str, str], var: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(sd.LaunchEnvError, match=var):
+        detect_launch(env)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(sd.LaunchEnvError, match=var):
+        sd.rank()  # found when the backend is chosen, at call time
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        (
+            {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "n0", "MASTER_PORT": "29500"},
+            ("torchrun", 3, 8, 1, "n0", 29500),
+        ),
+        (
+            {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "MASTER_ADDR": "n0", "MASTER_PORT": "1"},
+            ("SLURM", 5, 8, 1, "n0", 1),
+        ),
+        (
+            {
+                "OMPI_COMM_WORLD_RANK": "2",
+                "OMPI_COMM_WORLD_SIZE": "4",
+                "OMPI_COMM_WORLD_LOCAL_RANK": "0",
+                "MASTER_ADDR": "n1",
+                "MASTER_PORT": "2",
+            },
+            ("Open MPI", 2, 4, 0, "n1", 2),
+        ),
+        ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}, ("SLURM", 0, 1, 0, None, None)),
+    ],
+)
+def test_launchers_are_recognised(env: dict[str, str], expected: tuple[object, ...]) -> None:
+    launch = detect_launch(env)
+    assert launch is not None
+    assert (
+        launch.launcher,
+        launch.rank,
+        launch.world_size,
+        launch.local_rank,
+        launch.master_addr,
+        launch.master_port,
+    ) == expected
+
+
+def test_single_task_launch_uses_null_without_a_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert isinstance(sd.get_backend(), sd.NullBackend)
+
+
+def test_no_environment_means_null(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "OMPI_COMM_WORLD_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    assert isinstance(sd.get_backend(), sd.NullBackend)
+
+
+# -- errors ----------------------------------------------------------------------------
+
+
+def test_errors_carry_facts_and_survive_pickling() -> None:
+    errors = [
+        sd.PeerFailedError(
+            rank=3, exc_type="ValueError", message="bad", remote_traceback="tb", point="p", observer=1
+        ),
+        sd.SyncTimeoutError(missing=(2, 5), point="barrier 'x'", timeout=3.0, observer=0),
+        sd.SyncMismatchError(points={"a": (0,), "b": (1, 2)}, observer=1),
+        sd.CompositionError("stack"),
+    ]
+    for err in errors:
+        again = pickle.loads(pickle.dumps(err))
+        assert type(again) is type(err) and str(again) == str(err)
+        assert type(err).__module__ == "syncdeco"
+        assert isinstance(err, sd.SyncError)
+    peer, timeout, mismatch, comp = errors
+    assert "rank 3 raised ValueError: bad" in str(peer)
+    assert isinstance(timeout, TimeoutError) and timeout.missing == (2, 5)
+    assert "rank(s) 2, 5 did not arrive" in str(timeout)
+    assert "rank 0 at a" in str(mismatch) and "ranks 1, 2 at b" in str(mismatch)
+    assert isinstance(comp, TypeError)
