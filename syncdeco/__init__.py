@@ -5,7 +5,16 @@
 ... def load(): ...
 """
 
-from ._backend import DEFAULT, Backend, Failure, NullBackend, SyncPoint, get_backend, init, use_backend
+from ._backend import (
+    DEFAULT,
+    Backend,
+    Failure,
+    NullBackend,
+    SyncPoint,
+    get_backend,
+    init,
+    use_backend,
+)
 from ._decorate import (
     barrier,
     barrier_after,

@@ -42,7 +42,7 @@ class _Default(Enum):
 DEFAULT: Final = _Default.DEFAULT
 """Sentinel: use the timeout set by :func:`init` (30 minutes unless set)."""
 
-Timeout: TypeAlias = "float | timedelta | None | Literal[_Default.DEFAULT]"
+Timeout: TypeAlias = "float | timedelta | Literal[_Default.DEFAULT] | None"
 
 _BUILTIN_TIMEOUT: Final = 1800.0
 
@@ -211,7 +211,7 @@ def get_backend() -> Backend:
 def init(
     backend: Backend | str | None = None,
     *,
-    timeout: float | timedelta | None | Literal[_Default.DEFAULT] = DEFAULT,
+    timeout: float | timedelta | Literal[_Default.DEFAULT] | None = DEFAULT,
 ) -> Backend:
     """Choose the backend for this process and the default sync timeout.
 

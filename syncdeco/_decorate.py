@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Callable, Coroutine
 from types import TracebackType
-from typing import Any, Literal, ParamSpec, Protocol, TypeVar, final, overload
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, Protocol, TypeVar, final, overload
 
 import wrapt
 
@@ -44,6 +44,7 @@ __all__ = [
 P = ParamSpec("P")
 R = TypeVar("R")
 D = TypeVar("D")
+D_co = TypeVar("D_co", covariant=True)
 
 
 # -- the fused wrapper ------------------------------------------------------
@@ -77,10 +78,16 @@ class _Stack:
         return await run_async(self.policies, get_backend(), lambda: wrapped(*args, **kwargs))
 
 
-class _Fused(wrapt.FunctionWrapper):  # type: ignore[misc]
+if TYPE_CHECKING:
+    _FunctionWrapper = wrapt.FunctionWrapper[..., Any]
+else:
+    _FunctionWrapper = wrapt.FunctionWrapper
+
+
+class _Fused(_FunctionWrapper):
     """One wrapper for a whole stack of syncdeco decorators."""
 
-    def __init__(self, wrapped: object, stack: _Stack, is_async: bool) -> None:
+    def __init__(self, wrapped: Any, stack: _Stack, is_async: bool) -> None:
         super().__init__(wrapped, stack.call_async if is_async else stack.call)
         self._self_stack = stack
 
@@ -162,15 +169,15 @@ class _Keeps(Protocol):
     def __call__(self, target: Callable[P, R], /) -> Callable[P, R]: ...
 
 
-class _Defaults(Protocol[D]):
+class _Defaults(Protocol[D_co]):
     """A decorator whose function returns the result or a default."""
 
     @overload
-    def __call__(  # type: ignore[overload-overlap]
+    def __call__(
         self, target: Callable[P, Coroutine[Any, Any, R]], /
-    ) -> Callable[P, Coroutine[Any, Any, R | D]]: ...
+    ) -> Callable[P, Coroutine[Any, Any, R | D_co]]: ...
     @overload
-    def __call__(self, target: Callable[P, R], /) -> Callable[P, R | D]: ...
+    def __call__(self, target: Callable[P, R], /) -> Callable[P, R | D_co]: ...
 
 
 # -- context-manager faces --------------------------------------------------
@@ -259,12 +266,19 @@ class _BarrierAfter(_Scoped):
 
 
 @overload
-def main_first(target: Callable[P, Coroutine[Any, Any, R]], /) -> Callable[P, Coroutine[Any, Any, R]]: ...
+def main_first(
+    target: Callable[P, Coroutine[Any, Any, R]], /
+) -> Callable[P, Coroutine[Any, Any, R]]: ...
 @overload
 def main_first(target: Callable[P, R], /) -> Callable[P, R]: ...
 @overload
 def main_first(
-    target: None = None, /, *, local: bool = False, name: str | None = None, timeout: Timeout = DEFAULT
+    target: None = None,
+    /,
+    *,
+    local: bool = False,
+    name: str | None = None,
+    timeout: Timeout = DEFAULT,
 ) -> _MainFirst: ...
 def main_first(
     target: Callable[P, R] | None = None,
@@ -298,7 +312,9 @@ def main_first(
 
 
 @overload
-def barrier_after(target: Callable[P, Coroutine[Any, Any, R]], /) -> Callable[P, Coroutine[Any, Any, R]]: ...
+def barrier_after(
+    target: Callable[P, Coroutine[Any, Any, R]], /
+) -> Callable[P, Coroutine[Any, Any, R]]: ...
 @overload
 def barrier_after(target: Callable[P, R], /) -> Callable[P, R]: ...
 @overload
@@ -337,7 +353,7 @@ def barrier_after(
 
 
 @overload
-def on_main_only(  # type: ignore[overload-overlap]
+def on_main_only(
     target: Callable[P, Coroutine[Any, Any, R]], /
 ) -> Callable[P, Coroutine[Any, Any, R | None]]: ...
 @overload

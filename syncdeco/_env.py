@@ -84,9 +84,7 @@ def detect_launch(env: Mapping[str, str]) -> Launch | None:
                 f"{rank_var}={rank} is not below {size_var}={world_size}; "
                 f"ranks run from 0 to {world_size - 1}."
             )
-        local_rank = (
-            _int(env, local_var, launcher, minimum=0) if local_var in env else rank
-        )
+        local_rank = _int(env, local_var, launcher, minimum=0) if local_var in env else rank
         addr = env.get("MASTER_ADDR")
         port: int | None = None
         if world_size > 1:

@@ -76,6 +76,7 @@ class PeerFailedError(SyncError):
             f"has the full error; its traceback is in .remote_traceback."
         )
 
+
 @final
 class SyncTimeoutError(SyncError, TimeoutError):
     """Not every rank reached a sync point within its timeout.
@@ -88,9 +89,7 @@ class SyncTimeoutError(SyncError, TimeoutError):
     def __init__(
         self, *, missing: Sequence[int], point: str, timeout: float, observer: int
     ) -> None:
-        self._kwargs = dict(
-            missing=tuple(missing), point=point, timeout=timeout, observer=observer
-        )
+        self._kwargs = dict(missing=tuple(missing), point=point, timeout=timeout, observer=observer)
         ranks = ", ".join(map(str, missing))
         if observer in missing:
             self.missing = tuple(missing)
@@ -112,6 +111,7 @@ class SyncTimeoutError(SyncError, TimeoutError):
             f"{ranks} did not arrive. Check those ranks' logs for a crash or a "
             f"slow step, or pass a larger timeout= (timeout=None waits forever)."
         )
+
 
 @final
 class SyncMismatchError(SyncError):
@@ -135,6 +135,7 @@ class SyncMismatchError(SyncError):
             f"{observer}. Every rank must pass the same sync points in the same "
             f"order: look for a branch that depends on the rank or on data."
         )
+
 
 @final
 class CompositionError(SyncError, TypeError):

@@ -97,8 +97,10 @@ def meet(
     """Reach a sync point: every rank of the scope must call this."""
     region = _region.get()
     if region is not None:
-        only = "only on the main rank" if region.kind == "on_main_only" else (
-            "on the main rank while the others wait, then on the others"
+        only = (
+            "only on the main rank"
+            if region.kind == "on_main_only"
+            else ("on the main rank while the others wait, then on the others")
         )
         raise CompositionError(
             f"rank {backend.rank()} reached the sync point {kind} {site} "
@@ -162,7 +164,9 @@ class MainFirst:
             meet(backend, self.kind, self.site, local=self.local, timeout=self.timeout)
         return True, _region.set(_Region(self.kind, self.local, str(self.site)))
 
-    def exit(self, backend: Backend, state: object, exc: BaseException | None, result: object) -> object:
+    def exit(
+        self, backend: Backend, state: object, exc: BaseException | None, result: object
+    ) -> object:
         if state is _SKIP:
             if exc is not None:
                 raise exc
@@ -204,14 +208,23 @@ class OnMainOnly:
             return False, value
         return True, _region.set(_Region(self.kind, self.local, str(self.site)))
 
-    def exit(self, backend: Backend, state: object, exc: BaseException | None, result: object) -> object:
+    def exit(
+        self, backend: Backend, state: object, exc: BaseException | None, result: object
+    ) -> object:
         _region.reset(state)  # type: ignore[arg-type]
         if exc is not None:
             if self.broadcast:
                 _report(backend, self.kind, self.site, exc, self.local, self.timeout)
             raise exc
         if self.broadcast:
-            meet(backend, self.kind, self.site, local=self.local, payload=result, timeout=self.timeout)
+            meet(
+                backend,
+                self.kind,
+                self.site,
+                local=self.local,
+                payload=result,
+                timeout=self.timeout,
+            )
         return result
 
 
@@ -239,7 +252,9 @@ class BarrierAfter:
         calls[self.site] = n
         return True, n % self.every == 0
 
-    def exit(self, backend: Backend, state: object, exc: BaseException | None, result: object) -> object:
+    def exit(
+        self, backend: Backend, state: object, exc: BaseException | None, result: object
+    ) -> object:
         if exc is not None:
             if state:
                 _report(backend, self.kind, self.site, exc, False, self.timeout)
@@ -270,7 +285,10 @@ def check_stack(policies: Sequence[Policy], target: str) -> None:
                 if inner.local == outer.local:
                     continue  # same ranks: the inner one is a no-op
             if isinstance(outer, OnMainOnly):
-                why = "runs only on the main rank, so the inner sync point would wait forever for the others"
+                why = (
+                    "runs only on the main rank, so the inner sync point would wait "
+                    "forever for the others"
+                )
             else:
                 why = (
                     "runs its body on the main rank while the others wait, so the inner "

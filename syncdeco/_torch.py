@@ -25,12 +25,12 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
-from typing import Final, final
+from typing import Any, Final, cast, final
 
 import torch
 import torch.distributed as dist
 
-from ._backend import Failure, SyncPoint
+from ._backend import Backend, Failure, NullBackend, SyncPoint
 from ._env import Launch, LaunchEnvError, detect_launch, local_rank_from_env, node_key
 from ._errors import PeerFailedError, SyncError, SyncMismatchError, SyncTimeoutError
 
@@ -49,7 +49,7 @@ class _Late(Exception):
 class _Mail:
     """Ordered boxes on a store: queues where the store has them, else keys."""
 
-    def __init__(self, store: dist.Store) -> None:
+    def __init__(self, store: Any) -> None:  # a c10d Store (untyped in torch)
         self.store = store
         try:
             store.queue_len(f"{_PREFIX}/probe")
@@ -112,7 +112,7 @@ class _Channel:
         self.group = group
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
-        store = dist.distributed_c10d._get_default_store().clone()
+        store: Any = cast(Any, dist.distributed_c10d._get_default_store()).clone()
         self.mail = _Mail(store)
         self.store = store
         self.lock = threading.Lock()
@@ -123,7 +123,9 @@ class _Channel:
         topo = pickle.dumps((node_key(env), self.local_rank))
         store.set(f"{_PREFIX}/topo/{self.rank}", topo)
 
-    def scope(self, local: bool, deadline: float | None, point: SyncPoint) -> tuple[str, int, tuple[int, ...]]:
+    def scope(
+        self, local: bool, deadline: float | None, point: SyncPoint
+    ) -> tuple[str, int, tuple[int, ...]]:
         """(scope name, main rank, member ranks) of the world or this node."""
         if not local or self.world_size == 1:
             return "w", 0, tuple(range(1, self.world_size))
@@ -132,7 +134,9 @@ class _Channel:
         main, members = self.node
         return "l", main, members
 
-    def _read_topology(self, deadline: float | None, point: SyncPoint) -> tuple[int, tuple[int, ...]]:
+    def _read_topology(
+        self, deadline: float | None, point: SyncPoint
+    ) -> tuple[int, tuple[int, ...]]:
         keys = [f"{_PREFIX}/topo/{r}" for r in range(self.world_size)]
         while True:
             left = _FOREVER_CHUNK if deadline is None else deadline - time.monotonic()
@@ -240,7 +244,11 @@ class _Channel:
                 data = None
             if failures:
                 first = min(failures, key=lambda f: f.rank)
-                verdict = (seq, _FAILED, (first.rank, first.exc_type, first.message, first.traceback))
+                verdict = (
+                    seq,
+                    _FAILED,
+                    (first.rank, first.exc_type, first.message, first.traceback),
+                )
             else:
                 verdict = (seq, _OK, data)
 
@@ -268,7 +276,9 @@ class _Channel:
         if failure is not None:
             failed = (failure.rank, failure.exc_type, failure.message, failure.traceback)
         frame = (seq, self.rank, point.kind, point.name, point.count, failed, point.describe())
-        self.mail.send(f"{base}/{self.rank}/up", seq, pickle.dumps(frame, protocol=pickle.HIGHEST_PROTOCOL))
+        self.mail.send(
+            f"{base}/{self.rank}/up", seq, pickle.dumps(frame, protocol=pickle.HIGHEST_PROTOCOL)
+        )
         try:
             verdict = self._fresh(f"{base}/{self.rank}/down", seq, deadline)
         except _Late:
@@ -293,7 +303,7 @@ class _Channel:
     def _raise(self, verdict: tuple[object, ...], point: SyncPoint, timeout: float | None) -> None:
         code, detail = verdict[1], verdict[2]
         if code == _FAILED:
-            rank, exc_type, message, tb = detail  # type: ignore[misc]
+            rank, exc_type, message, tb = cast(tuple[int, str, str, str], detail)
             if rank == self.rank:
                 return  # the caller re-raises its own exception
             raise PeerFailedError(
@@ -339,7 +349,7 @@ class TorchBackend:
     ``backend`` (default: ``"nccl"`` when CUDA is available, else ``"gloo"``).
     """
 
-    __slots__ = ("_backend", "_env", "__weakref__")
+    __slots__ = ("__weakref__", "_backend", "_env")
 
     def __init__(self, backend: str | None = None, *, env: Mapping[str, str] | None = None) -> None:
         if backend is not None and backend not in ("gloo", "nccl", "mpi", "ucc", "xccl"):
@@ -381,19 +391,22 @@ class TorchBackend:
                 world_size=launch.world_size,
             )
 
+    def _channel(self) -> _Channel:
+        self.ensure_group()
+        return _channel_for_default_group(self._env)
+
+    # Rank facts go through the channel: the first one joins (or creates)
+    # the group and publishes where this rank lives, which local sync points
+    # need from every rank before any of them can find its node's main.
+
     def rank(self) -> int:
-        if dist.is_initialized():
-            return dist.get_rank()
-        return self._launch().rank
+        return self._channel().rank
 
     def world_size(self) -> int:
-        if dist.is_initialized():
-            return dist.get_world_size()
-        return self._launch().world_size
+        return self._channel().world_size
 
     def local_rank(self) -> int:
-        local = local_rank_from_env(self._env)
-        return self.rank() if local is None else local
+        return self._channel().local_rank
 
     def sync(
         self,
@@ -405,8 +418,7 @@ class TorchBackend:
         timeout: float | None,
     ) -> object:
         """Meet the other ranks at ``point``; every rank of the scope must call it."""
-        self.ensure_group()
-        return _channel_for_default_group(self._env).sync(point, local, failure, payload, timeout)
+        return self._channel().sync(point, local, failure, payload, timeout)
 
 
 _AUTO: Final = TorchBackend()
@@ -424,8 +436,7 @@ def auto_backend(env: Mapping[str, str]) -> TorchBackend | None:
     return None
 
 
-def backend_from_name(name: str, env: Mapping[str, str]) -> TorchBackend | object:
-    from ._backend import NullBackend
+def backend_from_name(name: str, env: Mapping[str, str]) -> Backend:
 
     if name == "null":
         return NullBackend()

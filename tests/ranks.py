@@ -13,9 +13,9 @@ from __future__ import annotations
 import faulthandler
 import multiprocessing as mp
 import os
+import pickle
 import signal
 import time
-import pickle
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -53,14 +53,14 @@ def _child(
     os.environ.update(env)
     rank = int(env["RANK"])
     # On a hang the parent sends SIGUSR1 and shows where each rank was stuck.
-    stacks = open(os.path.join(tmp, f".rank{rank}.stacks"), "w")  # noqa: SIM115
+    stacks = open(os.path.join(tmp, f".rank{rank}.stacks"), "w")
     faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
     try:
         if init:
             dist.init_process_group("gloo", timeout=timedelta(seconds=120))
         try:
             out = Outcome(rank, value=fn(Path(tmp)))
-        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        except BaseException as exc:
             out = Outcome(rank, error=exc, tb=traceback.format_exc())
         try:
             payload = pickle.dumps(out)

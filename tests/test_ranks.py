@@ -12,9 +12,9 @@ import os
 from pathlib import Path
 
 import pytest
+from ranks import run_ranks
 
 import syncdeco as sd
-from ranks import run_ranks
 
 WORLD_SIZES = [2, 4]
 
@@ -81,7 +81,11 @@ def test_main_first_failure_reaches_every_rank(tmp_path: Path, n: int) -> None:
     for o in outcomes[1:]:
         err = o.error
         assert isinstance(err, sd.PeerFailedError), o.tb
-        assert (err.rank, err.exc_type, err.message) == (0, "ValueError", "checksum mismatch in shard 7")
+        assert (err.rank, err.exc_type, err.message) == (
+            0,
+            "ValueError",
+            "checksum mismatch in shard 7",
+        )
         assert "rank 0 raised ValueError: checksum mismatch in shard 7" in str(err)
         assert "main_first" in str(err) and "download" in str(err)
         assert "raise ValueError" in err.remote_traceback
@@ -510,7 +514,14 @@ def from_launcher_env(tmp: Path) -> tuple[object, ...]:
     before = dist.is_initialized()
     facts = (sd.rank(), sd.world_size(), sd.local_rank(), sd.is_main())
     got = on_main_only_broadcast(tmp)
-    return before, facts, dist.is_initialized(), dist.get_backend(), type(sd.get_backend()).__name__, got["from"]
+    return (
+        before,
+        facts,
+        dist.is_initialized(),
+        dist.get_backend(),
+        type(sd.get_backend()).__name__,
+        got["from"],
+    )
 
 
 def test_backend_initialises_group_from_torchrun_env(tmp_path: Path) -> None:
@@ -557,7 +568,12 @@ def local_main_first(tmp: Path) -> tuple[int, int, bool, bool]:
 
 def test_local_main_first_per_node(tmp_path: Path) -> None:
     outcomes = [o.unwrap() for o in run_ranks(local_main_first, 4, tmp_path, nodes=2)]
-    assert outcomes == [(0, 0, True, False), (1, 1, False, True), (2, 0, True, False), (3, 1, False, True)]
+    assert outcomes == [
+        (0, 0, True, False),
+        (1, 1, False, True),
+        (2, 0, True, False),
+        (3, 1, False, True),
+    ]
 
 
 def local_broadcast(tmp: Path) -> object:
@@ -584,5 +600,3 @@ def four_rank_mix(tmp: Path) -> object:
 def test_many_sync_points_on_four_ranks(tmp_path: Path) -> None:
     for o in run_ranks(four_rank_mix, 4, tmp_path):
         assert o.unwrap() == [0] * 5
-
-

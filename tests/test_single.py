@@ -131,7 +131,11 @@ def test_stacked_decorators_fuse_into_one_wrapper() -> None:
 
     assert isinstance(load, _Fused)
     assert not isinstance(load.__wrapped__, _Fused)  # one layer, not three
-    assert [p.kind for p in load._self_stack.policies] == ["barrier_after", "main_first", "on_main_only"]
+    assert [p.kind for p in load._self_stack.policies] == [
+        "barrier_after",
+        "main_first",
+        "on_main_only",
+    ]
     assert load() == 5
 
 
@@ -180,7 +184,7 @@ def test_sync_inside_on_main_only_raises_even_on_one_process() -> None:
     def save() -> None:
         sd.barrier("inner")
 
-    with pytest.raises(sd.CompositionError, match="'inner'.*on_main_only"):
+    with pytest.raises(sd.CompositionError, match=r"'inner'.*on_main_only"):
         save()
 
 
@@ -286,8 +290,14 @@ def test_user_backend_sees_named_counted_sync_points() -> None:
         for _ in range(4):
             step()
         sd.barrier("ckpt")
-    assert [(p.kind, p.count) for p in rec.points] == [("barrier_after", 1), ("barrier_after", 2), ("barrier", 1)]
-    assert rec.points[0].name.endswith("test_user_backend_sees_named_counted_sync_points.<locals>.step")
+    assert [(p.kind, p.count) for p in rec.points] == [
+        ("barrier_after", 1),
+        ("barrier_after", 2),
+        ("barrier", 1),
+    ]
+    assert rec.points[0].name.endswith(
+        "test_user_backend_sees_named_counted_sync_points.<locals>.step"
+    )
     assert rec.points[0].location.startswith("test_single.py:")
     assert rec.points[2].name == "ckpt"
 
@@ -347,11 +357,23 @@ def test_broken_environment_names_the_variable(
     "env, expected",
     [
         (
-            {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "n0", "MASTER_PORT": "29500"},
+            {
+                "RANK": "3",
+                "WORLD_SIZE": "8",
+                "LOCAL_RANK": "1",
+                "MASTER_ADDR": "n0",
+                "MASTER_PORT": "29500",
+            },
             ("torchrun", 3, 8, 1, "n0", 29500),
         ),
         (
-            {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "MASTER_ADDR": "n0", "MASTER_PORT": "1"},
+            {
+                "SLURM_PROCID": "5",
+                "SLURM_NTASKS": "8",
+                "SLURM_LOCALID": "1",
+                "MASTER_ADDR": "n0",
+                "MASTER_PORT": "1",
+            },
             ("SLURM", 5, 8, 1, "n0", 1),
         ),
         (
@@ -398,7 +420,12 @@ def test_no_environment_means_null(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_errors_carry_facts_and_survive_pickling() -> None:
     errors = [
         sd.PeerFailedError(
-            rank=3, exc_type="ValueError", message="bad", remote_traceback="tb", point="p", observer=1
+            rank=3,
+            exc_type="ValueError",
+            message="bad",
+            remote_traceback="tb",
+            point="p",
+            observer=1,
         ),
         sd.SyncTimeoutError(missing=(2, 5), point="barrier 'x'", timeout=3.0, observer=0),
         sd.SyncMismatchError(points={"a": (0,), "b": (1, 2)}, observer=1),

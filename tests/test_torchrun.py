@@ -1,0 +1,66 @@
+"""syncdeco under the real torchrun launcher: two agents on loopback
+(--nnodes 2, two processes each), as two nodes of one job."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parent / "scripts" / "two_nodes.py"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_local_main_first_on_two_torchrun_nodes(tmp_path: Path) -> None:
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    agents = [
+        subprocess.Popen(
+            [
+                sys.executable, "-m", "torch.distributed.run",
+                "--nnodes", "2", "--nproc-per-node", "2", "--node-rank", str(node),
+                "--master-addr", "127.0.0.1", "--master-port", str(port),
+                str(SCRIPT), str(tmp_path),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # so a hang can be killed with its workers
+        )
+        for node in (0, 1)
+    ]  # fmt: skip
+    logs = []
+    try:
+        for agent in agents:
+            out, _ = agent.communicate(timeout=120)
+            logs.append(out.decode(errors="replace"))
+    except subprocess.TimeoutExpired:
+        pytest.fail("torchrun agents did not finish within 120s")
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                os.killpg(agent.pid, signal.SIGKILL)
+                agent.wait()
+    assert [a.returncode for a in agents] == [0, 0], "\n".join(logs)
+    facts = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
+    assert [(f["rank"], f["node"], f["local_rank"]) for f in facts] == [
+        (0, "0", 0),
+        (1, "0", 1),
+        (2, "1", 0),
+        (3, "1", 1),
+    ]
+    assert [f["is_local_main"] for f in facts] == [True, False, True, False]
+    assert [f["is_main"] for f in facts] == [True, False, False, False]
+    # each node's LOCAL_RANK 0 went first; the others found its cache
+    assert [f["saw_cache"] for f in facts] == [False, True, False, True]
