@@ -14,7 +14,14 @@ from typing import final
 
 from ._errors import SyncError
 
-__all__ = ["Launch", "LaunchEnvError", "detect_launch", "local_rank_from_env", "node_key"]
+__all__ = [
+    "Launch",
+    "LaunchEnvError",
+    "detect_launch",
+    "local_rank_from_env",
+    "local_world_size_from_env",
+    "node_key",
+]
 
 
 @final
@@ -70,6 +77,10 @@ def detect_launch(env: Mapping[str, str]) -> Launch | None:
     for launcher, rank_var, size_var, local_var in _LAUNCHERS:
         if rank_var not in env and size_var not in env:
             continue
+        if launcher == "SLURM" and not _in_srun_step(env):
+            # An salloc shell or an sbatch script has SLURM variables too, but
+            # it is one process, not a rank of a job step.
+            continue
         for var in (rank_var, size_var):
             if var not in env:
                 other = size_var if var == rank_var else rank_var
@@ -102,6 +113,19 @@ def detect_launch(env: Mapping[str, str]) -> Launch | None:
     return None
 
 
+def _in_srun_step(env: Mapping[str, str]) -> bool:
+    step = env.get("SLURM_STEP_ID", env.get("SLURM_STEPID"))
+    return step is not None and step != "batch"
+
+
+def local_world_size_from_env(env: Mapping[str, str]) -> int | None:
+    """How many ranks run on this node, as the launcher said, or None."""
+    for var in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"):
+        if var in env:
+            return _int(env, var, "the launcher", minimum=1)
+    return None
+
+
 def local_rank_from_env(env: Mapping[str, str]) -> int | None:
     """LOCAL_RANK as any known launcher set it, or None."""
     for var in _LOCAL_RANK_VARS:
@@ -113,8 +137,9 @@ def local_rank_from_env(env: Mapping[str, str]) -> int | None:
 def node_key(env: Mapping[str, str]) -> str:
     """A string equal on the ranks of one node and different across nodes."""
     # torchrun's GROUP_RANK tells two agents apart even on one host (the
-    # loopback two-node test relies on it); SLURM and Open MPI name the node.
-    for var in ("GROUP_RANK", "SLURM_NODEID", "OMPI_COMM_WORLD_NODE_RANK"):
+    # loopback two-node test relies on it); SLURM numbers its nodes; Open MPI
+    # has no node id (OMPI_COMM_WORLD_NODE_RANK is a rank), so the host name.
+    for var in ("GROUP_RANK", "SLURM_NODEID"):
         if var in env:
             return f"{var}={env[var]}"
     return f"host={socket.gethostname()}"

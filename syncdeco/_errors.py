@@ -97,8 +97,8 @@ class SyncTimeoutError(SyncError, TimeoutError):
             self.timeout = timeout
             self.observer = observer
             super().__init__(
-                f"rank {observer} reached {point} after the main rank had given up "
-                f"waiting ({timeout:g}s); late rank(s): {ranks}. Find what slowed "
+                f"rank {observer} reached {point} too late: the other ranks had given "
+                f"up waiting ({timeout:g}s); late rank(s): {ranks}. Find what slowed "
                 f"rank {observer} down, or pass a larger timeout= (None waits forever)."
             )
             return

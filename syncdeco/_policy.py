@@ -135,6 +135,13 @@ def _report(
         exc.add_note(f"syncdeco: while telling the other ranks about this error: {problem}")
 
 
+def _prepare(backend: Backend) -> None:
+    # Optional backend hook, called before a body that ends in a sync point.
+    prepare = getattr(backend, "prepare", None)
+    if prepare is not None:
+        prepare()
+
+
 def _is_main(backend: Backend, local: bool) -> bool:
     return (backend.local_rank() if local else backend.rank()) == 0
 
@@ -160,6 +167,7 @@ class MainFirst:
         region = _region.get()
         if region is not None and region.kind == "main_first" and region.local == self.local:
             return True, _SKIP  # already inside a main_first on the same ranks
+        _prepare(backend)
         if not _is_main(backend, self.local):
             meet(backend, self.kind, self.site, local=self.local, timeout=self.timeout)
         return True, _region.set(_Region(self.kind, self.local, str(self.site)))
@@ -201,6 +209,8 @@ class OnMainOnly:
         return self.broadcast
 
     def enter(self, backend: Backend) -> tuple[bool, object]:
+        if self.broadcast:
+            _prepare(backend)
         if not _is_main(backend, self.local):
             if not self.broadcast:
                 return False, self.default

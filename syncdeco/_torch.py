@@ -31,7 +31,14 @@ import torch
 import torch.distributed as dist
 
 from ._backend import Backend, Failure, NullBackend, SyncPoint
-from ._env import Launch, LaunchEnvError, detect_launch, local_rank_from_env, node_key
+from ._env import (
+    Launch,
+    LaunchEnvError,
+    detect_launch,
+    local_rank_from_env,
+    local_world_size_from_env,
+    node_key,
+)
 from ._errors import PeerFailedError, SyncError, SyncMismatchError, SyncTimeoutError
 
 __all__ = ["TorchBackend", "auto_backend", "backend_from_name"]
@@ -40,6 +47,7 @@ _PREFIX: Final = "syncdeco"
 _OK, _FAILED, _MISMATCH, _TIMEOUT = range(4)
 _FOREVER_CHUNK: Final = 3600.0  # one store wait, when a sync point waits forever
 _MIN_WAIT: Final = 0.001
+_WITHDRAW_MARGIN: Final = 1.0  # seconds before a member's deadline to look for its withdrawal
 
 
 class _Late(Exception):
@@ -117,46 +125,70 @@ class _Channel:
         self.store = store
         self.lock = threading.Lock()
         self.seq: dict[str, int] = {}
+        self.held: dict[str, list[tuple[object, ...]]] = {}  # frames read early
         self.node: tuple[int, tuple[int, ...]] | None = None
         local = local_rank_from_env(env)
         self.local_rank = self.rank if local is None else local
-        topo = pickle.dumps((node_key(env), self.local_rank))
-        store.set(f"{_PREFIX}/topo/{self.rank}", topo)
+        self.local_size = local_world_size_from_env(env)
+        self.node_key = node_key(env)
+        # Where this rank lives, for local=True: per node (so a local sync
+        # waits only for its own node) and, when the launcher does not say
+        # how many ranks share a node, for the whole world.
+        store.set(f"{_PREFIX}/node/{self.node_key}/{self.local_rank}", str(self.rank))
+        if self.local_size is None:
+            store.set(f"{_PREFIX}/topo/{self.rank}", pickle.dumps((self.node_key, self.local_rank)))
 
     def scope(
         self, local: bool, deadline: float | None, point: SyncPoint
     ) -> tuple[str, int, tuple[int, ...]]:
-        """(scope name, main rank, member ranks) of the world or this node."""
+        """(scope name, main rank, member ranks) of the world or this node.
+
+        A member of a node needs only its main's rank; the node's main needs
+        its members' ranks."""
         if not local or self.world_size == 1:
             return "w", 0, tuple(range(1, self.world_size))
         if self.node is None:
-            self.node = self._read_topology(deadline, point)
+            self.node = self._find_node(deadline, point)
         main, members = self.node
         return "l", main, members
 
-    def _read_topology(
-        self, deadline: float | None, point: SyncPoint
-    ) -> tuple[int, tuple[int, ...]]:
+    def _find_node(self, deadline: float | None, point: SyncPoint) -> tuple[int, tuple[int, ...]]:
+        if self.local_rank != 0:
+            key = f"{_PREFIX}/node/{self.node_key}/0"
+            guess = self.rank - self.local_rank  # torchrun numbers a node's ranks in a row
+            self._wait_keys([key], [guess], deadline, point)
+            return int(self.store.get(key)), ()
+        if self.local_size is not None:
+            local_ranks = range(1, self.local_size)
+            keys = [f"{_PREFIX}/node/{self.node_key}/{lr}" for lr in local_ranks]
+            self._wait_keys(keys, [self.rank + lr for lr in local_ranks], deadline, point)
+            return self.rank, tuple(int(v) for v in self.store.multi_get(keys)) if keys else ()
         keys = [f"{_PREFIX}/topo/{r}" for r in range(self.world_size)]
+        self._wait_keys(keys, list(range(self.world_size)), deadline, point)
+        facts = [pickle.loads(v) for v in self.store.multi_get(keys)]
+        node = sorted((lr, r) for r, (key, lr) in enumerate(facts) if key == self.node_key)
+        return self.rank, tuple(r for _, r in node if r != self.rank)
+
+    def _wait_keys(
+        self, keys: list[str], ranks: list[int], deadline: float | None, point: SyncPoint
+    ) -> None:
         while True:
             left = _FOREVER_CHUNK if deadline is None else deadline - time.monotonic()
             try:
-                self.store.wait(keys, timedelta(seconds=max(left, _MIN_WAIT)))
-                break
+                if keys:
+                    self.store.wait(keys, timedelta(seconds=max(left, _MIN_WAIT)))
+                return
             except dist.DistStoreError:
                 if deadline is not None and time.monotonic() >= deadline:
-                    missing = [r for r, k in enumerate(keys) if not self.store.check([k])]
+                    missing = [
+                        r for r, k in zip(ranks, keys, strict=True) if not self.store.check([k])
+                    ]
                     raise SyncTimeoutError(
                         missing=missing,
-                        point=point.describe() + " [finding each node's main rank]",
+                        point=point.describe() + " [finding this node's ranks]",
                         timeout=0.0 if deadline is None else left,
                         observer=self.rank,
                     ) from None
-        facts = [pickle.loads(v) for v in self.store.multi_get(keys)]
-        mine = facts[self.rank][0]
-        node = [(lr, r) for r, (key, lr) in enumerate(facts) if key == mine]
-        main = min(node)[1]
-        return main, tuple(r for _, r in sorted(node) if r != main)
 
     def next_seq(self, scope: str) -> int:
         seq = self.seq.get(scope, 0) + 1
@@ -175,10 +207,12 @@ class _Channel:
     ) -> object:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self.lock:
+            # The sequence number moves first, so that a rank whose topology
+            # lookup times out stays in step with the others.
+            seq = self.next_seq("l" if local and self.world_size > 1 else "w")
             scope, main, members = self.scope(local, deadline, point)
-            if not members:
-                return payload
-            seq = self.next_seq(scope)
+            if main == self.rank and not members:
+                return payload  # alone in its scope (members know only their main)
             base = f"{_PREFIX}/{scope}/{main}"
             if self.rank == main:
                 return self._lead(base, seq, members, point, failure, payload, deadline, timeout)
@@ -187,9 +221,33 @@ class _Channel:
     def _fresh(self, box: str, seq: int, deadline: float | None) -> tuple[object, ...]:
         # Frames older than this sync point were left by one that timed out.
         while True:
-            frame: tuple[object, ...] = pickle.loads(self.mail.recv(box, seq, deadline))
+            held = self.held.get(box)
+            if held:
+                frame = held.pop(0)
+            else:
+                frame = pickle.loads(self.mail.recv(box, seq, deadline))
             if not isinstance(frame[0], int) or frame[0] >= seq:
                 return frame
+
+    def _withdrawn(self, base: str, seq: int, arrived: dict[int, tuple[object, ...]]) -> list[int]:
+        """Members that gave up waiting for this rank before it got here.
+
+        Only looked for when a member's own deadline is near, so a sync point
+        that completes in time costs nothing extra."""
+        now = time.time()
+        gone = []
+        for member, frame in arrived.items():
+            give_up = frame[7]
+            if give_up is None or now < give_up - _WITHDRAW_MARGIN:  # type: ignore[operator]
+                continue
+            box = f"{base}/{member}/up"
+            if self.mail.ready(box, seq):
+                later = pickle.loads(self.mail.recv(box, seq, None))
+                if later[0] == seq and later[2] is None:
+                    gone.append(member)
+                else:
+                    self.held.setdefault(box, []).append(later)
+        return gone
 
     def _lead(
         self,
@@ -219,7 +277,9 @@ class _Channel:
         mine = (seq, point.kind, point.name, point.count)
         own_error: BaseException | None = None
         verdict: tuple[object, ...]
-        if missing:
+        if not missing and self._withdrawn(base, seq, arrived):
+            verdict = (seq, _TIMEOUT, (self.rank,))  # this rank came too late
+        elif missing:
             verdict = (seq, _TIMEOUT, tuple(missing))
         elif any(tuple(f[0:1] + f[2:5]) != mine for f in arrived.values()):
             where: dict[str, list[int]] = {point.describe(): [self.rank]}
@@ -275,16 +335,36 @@ class _Channel:
         failed = None
         if failure is not None:
             failed = (failure.rank, failure.exc_type, failure.message, failure.traceback)
-        frame = (seq, self.rank, point.kind, point.name, point.count, failed, point.describe())
-        self.mail.send(
-            f"{base}/{self.rank}/up", seq, pickle.dumps(frame, protocol=pickle.HIGHEST_PROTOCOL)
+        give_up = None if timeout is None else time.time() + timeout
+        frame = (
+            seq,
+            self.rank,
+            point.kind,
+            point.name,
+            point.count,
+            failed,
+            point.describe(),
+            give_up,
         )
+        up, down = f"{base}/{self.rank}/up", f"{base}/{self.rank}/down"
+        self.mail.send(up, seq, pickle.dumps(frame, protocol=pickle.HIGHEST_PROTOCOL))
         try:
-            verdict = self._fresh(f"{base}/{self.rank}/down", seq, deadline)
+            verdict = self._fresh(down, seq, deadline)
         except _Late:
-            raise SyncTimeoutError(
-                missing=(main,), point=point.describe(), timeout=timeout or 0.0, observer=self.rank
-            ) from None
+            # Tell the main this rank gave up, so that it does not report
+            # success to the others; then take a verdict sent meanwhile.
+            self.mail.send(up, seq, pickle.dumps((seq, self.rank, None)))
+            try:
+                if not self.mail.ready(down, seq):
+                    raise _Late
+                verdict = self._fresh(down, seq, time.monotonic())
+            except _Late:
+                raise SyncTimeoutError(
+                    missing=(main,),
+                    point=point.describe(),
+                    timeout=timeout or 0.0,
+                    observer=self.rank,
+                ) from None
         if verdict[1] == _OK:
             data = verdict[2]
             if data is None:
@@ -395,18 +475,30 @@ class TorchBackend:
         self.ensure_group()
         return _channel_for_default_group(self._env)
 
-    # Rank facts go through the channel: the first one joins (or creates)
-    # the group and publishes where this rank lives, which local sync points
-    # need from every rank before any of them can find its node's main.
+    def prepare(self) -> None:
+        """Join (or create) the process group and say where this rank lives.
+
+        syncdeco calls it before a main rank runs a body that ends in a sync
+        point, so that an hour-long first ``main_first`` does not keep the
+        others waiting in the group's own rendezvous, which has a timeout."""
+        self._channel()
+
+    # Rank facts have no side effects: they come from the process group if
+    # there is one, else from the launcher's environment.
 
     def rank(self) -> int:
-        return self._channel().rank
+        if dist.is_initialized():
+            return dist.get_rank()
+        return self._launch().rank
 
     def world_size(self) -> int:
-        return self._channel().world_size
+        if dist.is_initialized():
+            return dist.get_world_size()
+        return self._launch().world_size
 
     def local_rank(self) -> int:
-        return self._channel().local_rank
+        local = local_rank_from_env(self._env)
+        return self.rank() if local is None else local
 
     def sync(
         self,

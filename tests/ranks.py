@@ -49,15 +49,25 @@ def _child(
     init: bool,
     tmp: str,
     conn: Any,
+    rank: int,
+    world_size: int,
 ) -> None:
     os.environ.update(env)
-    rank = int(env["RANK"])
     # On a hang the parent sends SIGUSR1 and shows where each rank was stuck.
     stacks = open(os.path.join(tmp, f".rank{rank}.stacks"), "w")
     faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
     try:
         if init:
-            dist.init_process_group("gloo", timeout=timedelta(seconds=120))
+            store = dist.TCPStore(
+                env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size, is_master=False
+            )
+            dist.init_process_group(
+                "gloo",
+                store=store,
+                rank=rank,
+                world_size=world_size,
+                timeout=timedelta(seconds=120),
+            )
         try:
             out = Outcome(rank, value=fn(Path(tmp)))
         except BaseException as exc:
@@ -83,10 +93,16 @@ def run_ranks(
     timeout: float = 90.0,
     init: bool = True,
     nodes: int = 1,
+    launcher: str = "torchrun",
     extra_env: Mapping[str, str] | None = None,
 ) -> list[Outcome]:
-    """Run ``fn(tmp_path)`` on ``world_size`` Gloo ranks (``nodes`` simulated
-    nodes of equal size, told apart by GROUP_RANK) and return their outcomes."""
+    """Run ``fn(tmp_path)`` on ``world_size`` Gloo ranks and return their
+    outcomes.  ``launcher`` picks whose variables the ranks see ("torchrun",
+    "slurm" or "ompi"), ``nodes`` how many simulated nodes of equal size they
+    form (torchrun and SLURM only: Open MPI tells nodes apart by host name).
+    Without ``init`` the ranks start with no process group (torchrun only)."""
+    if not init and launcher != "torchrun":
+        raise ValueError("only torchrun's environment lets syncdeco create the group here")
     store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False)
     per_node = world_size // nodes
     procs = []
@@ -94,20 +110,17 @@ def run_ranks(
     try:
         for rank in range(world_size):
             env = {
-                "RANK": str(rank),
-                "WORLD_SIZE": str(world_size),
-                "LOCAL_RANK": str(rank % per_node),
-                "LOCAL_WORLD_SIZE": str(per_node),
-                "GROUP_RANK": str(rank // per_node),
+                **_launcher_env(launcher, rank, world_size, per_node),
                 "MASTER_ADDR": "127.0.0.1",
                 "MASTER_PORT": str(store.port),
-                "TORCHELASTIC_USE_AGENT_STORE": "True",
                 "OMP_NUM_THREADS": "1",
                 **(extra_env or {}),
             }
             parent, child = _ctx.Pipe(duplex=False)
             proc = _ctx.Process(
-                target=_child, args=(fn, env, init, str(tmp_path), child), daemon=True
+                target=_child,
+                args=(fn, env, init, str(tmp_path), child, rank, world_size),
+                daemon=True,
             )
             proc.start()
             child.close()
@@ -141,6 +154,37 @@ def run_ranks(
                 proc.kill()
                 proc.join(5)
         del store
+
+
+def _launcher_env(launcher: str, rank: int, world_size: int, per_node: int) -> dict[str, str]:
+    local, node = rank % per_node, rank // per_node
+    if launcher == "torchrun":
+        return {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_RANK": str(local),
+            "LOCAL_WORLD_SIZE": str(per_node),
+            "GROUP_RANK": str(node),
+            # all ranks are clients of the store this process hosts
+            "TORCHELASTIC_USE_AGENT_STORE": "True",
+        }
+    if launcher == "slurm":
+        return {
+            "SLURM_PROCID": str(rank),
+            "SLURM_NTASKS": str(world_size),
+            "SLURM_LOCALID": str(local),
+            "SLURM_NODEID": str(node),
+            "SLURM_STEP_ID": "0",
+        }
+    if launcher == "ompi":
+        return {
+            "OMPI_COMM_WORLD_RANK": str(rank),
+            "OMPI_COMM_WORLD_SIZE": str(world_size),
+            "OMPI_COMM_WORLD_LOCAL_RANK": str(local),
+            "OMPI_COMM_WORLD_LOCAL_SIZE": str(per_node),
+            "OMPI_COMM_WORLD_NODE_RANK": str(local),  # what mpirun sets: not a node id
+        }
+    raise ValueError(f"unknown launcher {launcher!r}")
 
 
 def _now() -> float:

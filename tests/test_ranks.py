@@ -501,8 +501,29 @@ def main_late(tmp: Path) -> object:
 
 def test_member_times_out_when_main_is_missing(tmp_path: Path) -> None:
     outcomes = [o.unwrap() for o in run_ranks(main_late, 2, tmp_path)]
-    # rank 1 gave up on rank 0; rank 0 arrived later and found rank 1's arrival
-    assert outcomes == ["ok", (0,)]
+    # rank 1 gave up on rank 0; rank 0, arriving later, learns it came too
+    # late instead of reporting success: both ranks agree
+    assert outcomes == [(0,), (0,)]
+
+
+def main_first_body_too_slow(tmp: Path) -> object:
+    result: object = "ok"
+    try:
+        with sd.main_first(timeout=0.5):
+            if sd.rank() == 0:
+                while not _seen(tmp, "member-gave-up"):
+                    os.sched_yield()
+    except sd.SyncTimeoutError as err:
+        result = err.missing
+        if sd.rank() == 1:
+            _mark(tmp, "member-gave-up")
+    sd.barrier("next", timeout=30)
+    return result
+
+
+def test_main_first_timeout_is_seen_by_main_too(tmp_path: Path) -> None:
+    outcomes = [o.unwrap() for o in run_ranks(main_first_body_too_slow, 2, tmp_path)]
+    assert outcomes == [(0,), (0,)]
 
 
 # -- backend resolution on real ranks ----------------------------------------------------
@@ -600,3 +621,71 @@ def four_rank_mix(tmp: Path) -> object:
 def test_many_sync_points_on_four_ranks(tmp_path: Path) -> None:
     for o in run_ranks(four_rank_mix, 4, tmp_path):
         assert o.unwrap() == [0] * 5
+
+
+# -- launchers' environments, and what rank facts must not do --------------------------------
+
+
+def local_main_first_any_launcher(tmp: Path) -> tuple[int, int, bool, bool]:
+    @sd.main_first(local=True)
+    def fill() -> bool:
+        saw = _seen(tmp, "cache")
+        if sd.is_main(local=True):
+            _mark(tmp, "cache")
+        return saw
+
+    saw = fill()
+    return sd.rank(), sd.local_rank(), sd.is_main(local=True), saw
+
+
+@pytest.mark.parametrize("launcher", ["slurm", "ompi"])
+def test_slurm_and_open_mpi_environments(tmp_path: Path, launcher: str) -> None:
+    outcomes = [
+        o.unwrap() for o in run_ranks(local_main_first_any_launcher, 2, tmp_path, launcher=launcher)
+    ]
+    assert outcomes == [(0, 0, True, False), (1, 1, False, True)]
+
+
+def nodes_do_not_wait_for_each_other(tmp: Path) -> bool:
+    node = os.environ["GROUP_RANK"]
+    if node == "1":
+        # Node 1 touches syncdeco only once node 0 is done with its local
+        # main_first: a local sync point must not need node 1 at all.
+        while not (_seen(tmp, "node0-rank0") and _seen(tmp, "node0-rank1")):
+            os.sched_yield()
+    saw = local_main_first(tmp)[3]
+    if node == "0":
+        _mark(tmp, f"node0-rank{sd.rank()}")
+    sd.barrier("all")
+    return saw
+
+
+def test_local_sync_waits_only_within_the_node(tmp_path: Path) -> None:
+    outcomes = [
+        o.unwrap() for o in run_ranks(nodes_do_not_wait_for_each_other, 4, tmp_path, nodes=2)
+    ]
+    assert outcomes == [False, True, False, True]
+
+
+def rank_facts_before_the_users_own_group(tmp: Path) -> tuple[object, ...]:
+    import torch.distributed as dist
+
+    facts = (sd.rank(), sd.world_size(), sd.is_main())
+
+    @sd.on_main_only
+    def log() -> str:
+        return "logged"
+
+    logged = log()
+    initialised = dist.is_initialized()  # asking must not have created the group
+    dist.init_process_group("gloo")  # the user's own, as in any torchrun script
+    sd.barrier("after init")
+    return facts, logged, initialised
+
+
+def test_rank_facts_have_no_side_effects(tmp_path: Path) -> None:
+    outcomes = [
+        o.unwrap()
+        for o in run_ranks(rank_facts_before_the_users_own_group, 2, tmp_path, init=False)
+    ]
+    assert outcomes == [((0, 2, True), "logged", False), ((1, 2, False), None, False)]

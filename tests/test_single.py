@@ -336,7 +336,7 @@ def test_init_sets_backend_and_default_timeout() -> None:
         ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "x"}, "MASTER_PORT"),
         ({"RANK": "0"}, "WORLD_SIZE"),
         ({"WORLD_SIZE": "0", "RANK": "0"}, "WORLD_SIZE"),
-        ({"SLURM_PROCID": "1", "SLURM_NTASKS": "4"}, "MASTER_ADDR"),
+        ({"SLURM_PROCID": "1", "SLURM_NTASKS": "4", "SLURM_STEP_ID": "0"}, "MASTER_ADDR"),
         ({"OMPI_COMM_WORLD_RANK": "-1", "OMPI_COMM_WORLD_SIZE": "4"}, "OMPI_COMM_WORLD_RANK"),
     ],
 )
@@ -370,6 +370,7 @@ def test_broken_environment_names_the_variable(
             {
                 "SLURM_PROCID": "5",
                 "SLURM_NTASKS": "8",
+                "SLURM_STEP_ID": "0",
                 "SLURM_LOCALID": "1",
                 "MASTER_ADDR": "n0",
                 "MASTER_PORT": "1",
@@ -386,7 +387,10 @@ def test_broken_environment_names_the_variable(
             },
             ("Open MPI", 2, 4, 0, "n1", 2),
         ),
-        ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}, ("SLURM", 0, 1, 0, None, None)),
+        (
+            {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_STEP_ID": "3"},
+            ("SLURM", 0, 1, 0, None, None),
+        ),
     ],
 )
 def test_launchers_are_recognised(env: dict[str, str], expected: tuple[object, ...]) -> None:
@@ -405,7 +409,25 @@ def test_launchers_are_recognised(env: dict[str, str], expected: tuple[object, .
 def test_single_task_launch_uses_null_without_a_group(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SLURM_PROCID", "0")
     monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
     assert isinstance(sd.get_backend(), sd.NullBackend)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"SLURM_NTASKS": "4"},  # an salloc shell
+        {"SLURM_PROCID": "0", "SLURM_NTASKS": "4"},  # an sbatch script
+        {"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_STEP_ID": "batch"},
+    ],
+)
+def test_slurm_outside_an_srun_step_is_one_process(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert detect_launch(env) is None
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert isinstance(sd.get_backend(), sd.NullBackend) and sd.world_size() == 1
 
 
 def test_no_environment_means_null(monkeypatch: pytest.MonkeyPatch) -> None:
