@@ -45,6 +45,7 @@ DEFAULT: Final = _Default.DEFAULT
 Timeout: TypeAlias = "float | timedelta | Literal[_Default.DEFAULT] | None"
 
 _BUILTIN_TIMEOUT: Final = 1800.0
+_BUILTIN_WARN_AFTER: Final = 60.0
 
 
 @final
@@ -165,6 +166,7 @@ class _Config:
     lock = threading.Lock()
     backend: Backend | None = None
     timeout: float | None = _BUILTIN_TIMEOUT
+    warn_after: float | None = _BUILTIN_WARN_AFTER
 
 
 def _seconds(timeout: float | timedelta | None, what: str) -> float | None:
@@ -195,6 +197,11 @@ def resolve_timeout(timeout: Timeout) -> float | None:
     return _seconds(timeout, "timeout")
 
 
+def warn_interval() -> float | None:
+    """Seconds a sync point waits before syncdeco logs who is missing."""
+    return _Config.warn_after
+
+
 def get_backend() -> Backend:
     """The backend syncdeco would use for a sync point made now."""
     scoped = _scoped.get()
@@ -212,6 +219,7 @@ def init(
     backend: Backend | str | None = None,
     *,
     timeout: float | timedelta | Literal[_Default.DEFAULT] | None = DEFAULT,
+    warn_after: float | timedelta | Literal[_Default.DEFAULT] | None = DEFAULT,
 ) -> Backend:
     """Choose the backend for this process and the default sync timeout.
 
@@ -219,7 +227,10 @@ def init(
     None to pick one now as :func:`get_backend` would (initialising the
     process group from the launcher's environment if needed).  ``timeout``
     is the default for every sync point: seconds, a ``timedelta``, or None
-    to wait forever; left out, it stays at 30 minutes.
+    to wait forever; left out, it stays at 30 minutes.  ``warn_after``: once
+    a sync point has waited this long (default a minute; None: never), a
+    warning is logged through ``logging`` once per interval, naming the
+    ranks that arrived, those missing and where each was last seen.
 
     Not a collective by itself, but with a launcher's environment and no
     process group yet, it initialises one, which every rank must do.
@@ -228,6 +239,10 @@ def init(
         seconds = _seconds(timeout, "init(timeout=...)")
     else:
         seconds = _Config.timeout
+    if warn_after is not DEFAULT:
+        warn = _seconds(warn_after, "init(warn_after=...)")
+    else:
+        warn = _Config.warn_after
     chosen: Backend
     if backend is None:
         from ._torch import auto_backend
@@ -251,6 +266,7 @@ def init(
     with _Config.lock:
         _Config.backend = chosen
         _Config.timeout = seconds
+        _Config.warn_after = warn
     return chosen
 
 
@@ -275,3 +291,4 @@ def reset() -> None:
     with _Config.lock:
         _Config.backend = None
         _Config.timeout = _BUILTIN_TIMEOUT
+        _Config.warn_after = _BUILTIN_WARN_AFTER

@@ -8,7 +8,7 @@ decorating (it derives from both ``SyncError`` and ``TypeError``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import final
 
 __all__ = [
@@ -81,36 +81,55 @@ class PeerFailedError(SyncError):
 class SyncTimeoutError(SyncError, TimeoutError):
     """Not every rank reached a sync point within its timeout.
 
-    ``missing`` lists the ranks that did not arrive (as seen from this rank).
+    ``missing`` lists the ranks that did not arrive (as seen from this rank);
+    ``last_seen`` maps each of them to the last sync point it was seen at, or
+    None if it was never seen at one.
     """
 
     __module__ = "syncdeco"
 
     def __init__(
-        self, *, missing: Sequence[int], point: str, timeout: float, observer: int
+        self,
+        *,
+        missing: Sequence[int],
+        point: str,
+        timeout: float,
+        observer: int,
+        last_seen: Mapping[int, str | None] | None = None,
     ) -> None:
-        self._kwargs = dict(missing=tuple(missing), point=point, timeout=timeout, observer=observer)
-        ranks = ", ".join(map(str, missing))
-        if observer in missing:
-            self.missing = tuple(missing)
-            self.point = point
-            self.timeout = timeout
-            self.observer = observer
+        self.missing = tuple(missing)
+        self.last_seen = dict(last_seen or {})
+        self.point = point
+        self.timeout = timeout
+        self.observer = observer
+        self._kwargs = dict(
+            missing=self.missing,
+            point=point,
+            timeout=timeout,
+            observer=observer,
+            last_seen=self.last_seen,
+        )
+        if observer in self.missing:
+            ranks = ", ".join(map(str, self.missing))
             super().__init__(
                 f"rank {observer} reached {point} too late: the other ranks had given "
                 f"up waiting ({timeout:g}s); late rank(s): {ranks}. Find what slowed "
                 f"rank {observer} down, or pass a larger timeout= (None waits forever)."
             )
             return
-        self.missing = tuple(missing)
-        self.point = point
-        self.timeout = timeout
-        self.observer = observer
+        who = ", ".join(_whereabouts(r, self.last_seen) for r in self.missing)
         super().__init__(
-            f"rank {observer} waited {timeout:g}s at {point} but rank(s) "
-            f"{ranks} did not arrive. Check those ranks' logs for a crash or a "
-            f"slow step, or pass a larger timeout= (timeout=None waits forever)."
+            f"rank {observer} waited {timeout:g}s at {point} but rank(s) {who} did "
+            f"not arrive. Check those ranks' logs for a crash or a slow step, or "
+            f"pass a larger timeout= (timeout=None waits forever)."
         )
+
+
+def _whereabouts(rank: int, last_seen: Mapping[int, str | None]) -> str:
+    if rank not in last_seen:
+        return str(rank)
+    seen = last_seen[rank]
+    return f"{rank} (last seen at {seen})" if seen else f"{rank} (never seen at a sync point)"
 
 
 @final

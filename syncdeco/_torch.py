@@ -19,10 +19,12 @@ sync point that timed out is recognised and dropped at the next one.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import threading
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Final, cast, final
@@ -30,7 +32,7 @@ from typing import Any, Final, cast, final
 import torch
 import torch.distributed as dist
 
-from ._backend import Backend, Failure, NullBackend, SyncPoint
+from ._backend import Backend, Failure, NullBackend, SyncPoint, warn_interval
 from ._env import (
     Launch,
     LaunchEnvError,
@@ -48,6 +50,9 @@ _OK, _FAILED, _MISMATCH, _TIMEOUT = range(4)
 _FOREVER_CHUNK: Final = 3600.0  # one store wait, when a sync point waits forever
 _MIN_WAIT: Final = 0.001
 _WITHDRAW_MARGIN: Final = 1.0  # seconds before a member's deadline to look for its withdrawal
+
+
+_log = logging.getLogger("syncdeco")
 
 
 class _Late(Exception):
@@ -131,6 +136,8 @@ class _Channel:
         self.local_rank = self.rank if local is None else local
         self.local_size = local_world_size_from_env(env)
         self.node_key = node_key(env)
+        self.waiting: _Wait | None = None  # read by the watcher thread
+        self.watcher: threading.Thread | None = None
         # Where this rank lives, for local=True: per node (so a local sync
         # waits only for its own node) and, when the launcher does not say
         # how many ranks share a node, for the whole world.
@@ -210,13 +217,69 @@ class _Channel:
             # The sequence number moves first, so that a rank whose topology
             # lookup times out stays in step with the others.
             seq = self.next_seq("l" if local and self.world_size > 1 else "w")
+            # Where this rank was last seen, for the others' timeouts and
+            # warnings (a store set has no reply: it costs one send).
+            self.store.set(
+                f"{_PREFIX}/seen/{self.rank}", pickle.dumps((point.describe(), time.time()))
+            )
             scope, main, members = self.scope(local, deadline, point)
             if main == self.rank and not members:
                 return payload  # alone in its scope (members know only their main)
             base = f"{_PREFIX}/{scope}/{main}"
-            if self.rank == main:
-                return self._lead(base, seq, members, point, failure, payload, deadline, timeout)
-            return self._follow(base, seq, main, point, failure, deadline, timeout)
+            if self.watcher is None:
+                self._start_watcher()
+            try:
+                if self.rank == main:
+                    return self._lead(
+                        base, seq, members, point, failure, payload, deadline, timeout
+                    )
+                return self._follow(base, seq, main, point, failure, deadline, timeout)
+            finally:
+                self.waiting = None
+
+    # -- where the others are ----------------------------------------------------
+
+    def last_seen(self, ranks: Sequence[int], store: Any = None) -> dict[int, str | None]:
+        """The last sync point each rank was seen at, with how long ago."""
+        store = self.store if store is None else store
+        seen: dict[int, str | None] = {}
+        for rank in ranks:
+            key = f"{_PREFIX}/seen/{rank}"
+            if not store.check([key]):
+                seen[rank] = None
+                continue
+            where, when = pickle.loads(store.get(key))
+            seen[rank] = f"{where}, {max(0.0, time.time() - when):.0f}s ago"
+        return seen
+
+    def _start_watcher(self) -> None:
+        self.watcher = threading.Thread(
+            target=_watch, args=(weakref.ref(self),), name="syncdeco-watch", daemon=True
+        )
+        self.watcher.start()
+
+    def warn(self, wait: _Wait, now: float, store: Any) -> None:
+        waited = now - wait.since
+        if wait.lead:
+            missing = [r for r in wait.members if r not in wait.arrived]
+            seen = self.last_seen(missing, store)
+            _log.warning(
+                "rank %d has waited %.0fs at %s: arrived %s; missing %s",
+                self.rank,
+                waited,
+                wait.point,
+                ", ".join(map(str, sorted(wait.arrived))) or "none",
+                ", ".join(_whereabouts(r, seen[r]) for r in missing) or "none",
+            )
+        else:
+            seen = self.last_seen([wait.main], store)
+            _log.warning(
+                "rank %d has waited %.0fs at %s for the main rank %s",
+                self.rank,
+                waited,
+                wait.point,
+                _whereabouts(wait.main, seen[wait.main]),
+            )
 
     def _fresh(self, box: str, seq: int, deadline: float | None) -> tuple[object, ...]:
         # Frames older than this sync point were left by one that timed out.
@@ -262,6 +325,9 @@ class _Channel:
     ) -> object:
         arrived: dict[int, tuple[object, ...]] = {}
         missing: list[int] = []
+        self.waiting = _Wait(
+            time.monotonic(), point.describe(), True, self.rank, tuple(members), arrived
+        )
         for member in members:
             box = f"{base}/{member}/up"
             try:
@@ -280,7 +346,7 @@ class _Channel:
         if not missing and self._withdrawn(base, seq, arrived):
             verdict = (seq, _TIMEOUT, (self.rank,))  # this rank came too late
         elif missing:
-            verdict = (seq, _TIMEOUT, tuple(missing))
+            verdict = (seq, _TIMEOUT, tuple(missing), self.last_seen(missing))
         elif any(tuple(f[0:1] + f[2:5]) != mine for f in arrived.values()):
             where: dict[str, list[int]] = {point.describe(): [self.rank]}
             for r, f in arrived.items():
@@ -348,6 +414,7 @@ class _Channel:
         )
         up, down = f"{base}/{self.rank}/up", f"{base}/{self.rank}/down"
         self.mail.send(up, seq, pickle.dumps(frame, protocol=pickle.HIGHEST_PROTOCOL))
+        self.waiting = _Wait(time.monotonic(), point.describe(), False, main, (), {})
         try:
             verdict = self._fresh(down, seq, deadline)
         except _Late:
@@ -364,6 +431,7 @@ class _Channel:
                     point=point.describe(),
                     timeout=timeout or 0.0,
                     observer=self.rank,
+                    last_seen=self.last_seen([main]),
                 ) from None
         if verdict[1] == _OK:
             data = verdict[2]
@@ -402,8 +470,62 @@ class _Channel:
                 point=point.describe(),
                 timeout=timeout or 0.0,
                 observer=self.rank,
+                last_seen=verdict[3] if len(verdict) > 3 else None,  # type: ignore[arg-type]
             )
         raise SyncError(f"rank {self.rank} got an unknown verdict {code!r} at {point.describe()}")
+
+
+@final
+class _Wait:
+    """What a rank is waiting for right now, for the watcher thread."""
+
+    __slots__ = ("arrived", "lead", "logged", "main", "members", "point", "since")
+
+    def __init__(
+        self,
+        since: float,
+        point: str,
+        lead: bool,
+        main: int,
+        members: tuple[int, ...],
+        arrived: dict[int, tuple[object, ...]],
+    ) -> None:
+        self.since = since
+        self.point = point
+        self.lead = lead
+        self.main = main
+        self.members = members
+        self.arrived = arrived
+        self.logged = since
+
+
+def _whereabouts(rank: int, seen: str | None) -> str:
+    return f"{rank} (last seen at {seen})" if seen else f"{rank} (never seen at a sync point)"
+
+
+def _watch(ref: weakref.ref[_Channel]) -> None:
+    """Log, once per interval, about a sync point that waits too long.
+
+    Runs beside the waiting thread with its own store connection, so a sync
+    point that completes quickly never pays for it."""
+    store: Any = None
+    while True:
+        interval = warn_interval()
+        time.sleep(1.0 if interval is None else min(1.0, interval / 4))
+        channel = ref()
+        if channel is None:
+            return
+        wait = channel.waiting
+        now = time.monotonic()
+        if wait is None or interval is None or now - wait.logged < interval:
+            continue
+        wait.logged = now
+        try:
+            if store is None:
+                store = channel.store.clone()
+            channel.warn(wait, now, store)
+        except Exception as exc:  # the watcher must never take the job down
+            _log.debug("syncdeco watcher could not report: %r", exc)
 
 
 _channel_lock = threading.Lock()
@@ -457,6 +579,13 @@ class TorchBackend:
         environment unless one exists.  Every rank must call it."""
         if dist.is_initialized():
             return
+        if _channel is not None:
+            raise SyncError(
+                f"rank {_channel.rank}: the process group syncdeco was using has been "
+                f"destroyed (torch.distributed.destroy_process_group()), so no sync "
+                f"point can be reached. Move sync points before the teardown, or "
+                f"call init_process_group() again first."
+            )
         launch = self._launch()
         name = self._backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if name == "nccl":

@@ -689,3 +689,75 @@ def test_rank_facts_have_no_side_effects(tmp_path: Path) -> None:
         for o in run_ranks(rank_facts_before_the_users_own_group, 2, tmp_path, init=False)
     ]
     assert outcomes == [((0, 2, True), "logged", False), ((1, 2, False), None, False)]
+
+
+# -- who is missing, and where it was last seen --------------------------------------------
+
+
+def stalled_member(tmp: Path) -> object:
+    sd.barrier("warm up")
+    if sd.rank() == 1:
+        while not _seen(tmp, "main-gave-up"):
+            os.sched_yield()
+    try:
+        sd.barrier("stalled", timeout=0.5)
+    except sd.SyncTimeoutError as err:
+        if sd.rank() == 0:
+            _mark(tmp, "main-gave-up")
+        return err.missing, err.last_seen, str(err)
+    return "no timeout"
+
+
+def test_timeout_says_where_the_missing_rank_was_last_seen(tmp_path: Path) -> None:
+    main, late = [o.unwrap() for o in run_ranks(stalled_member, 2, tmp_path)]
+    missing, last_seen, message = main
+    assert missing == (1,)
+    assert "barrier 'warm up'" in last_seen[1] and "test_ranks.py:" in last_seen[1]
+    assert "rank(s) 1 (last seen at barrier 'warm up'" in message
+    assert late[0] == (1,) and "too late" in late[2]
+
+
+def warns_while_waiting(tmp: Path) -> object:
+    import logging
+
+    sd.init(warn_after=0.3)
+    records: list[str] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+            _mark(tmp, "warned")
+
+    logging.getLogger("syncdeco").addHandler(Capture())
+    sd.barrier("before")
+    if sd.rank() == 1:
+        while not _seen(tmp, "warned"):  # arrive only once rank 0 has warned
+            os.sched_yield()
+    sd.barrier("slow one", timeout=60)
+    return records
+
+
+def test_long_waits_are_logged_with_who_is_missing(tmp_path: Path) -> None:
+    main, member = [o.unwrap() for o in run_ranks(warns_while_waiting, 2, tmp_path)]
+    assert main, "rank 0 logged nothing"
+    assert "rank 0 has waited" in main[0] and "barrier 'slow one'" in main[0]
+    assert "missing 1 (last seen at barrier 'before'" in main[0]
+    assert member == []  # rank 1 did not wait long
+
+
+def after_teardown(tmp: Path) -> str:
+    import torch.distributed as dist
+
+    sd.barrier("last good one")
+    dist.destroy_process_group()
+    try:
+        sd.barrier("too late")
+    except sd.SyncError as err:
+        return str(err)
+    return "no error"
+
+
+def test_sync_after_the_group_was_destroyed(tmp_path: Path) -> None:
+    for o in run_ranks(after_teardown, 2, tmp_path):
+        message = o.unwrap()
+        assert "destroyed" in message and f"rank {o.rank}" in message
