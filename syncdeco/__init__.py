@@ -33,6 +33,7 @@ from ._errors import (
     SyncMismatchError,
     SyncTimeoutError,
 )
+from ._save import atomic_save
 from ._torch import TorchBackend
 
 __version__ = "0.1.0"
@@ -50,6 +51,7 @@ __all__ = [
     "SyncPoint",
     "SyncTimeoutError",
     "TorchBackend",
+    "atomic_save",
     "barrier",
     "barrier_after",
     "get_backend",

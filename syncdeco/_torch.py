@@ -49,6 +49,7 @@ _PREFIX: Final = "syncdeco"
 _OK, _FAILED, _MISMATCH, _TIMEOUT = range(4)
 _FOREVER_CHUNK: Final = 3600.0  # one store wait, when a sync point waits forever
 _MIN_WAIT: Final = 0.001
+_GRACE: Final = 1.0  # extra seconds a member waits for the main's verdict
 _WITHDRAW_MARGIN: Final = 1.0  # seconds before a member's deadline to look for its withdrawal
 
 
@@ -233,6 +234,11 @@ class _Channel:
                     return self._lead(
                         base, seq, members, point, failure, payload, deadline, timeout
                     )
+                if deadline is not None and timeout is not None:
+                    # A member waits a little longer than the main rank, so
+                    # that when another rank is missing it hears so from the
+                    # main (which knows who) instead of blaming the main.
+                    deadline += min(max(_GRACE, 0.1 * timeout), 10 * _GRACE)
                 return self._follow(base, seq, main, point, failure, deadline, timeout)
             finally:
                 self.waiting = None
@@ -401,7 +407,7 @@ class _Channel:
         failed = None
         if failure is not None:
             failed = (failure.rank, failure.exc_type, failure.message, failure.traceback)
-        give_up = None if timeout is None else time.time() + timeout
+        give_up = None if deadline is None else time.time() + (deadline - time.monotonic())
         frame = (
             seq,
             self.rank,

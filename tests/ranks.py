@@ -95,12 +95,15 @@ def run_ranks(
     nodes: int = 1,
     launcher: str = "torchrun",
     extra_env: Mapping[str, str] | None = None,
+    dies: tuple[int, ...] = (),
 ) -> list[Outcome]:
     """Run ``fn(tmp_path)`` on ``world_size`` Gloo ranks and return their
     outcomes.  ``launcher`` picks whose variables the ranks see ("torchrun",
     "slurm" or "ompi"), ``nodes`` how many simulated nodes of equal size they
     form (torchrun and SLURM only: Open MPI tells nodes apart by host name).
-    Without ``init`` the ranks start with no process group (torchrun only)."""
+    Without ``init`` the ranks start with no process group (torchrun only).
+    Ranks in ``dies`` are expected to kill themselves: they must be gone, by
+    SIGKILL, and get an Outcome with ``error=None`` and ``value="killed"``."""
     if not init and launcher != "torchrun":
         raise ValueError("only torchrun's environment lets syncdeco create the group here")
     store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False)
@@ -134,6 +137,20 @@ def run_ranks(
                     outcomes[rank] = pickle.loads(conn.recv_bytes())
                 except EOFError:
                     pass
+        for rank in dies:
+            procs[rank].join(max(0.0, deadline - _now()))
+            if outcomes[rank] is None and procs[rank].exitcode == -signal.SIGKILL:
+                outcomes[rank] = Outcome(rank, value="killed")
+        stuck = []
+        for rank, proc in enumerate(procs):
+            proc.join(max(0.0, deadline - _now()))
+            if proc.is_alive() and outcomes[rank] is not None:
+                stuck.append(rank)
+        if stuck:
+            pytest.fail(
+                f"rank(s) {stuck} finished but their process did not exit within "
+                f"{timeout}s\n" + _stacks(procs, stuck, tmp_path)
+            )
         hung = [r for r, o in enumerate(outcomes) if o is None]
         if hung:
             pytest.fail(

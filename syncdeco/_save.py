@@ -1,0 +1,61 @@
+"""Saving a file so that a crash mid-save never leaves a half-written one."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+import torch
+
+__all__ = ["atomic_save"]
+
+T = TypeVar("T")
+
+
+def atomic_save(
+    obj: T,
+    path: str | os.PathLike[str],
+    *,
+    save: Callable[[T, IO[bytes]], Any] = torch.save,
+) -> Path:
+    """Write ``obj`` to ``path`` with ``save`` (default ``torch.save``) so that
+    ``path`` holds either the previous file or the complete new one, never a
+    half-written one, even if the process is killed mid-save.
+
+    It writes to a temporary file in the same directory, flushes it to disk,
+    then renames it over ``path`` (an atomic replace on POSIX and Windows).
+    Not a sync point: call it from one rank, typically under
+    ``@barrier_after`` over ``@on_main_only``.  Returns ``path``.
+    """
+    target = Path(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as tmp:
+            save(obj, tmp)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp_name, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    _fsync_dir(target.parent)
+    return target
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Make the rename itself durable; not every platform can open a directory.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,198 @@
+"""Faults injected on real Gloo ranks: ranks killed at a chosen point,
+failures in a row, and a checkpoint writer killed mid-save.  Every surviving
+rank must raise the right error, naming the right ranks, and every process
+must be gone at the end (the harness checks both)."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from ranks import run_ranks
+
+import syncdeco as sd
+
+
+def _mark(tmp: Path, name: str) -> None:
+    (tmp / name).write_text(str(sd.rank()))
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def member_killed_before_barrier(tmp: Path) -> object:
+    sd.barrier("start")
+    if sd.rank() == 1:
+        _die()
+    try:
+        sd.barrier("after the kill", timeout=2)
+    except sd.SyncTimeoutError as err:
+        return err.missing, str(err)
+    return "no error"
+
+
+def test_killed_member_is_named_by_the_survivors(tmp_path: Path) -> None:
+    outcomes = run_ranks(member_killed_before_barrier, 3, tmp_path, dies=(1,))
+    missing, message = outcomes[0].unwrap()
+    assert missing == (1,)
+    assert "1 (last seen at barrier 'start'" in message
+    assert outcomes[1].value == "killed"
+    # rank 2 arrived and was answered with the main rank's verdict
+    assert outcomes[2].unwrap()[0] == (1,)
+
+
+def main_killed_while_others_wait(tmp: Path) -> object:
+    sd.barrier("start")
+    if sd.rank() == 0:
+        _die()
+    try:
+        with sd.main_first(timeout=2):
+            pass
+    except sd.SyncTimeoutError as err:
+        return err.missing, str(err)
+    return "no error"
+
+
+def test_killed_main_is_named_by_the_survivors(tmp_path: Path) -> None:
+    outcomes = run_ranks(main_killed_while_others_wait, 3, tmp_path, dies=(0,))
+    for o in outcomes[1:]:
+        missing, message = o.unwrap()
+        assert missing == (0,)
+        assert "0 (last seen at barrier 'start'" in message
+
+
+def member_killed_inside_barrier_after(tmp: Path) -> object:
+    @sd.barrier_after(timeout=2)
+    def step() -> None:
+        if sd.rank() == 2:
+            _die()
+
+    try:
+        step()
+    except sd.SyncTimeoutError as err:
+        return err.missing
+    return "no error"
+
+
+def test_rank_dying_inside_a_synced_function(tmp_path: Path) -> None:
+    outcomes = run_ranks(member_killed_inside_barrier_after, 4, tmp_path, dies=(2,))
+    assert [o.value for o in outcomes] == [(2,), (2,), "killed", (2,)]
+
+
+def failures_in_a_row(tmp: Path) -> int:
+    """30 failures of every kind on one group, each followed by a good sync."""
+
+    @sd.barrier_after
+    def step(i: int) -> None:
+        if sd.rank() == i % sd.world_size():
+            raise RuntimeError(f"step {i}")
+
+    @sd.main_first
+    def load(i: int) -> None:
+        raise OSError(f"load {i}")
+
+    @sd.on_main_only(broadcast=True)
+    def unpicklable() -> object:
+        return lambda: None
+
+    survived = 0
+    for i in range(30):
+        kind = i % 4
+        try:
+            if kind == 0:
+                step(i)
+            elif kind == 1:
+                load(i)
+            elif kind == 2:
+                unpicklable()
+            else:
+                sd.barrier(f"a{i}" if sd.rank() == 0 else f"b{i}")
+        except (
+            sd.SyncError,
+            RuntimeError,
+            OSError,
+            TypeError,
+            AttributeError,
+            pickle.PicklingError,
+        ):
+            pass
+        else:
+            raise AssertionError(f"round {i} raised nothing on rank {sd.rank()}")
+        sd.barrier("good")
+        survived += 1
+    return survived
+
+
+def test_thirty_failures_in_a_row(tmp_path: Path) -> None:
+    assert [o.unwrap() for o in run_ranks(failures_in_a_row, 4, tmp_path)] == [30] * 4
+
+
+# -- atomic_save -----------------------------------------------------------------------------
+
+WRITER = r"""
+import io, sys, time
+from pathlib import Path
+import torch
+import syncdeco as sd
+
+path, marker = Path(sys.argv[1]), Path(sys.argv[2])
+
+def stalls_half_way(obj, f):
+    data = io.BytesIO()
+    torch.save(obj, data)
+    raw = data.getvalue()
+    f.write(raw[: len(raw) // 2])
+    f.flush()
+    marker.write_text("half written")
+    while True:  # killed here
+        time.sleep(1)
+
+sd.atomic_save({"step": 2, "w": torch.ones(1000)}, path, save=stalls_half_way)
+"""
+
+
+def test_atomic_save_survives_a_writer_killed_mid_save(tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt.pt"
+    sd.atomic_save({"step": 1, "w": torch.zeros(1000)}, ckpt)
+    marker = tmp_path / "marker"
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(ckpt), str(marker)])
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists():  # the writer says when it is half way
+            assert writer.poll() is None, "the writer exited early"
+            assert time.monotonic() < deadline, "the writer never got half way"
+            time.sleep(0.01)
+        writer.send_signal(signal.SIGKILL)
+    finally:
+        writer.kill()
+        writer.wait(10)
+    assert writer.returncode == -signal.SIGKILL
+    saved = torch.load(ckpt)
+    assert saved["step"] == 1 and torch.equal(saved["w"], torch.zeros(1000))
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name not in ("ckpt.pt", "marker")]
+    assert all(name.startswith(".ckpt.pt.") for name in leftovers)  # only the dead temp file
+
+
+def test_atomic_save_replaces_and_cleans_up(tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt.pt"
+    assert sd.atomic_save({"step": 1}, ckpt) == ckpt
+    sd.atomic_save({"step": 2}, ckpt)
+    assert torch.load(ckpt) == {"step": 2}
+
+    def broken(obj: object, f: io.BufferedIOBase) -> None:
+        f.write(b"partial")
+        raise ValueError("serializer failed")
+
+    with pytest.raises(ValueError, match="serializer failed"):
+        sd.atomic_save({"step": 3}, ckpt, save=broken)
+    assert torch.load(ckpt) == {"step": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
