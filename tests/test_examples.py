@@ -51,3 +51,18 @@ def test_quickstart_on_four_gloo_ranks(tmp_path: Path) -> None:
         assert f"[rank {rank}/4] PeerFailedError: rank 0 raised ValueError" in out
         assert f"[rank {rank}/4] done" in out
     assert "[rank 0/4] my own ValueError" in out
+
+
+def test_when_things_go_wrong_on_two_gloo_ranks(tmp_path: Path) -> None:
+    out = _run(
+        [
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            "--nproc-per-node", "2", str(EXAMPLES / "when_things_go_wrong.py"),
+        ],
+        tmp_path,
+    )  # fmt: skip
+    assert "[rank 1] PeerFailedError: rank 0 raised ConnectionError: HTTP 503" in out
+    assert "[rank 0] SyncTimeoutError: rank 0 waited 1s at barrier 'end of epoch'" in out
+    assert "rank(s) 1 (last seen at main_first" in out
+    assert out.count("SyncMismatchError: ranks reached different sync points") == 2
+    assert "[rank 0] the group still works" in out

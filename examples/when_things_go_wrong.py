@@ -1,0 +1,62 @@
+"""What each rank sees when something goes wrong.
+
+    torchrun --nproc-per-node 2 examples/when_things_go_wrong.py
+
+Three faults in a row on one process group: the main rank raises inside
+main_first, rank 1 is late to a barrier, and the ranks reach different sync
+points.  Each rank prints the error it got; the group keeps working.
+"""
+
+from __future__ import annotations
+
+import time
+
+import syncdeco as sd
+
+
+def show(err: BaseException) -> None:
+    print(f"[rank {sd.rank()}] {type(err).__name__}: {err}\n", flush=True)
+
+
+@sd.main_first
+def download_dataset() -> None:
+    if sd.is_main():
+        raise ConnectionError("HTTP 503 from the dataset mirror")
+
+
+def save_checkpoint() -> None:
+    sd.barrier("save_checkpoint")
+
+
+def load_checkpoint() -> None:
+    sd.barrier("load_checkpoint")
+
+
+def main() -> None:
+    # 1. The main rank fails inside main_first.
+    try:
+        download_dataset()
+    except Exception as err:
+        show(err)
+
+    # 2. Rank 1 is late; the timeout names it and where it was last seen.
+    if sd.rank() == 1:
+        time.sleep(3)  # pretend: a slow disk
+    try:
+        sd.barrier("end of epoch", timeout=1)
+    except sd.SyncTimeoutError as err:
+        show(err)
+
+    # 3. A rank-dependent branch: the ranks reach different sync points.
+    try:
+        save_checkpoint() if sd.rank() == 0 else load_checkpoint()
+    except sd.SyncMismatchError as err:
+        show(err)
+
+    sd.barrier("still fine")
+    if sd.rank() == 0:
+        print("[rank 0] the group still works", flush=True)
+
+
+if __name__ == "__main__":
+    main()
