@@ -24,7 +24,7 @@ from ._policy import (
     OnMainOnly,
     Policy,
     Site,
-    check_stack,
+    compose,
     meet,
     run,
     run_async,
@@ -141,8 +141,7 @@ def _decorate(target: object, name: str | None, make: Callable[[Site], Policy]) 
         target = target.__wrapped__
     else:
         policies = (policy,)
-    check_stack(policies, what)
-    return _Fused(target, _Stack(policies), inspect.iscoroutinefunction(func))
+    return _Fused(target, _Stack(compose(policies, what)), inspect.iscoroutinefunction(func))
 
 
 def _check_name(name: object) -> None:

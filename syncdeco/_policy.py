@@ -26,7 +26,7 @@ __all__ = [
     "OnMainOnly",
     "Policy",
     "Site",
-    "check_stack",
+    "compose",
     "meet",
     "run",
     "run_async",
@@ -283,8 +283,29 @@ def _decorator(policy: Policy) -> str:
     return f"@{policy.kind}"
 
 
-def check_stack(policies: Sequence[Policy], target: str) -> None:
-    """Refuse a stack (outermost first) that could only deadlock."""
+def compose(policies: Sequence[Policy], target: str) -> tuple[Policy, ...]:
+    """The policies a stack (outermost first) runs, or CompositionError for a
+    stack that could only deadlock.
+
+    ``main_first`` right over ``on_main_only(broadcast=True)`` on the same
+    ranks adds nothing: the broadcast already has the others wait for the
+    main rank's result, and they never run the body, so it is dropped."""
+    kept = [
+        p
+        for i, p in enumerate(policies)
+        if not (
+            isinstance(p, MainFirst)
+            and i + 1 < len(policies)
+            and isinstance(nxt := policies[i + 1], OnMainOnly)
+            and nxt.broadcast
+            and nxt.local == p.local
+        )
+    ]
+    _refuse_deadlocks(kept, target)
+    return tuple(kept)
+
+
+def _refuse_deadlocks(policies: Sequence[Policy], target: str) -> None:
     for i, outer in enumerate(policies):
         if not isinstance(outer, (MainFirst, OnMainOnly)):
             continue

@@ -19,6 +19,7 @@ sync point that timed out is recognised and dropped at the next one.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import pickle
@@ -362,9 +363,11 @@ class _Channel:
         else:
             failures = [] if failure is None else [failure]
             failures += [Failure(*f[5]) for f in arrived.values() if f[5] is not None]  # type: ignore[misc]
+            tensors: list[torch.Tensor] = []
             if not failures and payload is not None:
                 try:
-                    data: bytes | None = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
+                    # On the world scope, tensors travel by dist.broadcast, not pickle.
+                    data: bytes | None = _dumps(payload, tensors if base_is_world(base) else None)
                 except Exception as exc:
                     exc.add_note(
                         f"syncdeco: rank {self.rank} could not pickle the result of "
@@ -382,7 +385,7 @@ class _Channel:
                     (first.rank, first.exc_type, first.message, first.traceback),
                 )
             else:
-                verdict = (seq, _OK, data)
+                verdict = (seq, _OK, data, [_meta(t) for t in tensors])
 
         frame = pickle.dumps(verdict, protocol=pickle.HIGHEST_PROTOCOL)
         for member in members:
@@ -390,6 +393,8 @@ class _Channel:
         if own_error is not None:
             raise own_error
         if verdict[1] == _OK:
+            for tensor in tensors:  # every member got the shapes in its verdict
+                dist.broadcast(_on_wire(tensor), src=self.rank)
             return payload
         self._raise(verdict, point, timeout)
         return None
@@ -441,10 +446,16 @@ class _Channel:
                 ) from None
         if verdict[1] == _OK:
             data = verdict[2]
+            metas = cast("list[_Meta]", verdict[3])
+            tensors = []
+            for meta in metas:
+                wire = torch.empty(meta[0], dtype=meta[1], device=_wire_device())
+                dist.broadcast(wire, src=main)
+                tensors.append(_off_wire(wire, meta))
             if data is None:
                 return None
             try:
-                return pickle.loads(data)  # type: ignore[arg-type]
+                return _loads(data, tensors)  # type: ignore[arg-type]
             except Exception as exc:
                 raise SyncError(
                     f"rank {self.rank} could not unpickle the result rank {main} "
@@ -479,6 +490,88 @@ class _Channel:
                 last_seen=verdict[3] if len(verdict) > 3 else None,  # type: ignore[arg-type]
             )
         raise SyncError(f"rank {self.rank} got an unknown verdict {code!r} at {point.describe()}")
+
+
+# -- results: plain objects by pickle, tensors by dist.broadcast ------------------
+
+_Meta = tuple[tuple[int, ...], torch.dtype, str, bool, bool]  # shape, dtype, device, grad, param
+
+
+def base_is_world(base: str) -> bool:
+    return base.startswith(f"{_PREFIX}/w/")
+
+
+class _Pickler(pickle.Pickler):
+    def __init__(self, file: io.BytesIO, tensors: list[torch.Tensor]) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.tensors = tensors
+
+    def persistent_id(self, obj: object) -> int | None:
+        if (
+            type(obj) in (torch.Tensor, torch.nn.Parameter)
+            and cast(torch.Tensor, obj).layout == torch.strided
+            and not cast(torch.Tensor, obj).is_quantized
+        ):
+            self.tensors.append(cast(torch.Tensor, obj))
+            return len(self.tensors) - 1
+        return None
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, file: io.BytesIO, tensors: list[torch.Tensor]) -> None:
+        super().__init__(file)
+        self.tensors = tensors
+
+    def persistent_load(self, pid: object) -> torch.Tensor:
+        return self.tensors[cast(int, pid)]
+
+
+def _dumps(payload: object, tensors: list[torch.Tensor] | None) -> bytes:
+    if tensors is None:
+        return pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
+    buffer = io.BytesIO()
+    _Pickler(buffer, tensors).dump(payload)
+    return buffer.getvalue()
+
+
+def _loads(data: bytes, tensors: list[torch.Tensor]) -> object:
+    return _Unpickler(io.BytesIO(data), tensors).load()
+
+
+def _meta(tensor: torch.Tensor) -> _Meta:
+    return (
+        tuple(tensor.shape),
+        tensor.dtype,
+        tensor.device.type,
+        tensor.requires_grad,
+        isinstance(tensor, torch.nn.Parameter),
+    )
+
+
+def _wire_device() -> torch.device:
+    # NCCL moves CUDA tensors only; Gloo moves CPU tensors.
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _on_wire(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().to(_wire_device()).contiguous()
+
+
+def _off_wire(wire: torch.Tensor, meta: _Meta) -> torch.Tensor:
+    # A tensor comes back where the main rank had it: CPU stays CPU, a CUDA
+    # tensor lands on this rank's current CUDA device.
+    _, _, device_type, requires_grad, is_parameter = meta
+    if device_type == "cpu":
+        tensor = wire.cpu()
+    elif device_type == "cuda":
+        tensor = wire.to(torch.device("cuda", torch.cuda.current_device()))
+    else:
+        tensor = wire
+    if is_parameter:
+        return torch.nn.Parameter(tensor, requires_grad=requires_grad)
+    return tensor.requires_grad_(requires_grad)
 
 
 @final

@@ -761,3 +761,63 @@ def test_sync_after_the_group_was_destroyed(tmp_path: Path) -> None:
     for o in run_ranks(after_teardown, 2, tmp_path):
         message = o.unwrap()
         assert "destroyed" in message and f"rank {o.rank}" in message
+
+
+# -- results that hold tensors ------------------------------------------------------------
+
+
+def tensor_results(tmp: Path) -> object:
+    import torch
+
+    @sd.barrier_after
+    @sd.main_first
+    @sd.on_main_only(broadcast=True)
+    def weights() -> dict[str, object]:
+        return {
+            "w": torch.arange(12, dtype=torch.float32).reshape(3, 4) * (sd.rank() + 1),
+            "p": torch.nn.Parameter(torch.ones(2)),
+            "ids": [torch.tensor([1, 2, 3]), "plain"],
+            "step": 7,
+        }
+
+    got = weights()
+    assert isinstance(got, dict)
+    return (
+        got["w"].tolist(),
+        type(got["p"]).__name__,
+        got["p"].requires_grad,
+        got["ids"][0].tolist(),
+        got["ids"][1],
+        got["step"],
+        got["w"].device.type,
+    )
+
+
+@pytest.mark.parametrize("n", WORLD_SIZES)
+def test_tensor_results_reach_every_rank(tmp_path: Path, n: int) -> None:
+    outcomes = [o.unwrap() for o in run_ranks(tensor_results, n, tmp_path)]
+    expected = (
+        [[0.0, 1.0, 2.0, 3.0], [4.0, 5.0, 6.0, 7.0], [8.0, 9.0, 10.0, 11.0]],
+        "Parameter",
+        True,
+        [1, 2, 3],
+        "plain",
+        7,
+        "cpu",
+    )
+    assert outcomes == [expected] * n
+
+
+def local_tensor_results(tmp: Path) -> object:
+    import torch
+
+    @sd.on_main_only(broadcast=True, local=True)
+    def node_tensor() -> torch.Tensor:
+        return torch.full((2,), float(sd.rank()))
+
+    return node_tensor().tolist()
+
+
+def test_local_tensor_results_stay_within_the_node(tmp_path: Path) -> None:
+    outcomes = [o.unwrap() for o in run_ranks(local_tensor_results, 4, tmp_path, nodes=2)]
+    assert outcomes == [[0.0, 0.0], [0.0, 0.0], [2.0, 2.0], [2.0, 2.0]]

@@ -154,7 +154,6 @@ def _stack(*decorators: object) -> None:
         (sd.on_main_only, sd.on_main_only(broadcast=True), "above @on_main_only"),
         (sd.on_main_only(broadcast=True), sd.barrier_after, "above @on_main_only(broadcast=True)"),
         (sd.main_first, sd.barrier_after, "Put @barrier_after above @main_first"),
-        (sd.main_first, sd.on_main_only(broadcast=True), "above @main_first"),
         (sd.main_first, sd.main_first(local=True), "above @main_first"),
     ],
 )
@@ -173,10 +172,24 @@ def test_stacks_that_can_only_deadlock_are_refused(outer: object, inner: object,
         (sd.main_first, sd.main_first),
         (sd.main_first, sd.on_main_only),
         (sd.barrier_after(every=10), sd.barrier_after),
+        (sd.barrier_after, sd.main_first, sd.on_main_only(broadcast=True)),
     ],
 )
 def test_stacks_that_work_are_accepted(decorators: tuple[object, ...]) -> None:
     _stack(*decorators)
+
+
+def test_main_first_over_a_broadcast_adds_nothing() -> None:
+    @sd.barrier_after
+    @sd.main_first
+    @sd.on_main_only(broadcast=True)
+    def vocab() -> dict[str, int]:
+        return {"a": 1}
+
+    assert [p.kind for p in vocab._self_stack.policies] == ["barrier_after", "on_main_only"]
+    assert vocab() == {"a": 1}
+    with pytest.raises(sd.CompositionError):
+        sd.main_first(local=True)(sd.on_main_only(broadcast=True)(vocab.__wrapped__))
 
 
 def test_sync_inside_on_main_only_raises_even_on_one_process() -> None:

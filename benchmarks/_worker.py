@@ -1,0 +1,130 @@
+"""One rank of the benchmark; started by benchmarks/run.py under torchrun.
+
+Measures each case and its peer in interleaved rounds (every case once per
+round, in the same order on every rank) and writes per-call medians, in
+microseconds, from rank 0 to the JSON file named on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+import syncdeco as sd
+
+Case = tuple[str, Callable[[], object], int]  # name, one call, calls per round
+
+
+def cases(rank: int, iters: int, big_iters: int, tensor_mib: int) -> list[Case]:
+    small = {"vocab": ["<pad>", "<unk>", "hello", "world"] * 20, "size": 80}
+    big = torch.ones(tensor_mib * 2**20 // 4)  # float32
+
+    @sd.barrier_after
+    def step() -> None: ...
+
+    @sd.main_first
+    def load() -> None: ...
+
+    @sd.on_main_only(broadcast=True)
+    def small_result() -> dict[str, object]:
+        return small
+
+    @sd.on_main_only(broadcast=True)
+    def tensor_result() -> torch.Tensor:
+        return big
+
+    def bol_small() -> object:
+        box = [small if rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def bol_tensor() -> object:
+        box = [big if rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    buf = big.clone()
+
+    def raw_broadcast() -> object:
+        dist.broadcast(buf, src=0)
+        return buf
+
+    out: list[Case] = [
+        ("dist.barrier", dist.barrier, iters),
+        ("sd.barrier", lambda: sd.barrier("bench"), iters),
+        ("barrier_after", step, iters),
+        ("main_first", load, iters),
+        ("broadcast_object_list small", bol_small, iters),
+        ("on_main_only(broadcast) small", small_result, iters),
+        ("dist.broadcast tensor", raw_broadcast, big_iters),
+        ("broadcast_object_list tensor", bol_tensor, big_iters),
+        ("on_main_only(broadcast) tensor", tensor_result, big_iters),
+    ]
+    try:
+        from accelerate import PartialState
+
+        state = PartialState()  # the one main() created over this group
+        assert state.num_processes == dist.get_world_size(), state
+
+        def accelerate_main_first() -> None:
+            with state.main_process_first():
+                pass
+
+        out.append(("accelerate main_process_first", accelerate_main_first, iters))
+    except ImportError:
+        pass
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=200)
+    parser.add_argument("--big-iters", type=int, default=3)
+    parser.add_argument("--tensor-mib", type=int, default=64)
+    parser.add_argument("--only", nargs="*", default=None)
+    args = parser.parse_args()
+
+    try:
+        from accelerate import PartialState
+
+        # Accelerate must create the group itself to see a multi-CPU job.
+        PartialState(cpu=True, backend="gloo")
+    except ImportError:
+        dist.init_process_group("gloo")
+    sd.init(timeout=600)
+    rank = dist.get_rank()
+    todo = [
+        c
+        for c in cases(rank, args.iters, args.big_iters, args.tensor_mib)
+        if args.only is None or c[0] in args.only
+    ]
+    samples: dict[str, list[float]] = {name: [] for name, _, _ in todo}
+    for _, call, _ in todo:  # warm up every path once
+        call()
+    for _ in range(args.rounds):
+        for name, call, n in todo:
+            dist.barrier()
+            start = time.perf_counter()
+            for _ in range(n):
+                call()
+            samples[name].append((time.perf_counter() - start) / n * 1e6)
+    if rank == 0:
+        medians = {name: statistics.median(v) for name, v in samples.items()}
+        with open(args.out, "w") as f:
+            json.dump({"world_size": dist.get_world_size(), "us": medians}, f)
+    with contextlib.suppress(Exception):
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""syncdeco against its peers, measured in one run.
+
+    python benchmarks/run.py            # 2, 4 and 8 Gloo ranks, 16 for barriers
+    python benchmarks/run.py --smoke    # one tiny iteration, to check it runs
+
+For each world size it starts the ranks with torchrun on this machine, runs
+every case and its peer in interleaved rounds (benchmarks/_worker.py), and
+prints per-call medians and each ratio next to its target.  The decorator
+cost on the Null backend is measured in this process.  Peers: raw
+torch.distributed always; Accelerate's ``main_process_first`` and Lightning's
+``rank_zero_only`` when installed (``pip install -e ".[bench]"``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import timeit
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import wrapt
+
+import syncdeco as sd
+
+HERE = Path(__file__).resolve().parent
+
+# (figure, syncdeco case, peer case, how to compare, target)
+#   "time": syncdeco time / peer time, at most the target
+#   "speed": peer time / syncdeco time (throughput ratio), at least the target
+FIGURES = [
+    ("barrier_after", "barrier_after", "dist.barrier", "time", 1.0),
+    ("sd.barrier", "sd.barrier", "dist.barrier", "time", 1.0),
+    ("main_first", "main_first", "accelerate main_process_first", "time", 1.0),
+    (
+        "broadcast, small result",
+        "on_main_only(broadcast) small",
+        "broadcast_object_list small",
+        "time",
+        0.5,
+    ),
+    (
+        "broadcast, tensor result",
+        "on_main_only(broadcast) tensor",
+        "dist.broadcast tensor",
+        "speed",
+        0.8,
+    ),
+    (
+        "broadcast, tensor result",
+        "on_main_only(broadcast) tensor",
+        "broadcast_object_list tensor",
+        "speed",
+        5.0,
+    ),
+]
+
+
+def run_ranks(n: int, args: argparse.Namespace, only: list[str] | None = None) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            "--nproc-per-node", str(n), str(HERE / "_worker.py"), "--out", str(out),
+            "--rounds", str(args.rounds), "--iters", str(args.iters),
+            "--big-iters", str(args.big_iters), "--tensor-mib", str(args.tensor_mib),
+        ]  # fmt: skip
+        if only:
+            cmd += ["--only", *only]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        subprocess.run(cmd, check=True, env=env, timeout=1800, stdout=subprocess.DEVNULL)
+        result: dict[str, float] = json.loads(out.read_text())["us"]
+        return result
+
+
+def ratio(us: dict[str, float], mine: str, peer: str, how: str) -> float | None:
+    if mine not in us or peer not in us:
+        return None
+    return us[mine] / us[peer] if how == "time" else us[peer] / us[mine]
+
+
+def verdict(value: float | None, how: str, target: float) -> str:
+    if value is None:
+        return "peer not installed"
+    met = value <= target if how == "time" else value >= target
+    sign = "<=" if how == "time" else ">="
+    return f"{'met' if met else 'NOT met'} ({sign} {target:g}x)"
+
+
+def null_overhead(repeats: int, number: int) -> dict[str, float]:
+    """Per-call cost on the Null backend, in nanoseconds, medians of interleaved repeats."""
+
+    def f(x: int) -> int:
+        return x
+
+    bare = wrapt.FunctionWrapper(
+        f, lambda wrapped, instance, args, kwargs: wrapped(*args, **kwargs)
+    )
+    stack = sd.barrier_after(sd.main_first(sd.on_main_only(broadcast=True)(f)))
+    every = sd.barrier_after(every=10**9)(f)
+    calls: dict[str, Callable[[], object]] = {
+        "plain function": lambda: f(1),
+        "wrapt pass-through": lambda: bare(1),
+        "3-deep syncdeco stack": lambda: stack(1),
+        "barrier_after(every=N), no sync": lambda: every(1),
+    }
+    omo = sd.on_main_only(f)
+    calls["on_main_only, no broadcast"] = lambda: omo(1)
+    try:
+        from lightning_utilities.core.rank_zero import rank_zero_only
+
+        rank_zero_only.rank = 0
+        rzo = rank_zero_only(f)
+        calls["lightning rank_zero_only"] = lambda: rzo(1)
+    except ImportError:
+        pass
+    samples: dict[str, list[float]] = {k: [] for k in calls}
+    with sd.use_backend(sd.NullBackend()):
+        for _ in range(repeats):
+            for name, call in calls.items():
+                samples[name].append(timeit.timeit(call, number=number) / number * 1e9)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sizes", type=int, nargs="*", default=[2, 4, 8])
+    parser.add_argument(
+        "--scale", type=int, default=16, help="world size for the barrier-only scale run (0: skip)"
+    )
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=200)
+    parser.add_argument("--big-iters", type=int, default=3)
+    parser.add_argument("--tensor-mib", type=int, default=64)
+    parser.add_argument("--smoke", action="store_true", help="one tiny iteration of everything")
+    args = parser.parse_args()
+    if args.smoke:
+        args.sizes, args.scale, args.rounds, args.iters = [2], 0, 1, 2
+        args.big_iters, args.tensor_mib = 1, 1
+
+    python = f"{platform.python_implementation()} {platform.python_version()}"
+    print(
+        f"# syncdeco benchmark: torch {torch.__version__}, Gloo on loopback, "
+        f"{os.cpu_count()} cores, {python}"
+    )
+    print(
+        f"# {args.rounds} interleaved rounds of {args.iters} calls ({args.big_iters} for "
+        f"{args.tensor_mib} MiB tensors); per-call medians in microseconds\n"
+    )
+    print("| ranks | figure | syncdeco | peer | syncdeco µs | peer µs | ratio | target |")
+    print("|---|---|---|---|---|---|---|---|")
+    runs = [(n, None) for n in args.sizes]
+    if args.scale:
+        runs.append((args.scale, ["dist.barrier", "barrier_after", "sd.barrier"]))
+    for n, only in runs:
+        us = run_ranks(n, args, only)
+        for figure, mine, peer, how, target in FIGURES:
+            if mine not in us:
+                continue
+            value = ratio(us, mine, peer, how)
+            peer_us = f"{us[peer]:.0f}" if peer in us else "-"
+            shown = "-" if value is None else f"{value:.2f}x"
+            print(f"| {n} | {figure} | {mine} | {peer} | {us[mine]:.0f} | {peer_us} | {shown} "
+                  f"| {verdict(value, how, target)} |")  # fmt: skip
+
+    ns = null_overhead(repeats=3 if args.smoke else 7, number=2000 if args.smoke else 200_000)
+    base = ns["wrapt pass-through"]
+    print("\n| Null backend, per call | ns | ratio to wrapt pass-through | target |")
+    print("|---|---|---|---|")
+    for name, value in ns.items():
+        target = verdict(value / base, "time", 1.3) if "syncdeco" in name or "every" in name else ""
+        print(f"| {name} | {value:.0f} | {value / base:.2f}x | {target} |")
+
+
+if __name__ == "__main__":
+    main()
