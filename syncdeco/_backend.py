@@ -11,7 +11,7 @@ import contextlib
 import os
 import threading
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import timedelta
@@ -210,9 +210,16 @@ def get_backend() -> Backend:
     configured = _Config.backend
     if configured is not None:
         return configured
+    return _auto_backend(os.environ) or _NULL
+
+
+def _auto_backend(env: Mapping[str, str]) -> Backend | None:
+    # Bound on first use: _torch imports this module.
+    global _auto_backend
     from ._torch import auto_backend
 
-    return auto_backend(os.environ) or _NULL
+    _auto_backend = auto_backend
+    return auto_backend(env)
 
 
 def init(
@@ -244,10 +251,11 @@ def init(
     else:
         warn = _Config.warn_after
     chosen: Backend
-    if backend is None:
-        from ._torch import auto_backend
+    from ._torch import forget_environment
 
-        chosen = auto_backend(os.environ) or _NULL
+    forget_environment()
+    if backend is None:
+        chosen = _auto_backend(os.environ) or _NULL
     elif isinstance(backend, str):
         from ._torch import backend_from_name
 
@@ -287,7 +295,11 @@ def use_backend(backend: Backend) -> Iterator[Backend]:
 
 
 def reset() -> None:
-    """Forget :func:`init`'s choices (for tests and notebooks)."""
+    """Forget :func:`init`'s choices and the environment read so far (for
+    tests and notebooks)."""
+    from ._torch import forget_environment
+
+    forget_environment()
     with _Config.lock:
         _Config.backend = None
         _Config.timeout = _BUILTIN_TIMEOUT

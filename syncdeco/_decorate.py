@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal, ParamSpec, Protocol, TypeVar, fi
 
 import wrapt
 
-from ._backend import DEFAULT, Backend, Timeout, check_timeout, get_backend
+from ._backend import DEFAULT, Backend, NullBackend, Timeout, check_timeout, get_backend
 from ._errors import CompositionError
 from ._policy import (
     BarrierAfter,
@@ -66,7 +66,10 @@ class _Stack:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Any:
-        return run(self.policies, get_backend(), lambda: wrapped(*args, **kwargs))
+        backend = get_backend()
+        if backend.__class__ is NullBackend:  # one process: nothing to coordinate
+            return wrapped(*args, **kwargs)
+        return run(self.policies, backend, lambda: wrapped(*args, **kwargs))
 
     async def call_async(
         self,
@@ -75,7 +78,10 @@ class _Stack:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Any:
-        return await run_async(self.policies, get_backend(), lambda: wrapped(*args, **kwargs))
+        backend = get_backend()
+        if backend.__class__ is NullBackend:
+            return await wrapped(*args, **kwargs)
+        return await run_async(self.policies, backend, lambda: wrapped(*args, **kwargs))
 
 
 if TYPE_CHECKING:

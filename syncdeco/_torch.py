@@ -744,16 +744,23 @@ class TorchBackend:
 _AUTO: Final = TorchBackend()
 
 
+# Whether the environment describes a multi-rank job, read once per process
+# (a launcher sets it before the process starts); init() and reset() forget it.
+_launched: list[bool] = []
+
+
+def forget_environment() -> None:
+    _launched.clear()
+
+
 def auto_backend(env: Mapping[str, str]) -> TorchBackend | None:
     """The backend for an initialised group or a launcher's job, if any."""
-    if not dist.is_available():
-        return None
     if dist.is_initialized():
         return _AUTO
-    launch = detect_launch(env)
-    if launch is not None and launch.world_size > 1:
-        return _AUTO
-    return None
+    if not _launched:
+        launch = detect_launch(env)  # raises on a broken environment, every time
+        _launched.append(launch is not None and launch.world_size > 1)
+    return _AUTO if _launched[0] else None
 
 
 def backend_from_name(name: str, env: Mapping[str, str]) -> Backend:

@@ -192,13 +192,25 @@ def test_main_first_over_a_broadcast_adds_nothing() -> None:
         sd.main_first(local=True)(sd.on_main_only(broadcast=True)(vocab.__wrapped__))
 
 
-def test_sync_inside_on_main_only_raises_even_on_one_process() -> None:
+def test_decorated_calls_on_the_null_backend_are_plain_calls() -> None:
+    # One process has nothing to coordinate: the wrapper calls straight
+    # through (the run-time CompositionError for a sync point inside an
+    # on_main_only body is raised on real ranks, see test_ranks.py).
     @sd.on_main_only
-    def save() -> None:
+    def save() -> str:
+        sd.barrier("inner")
+        return "saved"
+
+    assert save() == "saved"
+
+    rec = _Recording()
+
+    @sd.on_main_only
+    def save_on(backend: object) -> None:
         sd.barrier("inner")
 
-    with pytest.raises(sd.CompositionError, match=r"'inner'.*on_main_only"):
-        save()
+    with sd.use_backend(rec), pytest.raises(sd.CompositionError, match=r"'inner'.*on_main_only"):
+        save_on(rec)  # a one-rank backend that is not Null still checks
 
 
 def test_main_first_with_block_nested_in_main_first_function() -> None:
