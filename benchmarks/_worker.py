@@ -56,6 +56,12 @@ def cases(rank: int, iters: int, big_iters: int, tensor_mib: int) -> list[Case]:
         dist.broadcast(buf, src=0)
         return buf
 
+    def raw_broadcast_new_buffer() -> object:
+        # what a result costs at least: the receivers need fresh memory
+        out = big if rank == 0 else torch.empty_like(big)
+        dist.broadcast(out, src=0)
+        return out
+
     out: list[Case] = [
         ("dist.barrier", dist.barrier, iters),
         ("sd.barrier", lambda: sd.barrier("bench"), iters),
@@ -64,6 +70,7 @@ def cases(rank: int, iters: int, big_iters: int, tensor_mib: int) -> list[Case]:
         ("broadcast_object_list small", bol_small, iters),
         ("on_main_only(broadcast) small", small_result, iters),
         ("dist.broadcast tensor", raw_broadcast, big_iters),
+        ("dist.broadcast tensor, new buffer", raw_broadcast_new_buffer, big_iters),
         ("broadcast_object_list tensor", bol_tensor, big_iters),
         ("on_main_only(broadcast) tensor", tensor_result, big_iters),
     ]

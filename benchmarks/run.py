@@ -56,6 +56,13 @@ FIGURES = [
     (
         "broadcast, tensor result",
         "on_main_only(broadcast) tensor",
+        "dist.broadcast tensor, new buffer",
+        "speed",
+        0.8,
+    ),
+    (
+        "broadcast, tensor result",
+        "on_main_only(broadcast) tensor",
         "broadcast_object_list tensor",
         "speed",
         5.0,
