@@ -32,6 +32,16 @@ def _run(args: list[str], tmp_path: Path) -> str:
     return text
 
 
+def _torchrun(ranks: int, script: str, tmp_path: Path) -> str:
+    return _run(
+        [
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            "--nproc-per-node", str(ranks), str(EXAMPLES / script),
+        ],
+        tmp_path,
+    )  # fmt: skip
+
+
 def test_quickstart_on_the_null_backend(tmp_path: Path) -> None:
     out = _run([sys.executable, str(EXAMPLES / "quickstart.py")], tmp_path)
     assert "[rank 0/1] my own ValueError: validation set is empty" in out
@@ -39,13 +49,7 @@ def test_quickstart_on_the_null_backend(tmp_path: Path) -> None:
 
 
 def test_quickstart_on_four_gloo_ranks(tmp_path: Path) -> None:
-    out = _run(
-        [
-            sys.executable, "-m", "torch.distributed.run", "--standalone",
-            "--nproc-per-node", "4", str(EXAMPLES / "quickstart.py"),
-        ],
-        tmp_path,
-    )  # fmt: skip
+    out = _torchrun(4, "quickstart.py", tmp_path)
     assert out.count("built the dataset cache") == 1
     for rank in (1, 2, 3):
         assert f"[rank {rank}/4] PeerFailedError: rank 0 raised ValueError" in out
@@ -54,13 +58,7 @@ def test_quickstart_on_four_gloo_ranks(tmp_path: Path) -> None:
 
 
 def test_when_things_go_wrong_on_two_gloo_ranks(tmp_path: Path) -> None:
-    out = _run(
-        [
-            sys.executable, "-m", "torch.distributed.run", "--standalone",
-            "--nproc-per-node", "2", str(EXAMPLES / "when_things_go_wrong.py"),
-        ],
-        tmp_path,
-    )  # fmt: skip
+    out = _torchrun(2, "when_things_go_wrong.py", tmp_path)
     assert "[rank 1] PeerFailedError: rank 0 raised ConnectionError: HTTP 503" in out
     assert "[rank 0] SyncTimeoutError: rank 0 waited 1s at barrier 'end of epoch'" in out
     assert "rank(s) 1 (last seen at main_first" in out
