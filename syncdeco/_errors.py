@@ -117,7 +117,10 @@ class SyncTimeoutError(SyncError, TimeoutError):
                 f"rank {observer} down, or pass a larger timeout= (None waits forever)."
             )
             return
-        who = ", ".join(_whereabouts(r, self.last_seen) for r in self.missing)
+        who = ", ".join(
+            whereabouts(r, self.last_seen[r]) if r in self.last_seen else str(r)
+            for r in self.missing
+        )
         super().__init__(
             f"rank {observer} waited {timeout:g}s at {point} but rank(s) {who} did "
             f"not arrive. Check those ranks' logs for a crash or a slow step, or "
@@ -125,10 +128,8 @@ class SyncTimeoutError(SyncError, TimeoutError):
         )
 
 
-def _whereabouts(rank: int, last_seen: Mapping[int, str | None]) -> str:
-    if rank not in last_seen:
-        return str(rank)
-    seen = last_seen[rank]
+def whereabouts(rank: int, seen: str | None) -> str:
+    """``rank`` with the last sync point it was seen at (for messages)."""
     return f"{rank} (last seen at {seen})" if seen else f"{rank} (never seen at a sync point)"
 
 

@@ -42,7 +42,13 @@ from ._env import (
     local_world_size_from_env,
     node_key,
 )
-from ._errors import PeerFailedError, SyncError, SyncMismatchError, SyncTimeoutError
+from ._errors import (
+    PeerFailedError,
+    SyncError,
+    SyncMismatchError,
+    SyncTimeoutError,
+    whereabouts,
+)
 
 __all__ = ["TorchBackend", "auto_backend", "backend_from_name"]
 
@@ -276,7 +282,7 @@ class _Channel:
                 waited,
                 wait.point,
                 ", ".join(map(str, sorted(wait.arrived))) or "none",
-                ", ".join(_whereabouts(r, seen[r]) for r in missing) or "none",
+                ", ".join(whereabouts(r, seen[r]) for r in missing) or "none",
             )
         else:
             seen = self.last_seen([wait.main], store)
@@ -285,7 +291,7 @@ class _Channel:
                 self.rank,
                 waited,
                 wait.point,
-                _whereabouts(wait.main, seen[wait.main]),
+                whereabouts(wait.main, seen[wait.main]),
             )
 
     def _fresh(self, box: str, seq: int, deadline: float | None) -> tuple[object, ...]:
@@ -596,10 +602,6 @@ class _Wait:
         self.members = members
         self.arrived = arrived
         self.logged = since
-
-
-def _whereabouts(rank: int, seen: str | None) -> str:
-    return f"{rank} (last seen at {seen})" if seen else f"{rank} (never seen at a sync point)"
 
 
 def _watch(ref: weakref.ref[_Channel]) -> None:
