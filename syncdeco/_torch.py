@@ -739,8 +739,15 @@ class TorchBackend:
         payload: object,
         timeout: float | None,
     ) -> object:
-        """Meet the other ranks at ``point``; every rank of the scope must call it."""
-        return self._channel().sync(point, local, failure, payload, timeout)
+        """Meet the other ranks at ``point``; every rank of the scope must call it.
+
+        Under ``torch.profiler`` the wait shows up as
+        ``syncdeco.<kind>:<name>``; without a profiler this costs nothing."""
+        channel = self._channel()
+        if torch.autograd.profiler._is_profiler_enabled:
+            with torch.profiler.record_function(f"syncdeco.{point.kind}:{point.name}"):
+                return channel.sync(point, local, failure, payload, timeout)
+        return channel.sync(point, local, failure, payload, timeout)
 
 
 _AUTO: Final = TorchBackend()

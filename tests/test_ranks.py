@@ -821,3 +821,21 @@ def local_tensor_results(tmp: Path) -> object:
 def test_local_tensor_results_stay_within_the_node(tmp_path: Path) -> None:
     outcomes = [o.unwrap() for o in run_ranks(local_tensor_results, 4, tmp_path, nodes=2)]
     assert outcomes == [[0.0, 0.0], [0.0, 0.0], [2.0, 2.0], [2.0, 2.0]]
+
+
+def profiled(tmp: Path) -> list[str]:
+    import torch
+
+    @sd.barrier_after(name="train_step")
+    def step() -> None: ...
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+        with sd.main_first(name="load_data"):
+            pass
+    return sorted({e.name for e in prof.events() if e.name.startswith("syncdeco.")})
+
+
+def test_sync_points_are_named_in_profiler_traces(tmp_path: Path) -> None:
+    for o in run_ranks(profiled, 2, tmp_path):
+        assert o.unwrap() == ["syncdeco.barrier_after:train_step", "syncdeco.main_first:load_data"]
