@@ -138,7 +138,6 @@ class _Channel:
         self.store = store
         self.lock = threading.Lock()
         self.seq: dict[str, int] = {}
-        self.held: dict[str, list[tuple[object, ...]]] = {}  # frames read early
         self.node: tuple[int, tuple[int, ...]] | None = None
         local = local_rank_from_env(env)
         self.local_rank = self.rank if local is None else local
@@ -274,14 +273,15 @@ class _Channel:
     def warn(self, wait: _Wait, now: float, store: Any) -> None:
         waited = now - wait.since
         if wait.lead:
-            missing = [r for r in wait.members if r not in wait.arrived]
+            arrived = list(wait.arrived)  # a snapshot: the waiting thread adds to it
+            missing = [r for r in wait.members if r not in arrived]
             seen = self.last_seen(missing, store)
             _log.warning(
                 "rank %d has waited %.0fs at %s: arrived %s; missing %s",
                 self.rank,
                 waited,
                 wait.point,
-                ", ".join(map(str, sorted(wait.arrived))) or "none",
+                ", ".join(map(str, sorted(arrived))) or "none",
                 ", ".join(whereabouts(r, seen[r]) for r in missing) or "none",
             )
         else:
@@ -297,32 +297,29 @@ class _Channel:
     def _fresh(self, box: str, seq: int, deadline: float | None) -> tuple[object, ...]:
         # Frames older than this sync point were left by one that timed out.
         while True:
-            held = self.held.get(box)
-            if held:
-                frame = held.pop(0)
-            else:
-                frame = pickle.loads(self.mail.recv(box, seq, deadline))
+            frame: tuple[object, ...] = pickle.loads(self.mail.recv(box, seq, deadline))
             if not isinstance(frame[0], int) or frame[0] >= seq:
                 return frame
 
-    def _withdrawn(self, base: str, seq: int, arrived: dict[int, tuple[object, ...]]) -> list[int]:
-        """Members that gave up waiting for this rank before it got here.
+    def _claim(self, base: str, seq: int, member: int, claim: bytes) -> bytes:
+        """Settle, once and for all, whether ``member`` waits for this sync
+        point's verdict (the main claims b"answered") or gave up on it (the
+        member claims b"withdrawn"); returns whichever claim came first."""
+        key = f"{base}/{member}/claim/{seq}"
+        return bytes(self.store.compare_set(key, "", claim))
 
-        Only looked for when a member's own deadline is near, so a sync point
-        that completes in time costs nothing extra."""
+    def _withdrawn(self, base: str, seq: int, arrived: dict[int, tuple[object, ...]]) -> bool:
+        """Whether a member gave up waiting before this rank could answer.
+
+        Only members whose own deadline is near (by the wall clock, with a
+        margin for clocks that differ between hosts) are asked, so a sync
+        point that completes in time costs nothing extra."""
         now = time.time()
-        gone = []
+        gone = False
         for member, frame in arrived.items():
-            give_up = frame[7]
-            if give_up is None or now < give_up - _WITHDRAW_MARGIN:  # type: ignore[operator]
-                continue
-            box = f"{base}/{member}/up"
-            if self.mail.ready(box, seq):
-                later = pickle.loads(self.mail.recv(box, seq, None))
-                if later[0] == seq and later[2] is None:
-                    gone.append(member)
-                else:
-                    self.held.setdefault(box, []).append(later)
+            give_up = cast("float | None", frame[7])
+            if give_up is not None and now >= give_up - _WITHDRAW_MARGIN:
+                gone |= self._claim(base, seq, member, b"answered") == b"withdrawn"
         return gone
 
     def _lead(
@@ -356,9 +353,8 @@ class _Channel:
         mine = (seq, point.kind, point.name, point.count)
         own_error: BaseException | None = None
         verdict: tuple[object, ...]
-        if not missing and self._withdrawn(base, seq, arrived):
-            verdict = (seq, _TIMEOUT, (self.rank,))  # this rank came too late
-        elif missing:
+        wires: list[torch.Tensor] = []
+        if missing:
             verdict = (seq, _TIMEOUT, tuple(missing), self.last_seen(missing))
         elif any(tuple(f[0:1] + f[2:5]) != mine for f in arrived.values()):
             where: dict[str, list[int]] = {point.describe(): [self.rank]}
@@ -372,8 +368,11 @@ class _Channel:
             tensors: list[torch.Tensor] = []
             if not failures and payload is not None:
                 try:
-                    # On the world scope, tensors travel by dist.broadcast, not pickle.
+                    # On the world scope, tensors travel by dist.broadcast, not
+                    # pickle; they are made ready before any member is told a
+                    # broadcast follows, so a failure here is an ordinary one.
                     data: bytes | None = _dumps(payload, tensors if base_is_world(base) else None)
+                    wires = [_on_wire(t) for t in tensors]
                 except Exception as exc:
                     exc.add_note(
                         f"syncdeco: rank {self.rank} could not pickle the result of "
@@ -392,6 +391,8 @@ class _Channel:
                 )
             else:
                 verdict = (seq, _OK, data, [_meta(t) for t in tensors])
+        if verdict[1] != _TIMEOUT and self._withdrawn(base, seq, arrived):
+            verdict, wires, own_error = (seq, _TIMEOUT, (self.rank,)), [], None  # came too late
 
         frame = pickle.dumps(verdict, protocol=pickle.HIGHEST_PROTOCOL)
         for member in members:
@@ -399,8 +400,8 @@ class _Channel:
         if own_error is not None:
             raise own_error
         if verdict[1] == _OK:
-            for tensor in tensors:  # every member got the shapes in its verdict
-                dist.broadcast(_on_wire(tensor), src=self.rank)
+            for wire in wires:  # every member got the shapes in its verdict
+                dist.broadcast(wire, src=self.rank)
             return payload
         self._raise(verdict, point, timeout)
         return None
@@ -435,14 +436,18 @@ class _Channel:
         try:
             verdict = self._fresh(down, seq, deadline)
         except _Late:
-            # Tell the main this rank gave up, so that it does not report
-            # success to the others; then take a verdict sent meanwhile.
-            self.mail.send(up, seq, pickle.dumps((seq, self.rank, None)))
+            # Give up, unless the verdict has just come or the main rank has
+            # already committed to answering (then it is on its way, and the
+            # ranks must agree on it).
+            late: tuple[object, ...] | None = None
             try:
-                if not self.mail.ready(down, seq):
-                    raise _Late
-                verdict = self._fresh(down, seq, time.monotonic())
+                if self.mail.ready(down, seq):
+                    late = self._fresh(down, seq, time.monotonic())
             except _Late:
+                pass
+            if late is None and self._claim(base, seq, self.rank, b"withdrawn") == b"answered":
+                late = self._fresh(down, seq, None)
+            if late is None:
                 raise SyncTimeoutError(
                     missing=(main,),
                     point=point.describe(),
@@ -450,6 +455,7 @@ class _Channel:
                     observer=self.rank,
                     last_seen=self.last_seen([main]),
                 ) from None
+            verdict = late
         if verdict[1] == _OK:
             data = verdict[2]
             metas = cast("list[_Meta]", verdict[3])
@@ -511,16 +517,23 @@ class _Pickler(pickle.Pickler):
     def __init__(self, file: io.BytesIO, tensors: list[torch.Tensor]) -> None:
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
         self.tensors = tensors
+        self.seen: dict[int, int] = {}
 
     def persistent_id(self, obj: object) -> int | None:
+        if type(obj) not in (torch.Tensor, torch.nn.Parameter):
+            return None
+        tensor = cast(torch.Tensor, obj)
         if (
-            type(obj) in (torch.Tensor, torch.nn.Parameter)
-            and cast(torch.Tensor, obj).layout == torch.strided
-            and not cast(torch.Tensor, obj).is_quantized
+            tensor.layout != torch.strided
+            or tensor.is_quantized
+            or tensor.device.type not in ("cpu", "cuda")
         ):
-            self.tensors.append(cast(torch.Tensor, obj))
-            return len(self.tensors) - 1
-        return None
+            return None  # pickled like any other object
+        index = self.seen.get(id(tensor))
+        if index is None:  # the same tensor twice is sent once, and stays one
+            index = self.seen[id(tensor)] = len(self.tensors)
+            self.tensors.append(tensor)
+        return index
 
 
 class _Unpickler(pickle.Unpickler):
@@ -562,7 +575,7 @@ def _wire_device() -> torch.device:
 
 
 def _on_wire(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.detach().to(_wire_device()).contiguous()
+    return tensor.detach().resolve_conj().resolve_neg().to(_wire_device()).contiguous()
 
 
 def _off_wire(wire: torch.Tensor, meta: _Meta) -> torch.Tensor:
@@ -618,15 +631,15 @@ def _watch(ref: weakref.ref[_Channel]) -> None:
             return
         wait = channel.waiting
         now = time.monotonic()
-        if wait is None or interval is None or now - wait.logged < interval:
-            continue
-        wait.logged = now
-        try:
-            if store is None:
-                store = channel.store.clone()
-            channel.warn(wait, now, store)
-        except Exception as exc:  # the watcher must never take the job down
-            _log.debug("syncdeco watcher could not report: %r", exc)
+        if wait is not None and interval is not None and now - wait.logged >= interval:
+            wait.logged = now
+            try:
+                if store is None:
+                    store = channel.store.clone()
+                channel.warn(wait, now, store)
+            except Exception as exc:  # the watcher must never take the job down
+                _log.debug("syncdeco watcher could not report: %r", exc)
+        del channel, wait  # hold no channel while asleep, so it can be collected
 
 
 _channel_lock = threading.Lock()
@@ -756,14 +769,21 @@ _AUTO: Final = TorchBackend()
 # Whether the environment describes a multi-rank job, read once per process
 # (a launcher sets it before the process starts); init() and reset() forget it.
 _launched: list[bool] = []
+_DISTRIBUTED: Final = dist.is_available()
 
 
 def forget_environment() -> None:
     _launched.clear()
 
 
+# A forked child (notebook_launcher, multiprocessing) gets its own variables.
+os.register_at_fork(after_in_child=forget_environment)
+
+
 def auto_backend(env: Mapping[str, str]) -> TorchBackend | None:
     """The backend for an initialised group or a launcher's job, if any."""
+    if not _DISTRIBUTED:
+        return None
     if dist.is_initialized():
         return _AUTO
     if not _launched:

@@ -839,3 +839,20 @@ def profiled(tmp: Path) -> list[str]:
 def test_sync_points_are_named_in_profiler_traces(tmp_path: Path) -> None:
     for o in run_ranks(profiled, 2, tmp_path):
         assert o.unwrap() == ["syncdeco.barrier_after:train_step", "syncdeco.main_first:load_data"]
+
+
+def tricky_tensors(tmp: Path) -> object:
+    import torch
+
+    @sd.on_main_only(broadcast=True)
+    def result() -> tuple[object, ...]:
+        x = torch.arange(4.0)
+        return x, x, torch.tensor([1 + 2j]).conj(), torch.empty(0), torch.empty(3, device="meta")
+
+    x, same, conj, empty, meta = result()
+    return x is same, x.tolist(), conj.tolist(), tuple(empty.shape), meta.device.type
+
+
+def test_shared_conjugate_empty_and_meta_tensors(tmp_path: Path) -> None:
+    outcomes = [o.unwrap() for o in run_ranks(tricky_tensors, 2, tmp_path)]
+    assert outcomes == [(True, [0.0, 1.0, 2.0, 3.0], [1 - 2j], (0,), "meta")] * 2
