@@ -36,7 +36,6 @@ import torch.distributed as dist
 from ._backend import Backend, Failure, NullBackend, SyncPoint, warn_interval
 from ._env import (
     Launch,
-    LaunchEnvError,
     detect_launch,
     local_rank_from_env,
     local_world_size_from_env,
@@ -799,6 +798,3 @@ def backend_from_name(name: str, env: Mapping[str, str]) -> Backend:
     if name in ("gloo", "nccl"):
         return TorchBackend(name, env=env)
     raise ValueError(f"init(backend={name!r}): expected a Backend, 'null', 'gloo', 'nccl' or None")
-
-
-__all__ += ["LaunchEnvError"]
