@@ -5,6 +5,8 @@
 ... def load(): ...
 """
 
+from typing import TYPE_CHECKING
+
 from ._backend import (
     DEFAULT,
     Backend,
@@ -34,9 +36,23 @@ from ._errors import (
     SyncTimeoutError,
 )
 from ._save import atomic_save
-from ._torch import TorchBackend
+
+if TYPE_CHECKING:
+    from ._torch import TorchBackend
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    # torch is imported on first use, not by `import syncdeco`: the pytest
+    # plugin is loaded into every pytest run of an environment that has
+    # syncdeco installed, and importing torch costs most of a second.
+    if name == "TorchBackend":
+        from ._torch import TorchBackend
+
+        return TorchBackend
+    raise AttributeError(f"module 'syncdeco' has no attribute {name!r}")
+
 
 __all__ = [
     "DEFAULT",

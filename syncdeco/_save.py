@@ -9,8 +9,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-import torch
-
 __all__ = ["atomic_save"]
 
 T = TypeVar("T")
@@ -20,7 +18,7 @@ def atomic_save(
     obj: T,
     path: str | os.PathLike[str],
     *,
-    save: Callable[[T, IO[bytes]], Any] = torch.save,
+    save: Callable[[T, IO[bytes]], Any] | None = None,
 ) -> Path:
     """Write ``obj`` to ``path`` with ``save`` (default ``torch.save``) so that
     ``path`` holds either the previous file or the complete new one, never a
@@ -31,6 +29,10 @@ def atomic_save(
     Not a sync point: call it from one rank, typically under
     ``@barrier_after`` over ``@on_main_only``.  Returns ``path``.
     """
+    if save is None:
+        import torch  # imported here so that `import syncdeco` stays light
+
+        save = torch.save
     target = Path(path)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from ranks import run_ranks
 
 import syncdeco as sd
+from syncdeco.testing import run_ranks
 
 
 def _mark(tmp: Path, name: str) -> None:

@@ -1,8 +1,10 @@
 """syncdeco on real Gloo ranks: every behaviour that crosses processes.
 
-Each scenario is a module-level function run on every rank by
-``run_ranks``; events are ordered with syncdeco's own sync points or with
-files, never with sleeps.
+A test marked ``@pytest.mark.ranks(n)`` (syncdeco's pytest plugin) runs on
+every one of n ranks and asserts what that rank sees.  Where a test compares
+ranks with each other, a module-level scenario runs on every rank through
+``run_ranks`` and the test looks at all their outcomes.  Events are ordered
+with syncdeco's own sync points or with files, never with sleeps.
 """
 
 from __future__ import annotations
@@ -10,13 +12,20 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
-from ranks import run_ranks
 
 import syncdeco as sd
+from syncdeco.testing import run_ranks
 
 WORLD_SIZES = [2, 4]
+
+
+def on_each_world_size(test: Any) -> Any:
+    """Run a ``ranks``-marked test once per world size in WORLD_SIZES."""
+    params = [pytest.param(n, marks=pytest.mark.ranks(n), id=f"{n}ranks") for n in WORLD_SIZES]
+    return pytest.mark.parametrize("n", params)(test)
 
 
 def _mark(tmp: Path, name: str) -> None:
@@ -49,17 +58,13 @@ def test_main_first_runs_main_then_others(tmp_path: Path, n: int) -> None:
     assert [r for r, _ in results] == list(range(n))  # each returns its own
 
 
-def main_first_context_manager(tmp: Path) -> bool:
-    with sd.main_first():
-        saw = _seen(tmp, "cm")
-        if sd.is_main():
-            _mark(tmp, "cm")
-    return saw
-
-
+@pytest.mark.ranks(2)
 def test_main_first_context_manager(tmp_path: Path) -> None:
-    results = [o.unwrap() for o in run_ranks(main_first_context_manager, 2, tmp_path)]
-    assert results == [False, True]
+    with sd.main_first():
+        saw = _seen(tmp_path, "cm")
+        if sd.is_main():
+            _mark(tmp_path, "cm")
+    assert saw is not sd.is_main()  # the main found nothing, the other its mark
 
 
 def main_first_main_raises(tmp: Path) -> None:
@@ -117,7 +122,7 @@ def test_on_main_only_runs_on_main_and_others_get_default(tmp_path: Path, n: int
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["saved0"]
 
 
-def on_main_only_broadcast(tmp: Path) -> object:
+def on_main_only_broadcast(tmp: Path) -> dict[str, object]:
     @sd.on_main_only(broadcast=True)
     def vocab() -> dict[str, object]:
         return {"tokens": ["<pad>", "hello"], "from": sd.rank(), "big": "x" * 100_000}
@@ -125,29 +130,27 @@ def on_main_only_broadcast(tmp: Path) -> object:
     return vocab()
 
 
-@pytest.mark.parametrize("n", WORLD_SIZES)
+@on_each_world_size
 def test_on_main_only_broadcast_gives_everyone_mains_result(tmp_path: Path, n: int) -> None:
-    results = [o.unwrap() for o in run_ranks(on_main_only_broadcast, n, tmp_path)]
-    assert all(r == results[0] for r in results)
-    assert results[0]["from"] == 0
+    assert sd.world_size() == n
+    expected = {"tokens": ["<pad>", "hello"], "from": 0, "big": "x" * 100_000}
+    assert on_main_only_broadcast(tmp_path) == expected
 
 
-def on_main_only_broadcast_raises(tmp: Path) -> object:
+@pytest.mark.ranks(2)
+def test_on_main_only_broadcast_failure() -> None:
     @sd.on_main_only(broadcast=True)
     def vocab() -> dict[str, int]:
         raise KeyError("vocab.json")
 
-    try:
-        return vocab()
-    finally:
-        sd.barrier("after")
-
-
-def test_on_main_only_broadcast_failure(tmp_path: Path) -> None:
-    outcomes = run_ranks(on_main_only_broadcast_raises, 2, tmp_path)
-    assert type(outcomes[0].error) is KeyError
-    err = outcomes[1].error
-    assert isinstance(err, sd.PeerFailedError) and err.rank == 0 and err.exc_type == "KeyError"
+    if sd.is_main():
+        with pytest.raises(KeyError):
+            vocab()
+    else:
+        with pytest.raises(sd.PeerFailedError) as info:
+            vocab()
+        assert (info.value.rank, info.value.exc_type) == (0, "KeyError")
+    sd.barrier("after")
 
 
 def on_main_only_unpicklable(tmp: Path) -> object:
@@ -170,37 +173,26 @@ def test_unpicklable_broadcast_fails_on_main_and_peers(tmp_path: Path) -> None:
 # -- barrier_after and barrier ------------------------------------------------------
 
 
-def barrier_after_waits_for_all(tmp: Path) -> bool:
+@on_each_world_size
+def test_barrier_after_waits_for_every_rank(tmp_path: Path, n: int) -> None:
     @sd.barrier_after
     def step() -> None:
-        _mark(tmp, f"step{sd.rank()}")
+        _mark(tmp_path, f"step{sd.rank()}")
 
     step()
-    return all(_seen(tmp, f"step{r}") for r in range(sd.world_size()))
+    assert all(_seen(tmp_path, f"step{r}") for r in range(n))
 
 
-@pytest.mark.parametrize("n", WORLD_SIZES)
-def test_barrier_after_waits_for_every_rank(tmp_path: Path, n: int) -> None:
-    assert all(o.unwrap() for o in run_ranks(barrier_after_waits_for_all, n, tmp_path))
-
-
-def barrier_after_every(tmp: Path) -> list[bool]:
-    seen = []
-
+@pytest.mark.ranks(2)
+def test_barrier_after_every_syncs_on_every_nth_call(tmp_path: Path) -> None:
     @sd.barrier_after(every=3)
     def step(i: int) -> None:
-        _mark(tmp, f"r{sd.rank()}-{i}")
+        _mark(tmp_path, f"r{sd.rank()}-{i}")
 
     for i in range(1, 7):
         step(i)
-        seen.append(all(_seen(tmp, f"r{r}-{i}") for r in range(sd.world_size())))
-    return seen
-
-
-def test_barrier_after_every_syncs_on_every_nth_call(tmp_path: Path) -> None:
-    for o in run_ranks(barrier_after_every, 2, tmp_path):
-        seen = o.unwrap()
-        assert seen[2] and seen[5]  # calls 3 and 6 synced
+        if i % 3 == 0:  # calls 3 and 6 synced: every rank's mark is there
+            assert all(_seen(tmp_path, f"r{r}-{i}") for r in range(2)), i
 
 
 def barrier_after_rank_raises(tmp: Path) -> None:
@@ -226,72 +218,42 @@ def test_barrier_after_failure_names_the_rank(tmp_path: Path, n: int) -> None:
         assert f"rank {last} raised RuntimeError: CUDA out of memory (pretend)" in str(o.error)
 
 
-def barrier_after_context_manager(tmp: Path) -> bool:
-    with sd.barrier_after():
-        _mark(tmp, f"cm{sd.rank()}")
-    return all(_seen(tmp, f"cm{r}") for r in range(sd.world_size()))
-
-
+@pytest.mark.ranks(2)
 def test_barrier_after_context_manager(tmp_path: Path) -> None:
-    assert all(o.unwrap() for o in run_ranks(barrier_after_context_manager, 2, tmp_path))
+    with sd.barrier_after():
+        _mark(tmp_path, f"cm{sd.rank()}")
+    assert _seen(tmp_path, "cm0") and _seen(tmp_path, "cm1")
 
 
-def mismatched_barriers(tmp: Path) -> str:
-    try:
-        if sd.rank() == 0:
-            sd.barrier("save_checkpoint")
-        else:
-            sd.barrier("load_checkpoint")
-    except sd.SyncMismatchError as err:
-        message = str(err)
-    else:
-        message = "no error"
+@on_each_world_size
+def test_mismatched_sync_points_raise_on_all_ranks(n: int) -> None:
+    with pytest.raises(sd.SyncMismatchError) as info:
+        sd.barrier("save_checkpoint" if sd.rank() == 0 else "load_checkpoint")
+    message = str(info.value)
+    assert "'save_checkpoint'" in message and "'load_checkpoint'" in message, message
+    assert "rank 0 at" in message
     sd.barrier("next")  # the group still works
-    return message
 
 
-@pytest.mark.parametrize("n", WORLD_SIZES)
-def test_mismatched_sync_points_raise_on_all_ranks(tmp_path: Path, n: int) -> None:
-    for o in run_ranks(mismatched_barriers, n, tmp_path):
-        message = o.unwrap()
-        assert "'save_checkpoint'" in message and "'load_checkpoint'" in message, message
-        assert "rank 0 at" in message
-
-
-def mismatched_decorators(tmp: Path) -> str:
+@pytest.mark.ranks(2)
+def test_mismatched_decorated_functions() -> None:
     @sd.barrier_after
     def save_checkpoint() -> None: ...
 
     @sd.barrier_after
     def load_checkpoint() -> None: ...
 
-    try:
+    with pytest.raises(sd.SyncMismatchError) as info:
         (save_checkpoint if sd.rank() == 0 else load_checkpoint)()
-    except sd.SyncMismatchError as err:
-        return str(err)
-    return "no error"
+    assert "save_checkpoint" in str(info.value) and "load_checkpoint" in str(info.value)
 
 
-def test_mismatched_decorated_functions(tmp_path: Path) -> None:
-    for o in run_ranks(mismatched_decorators, 2, tmp_path):
-        message = o.unwrap()
-        assert "save_checkpoint" in message and "load_checkpoint" in message
-
-
-def errors_in_a_row(tmp: Path) -> int:
-    ok = 0
+@pytest.mark.ranks(2)
+def test_group_survives_many_errors() -> None:
     for i in range(10):
-        try:
+        with pytest.raises(sd.SyncMismatchError):
             sd.barrier(f"a{i}" if sd.rank() == 0 else f"b{i}")
-        except sd.SyncMismatchError:
-            pass
         sd.barrier("together")
-        ok += 1
-    return ok
-
-
-def test_group_survives_many_errors(tmp_path: Path) -> None:
-    assert [o.unwrap() for o in run_ranks(errors_in_a_row, 2, tmp_path)] == [10, 10]
 
 
 # -- stacking -------------------------------------------------------------------
@@ -352,7 +314,8 @@ class _Counting:
         return self.inner.sync(point, **kw)  # type: ignore[arg-type]
 
 
-def nested_main_first(tmp: Path) -> list[str]:
+@pytest.mark.ranks(2)
+def test_nested_main_first_adds_no_wait() -> None:
     counting = _Counting()
 
     @sd.main_first(name="inner")
@@ -366,12 +329,7 @@ def nested_main_first(tmp: Path) -> list[str]:
 
     with sd.use_backend(counting):
         assert outer() == 2
-    return counting.syncs
-
-
-def test_nested_main_first_adds_no_wait(tmp_path: Path) -> None:
-    for o in run_ranks(nested_main_first, 2, tmp_path):
-        assert o.unwrap() == ["main_first:outer"]
+    assert counting.syncs == ["main_first:outer"]
 
 
 def sync_inside_on_main_only(tmp: Path) -> object:

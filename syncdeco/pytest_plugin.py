@@ -1,0 +1,167 @@
+"""pytest plugin: run a test on N real Gloo ranks with ``@pytest.mark.ranks(n)``.
+
+Installed with syncdeco (entry point ``pytest11``), so any project can test
+its own multi-rank code:
+
+    @pytest.mark.ranks(4)
+    def test_cache_is_built_once(tmp_path):
+        build_cache(tmp_path)              # decorated with @sd.main_first
+        assert (tmp_path / "cache").exists()
+
+The test function runs on every rank, each its own process with torchrun's
+environment and a Gloo process group; its fixtures are set up once, in the
+pytest process, and sent to the ranks (so they must pickle: ``tmp_path`` is
+the usual one, a directory every rank shares).  The test passes when every
+rank returns; otherwise each failing rank's traceback is shown under its
+rank.  Ranks that hang fail the test after ``timeout`` seconds with the stack
+each was stuck in, and no process is left behind.
+
+Marker options: ``timeout`` (seconds, default 120), ``launcher``
+("torchrun", "slurm" or "ompi": whose environment variables the ranks see),
+``nodes`` (simulated nodes) and ``init`` (False: the ranks start with no
+process group, as a script under torchrun does).  Different world sizes for
+one test: ``pytest.param(..., marks=pytest.mark.ranks(n))`` in a parametrize.
+
+Test modules are imported again in each rank, so plain ``assert`` statements
+there are not rewritten by pytest: a failing one shows its line, not the
+compared values; give it a message where that matters.  torch is imported
+only when a test carrying the marker runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import pickle
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+__all__ = ["pytest_configure", "pytest_pyfunc_call"]
+
+_DEFAULT_TIMEOUT = 120.0
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "ranks(n, *, timeout=120, launcher='torchrun', nodes=1, init=True): "
+        "run the test on n Gloo ranks, each its own process (syncdeco)",
+    )
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    marker = pyfuncitem.get_closest_marker("ranks")
+    if marker is None:
+        return None
+    world_size, options = _parse(marker, pyfuncitem.nodeid)
+    function = pyfuncitem.obj
+    if inspect.iscoroutinefunction(function):
+        pytest.fail("@pytest.mark.ranks does not run async test functions", pytrace=False)
+    kwargs = {name: pyfuncitem.funcargs[name] for name in inspect.signature(function).parameters}
+    for name, value in kwargs.items():
+        try:
+            pickle.dumps(value)
+        except Exception as exc:
+            problem = f"{name!r} of {pyfuncitem.name} to its ranks: {exc!r}"
+            break
+    else:
+        problem = None
+    if problem is not None:
+        pytest.fail(
+            f"@pytest.mark.ranks cannot send fixture/argument {problem}. Fixtures are set "
+            f"up in the pytest process and pickled to each rank; use picklable ones "
+            f"(tmp_path, parameters) or build the object inside the test.",
+            pytrace=False,
+        )
+    from .testing import HungRanksError, run_ranks
+
+    ref = _TestRef.of(pyfuncitem)
+    try:
+        outcomes = run_ranks(_run_test, world_size, ref, kwargs, **options)
+    except HungRanksError as exc:
+        pytest.fail(f"@pytest.mark.ranks({world_size}): {exc}", pytrace=False)
+    failed = [o for o in outcomes if o.error is not None]
+    skipped = [o.value for o in outcomes if isinstance(o.value, _Skipped)]
+    if skipped and not failed:
+        pytest.skip(skipped[0].reason)
+    if failed:
+        pytest.fail(
+            f"{len(failed)} of {world_size} ranks failed\n"
+            + "\n".join(f"--- rank {o.rank} of {world_size} ---\n{o.tb}" for o in failed),
+            pytrace=False,
+        )
+    return True
+
+
+def _parse(marker: pytest.Mark, nodeid: str) -> tuple[int, dict[str, Any]]:
+    if len(marker.args) != 1 or not isinstance(marker.args[0], int) or marker.args[0] < 1:
+        raise pytest.UsageError(
+            f"{nodeid}: @pytest.mark.ranks takes one positive int, the number of "
+            f"ranks (got args {marker.args!r}); e.g. @pytest.mark.ranks(4)"
+        )
+    allowed = {"timeout", "launcher", "nodes", "init"}
+    unknown = set(marker.kwargs) - allowed
+    if unknown:
+        raise pytest.UsageError(
+            f"{nodeid}: @pytest.mark.ranks got unknown option(s) {sorted(unknown)}; "
+            f"it takes {sorted(allowed)}"
+        )
+    return marker.args[0], {"timeout": _DEFAULT_TIMEOUT, **marker.kwargs}
+
+
+class _TestRef:
+    """Where a rank finds the test function: its module (by name, or by file
+    when the name does not import) and its qualified name."""
+
+    def __init__(self, module: str, path: str, qualname: str) -> None:
+        self.module, self.path, self.qualname = module, path, qualname
+
+    @classmethod
+    def of(cls, item: pytest.Function) -> _TestRef:
+        function = item.obj
+        module = sys.modules[function.__module__]
+        return cls(function.__module__, str(module.__file__), function.__qualname__)
+
+    def load(self) -> Any:
+        module = sys.modules.get(self.module)
+        if module is None:
+            try:
+                module = importlib.import_module(self.module)
+            except ImportError:
+                module = self._load_file()
+        found = module
+        for part in self.qualname.split("."):
+            if isinstance(found, type):
+                found = found()  # a test class: pytest makes one instance per test
+            found = getattr(found, part)
+        return found
+
+    def _load_file(self) -> Any:
+        spec = importlib.util.spec_from_file_location(self.module, self.path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot import test module {self.module} from {self.path}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[self.module] = module
+        sys.path.insert(0, str(Path(self.path).parent))
+        spec.loader.exec_module(module)
+        return module
+
+
+class _Skipped:
+    """A rank called pytest.skip (pytest's Skipped exception does not pickle)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _run_test(ref: _TestRef, kwargs: dict[str, Any]) -> _Skipped | None:
+    try:
+        ref.load()(**kwargs)
+    except pytest.skip.Exception as exc:
+        return _Skipped(str(exc))
+    return None

@@ -1,0 +1,276 @@
+"""Run a function on N real Gloo ranks, each its own process.
+
+    from syncdeco.testing import run_ranks
+
+    def scenario(tmp):            # runs on every rank
+        return sd.rank()
+
+    def test_scenario(tmp_path):
+        outcomes = run_ranks(scenario, 4, tmp_path)
+        assert [o.unwrap() for o in outcomes] == [0, 1, 2, 3]
+
+``run_ranks`` starts the ranks from a forkserver that has torch preloaded,
+gives them a launcher's environment (torchrun's by default; SLURM's or Open
+MPI's on request) pointing at a TCPStore this process hosts, initialises the
+default Gloo process group unless told not to, calls ``fn(*args)`` on every
+rank and returns each rank's :class:`Outcome`.  Ranks that have not finished
+within ``timeout`` raise :class:`HungRanksError` with the stack each one was
+stuck in; every process is gone when it returns.
+
+``fn`` and ``args`` travel to the ranks by pickle, so ``fn`` must be defined at
+module level.  The pytest plugin (``@pytest.mark.ranks(n)``) is built on it.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import multiprocessing as mp
+import os
+import pickle
+import signal
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = ["HungRanksError", "Outcome", "launcher_env", "run_ranks"]
+
+Launcher = Literal["torchrun", "slurm", "ompi"]
+
+_ctx = mp.get_context("forkserver")
+_ctx.set_forkserver_preload(["torch", "torch.distributed", "syncdeco"])
+
+
+@dataclass
+class Outcome:
+    """What one rank's call came to: its return value, or the exception it
+    raised and that exception's formatted traceback."""
+
+    rank: int
+    value: Any = None
+    error: BaseException | None = None
+    tb: str = field(default="", repr=False)
+
+    def unwrap(self) -> Any:
+        """The value, or an ``AssertionError`` carrying the rank's traceback."""
+        if self.error is not None:
+            raise AssertionError(f"rank {self.rank} raised:\n{self.tb}") from self.error
+        return self.value
+
+
+class HungRanksError(AssertionError):
+    """Ranks died or did not finish within the timeout.  ``ranks`` names
+    them; the message holds the stack each was stuck in and what the others
+    finished with."""
+
+    def __init__(self, message: str, ranks: list[int]) -> None:
+        super().__init__(message)
+        self.ranks = ranks
+
+
+def run_ranks(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout: float = 120.0,
+    init: bool = True,
+    nodes: int = 1,
+    launcher: Launcher = "torchrun",
+    extra_env: Mapping[str, str] | None = None,
+    dies: tuple[int, ...] = (),
+) -> list[Outcome]:
+    """Call ``fn(*args)`` on ``world_size`` Gloo ranks and return their
+    outcomes, in rank order.
+
+    ``launcher`` picks whose variables the ranks see ("torchrun", "slurm" or
+    "ompi"), ``nodes`` how many simulated nodes of equal size they form
+    (torchrun and SLURM only: Open MPI tells nodes apart by host name).
+    Without ``init`` the ranks start with no process group (torchrun only),
+    as a script under torchrun does.  Ranks in ``dies`` are expected to kill
+    themselves: they must be gone, by SIGKILL, and get an Outcome with
+    ``value="killed"``.  Raises :class:`HungRanksError` if a rank died
+    otherwise, did not finish within ``timeout`` seconds, or finished but its
+    process did not exit.
+    """
+    if not init and launcher != "torchrun":
+        raise ValueError("only torchrun's environment lets syncdeco create the group here")
+    if world_size < 1 or world_size % nodes:
+        raise ValueError(f"{world_size} ranks do not split into {nodes} equal nodes")
+    import torch.distributed as dist
+
+    # torch re-exports TCPStore without declaring it, hence the ignores
+    store = dist.TCPStore(  # type: ignore[attr-defined]
+        "127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False
+    )
+    per_node = world_size // nodes
+    procs: list[Any] = []
+    with tempfile.TemporaryDirectory(prefix="syncdeco-ranks-") as scratch:
+        try:
+            conns = []
+            for rank in range(world_size):
+                env = {
+                    **launcher_env(launcher, rank, world_size, per_node),
+                    "MASTER_ADDR": "127.0.0.1",
+                    "MASTER_PORT": str(store.port),
+                    "OMP_NUM_THREADS": "1",
+                    **(extra_env or {}),
+                }
+                parent, child = _ctx.Pipe(duplex=False)
+                proc = _ctx.Process(
+                    target=_child,
+                    args=(fn, args, env, init, scratch, child, rank, world_size),
+                    daemon=True,
+                )
+                proc.start()
+                child.close()
+                procs.append(proc)
+                conns.append(parent)
+            return _collect(procs, conns, timeout, dies, Path(scratch))
+        finally:
+            # _collect waited for every process to exit; what is left is hung
+            for proc in procs:
+                if proc.is_alive():
+                    proc.kill()
+                proc.join(5)
+            del store
+
+
+def launcher_env(launcher: Launcher, rank: int, world_size: int, per_node: int) -> dict[str, str]:
+    """The variables ``launcher`` gives ``rank`` of ``world_size`` ranks
+    spread over nodes of ``per_node`` ranks each."""
+    local, node = rank % per_node, rank // per_node
+    if launcher == "torchrun":
+        return {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_RANK": str(local),
+            "LOCAL_WORLD_SIZE": str(per_node),
+            "GROUP_RANK": str(node),
+            # all ranks are clients of the store run_ranks hosts
+            "TORCHELASTIC_USE_AGENT_STORE": "True",
+        }
+    if launcher == "slurm":
+        return {
+            "SLURM_PROCID": str(rank),
+            "SLURM_NTASKS": str(world_size),
+            "SLURM_LOCALID": str(local),
+            "SLURM_NODEID": str(node),
+            "SLURM_STEP_ID": "0",
+        }
+    if launcher == "ompi":
+        return {
+            "OMPI_COMM_WORLD_RANK": str(rank),
+            "OMPI_COMM_WORLD_SIZE": str(world_size),
+            "OMPI_COMM_WORLD_LOCAL_RANK": str(local),
+            "OMPI_COMM_WORLD_LOCAL_SIZE": str(per_node),
+            "OMPI_COMM_WORLD_NODE_RANK": str(local),  # what mpirun sets: not a node id
+        }
+    raise ValueError(f"unknown launcher {launcher!r}: pick 'torchrun', 'slurm' or 'ompi'")
+
+
+def _child(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    env: dict[str, str],
+    init: bool,
+    scratch: str,
+    conn: Any,
+    rank: int,
+    world_size: int,
+) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(env)
+    # On a hang the parent sends SIGUSR1 and shows where each rank was stuck.
+    stacks = open(os.path.join(scratch, f"rank{rank}.stacks"), "w")
+    faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
+    try:
+        if init:
+            store = dist.TCPStore(  # type: ignore[attr-defined]
+                env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size, is_master=False
+            )
+            dist.init_process_group(
+                "gloo",
+                store=store,
+                rank=rank,
+                world_size=world_size,
+                timeout=timedelta(seconds=120),
+            )
+        try:
+            out = Outcome(rank, value=fn(*args))
+        except BaseException as exc:
+            out = Outcome(rank, error=exc, tb=traceback.format_exc())
+        try:
+            payload = pickle.dumps(out)
+        except Exception:
+            payload = pickle.dumps(
+                Outcome(rank, error=RuntimeError(repr(out.error or out.value)), tb=out.tb)
+            )
+        conn.send_bytes(payload)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        conn.close()
+
+
+def _collect(
+    procs: list[Any], conns: list[Any], timeout: float, dies: tuple[int, ...], scratch: Path
+) -> list[Outcome]:
+    world_size = len(procs)
+    outcomes: list[Outcome | None] = [None] * world_size
+    deadline = time.monotonic() + timeout
+
+    def left() -> float:
+        return max(0.0, deadline - time.monotonic())
+
+    for rank, conn in enumerate(conns):
+        if conn.poll(left()):
+            try:
+                outcomes[rank] = pickle.loads(conn.recv_bytes())
+            except EOFError:
+                pass
+    for rank in dies:
+        procs[rank].join(left())
+        if outcomes[rank] is None and procs[rank].exitcode == -signal.SIGKILL:
+            outcomes[rank] = Outcome(rank, value="killed")
+    stuck = []
+    for rank, proc in enumerate(procs):
+        proc.join(left())
+        if proc.is_alive() and outcomes[rank] is not None:
+            stuck.append(rank)
+    if stuck:
+        raise HungRanksError(
+            f"rank(s) {stuck} finished but their process did not exit within {timeout}s\n"
+            + _stacks(procs, stuck, scratch),
+            stuck,
+        )
+    hung = [r for r, o in enumerate(outcomes) if o is None]
+    if hung:
+        raise HungRanksError(
+            f"rank(s) {hung} of {world_size} died or did not finish within {timeout}s\n"
+            + _stacks(procs, hung, scratch)
+            + "".join(
+                f"\n--- rank {o.rank} finished ---\n{o.tb or repr(o.value)}"
+                for o in outcomes
+                if o is not None
+            ),
+            hung,
+        )
+    return [o for o in outcomes if o is not None]
+
+
+def _stacks(procs: list[Any], ranks: list[int], scratch: Path) -> str:
+    for rank in ranks:
+        if procs[rank].is_alive():
+            os.kill(procs[rank].pid, signal.SIGUSR1)
+    time.sleep(1.0)  # let faulthandler write; only on the failure path
+    out = []
+    for rank in ranks:
+        path = scratch / f"rank{rank}.stacks"
+        text = path.read_text() if path.exists() else ""
+        out.append(f"--- rank {rank} ---\n{text or '(no stack: the process had exited)'}")
+    return "\n".join(out)

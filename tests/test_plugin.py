@@ -1,0 +1,142 @@
+"""The pytest plugin, as a user meets it: a test file of theirs, run by pytest
+in a subprocess with syncdeco installed (the plugin comes in through its
+``pytest11`` entry point)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+USER_TESTS = """
+import pytest
+import syncdeco as sd
+
+
+@pytest.mark.ranks(3)
+def test_main_first_then_others(tmp_path):
+    @sd.main_first
+    def build():
+        saw = (tmp_path / "cache").exists()
+        if sd.is_main():
+            (tmp_path / "cache").write_text("built")
+        return saw
+
+    assert build() is not sd.is_main()
+    assert sd.world_size() == 3
+
+
+@pytest.mark.ranks(2)
+def test_rank_one_fails():
+    assert sd.rank() != 1, "rank one is unhappy"
+
+
+@pytest.mark.parametrize(
+    "n", [pytest.param(n, marks=pytest.mark.ranks(n)) for n in (2, 4)]
+)
+def test_world_sizes(n):
+    assert sd.world_size() == n
+
+
+class TestInAClass:
+    @pytest.mark.ranks(2)
+    def test_method(self, tmp_path):
+        (tmp_path / f"method{sd.rank()}").write_text("")
+        sd.barrier("written")
+        assert len(list(tmp_path.glob("method*"))) == 2
+
+
+@pytest.mark.ranks(2)
+def test_every_rank_skips():
+    pytest.skip("needs four ranks")
+
+
+@pytest.fixture
+def unpicklable():
+    return lambda: None
+
+
+@pytest.mark.ranks(2)
+def test_unpicklable_fixture(unpicklable):
+    pass
+
+
+@pytest.mark.ranks(2, launcher="slurm")
+def test_slurm_environment():
+    import os
+
+    assert os.environ["SLURM_PROCID"] == str(sd.rank())
+"""
+
+HANGING_TEST = """
+import os
+import threading
+
+import pytest
+import syncdeco as sd
+
+
+@pytest.mark.ranks(2, timeout=3)
+def test_rank_one_hangs():
+    with open(os.path.join({pids!r}, str(sd.rank())), "w") as f:
+        f.write(str(os.getpid()))
+    if sd.rank() == 1:
+        threading.Event().wait()  # never set
+"""
+
+
+def _pytest(directory: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", *args],
+        cwd=directory,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
+
+def test_marker_runs_tests_on_ranks_and_reports_each_rank(tmp_path: Path) -> None:
+    (tmp_path / "test_user.py").write_text(textwrap.dedent(USER_TESTS))
+    result = _pytest(tmp_path)
+    out = result.stdout + result.stderr
+    assert "PASSED test_user.py::test_main_first_then_others" in out, out
+    assert "PASSED test_user.py::test_world_sizes[2]" in out, out
+    assert "PASSED test_user.py::test_world_sizes[4]" in out, out
+    assert "PASSED test_user.py::TestInAClass::test_method" in out, out
+    assert "PASSED test_user.py::test_slurm_environment" in out, out
+    assert "SKIPPED [1]" in out and "needs four ranks" in out, out
+    # the failing rank is named, with its own traceback
+    assert "1 of 2 ranks failed" in out, out
+    assert "--- rank 1 of 2 ---" in out and "--- rank 0 of 2 ---" not in out, out
+    assert "AssertionError: rank one is unhappy" in out, out
+    assert "cannot send fixture/argument 'unpicklable'" in out, out
+    assert "During handling" not in out, out
+    assert "5 passed" in out and "2 failed" in out and "1 skipped" in out, out
+
+
+def test_hung_rank_fails_the_test_and_leaves_no_process(tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    (tmp_path / "test_hang.py").write_text(textwrap.dedent(HANGING_TEST.format(pids=str(pids))))
+    result = _pytest(tmp_path)
+    out = result.stdout + result.stderr
+    assert result.returncode == 1, out
+    assert "rank(s) [1] of 2 died or did not finish within 3" in out, out
+    assert "threading.Event().wait()" in out or "in wait" in out, out  # where it hung
+    for path in pids.iterdir():
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(path.read_text()), 0)
+
+
+def test_loading_the_plugin_does_not_import_torch() -> None:
+    code = "import sys, syncdeco.pytest_plugin; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
