@@ -36,6 +36,7 @@ from ._errors import (
     SyncTimeoutError,
 )
 from ._save import atomic_save
+from ._trace import trace
 
 if TYPE_CHECKING:
     from ._torch import TorchBackend
@@ -77,6 +78,7 @@ __all__ = [
     "main_first",
     "on_main_only",
     "rank",
+    "trace",
     "use_backend",
     "world_size",
 ]

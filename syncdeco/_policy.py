@@ -11,12 +11,14 @@ serves functions, coroutines and ``with`` blocks.
 
 from __future__ import annotations
 
+import time
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import ClassVar, Final, NamedTuple, TypeVar, final
 
+from . import _trace
 from ._backend import Backend, Failure, SyncPoint, Timeout, resolve_timeout
 from ._errors import CompositionError, SyncError
 
@@ -113,9 +115,21 @@ def meet(
     count = counts.syncs.get(key, 0) + 1
     counts.syncs[key] = count
     point = SyncPoint(kind, site.name, count, site.location)
-    return backend.sync(
-        point, local=local, failure=failure, payload=payload, timeout=resolve_timeout(timeout)
-    )
+    recorder = _trace.active
+    if recorder is None:
+        return backend.sync(
+            point, local=local, failure=failure, payload=payload, timeout=resolve_timeout(timeout)
+        )
+    arrived = time.time_ns()
+    try:
+        value = backend.sync(
+            point, local=local, failure=failure, payload=payload, timeout=resolve_timeout(timeout)
+        )
+    except BaseException as exc:
+        recorder.sync(backend, point, local, failure is not None, arrived, exc)
+        raise
+    recorder.sync(backend, point, local, failure is not None, arrived, None)
+    return value
 
 
 def _report(
@@ -346,7 +360,15 @@ def run(policies: Sequence[Policy], backend: Backend, body: Callable[[], R]) -> 
                 break
             entered.append((policy, state))
         else:
-            result = body()
+            recorder = _trace.active
+            if recorder is None:
+                result = body()
+            else:
+                started = time.time_ns()
+                try:
+                    result = body()
+                finally:
+                    recorder.body(backend, policies[0].site.name, started)
     except BaseException as error:
         exc = error
     return _unwind(entered, backend, exc, result)  # type: ignore[return-value]
@@ -367,7 +389,15 @@ async def run_async(
                 break
             entered.append((policy, state))
         else:
-            result = await body()
+            recorder = _trace.active
+            if recorder is None:
+                result = await body()
+            else:
+                started = time.time_ns()
+                try:
+                    result = await body()
+                finally:
+                    recorder.body(backend, policies[0].site.name, started)
     except BaseException as error:
         exc = error
     return _unwind(entered, backend, exc, result)  # type: ignore[return-value]

@@ -1,0 +1,197 @@
+"""sd.trace on real Gloo ranks: the merged Chrome trace, its summary and its
+timeline.  Ordering comes from syncdeco's sync points and from files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import syncdeco as sd
+from syncdeco._trace import summarize
+from syncdeco.testing import run_ranks
+
+
+def _wait_for(path: Path) -> None:
+    # Polls a file another rank writes; bounded so that a bug fails, not hangs.
+    deadline = time.monotonic() + 60
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} never appeared")
+        time.sleep(0.002)
+
+
+def _events(document: dict[str, Any], cat: str, rank: int) -> list[dict[str, Any]]:
+    return [e for e in document["traceEvents"] if e.get("cat") == cat and e["pid"] == rank]
+
+
+def traced_job(tmp: Path) -> None:
+    @sd.main_first(name="load")
+    def load() -> None:
+        if sd.is_main():  # the main waits until every other rank is waiting for it
+            for r in range(1, sd.world_size()):
+                _wait_for(tmp / f"waiting{r}")
+
+    @sd.barrier_after(every=2, name="step")
+    def step(i: int) -> int:
+        return i
+
+    @sd.on_main_only(broadcast=True, name="vocab")
+    def vocab() -> dict[str, int]:
+        return {"hello": 1}
+
+    with sd.trace(tmp / "trace.json"):
+        if not sd.is_main():
+            (tmp / f"waiting{sd.rank()}").write_text("")
+        load()
+        for i in range(4):
+            step(i)
+        assert vocab() == {"hello": 1}
+
+
+def test_trace_of_three_ranks(tmp_path: Path) -> None:
+    for outcome in run_ranks(traced_job, 3, tmp_path):
+        outcome.unwrap()
+    document = json.loads((tmp_path / "trace.json").read_text())
+    assert not (tmp_path / "trace.json.parts").exists()  # merged and cleaned up
+    for event in document["traceEvents"]:  # Chrome trace-event fields
+        assert {"name", "ph", "pid"} <= event.keys(), event
+        if event["ph"] == "X":
+            assert event["ts"] >= 0 and event["dur"] >= 0 and "tid" in event, event
+    names = {e["args"]["name"] for e in document["traceEvents"] if e["name"] == "process_name"}
+    assert names == {"rank 0", "rank 1", "rank 2"}
+    for rank in range(3):
+        syncs = [e["name"] for e in _events(document, "sync", rank)]
+        assert syncs == [
+            "main_first:load",
+            "barrier_after:step",
+            "barrier_after:step",  # every=2: calls 2 and 4
+            "on_main_only:vocab",
+        ], (rank, syncs)
+        assert all(e["args"]["outcome"] == "ok" for e in _events(document, "sync", rank))
+    # The others left main_first only after the main rank's body had ended.
+    main_body = next(e for e in _events(document, "run", 0) if e["name"] == "load")
+    for rank in (1, 2):
+        wait = _events(document, "sync", rank)[0]
+        assert wait["ts"] + wait["dur"] >= main_body["ts"] + main_body["dur"]
+        assert wait["dur"] > 0
+
+    summary = sd_summary(tmp_path / "trace.json")
+    assert "syncdeco trace: 3 ranks, 3 sync points" in summary
+    assert "main_first:load" in summary and "barrier_after:step" in summary
+    assert "last at" in summary.split("stragglers")[1]
+
+
+def _sync(rank: int, name: str, count: int, ts: float, dur: float) -> dict[str, Any]:
+    args = {"count": count, "location": "job.py:1", "scope": "world", "outcome": "ok"}
+    event = {"name": name, "cat": "sync", "ph": "X", "ts": ts, "dur": dur, "pid": rank, "tid": 0}
+    return {**event, "args": args}
+
+
+def test_summary_finds_the_slowest_point_and_the_straggler(tmp_path: Path) -> None:
+    # Arrival times are what a trace records; here rank 2 is late twice at
+    # "barrier:epoch" (by 40 ms and 60 ms) and rank 0 once at "barrier:log" (1 ms).
+    events = [
+        _sync(0, "barrier:epoch", 1, 0, 40_000),
+        _sync(1, "barrier:epoch", 1, 0, 40_000),
+        _sync(2, "barrier:epoch", 1, 40_000, 10),
+        _sync(0, "barrier:epoch", 2, 100_000, 60_000),
+        _sync(1, "barrier:epoch", 2, 100_000, 60_000),
+        _sync(2, "barrier:epoch", 2, 160_000, 10),
+        _sync(0, "barrier:log", 1, 201_000, 10),
+        _sync(1, "barrier:log", 1, 200_000, 1_000),
+        _sync(2, "barrier:log", 1, 200_000, 1_000),
+    ]
+    trace = tmp_path / "t.json"
+    trace.write_text(json.dumps({"traceEvents": events, "otherData": {"world_size": 3}}))
+    summary = summarize(trace)
+    assert [p.name for p in summary.points] == ["barrier:epoch", "barrier:log"]
+    epoch = summary.points[0]
+    assert (epoch.calls, epoch.max_wait_ms) == (2, 60.0)
+    assert epoch.total_wait_ms == pytest.approx(200.02)
+    assert epoch.median_spread_ms == 50.0
+    assert [(s.rank, s.last_arrivals, s.late_ms) for s in summary.stragglers] == [
+        (2, 2, 100.0),
+        (0, 1, 1.0),
+    ]
+
+
+def sd_summary(trace: Path) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "syncdeco", "summary", str(trace)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stdout
+
+
+def test_timeline_png(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    for outcome in run_ranks(traced_job, 2, tmp_path):
+        outcome.unwrap()
+    png = tmp_path / "timeline.png"
+    subprocess.run(
+        [sys.executable, "-m", "syncdeco", "plot", str(tmp_path / "trace.json"), "-o", str(png)],
+        check=True,
+        capture_output=True,
+    )
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def traced_failure(tmp: Path) -> None:
+    @sd.on_main_only(broadcast=True, name="vocab")
+    def vocab() -> dict[str, int]:
+        raise FileNotFoundError("vocab.txt")
+
+    with sd.trace(tmp / "trace.json"):
+        vocab()
+
+
+def test_a_block_that_raises_leaves_parts_to_merge(tmp_path: Path) -> None:
+    outcomes = run_ranks(traced_failure, 2, tmp_path)
+    assert isinstance(outcomes[0].error, FileNotFoundError)
+    assert isinstance(outcomes[1].error, sd.PeerFailedError)
+    parts = tmp_path / "trace.json.parts"
+    assert sorted(p.name for p in parts.iterdir()) == ["rank0.json", "rank1.json"]
+    assert not (tmp_path / "trace.json").exists()
+    merged = subprocess.run(
+        [sys.executable, "-m", "syncdeco", "merge", str(tmp_path / "trace.json")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "merged into" in merged.stdout
+    summary = sd_summary(tmp_path / "trace.json")
+    assert "sync points that failed" in summary
+    assert "rank 1 at on_main_only:vocab (call 1): PeerFailedError: rank 0 raised" in summary
+
+
+def test_trace_on_one_process(tmp_path: Path) -> None:
+    @sd.barrier_after
+    def step() -> None: ...
+
+    with sd.trace(tmp_path / "t.json"):
+        step()
+    document = json.loads((tmp_path / "t.json").read_text())
+    assert document["otherData"]["world_size"] == 1  # the Null backend records nothing
+    with pytest.raises(sd.SyncError, match="already recording"), sd.trace(tmp_path / "a"):
+        with sd.trace(tmp_path / "b"):
+            pass
+
+
+def test_summary_of_a_file_that_is_not_a_trace(tmp_path: Path) -> None:
+    (tmp_path / "x.json").write_text("[1, 2]")
+    out = subprocess.run(
+        [sys.executable, "-m", "syncdeco", "summary", str(tmp_path / "x.json")],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 1 and "not a Chrome trace-event JSON object" in out.stderr
+    os.remove(tmp_path / "x.json")
