@@ -84,6 +84,14 @@ def detect_launch(env: Mapping[str, str]) -> Launch | None:
         for var in (rank_var, size_var):
             if var not in env:
                 other = size_var if var == rank_var else rank_var
+                if var == "RANK" and "NODE_RANK" in env and "LOCAL_RANK" in env:
+                    raise LaunchEnvError(
+                        "WORLD_SIZE, NODE_RANK and LOCAL_RANK are set but RANK is not: "
+                        "Lightning's launcher (Fabric or Trainer) starts processes like "
+                        "this and sets up the process group later. Use syncdeco after "
+                        "fabric.launch() (or, under a Trainer, after setup), when the "
+                        "group exists."
+                    )
                 raise LaunchEnvError(
                     f"{other} is set but {var} is not; {launcher} sets both. "
                     f"Set {var} or unset {other}."

@@ -768,16 +768,22 @@ class TorchBackend:
         self._channel()
 
     # Rank facts have no side effects: they come from the process group if
-    # there is one, else from the launcher's environment.
+    # there is one, else from the group syncdeco was using if it has been
+    # destroyed (this process's rank in the job has not changed), else from
+    # the launcher's environment.
 
     def rank(self) -> int:
         if dist.is_initialized():
             return dist.get_rank()
+        if _channel is not None:
+            return _channel.rank
         return self._launch().rank
 
     def world_size(self) -> int:
         if dist.is_initialized():
             return dist.get_world_size()
+        if _channel is not None:
+            return _channel.world_size
         return self._launch().world_size
 
     def local_rank(self) -> int:
@@ -817,16 +823,23 @@ def forget_environment() -> None:
     _launched.clear()
 
 
-# A forked child (notebook_launcher, multiprocessing) gets its own variables.
-os.register_at_fork(after_in_child=forget_environment)
+def _forget_in_child() -> None:
+    # A forked child (notebook_launcher, multiprocessing) gets its own
+    # variables, and is no member of the parent's channel.
+    global _channel
+    _channel = None
+    forget_environment()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def auto_backend(env: Mapping[str, str]) -> TorchBackend | None:
     """The backend for an initialised group or a launcher's job, if any."""
     if not _DISTRIBUTED:
         return None
-    if dist.is_initialized():
-        return _AUTO
+    if dist.is_initialized() or _channel is not None:
+        return _AUTO  # with _channel but no group, a sync point says it was destroyed
     if not _launched:
         launch = detect_launch(env)  # raises on a broken environment, every time
         _launched.append(launch is not None and launch.world_size > 1)

@@ -721,6 +721,23 @@ def test_sync_after_the_group_was_destroyed(tmp_path: Path) -> None:
         assert "destroyed" in message and f"rank {o.rank}" in message
 
 
+@pytest.mark.ranks(2)
+def test_sync_after_teardown_of_a_group_no_launcher_described() -> None:
+    # A group set up by hand (or by a framework) in processes whose
+    # environment names no launcher: syncdeco must not fall back to the Null
+    # backend, where a barrier would pass alone, once the group is gone.
+    import torch.distributed as dist
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK"):
+        del os.environ[key]
+    rank = dist.get_rank()
+    sd.barrier("while the group lives")
+    dist.destroy_process_group()
+    with pytest.raises(sd.SyncError, match="destroyed"):
+        sd.barrier("after teardown")
+    assert (sd.rank(), sd.world_size()) == (rank, 2)  # still this process's rank
+
+
 # -- results that hold tensors ------------------------------------------------------------
 
 

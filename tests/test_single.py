@@ -363,6 +363,8 @@ def test_init_sets_backend_and_default_timeout() -> None:
         ({"WORLD_SIZE": "0", "RANK": "0"}, "WORLD_SIZE"),
         ({"SLURM_PROCID": "1", "SLURM_NTASKS": "4", "SLURM_STEP_ID": "0"}, "MASTER_ADDR"),
         ({"OMPI_COMM_WORLD_RANK": "-1", "OMPI_COMM_WORLD_SIZE": "4"}, "OMPI_COMM_WORLD_RANK"),
+        # what Lightning Fabric's launcher gives the processes it starts
+        ({"WORLD_SIZE": "2", "LOCAL_RANK": "1", "NODE_RANK": "0"}, r"after fabric\.launch\(\)"),
     ],
 )
 def test_broken_environment_names_the_variable(
@@ -370,7 +372,7 @@ def test_broken_environment_names_the_variable(
 ) -> None:
     with pytest.raises(sd.LaunchEnvError, match=var):
         detect_launch(env)
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
