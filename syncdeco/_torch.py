@@ -285,6 +285,7 @@ class _Channel:
                 wait.point,
                 ", ".join(map(str, sorted(arrived))) or "none",
                 ", ".join(whereabouts(r, seen[r]) for r in missing) or "none",
+                extra={"rank": self.rank},
             )
         else:
             seen = self.last_seen([wait.main], store)
@@ -294,6 +295,7 @@ class _Channel:
                 waited,
                 wait.point,
                 whereabouts(wait.main, seen[wait.main]),
+                extra={"rank": self.rank},
             )
 
     def _fresh(self, box: str, seq: int, deadline: float | None) -> tuple[object, ...]:
@@ -679,7 +681,12 @@ def _watch(ref: weakref.ref[_Channel]) -> None:
                     store = channel.store.clone()
                 channel.warn(wait, now, store)
             except Exception as exc:  # the watcher must never take the job down
-                _log.debug("syncdeco watcher could not report: %r", exc)
+                _log.debug(
+                    "rank %d: syncdeco's watcher could not report: %r",
+                    channel.rank,
+                    exc,
+                    extra={"rank": channel.rank},
+                )
         del channel, wait  # hold no channel while asleep, so it can be collected
 
 

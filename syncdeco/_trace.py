@@ -143,6 +143,7 @@ def trace(path: str | os.PathLike[str]) -> Iterator[None]:
                 rank,
                 part,
                 target,
+                extra={"rank": rank},
             )
     barrier(_MERGE_POINT)
     if backend.rank() == 0:
@@ -154,6 +155,7 @@ def trace(path: str | os.PathLike[str]) -> Iterator[None]:
                 target,
                 missing,
                 _parts_dir(target),
+                extra={"rank": 0},
             )
 
 

@@ -683,6 +683,7 @@ def warns_while_waiting(tmp: Path) -> object:
 
     class Capture(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
+            assert record.rank == sd.rank()  # type: ignore[attr-defined]  # for %(rank)s
             records.append(record.getMessage())
             _mark(tmp, "warned")
 
