@@ -1,0 +1,154 @@
+"""syncdeco inside the frameworks that set up the process group themselves:
+Hugging Face Accelerate (``PartialState``) under torchrun, and Lightning
+Fabric, both with its own launcher (a plain ``python script.py``: Fabric starts
+rank 1 by running the script again) and under torchrun.  Real Gloo ranks; the
+scripts are in tests/scripts/ and print ``[rank R/W] ...`` lines."""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parent / "scripts"
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+def _run(args: list[str], tmp_path: Path) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    # A new session: every rank (torchrun's workers, or the rank Fabric starts
+    # itself) is in this process group, so one killpg removes them all.
+    proc = subprocess.Popen(
+        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        # Returns once every rank has closed stdout: Fabric's parent (rank 0)
+        # does not wait for the rank it started, but that rank holds the pipe.
+        out, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        pytest.fail(f"{args} did not finish within 120s")
+    finally:
+        try:  # nothing is left behind, even a rank that closed its stdout early
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    text = out.decode(errors="replace")
+    assert proc.returncode == 0, text
+    return text
+
+
+@pytest.fixture
+def out(tmp_path: Path) -> Path:
+    """The directory the scripts order their events with."""
+    path = tmp_path / "out"
+    path.mkdir()
+    return path
+
+
+def _assert_ok(text: str, out: Path) -> None:
+    # main_first: rank 1 was already at the door when rank 0 wrote the cache,
+    # and still found it there on entry.
+    assert "[rank 0/2] main_first: cache there on entry=False" in text, text
+    assert "[rank 1/2] main_first: cache there on entry=True" in text, text
+    assert (out / "cache").read_text() == "written by rank 0"
+    # on_main_only(broadcast=True): the body ran on rank 0 only, and both
+    # ranks got its dict (rank 0's pid in it).
+    results = dict(
+        re.findall(r"^\[rank (\d)/2\] on_main_only\(broadcast=True\) returned (.*)$", text, re.M)
+    )
+    assert sorted(results) == ["0", "1"], text
+    vocab = [ast.literal_eval(results[r]) for r in ("0", "1")]
+    assert vocab[0] == vocab[1]
+    assert vocab[0]["built_by"] == 0 and vocab[0]["tokens"] == ["<pad>", "<unk>", "hi"]
+    assert (out / "vocab-runs").read_text() == "rank 0\n"
+    for rank in (0, 1):
+        # the barrier: rank 1 reads the file only after rank 0 wrote it
+        assert f"[rank {rank}/2] after the barrier: vocab body ran ['rank 0']" in text, text
+        assert f"[rank {rank}/2] done" in text, text
+
+
+def _assert_fail(text: str, out: Path) -> None:
+    assert "[rank 0/2] my own ConnectionError: HTTP 503 from the dataset mirror" in text, text
+    found = re.search(
+        r"^\[rank 1/2\] PeerFailedError after ([\d.]+)s: rank 0 raised ConnectionError: "
+        r"HTTP 503 from the dataset mirror \(seen by rank 1 at main_first '[\w.<>]+\.download' "
+        r"\(call 1, framework_checks\.py:\d+\)\)",
+        text,
+        re.M,
+    )
+    assert found, text
+    assert float(found[1]) < 10  # at once, not after main_first's 60 s timeout
+    assert (
+        "[rank 1/2] attributes rank=0 exc_type=ConnectionError "
+        "message='HTTP 503 from the dataset mirror'"
+    ) in text, text
+    assert (
+        "[rank 1/2] remote traceback ends with 'ConnectionError: HTTP 503 from the dataset mirror'"
+    ) in text, text
+    assert not (out / "rank1-ran-download").exists()  # rank 1 skipped the body
+    for rank in (0, 1):
+        assert f"[rank {rank}/2] the group still works" in text, text
+        assert f"[rank {rank}/2] done" in text, text
+
+
+@pytest.mark.parametrize("mode", ["ok", "fail"])
+def test_accelerate_partial_state(mode: str, out: Path, tmp_path: Path) -> None:
+    pytest.importorskip("accelerate")
+    text = _run([*TORCHRUN, str(SCRIPTS / "accelerate_ranks.py"), str(out), mode], tmp_path)
+    for rank in (0, 1):
+        assert (
+            f"[rank {rank}/2] accelerate process_index={rank} num_processes=2 "
+            f"local_process_index={rank} distributed_type=MULTI_CPU group backend=gloo"
+        ) in text, text
+        assert f"[rank {rank}/2] syncdeco agrees with PartialState" in text, text
+    (_assert_ok if mode == "ok" else _assert_fail)(text, out)
+
+
+@pytest.mark.parametrize(
+    ("launcher", "mode"),
+    [("fabric", "ok"), ("fabric", "fail"), ("torchrun", "ok")],
+    ids=["fabric-launches-ok", "fabric-launches-fail", "torchrun-ok"],
+)
+def test_lightning_fabric(launcher: str, mode: str, out: Path, tmp_path: Path) -> None:
+    pytest.importorskip("lightning_fabric")
+    script = [str(SCRIPTS / "fabric_ranks.py"), str(out), mode]
+    args = [sys.executable, *script] if launcher == "fabric" else [*TORCHRUN, *script]
+    text = _run(args, tmp_path)
+    environment = "LightningEnvironment" if launcher == "fabric" else "TorchElasticEnvironment"
+    for rank in (0, 1):
+        assert (
+            f"[rank {rank}/2] fabric global_rank={rank} world_size=2 local_rank={rank} "
+            f"group backend=gloo environment={environment}"
+        ) in text, text
+        assert f"[rank {rank}/2] syncdeco agrees with Fabric" in text, text
+    # Before fabric.launch(), syncdeco has only the environment to go by.
+    if launcher == "fabric":
+        # Fabric's own launcher: the script is run twice, by hand with nothing
+        # set (one process as far as anyone can tell) and by Fabric for rank 1
+        # with WORLD_SIZE and LOCAL_RANK but no RANK: syncdeco refuses to
+        # guess there rather than answer 0/1 on both.
+        assert (
+            "[before fabric.launch(), RANK=None WORLD_SIZE=None LOCAL_RANK=None] syncdeco says 0/1"
+        ) in text, text
+        assert (
+            "[before fabric.launch(), RANK=None WORLD_SIZE=2 LOCAL_RANK=1] "
+            "syncdeco says LaunchEnvError: "
+        ) in text, text
+        assert text.count("before fabric.launch()") == 2
+    else:
+        for rank in (0, 1):
+            assert (
+                f"[before fabric.launch(), RANK={rank} WORLD_SIZE=2 LOCAL_RANK={rank}] "
+                f"syncdeco says {rank}/2"
+            ) in text, text
+    (_assert_ok if mode == "ok" else _assert_fail)(text, out)
