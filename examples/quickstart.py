@@ -19,7 +19,9 @@ CACHE = Path(tempfile.gettempdir()) / "syncdeco-quickstart"
 
 
 def say(message: str) -> None:
-    print(f"[rank {sd.rank()}/{sd.world_size()}] {message}", flush=True)
+    # One write per line, newline included, so that ranks' lines never run
+    # together (print writes the text and the newline apart when unbuffered).
+    print(f"[rank {sd.rank()}/{sd.world_size()}] {message}\n", end="", flush=True)
 
 
 @sd.main_first(local=True)

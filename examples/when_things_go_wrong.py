@@ -15,7 +15,7 @@ import syncdeco as sd
 
 
 def show(err: BaseException) -> None:
-    print(f"[rank {sd.rank()}] {type(err).__name__}: {err}\n", flush=True)
+    print(f"[rank {sd.rank()}] {type(err).__name__}: {err}\n\n", end="", flush=True)
 
 
 @sd.main_first
@@ -55,7 +55,7 @@ def main() -> None:
 
     sd.barrier("still fine")
     if sd.rank() == 0:
-        print("[rank 0] the group still works", flush=True)
+        print("[rank 0] the group still works\n", end="", flush=True)
 
 
 if __name__ == "__main__":
