@@ -784,6 +784,29 @@ def test_tensor_results_reach_every_rank(tmp_path: Path, n: int) -> None:
     assert outcomes == [expected] * n
 
 
+@pytest.mark.ranks(3)
+def test_large_tensor_results_arrive_intact() -> None:
+    # Large CPU results land in buffers that ask for huge pages and are
+    # faulted in ahead of the broadcast; sizes that are not a whole number of
+    # pages, and more than one tensor, must still arrive bit for bit.
+    import torch
+
+    def expected() -> dict[str, torch.Tensor]:
+        return {
+            "a": torch.arange(3 * 2**20 + 7, dtype=torch.float64),  # 24 MiB and 56 bytes
+            "b": torch.arange(5 * 2**20 + 1, dtype=torch.int32) % 251,  # 20 MiB and 4 bytes
+        }
+
+    @sd.on_main_only(broadcast=True)
+    def build() -> dict[str, torch.Tensor]:
+        return expected()
+
+    got, want = build(), expected()
+    for key in want:
+        assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key]), key
+        got[key].add_(1)  # the receiver owns writable memory
+
+
 def local_tensor_results(tmp: Path) -> object:
     import torch
 
