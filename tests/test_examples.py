@@ -4,34 +4,18 @@ ranks under torchrun, and do what they claim."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from scripted import run_script
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def _run(args: list[str], tmp_path: Path, extra_env: dict[str, str] | None = None) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path), **(extra_env or {})}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    proc = subprocess.Popen(
-        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    try:
-        out, _ = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        pytest.fail(f"{args} did not finish within 120s")
-    text = out.decode(errors="replace")
-    assert proc.returncode == 0, text
-    return text
+    return run_script(args, tmp_path, extra_env)
 
 
 def _torchrun(

@@ -7,44 +7,19 @@ scripts are in tests/scripts/ and print ``[rank R/W] ...`` lines."""
 from __future__ import annotations
 
 import ast
-import os
 import re
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from scripted import run_script
 
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 
 
 def _run(args: list[str], tmp_path: Path) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    # A new session: every rank (torchrun's workers, or the rank Fabric starts
-    # itself) is in this process group, so one killpg removes them all.
-    proc = subprocess.Popen(
-        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    try:
-        # Returns once every rank has closed stdout: Fabric's parent (rank 0)
-        # does not wait for the rank it started, but that rank holds the pipe.
-        out, _ = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        pytest.fail(f"{args} did not finish within 120s")
-    finally:
-        try:  # nothing is left behind, even a rank that closed its stdout early
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    text = out.decode(errors="replace")
-    assert proc.returncode == 0, text
-    return text
+    return run_script(args, tmp_path)
 
 
 @pytest.fixture
