@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import assert_type
 
 import syncdeco as sd
+from syncdeco.testing import Outcome, run_ranks
 
 
 @sd.main_first
@@ -87,3 +88,12 @@ with sd.barrier_after(every=2):
 assert_type(sd.rank(), int)
 assert_type(sd.is_main(local=True), bool)
 assert_type(sd.get_backend(), sd.Backend)
+with sd.trace("trace.json") as nothing:
+    assert_type(nothing, None)
+
+
+def scenario(tmp: str) -> int:
+    return sd.rank()
+
+
+assert_type(run_ranks(scenario, 2, "tmp"), list[Outcome])
