@@ -11,6 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from ._errors import SyncError
 from ._trace import format_summary, merge, plot, summarize
 
 
@@ -41,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"merged into {args.trace}"
                 + (f"; no part from rank(s) {missing}" if missing else "")
             )
-    except (OSError, ValueError, ImportError) as exc:
+    except (OSError, ValueError, KeyError, ImportError, SyncError) as exc:
         print(f"python -m syncdeco {args.command}: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -11,7 +11,6 @@ serves functions, coroutines and ``with`` blocks.
 
 from __future__ import annotations
 
-import time
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
@@ -115,21 +114,13 @@ def meet(
     count = counts.syncs.get(key, 0) + 1
     counts.syncs[key] = count
     point = SyncPoint(kind, site.name, count, site.location)
+    seconds = resolve_timeout(timeout)
     recorder = _trace.active
     if recorder is None:
-        return backend.sync(
-            point, local=local, failure=failure, payload=payload, timeout=resolve_timeout(timeout)
-        )
-    arrived = time.time_ns()
-    try:
-        value = backend.sync(
-            point, local=local, failure=failure, payload=payload, timeout=resolve_timeout(timeout)
-        )
-    except BaseException as exc:
-        recorder.sync(backend, point, local, failure is not None, arrived, exc)
-        raise
-    recorder.sync(backend, point, local, failure is not None, arrived, None)
-    return value
+        return backend.sync(point, local=local, failure=failure, payload=payload, timeout=seconds)
+    return recorder.sync(
+        backend, point, local=local, failure=failure, payload=payload, timeout=seconds
+    )
 
 
 def _report(
@@ -364,11 +355,7 @@ def run(policies: Sequence[Policy], backend: Backend, body: Callable[[], R]) -> 
             if recorder is None:
                 result = body()
             else:
-                started = time.time_ns()
-                try:
-                    result = body()
-                finally:
-                    recorder.body(backend, policies[0].site.name, started)
+                result = recorder.body(policies[0].site.name, body)
     except BaseException as error:
         exc = error
     return _unwind(entered, backend, exc, result)  # type: ignore[return-value]
@@ -393,11 +380,7 @@ async def run_async(
             if recorder is None:
                 result = await body()
             else:
-                started = time.time_ns()
-                try:
-                    result = await body()
-                finally:
-                    recorder.body(backend, policies[0].site.name, started)
+                result = await recorder.body_async(policies[0].site.name, body)
     except BaseException as error:
         exc = error
     return _unwind(entered, backend, exc, result)  # type: ignore[return-value]

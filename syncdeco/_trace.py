@@ -17,22 +17,33 @@ import json
 import logging
 import os
 import statistics
+import sys
+import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Final, final
+from types import TracebackType
+from typing import IO, Any, Final, TypeVar, final
 
-from ._backend import Backend, SyncPoint
-from ._errors import SyncError
+from ._backend import DEFAULT, Backend, Failure, SyncPoint
+from ._env import node_key
+from ._errors import SyncError, SyncMismatchError, SyncTimeoutError
 
 __all__ = ["Recorder", "active", "merge", "plot", "summarize", "trace"]
 
 _log = logging.getLogger("syncdeco")
 
+R = TypeVar("R")
+
 _PARTS_SUFFIX: Final = ".parts"
-_MERGE_POINT: Final = "syncdeco.trace"
+_PRODUCER: Final = "syncdeco"
+
+# (name, category, start ns, end ns, args or None): a tuple per event keeps
+# a long block's memory down (about 200 bytes an event); dicts are built when
+# the part is written.
+_Event = tuple[str, str, int, int, "dict[str, object] | None"]
 
 
 @final
@@ -40,121 +51,221 @@ class Recorder:
     """The events of one rank.  Times are wall-clock nanoseconds, so ranks
     on one host (or on hosts with synchronised clocks) line up."""
 
-    __slots__ = ("events",)
+    __slots__ = ("events", "rank")
 
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+        self.events: list[_Event] = []
 
     def sync(
         self,
         backend: Backend,
         point: SyncPoint,
+        *,
         local: bool,
-        failing: bool,
-        arrived: int,
-        error: BaseException | None,
-    ) -> None:
-        left = time.time_ns()
-        rank = backend.rank()
-        outcome = "ok" if error is None else f"{type(error).__name__}: {error}".split("\n")[0]
-        self.events.append(
-            {
-                "name": f"{point.kind}:{point.name}",
-                "cat": "sync",
-                "ph": "X",
-                "ts": arrived / 1000,
-                "dur": (left - arrived) / 1000,
-                "pid": rank,
-                "tid": 0,
-                "args": {
-                    "count": point.count,
-                    "location": point.location,
-                    # the ranks that meet at this sync point: all, or one node's
-                    "scope": f"node of rank {rank - backend.local_rank()}" if local else "world",
-                    "reported_failure": failing,
-                    "outcome": outcome,
-                },
+        failure: Failure | None,
+        payload: object,
+        timeout: float | None,
+    ) -> object:
+        """``backend.sync(...)``, recorded."""
+        arrived = time.time_ns()
+        outcome = "ok"
+        try:
+            return backend.sync(
+                point, local=local, failure=failure, payload=payload, timeout=timeout
+            )
+        except BaseException as exc:
+            outcome = f"{type(exc).__name__}: {exc}".split("\n")[0]
+            raise
+        finally:
+            args: dict[str, object] = {
+                "count": point.count,
+                "location": point.location,
+                # the ranks that meet here: all of them, or one node's
+                "scope": f"node {node_key(os.environ)}" if local else "world",
+                "outcome": outcome,
             }
-        )
+            if failure is not None:  # this rank raised, and told the others here
+                args["raised"] = f"{failure.exc_type}: {failure.message}".split("\n")[0]
+            name = f"{point.kind}:{point.name}"
+            self.events.append((name, "sync", arrived, time.time_ns(), args))
 
-    def body(self, backend: Backend, name: str, started: int) -> None:
-        ended = time.time_ns()
-        self.events.append(
+    def body(self, name: str, call: Callable[[], R]) -> R:
+        """``call()``: the body of a decorated function, recorded."""
+        started = time.time_ns()
+        try:
+            return call()
+        finally:
+            self.events.append((name, "run", started, time.time_ns(), None))
+
+    async def body_async(self, name: str, call: Callable[[], Awaitable[R]]) -> R:
+        started = time.time_ns()
+        try:
+            return await call()
+        finally:
+            self.events.append((name, "run", started, time.time_ns(), None))
+
+    def chrome_events(self) -> list[dict[str, Any]]:
+        return [
             {
                 "name": name,
-                "cat": "run",
+                "cat": cat,
                 "ph": "X",
-                "ts": started / 1000,
-                "dur": (ended - started) / 1000,
-                "pid": backend.rank(),
+                "ts": start / 1000,
+                "dur": (end - start) / 1000,
+                "pid": self.rank,
                 "tid": 0,
+                **({"args": args} if args is not None else {}),
             }
-        )
+            for name, cat, start, end, args in self.events
+        ]
 
 
 active: Recorder | None = None
-"""The recorder of the :func:`trace` block this process is in, if any."""
+"""The recorder of the :func:`trace` block this process is in, if any.  It
+records the sync points of every thread of the process."""
+
+_starting = threading.Lock()
 
 
-@contextlib.contextmanager
-def trace(path: str | os.PathLike[str]) -> Iterator[None]:
+def trace(path: str | os.PathLike[str]) -> contextlib.AbstractContextManager[None]:
     """Record every sync point of this block, on every rank, into one Chrome
     trace-event file at ``path`` (open it in https://ui.perfetto.dev or
-    chrome://tracing; summarise it with ``python -m syncdeco summary PATH``).
+    chrome://tracing; read it with ``python -m syncdeco summary PATH``).
 
     Every rank must enter the block, and give the same ``path`` on a
-    filesystem the main rank can read: each rank writes its part to
-    ``PATH.parts/`` and, when the block ends normally, all ranks meet at a
-    sync point and the main rank merges the parts into ``PATH``.  If the
-    block raises, the ranks do not meet (one of them may be gone): each
-    leaves its part, and ``python -m syncdeco merge PATH`` merges them.
+    filesystem the main rank can read.  The end of the block is a sync
+    point, so every rank must reach it: each rank writes its part to
+    ``PATH.parts/``, the ranks meet, rank 0 merges the parts into ``PATH``,
+    and they meet again, so the file is complete when the block is left.
 
-    Recording costs a clock read and a list append per sync point and per
-    decorated call; outside the block syncdeco records nothing.  The Null
-    backend takes a fast path that records nothing: it has no one to wait for.
+    A rank that leaves the block with an exception still reaches that sync
+    point and reports it there: it re-raises its own exception, every rank
+    that left normally raises ``PeerFailedError`` (at once, as at any sync
+    point), and rank 0 merges the trace all the same.  A rank whose block
+    ended in ``SyncTimeoutError`` (a rank may be gone) or
+    ``SyncMismatchError`` (the ranks are out of step) does not meet: it
+    leaves its part, and ``python -m syncdeco merge PATH`` merges what is
+    there.  Writing or merging the file never fails the job: a problem there
+    is logged through the ``syncdeco`` logger.
+
+    Recording costs a clock read and a small tuple per sync point and per
+    decorated call, kept in memory until the block ends (about 200 bytes
+    each): trace a window of a job (an epoch), not a week of it.  Decorated
+    calls on the Null backend take a fast path that records nothing.
     """
-    from ._backend import get_backend
-    from ._decorate import barrier
+    return _Trace(Path(path), _caller(2))
 
-    global active
-    if active is not None:
-        raise SyncError(
-            "sd.trace() is already recording in this process; end that block "
-            "before starting another one"
-        )
-    target = Path(path)
-    recorder = active = Recorder()
-    failed = False
-    try:
-        yield
-    except BaseException:
-        failed = True
-        raise
-    finally:
+
+def _caller(depth: int) -> str:
+    frame = sys._getframe(depth)
+    return f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}"
+
+
+@final
+class _Trace:
+    __slots__ = ("location", "recorder", "target")
+
+    def __init__(self, target: Path, location: str) -> None:
+        self.target = target
+        self.location = location
+        self.recorder: Recorder | None = None
+
+    def __enter__(self) -> None:
+        from ._backend import get_backend
+
+        global active
+        rank = get_backend().rank()
+        with _starting:
+            if active is not None:
+                raise SyncError(
+                    f"rank {rank}: sd.trace({str(self.target)!r}) at {self.location} "
+                    f"started while this process is already recording a trace; end "
+                    f"that block before starting another one"
+                )
+            self.recorder = active = Recorder(rank)
+        # A part left by an earlier block that failed is not this block's.
+        with contextlib.suppress(OSError):
+            (_parts_dir(self.target) / f"rank{rank}.json").unlink()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        from ._backend import get_backend
+        from ._policy import Site, meet
+
+        global active
         active = None
+        recorder = self.recorder
+        assert recorder is not None
         backend = get_backend()
         rank, world_size = backend.rank(), backend.world_size()
-        part = _write_part(target, rank, world_size, recorder.events)
-        if failed:
+        try:
+            _write_part(self.target, rank, world_size, recorder.chrome_events())
+        except OSError as problem:
             _log.warning(
-                "[rank %d] the sd.trace() block raised, so its ranks did not merge their "
-                "parts; this rank's is in %s. Merge what is there with: "
-                "python -m syncdeco merge %s",
+                "[rank %d] could not write its part of the trace %s: %s",
                 rank,
-                part,
-                target,
+                self.target,
+                problem,
                 extra={"rank": rank},
             )
-    barrier(_MERGE_POINT)
-    if backend.rank() == 0:
-        missing = merge(target, world_size=world_size)
+        if isinstance(exc, (SyncTimeoutError, SyncMismatchError)):
+            _log.warning(
+                "[rank %d] the sd.trace() block ended in %s, so the ranks do not meet to "
+                "merge the trace (one may be gone, or they are out of step); merge the "
+                "parts that are there with: python -m syncdeco merge %s",
+                rank,
+                type(exc).__name__,
+                self.target,
+                extra={"rank": rank},
+            )
+            return
+        # The end of the block is a sync point.  A rank leaving it with an
+        # exception reports it there, so the others hear at once instead of
+        # waiting out the timeout; the ranks go on to the second sync point
+        # (the merged file is complete) only if none did.
+        site = Site(f"syncdeco.trace({self.target.name})", self.location)
+        failure = None if exc is None else Failure.from_exception(rank, exc)
+        try:
+            meet(backend, "barrier", site, failure=failure, timeout=DEFAULT)
+        except SyncTimeoutError as problem:
+            if exc is None:
+                raise
+            exc.add_note(f"syncdeco: at the end of sd.trace(): {problem}")
+            return
+        except SyncError as problem:  # every rank met, so every part is written
+            if rank == 0:
+                self._merge(world_size)
+            if exc is None:
+                raise  # another rank failed: leaving the block is where this one hears
+            exc.add_note(f"syncdeco: at the end of sd.trace(): {problem}")
+            return
+        if rank == 0:
+            self._merge(world_size)
+        if exc is None:
+            meet(backend, "barrier", Site(f"{site.name} merged", self.location), timeout=DEFAULT)
+
+    def _merge(self, world_size: int) -> None:
+        try:
+            missing = merge(self.target, world_size=world_size)
+        except (OSError, ValueError, SyncError) as problem:
+            _log.warning(
+                "[rank 0] could not merge the trace %s: %s", self.target, problem, extra={"rank": 0}
+            )
+            return
         if missing:
             _log.warning(
-                "[rank 0] the trace at %s lacks rank(s) %s: their parts were not found "
-                "in %s. Give sd.trace() a path on a filesystem every rank shares.",
-                target,
+                "[rank 0] the trace at %s lacks rank(s) %s: their parts are not in %s. "
+                "Either they could not write them (their logs say why), or %s is not "
+                "on a filesystem every rank shares.",
+                self.target,
                 missing,
-                _parts_dir(target),
+                _parts_dir(self.target),
+                self.target.parent,
                 extra={"rank": 0},
             )
 
@@ -181,23 +292,27 @@ def _dump_json(obj: object, file: IO[bytes]) -> None:
 
 def merge(path: str | os.PathLike[str], *, world_size: int | None = None) -> list[int]:
     """Merge the per-rank parts in ``PATH.parts/`` into the Chrome trace
-    ``PATH`` and remove the parts.  Returns the ranks whose part is missing
-    (of ``world_size``, or of the world size the parts recorded)."""
+    ``PATH`` and remove the parts it used.  ``world_size`` (default: what the
+    parts recorded) says which ranks belong; parts of other sizes are left
+    alone.  Returns the ranks whose part is missing."""
     from ._save import atomic_save
 
     target = Path(path)
     parts_dir = _parts_dir(target)
-    parts = [json.loads(p.read_text()) for p in sorted(parts_dir.glob("rank*.json"))]
-    if not parts:
+    found: dict[Path, dict[str, Any]] = {}
+    for file in sorted(parts_dir.glob("rank*.json")):
+        found[file] = json.loads(file.read_text())
+    if not found:
         raise SyncError(f"no trace parts to merge in {parts_dir}")
-    size = world_size or max(p["world_size"] for p in parts)
-    found = {p["rank"] for p in parts}
-    events = [e for p in parts for e in p["events"]]
+    size = world_size or max(p["world_size"] for p in found.values())
+    used = {f: p for f, p in found.items() if p["world_size"] == size and 0 <= p["rank"] < size}
+    ranks = sorted(p["rank"] for p in used.values())
+    events = [e for p in used.values() for e in p["events"]]
     start = min((e["ts"] for e in events), default=0.0)
     for event in events:
         event["ts"] -= start
     meta = []
-    for rank in sorted(found):
+    for rank in ranks:  # name the rows "rank R", in rank order
         meta.append(
             {"name": "process_name", "ph": "M", "pid": rank, "args": {"name": f"rank {rank}"}}
         )
@@ -208,17 +323,17 @@ def merge(path: str | os.PathLike[str], *, world_size: int | None = None) -> lis
         "traceEvents": meta + sorted(events, key=lambda e: (e["pid"], e["ts"])),
         "displayTimeUnit": "ms",
         "otherData": {
-            "producer": "syncdeco",
+            "producer": _PRODUCER,
             "world_size": size,
             "epoch_us": start,  # wall-clock time of ts 0, microseconds since the epoch
         },
     }
     atomic_save(document, target, save=_dump_json)
-    for part in parts_dir.glob("rank*.json"):
-        part.unlink()
+    for file in used:
+        file.unlink()
     with contextlib.suppress(OSError):
-        parts_dir.rmdir()
-    return [r for r in range(size) if r not in found]
+        parts_dir.rmdir()  # only if nothing else is left in it
+    return [r for r in range(size) if r not in ranks]
 
 
 # -- reading a trace ------------------------------------------------------------
@@ -261,6 +376,11 @@ def load(path: str | os.PathLike[str]) -> dict[str, Any]:
     document = json.loads(Path(path).read_text())
     if not isinstance(document, dict) or not isinstance(document.get("traceEvents"), list):
         raise ValueError(f"{path} is not a Chrome trace-event JSON object (no traceEvents list)")
+    if document.get("otherData", {}).get("producer") != _PRODUCER:
+        raise ValueError(
+            f"{path} is a Chrome trace, but not one sd.trace() wrote (no "
+            f'otherData.producer == "{_PRODUCER}"); syncdeco reads only its own'
+        )
     return document
 
 
@@ -283,7 +403,7 @@ def summarize(path: str | os.PathLike[str]) -> Summary:
             PointStats(
                 name=name,
                 location=calls[0][0]["args"]["location"],
-                calls=len(calls),
+                calls=len({events[0]["args"]["count"] for events in calls}),
                 total_wait_ms=sum(waits),
                 max_wait_ms=max(waits),
                 median_spread_ms=statistics.median(spreads),
@@ -297,7 +417,13 @@ def summarize(path: str | os.PathLike[str]) -> Summary:
             last[latest["pid"]].append(_spread(events) / 1000)
     stragglers = [StragglerStats(r, len(late), sum(late)) for r, late in last.items()]
     stragglers.sort(key=lambda s: s.late_ms, reverse=True)
+    # The ranks that raised first, then what the others were told.
     failures = [
+        f"rank {e['pid']} raised {e['args']['raised']} (reported at {e['name']}, "
+        f"call {e['args']['count']})"
+        for e in syncs
+        if "raised" in e["args"]
+    ] + [
         f"rank {e['pid']} at {e['name']} (call {e['args']['count']}): {e['args']['outcome']}"
         for e in syncs
         if e["args"]["outcome"] != "ok"
@@ -311,17 +437,27 @@ def _spread(events: list[dict[str, Any]]) -> float:
     return float(max(arrivals) - min(arrivals))
 
 
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def format_summary(summary: Summary, top: int = 10) -> str:
     """The summary as the text ``python -m syncdeco summary`` prints."""
-    lines = [f"syncdeco trace: {summary.world_size} ranks, {len(summary.points)} sync points"]
+    lines = [
+        f"syncdeco trace: {_plural(summary.world_size, 'rank')}, "
+        f"{_plural(len(summary.points), 'sync point')}"
+    ]
     lines.append("")
     lines.append(f"slowest sync points (by time all ranks spent waiting), top {top}:")
+    shown = summary.points[:top]
+    width = max([len("sync point"), *(len(p.name) for p in shown)])
     lines.append(
-        f"  {'sync point':<40} {'calls':>6} {'wait ms':>10} {'max ms':>9} {'spread ms':>10}  where"
+        f"  {'sync point':<{width}} {'calls':>6} {'wait ms':>10} {'max ms':>9} "
+        f"{'spread ms':>10}  where"
     )
-    for p in summary.points[:top]:
+    for p in shown:
         lines.append(
-            f"  {p.name:<40} {p.calls:>6} {p.total_wait_ms:>10.1f} {p.max_wait_ms:>9.1f} "
+            f"  {p.name:<{width}} {p.calls:>6} {p.total_wait_ms:>10.1f} {p.max_wait_ms:>9.1f} "
             f"{p.median_spread_ms:>10.1f}  {p.location}"
         )
     lines.append("")
@@ -352,7 +488,8 @@ def plot(path: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
         from matplotlib.patches import Patch
     except ImportError as exc:
         raise ImportError(
-            'drawing a timeline needs matplotlib: pip install "syncdeco[trace]"'
+            'drawing a timeline needs matplotlib: pip install "syncdeco[trace]" (in a '
+            'checkout: pip install -e ".[trace]")'
         ) from exc
     document = load(path)
     events = [e for e in document["traceEvents"] if e.get("ph") == "X"]
@@ -377,6 +514,8 @@ def plot(path: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
             (event["ts"] / 1e3, event["pid"] + 0.45),
             fontsize=7,
             va="bottom",
+            annotation_clip=True,
+            clip_on=True,  # a long name stops at the axes' edge
         )
     ax.set_yticks(ranks, [f"rank {r}" for r in ranks])
     ax.invert_yaxis()

@@ -109,7 +109,8 @@ def test_summary_finds_the_slowest_point_and_the_straggler(tmp_path: Path) -> No
         _sync(2, "barrier:log", 1, 200_000, 1_000),
     ]
     trace = tmp_path / "t.json"
-    trace.write_text(json.dumps({"traceEvents": events, "otherData": {"world_size": 3}}))
+    other = {"producer": "syncdeco", "world_size": 3}
+    trace.write_text(json.dumps({"traceEvents": events, "otherData": other}))
     summary = summarize(trace)
     assert [p.name for p in summary.points] == ["barrier:epoch", "barrier:log"]
     epoch = summary.points[0]
@@ -154,13 +155,60 @@ def traced_failure(tmp: Path) -> None:
         vocab()
 
 
-def test_a_block_that_raises_leaves_parts_to_merge(tmp_path: Path) -> None:
+def test_a_block_that_raises_is_merged_all_the_same(tmp_path: Path) -> None:
     outcomes = run_ranks(traced_failure, 2, tmp_path)
     assert isinstance(outcomes[0].error, FileNotFoundError)
     assert isinstance(outcomes[1].error, sd.PeerFailedError)
+    assert not (tmp_path / "trace.json.parts").exists()
+    summary = sd_summary(tmp_path / "trace.json")
+    failed = summary.split("sync points that failed:")[1].splitlines()[1:]
+    assert failed[0].strip().startswith("rank 0 raised FileNotFoundError: vocab.txt"), failed
+    assert "rank 1 at on_main_only:vocab (call 1): PeerFailedError: rank 0 raised" in summary
+
+
+def one_rank_raises_late(tmp: Path) -> None:
+    # Rank 1 raises outside any sync point; rank 0 finishes its block and
+    # must hear of it at the block's end, not wait out the timeout there.
+    sd.init(timeout=60)
+    with sd.trace(tmp / "trace.json"):
+        sd.barrier("inside")
+        if sd.rank() == 1:
+            raise KeyError("bad batch")
+
+
+def test_a_rank_that_raises_is_reported_at_the_end_of_the_block(tmp_path: Path) -> None:
+    outcomes = run_ranks(one_rank_raises_late, 2, tmp_path, timeout=50)
+    assert isinstance(outcomes[1].error, KeyError)
+    err = outcomes[0].error
+    assert isinstance(err, sd.PeerFailedError), outcomes[0].tb
+    assert err.rank == 1 and err.exc_type == "KeyError"
+    assert "syncdeco.trace(trace.json)" in str(err) and "test_trace.py:" in str(err)
+    names = {e["name"] for e in json.loads((tmp_path / "trace.json").read_text())["traceEvents"]}
+    assert "barrier:inside" in names
+
+
+def a_timeout_inside(tmp: Path) -> None:
+    sd.init(timeout=2)
+    with sd.trace(tmp / "trace.json"):
+        if sd.rank() == 0:
+            try:
+                sd.barrier("alone", timeout=0.5)  # rank 1 is not coming yet
+            finally:
+                (tmp / "gave-up").write_text("")
+        else:
+            _wait_for(tmp / "gave-up")
+
+
+def test_a_block_that_timed_out_leaves_parts_to_merge(tmp_path: Path) -> None:
+    outcomes = run_ranks(a_timeout_inside, 2, tmp_path)
+    assert isinstance(outcomes[0].error, sd.SyncTimeoutError)
+    # Rank 0 left without meeting; rank 1, which left its block normally,
+    # reached the block's end after rank 0 had given up on it and is told so.
+    err = outcomes[1].error
+    assert isinstance(err, sd.SyncTimeoutError), outcomes[1].tb
+    assert "syncdeco.trace(trace.json)" in str(err) and "too late" in str(err)
     parts = tmp_path / "trace.json.parts"
     assert sorted(p.name for p in parts.iterdir()) == ["rank0.json", "rank1.json"]
-    assert not (tmp_path / "trace.json").exists()
     merged = subprocess.run(
         [sys.executable, "-m", "syncdeco", "merge", str(tmp_path / "trace.json")],
         capture_output=True,
@@ -168,9 +216,20 @@ def test_a_block_that_raises_leaves_parts_to_merge(tmp_path: Path) -> None:
         check=True,
     )
     assert "merged into" in merged.stdout
-    summary = sd_summary(tmp_path / "trace.json")
-    assert "sync points that failed" in summary
-    assert "rank 1 at on_main_only:vocab (call 1): PeerFailedError: rank 0 raised" in summary
+    names = {e["name"] for e in json.loads((tmp_path / "trace.json").read_text())["traceEvents"]}
+    assert "barrier:alone" in names
+
+
+def two_blocks(tmp: Path) -> int:
+    for _ in range(5):  # one path, back to back, no sync point inside
+        with sd.trace(tmp / "trace.json"):
+            pass
+    return len(json.loads((tmp / "trace.json").read_text())["traceEvents"])
+
+
+def test_blocks_back_to_back_on_one_path(tmp_path: Path) -> None:
+    counts = [o.unwrap() for o in run_ranks(two_blocks, 3, tmp_path)]
+    assert counts == [6, 6, 6]  # names and order of 3 ranks, no events: every part merged
 
 
 def test_trace_on_one_process(tmp_path: Path) -> None:
