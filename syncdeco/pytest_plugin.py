@@ -84,14 +84,24 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     try:
         outcomes = run_ranks(_run_test, world_size, ref, kwargs, **options)
     except HungRanksError as exc:
-        pytest.fail(f"@pytest.mark.ranks({world_size}): {exc}", pytrace=False)
+        hung: HungRanksError | None = exc
+    else:
+        hung = None
+    if hung is not None:
+        pytest.fail(f"@pytest.mark.ranks({world_size}): {hung}", pytrace=False)
     failed = [o for o in outcomes if o.error is not None]
-    skipped = [o.value for o in outcomes if isinstance(o.value, _Skipped)]
-    if skipped and not failed:
-        pytest.skip(skipped[0].reason)
+    passed_on = [o.value for o in outcomes if isinstance(o.value, _Outcome)]
+    if not failed and passed_on:
+        first = passed_on[0]
+        if first.kind == "xfail":
+            pytest.xfail(first.reason)
+        pytest.skip(first.reason)
     if failed:
+        # The ranks that raised on their own first, then those told of it.
+        failed.sort(key=lambda o: (type(o.error).__name__ == "PeerFailedError", o.rank))
+        which = ", ".join(f"rank {o.rank} {type(o.error).__name__}" for o in failed)
         pytest.fail(
-            f"{len(failed)} of {world_size} ranks failed\n"
+            f"{len(failed)} of {world_size} ranks failed ({which})\n"
             + "\n".join(f"--- rank {o.rank} of {world_size} ---\n{o.tb}" for o in failed),
             pytrace=False,
         )
@@ -152,16 +162,19 @@ class _TestRef:
         return module
 
 
-class _Skipped:
-    """A rank called pytest.skip (pytest's Skipped exception does not pickle)."""
+class _Outcome:
+    """A rank called pytest.skip or pytest.xfail (their exceptions do not
+    pickle): the test is skipped or xfailed if no rank failed."""
 
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
+    def __init__(self, kind: str, reason: str) -> None:
+        self.kind, self.reason = kind, reason
 
 
-def _run_test(ref: _TestRef, kwargs: dict[str, Any]) -> _Skipped | None:
+def _run_test(ref: _TestRef, kwargs: dict[str, Any]) -> _Outcome | None:
     try:
         ref.load()(**kwargs)
     except pytest.skip.Exception as exc:
-        return _Skipped(str(exc))
+        return _Outcome("skip", str(exc))
+    except pytest.xfail.Exception as exc:
+        return _Outcome("xfail", str(exc))
     return None

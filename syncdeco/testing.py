@@ -23,6 +23,7 @@ module level.  The pytest plugin (``@pytest.mark.ranks(n)``) is built on it.
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import multiprocessing as mp
 import os
@@ -113,6 +114,7 @@ def run_ranks(
             conns = []
             for rank in range(world_size):
                 env = {
+                    **os.environ,
                     **launcher_env(launcher, rank, world_size, per_node),
                     "MASTER_ADDR": "127.0.0.1",
                     "MASTER_PORT": str(store.port),
@@ -131,10 +133,11 @@ def run_ranks(
                 conns.append(parent)
             return _collect(procs, conns, timeout, dies, Path(scratch))
         finally:
-            # _collect waited for every process to exit; what is left is hung
+            # _collect waited for every process to exit; what is left is hung,
+            # and so is anything a rank started and left running.
             for proc in procs:
-                if proc.is_alive():
-                    proc.kill()
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
                 proc.join(5)
             del store
 
@@ -184,37 +187,75 @@ def _child(
 ) -> None:
     import torch.distributed as dist
 
+    # Its own process group, so that the parent can kill whatever it starts.
+    os.setsid()
+    # The forkserver's environment is the parent's when it started; the
+    # parent sends its environment as it is now.
+    os.environ.clear()
     os.environ.update(env)
     # On a hang the parent sends SIGUSR1 and shows where each rank was stuck.
     stacks = open(os.path.join(scratch, f"rank{rank}.stacks"), "w")
     faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
     try:
-        if init:
-            store = dist.TCPStore(  # type: ignore[attr-defined]
-                env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size, is_master=False
-            )
-            dist.init_process_group(
-                "gloo",
-                store=store,
-                rank=rank,
-                world_size=world_size,
-                timeout=timedelta(seconds=120),
-            )
         try:
+            if init:
+                store = dist.TCPStore(  # type: ignore[attr-defined]
+                    env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size, is_master=False
+                )
+                dist.init_process_group(
+                    "gloo",
+                    store=store,
+                    rank=rank,
+                    world_size=world_size,
+                    timeout=timedelta(seconds=120),
+                )
             out = Outcome(rank, value=fn(*args))
         except BaseException as exc:
-            out = Outcome(rank, error=exc, tb=traceback.format_exc())
-        try:
-            payload = pickle.dumps(out)
-        except Exception:
-            payload = pickle.dumps(
-                Outcome(rank, error=RuntimeError(repr(out.error or out.value)), tb=out.tb)
-            )
-        conn.send_bytes(payload)
+            out = Outcome(rank, error=exc, tb=_format(exc))
+        conn.send_bytes(_dumps(out))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
         conn.close()
+
+
+def _dumps(out: Outcome) -> bytes:
+    # An outcome must also load in the parent: an exception whose __init__
+    # takes other arguments than it keeps pickles but does not unpickle.
+    try:
+        payload = pickle.dumps(out)
+        pickle.loads(payload)
+        return payload
+    except Exception:
+        what = out.error if out.error is not None else out.value
+        error = RuntimeError(f"{type(what).__name__} (not picklable): {what!r}")
+        return pickle.dumps(Outcome(out.rank, error=error, tb=out.tb))
+
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _format(exc: BaseException) -> str:
+    """The traceback without syncdeco's own frames (the harness, the
+    decorators' machinery): what is left is the code under test."""
+    report = traceback.TracebackException.from_exception(exc)
+    for part in _chain(report):
+        kept = [f for f in part.stack if not os.path.abspath(f.filename).startswith(_HERE)]
+        part.stack = traceback.StackSummary.from_list(kept or part.stack[-1:])
+    return "".join(report.format())
+
+
+def _chain(report: traceback.TracebackException) -> list[traceback.TracebackException]:
+    parts, seen = [], set()
+    todo: list[traceback.TracebackException | None] = [report]
+    while todo:
+        part = todo.pop()
+        if part is None or id(part) in seen:
+            continue
+        seen.add(id(part))
+        parts.append(part)
+        todo += [part.__cause__, part.__context__]
+    return parts
 
 
 def _collect(
@@ -272,5 +313,6 @@ def _stacks(procs: list[Any], ranks: list[int], scratch: Path) -> str:
     for rank in ranks:
         path = scratch / f"rank{rank}.stacks"
         text = path.read_text() if path.exists() else ""
-        out.append(f"--- rank {rank} ---\n{text or '(no stack: the process had exited)'}")
+        stack = text or "(no stack: the process had exited)"
+        out.append(f"--- rank {rank} of {len(procs)} ---\n{stack}")
     return "\n".join(out)
