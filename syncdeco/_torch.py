@@ -700,6 +700,19 @@ def _watch(ref: weakref.ref[_Channel]) -> None:
 _channel_lock = threading.Lock()
 _channel: _Channel | None = None
 
+# The last default group this process saw, with its rank and world size
+# there: after destroy_process_group() they are still its rank facts, and a
+# sync point raises instead of finding no group and running alone on the
+# Null backend.
+_last_group: tuple[object, int, int] | None = None
+
+
+def _remember_group() -> None:
+    global _last_group
+    group = dist.distributed_c10d._get_default_group()
+    if _last_group is None or _last_group[0] is not group:
+        _last_group = (group, dist.get_rank(), dist.get_world_size())
+
 
 def _channel_for_default_group(env: Mapping[str, str]) -> _Channel:
     global _channel
@@ -707,6 +720,7 @@ def _channel_for_default_group(env: Mapping[str, str]) -> _Channel:
     with _channel_lock:
         if _channel is None or _channel.group is not group:
             _channel = _Channel(group, env)
+            _remember_group()
         return _channel
 
 
@@ -743,15 +757,17 @@ class TorchBackend:
             )
         return launch
 
-    def ensure_group(self) -> None:
+    def ensure_group(self, point: SyncPoint | None = None) -> None:
         """Initialise the default process group from the launcher's
-        environment unless one exists.  Every rank must call it."""
+        environment unless one exists.  Every rank must call it.  Raises
+        ``SyncError`` if this process's group has been destroyed."""
         if dist.is_initialized():
             return
-        if _channel is not None:
+        if _last_group is not None:
+            where = f"at {point.describe()}" if point is not None else "before a sync point"
             raise SyncError(
-                f"rank {_channel.rank}: the process group syncdeco was using has been "
-                f"destroyed (torch.distributed.destroy_process_group()), so no sync "
+                f"rank {_last_group[1]} {where}: the process group this process used has "
+                f"been destroyed (torch.distributed.destroy_process_group()), so no sync "
                 f"point can be reached. Move sync points before the teardown, or "
                 f"call init_process_group() again first."
             )
@@ -769,8 +785,8 @@ class TorchBackend:
                 world_size=launch.world_size,
             )
 
-    def _channel(self) -> _Channel:
-        self.ensure_group()
+    def _channel(self, point: SyncPoint | None = None) -> _Channel:
+        self.ensure_group(point)
         return _channel_for_default_group(self._env)
 
     def prepare(self) -> None:
@@ -789,15 +805,15 @@ class TorchBackend:
     def rank(self) -> int:
         if dist.is_initialized():
             return dist.get_rank()
-        if _channel is not None:
-            return _channel.rank
+        if _last_group is not None:
+            return _last_group[1]
         return self._launch().rank
 
     def world_size(self) -> int:
         if dist.is_initialized():
             return dist.get_world_size()
-        if _channel is not None:
-            return _channel.world_size
+        if _last_group is not None:
+            return _last_group[2]
         return self._launch().world_size
 
     def local_rank(self) -> int:
@@ -817,7 +833,7 @@ class TorchBackend:
 
         Under ``torch.profiler`` the wait shows up as
         ``syncdeco.<kind>:<name>``; without a profiler this costs nothing."""
-        channel = self._channel()
+        channel = self._channel(point)
         if torch.autograd.profiler._is_profiler_enabled:
             with torch.profiler.record_function(f"syncdeco.{point.kind}:{point.name}"):
                 return channel.sync(point, local, failure, payload, timeout)
@@ -839,9 +855,9 @@ def forget_environment() -> None:
 
 def _forget_in_child() -> None:
     # A forked child (notebook_launcher, multiprocessing) gets its own
-    # variables, and is no member of the parent's channel.
-    global _channel
-    _channel = None
+    # variables, and is no member of the parent's group or channel.
+    global _channel, _last_group
+    _channel = _last_group = None
     forget_environment()
 
 
@@ -852,8 +868,12 @@ def auto_backend(env: Mapping[str, str]) -> TorchBackend | None:
     """The backend for an initialised group or a launcher's job, if any."""
     if not _DISTRIBUTED:
         return None
-    if dist.is_initialized() or _channel is not None:
-        return _AUTO  # with _channel but no group, a sync point says it was destroyed
+    if dist.is_initialized():
+        _remember_group()
+        return _AUTO
+    if _last_group is not None:
+        return _AUTO  # its group was destroyed: a sync point says so, rank facts stay
+
     if not _launched:
         launch = detect_launch(env)  # raises on a broken environment, every time
         _launched.append(launch is not None and launch.world_size > 1)

@@ -739,6 +739,24 @@ def test_sync_after_teardown_of_a_group_no_launcher_described() -> None:
     assert (sd.rank(), sd.world_size()) == (rank, 2)  # still this process's rank
 
 
+@pytest.mark.ranks(2)
+def test_teardown_before_any_sync_point() -> None:
+    import torch.distributed as dist
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK"):
+        del os.environ[key]
+    rank = sd.rank()  # syncdeco has seen the group, nothing more
+    dist.destroy_process_group()
+    with pytest.raises(sd.SyncError, match=r"rank \d at barrier 'after teardown'.*destroyed"):
+        sd.barrier("after teardown")
+
+    @sd.on_main_only(default="skipped")
+    def save() -> str:
+        return "saved"
+
+    assert save() == ("saved" if rank == 0 else "skipped")  # not "saved" on both
+
+
 # -- results that hold tensors ------------------------------------------------------------
 
 
