@@ -23,6 +23,7 @@ import ctypes
 import functools
 import io
 import logging
+import mmap
 import os
 import pickle
 import sys
@@ -579,7 +580,11 @@ def _wire_device() -> torch.device:
 
 
 _HUGE_PAGE: Final = 2 << 20
-_PAGE: Final = 4096
+_PAGE: Final = mmap.PAGESIZE
+# glibc serves an allocation this large from a mapping of its own (its mmap
+# threshold never rises above it on 64-bit), so advice given to the buffer's
+# pages goes away with the buffer instead of staying on the heap.
+_OWN_MAPPING: Final = 32 << 20
 _MADV_HUGEPAGE: Final = 14  # Linux; harmless where transparent huge pages are off
 _MADV_POPULATE_WRITE: Final = 23  # Linux 5.14+; older kernels refuse it, harmlessly
 
@@ -604,16 +609,17 @@ def _receive_buffer(shape: Sequence[int], dtype: torch.dtype, device: torch.devi
     Writing into fresh memory page-faults once per 4 KiB page, which costs a
     large CPU broadcast more than the copy itself (measured: 64 MiB over
     Gloo at 2 ranks, 32 ms into a new tensor against 15 ms into a reused
-    one).  So the buffer asks for transparent huge pages on its 2 MiB-aligned
-    interior (what torch's THP_MEM_ALLOC_ENABLE does, for this buffer only)
-    and is faulted in with one call before the broadcast starts: about
-    21 ms.  Faulting huge pages in during the receive instead was faster at
-    the median but had 50 to 180 ms outliers.  Both calls are advice: where
-    the kernel refuses them, the buffer is an ordinary one.
+    one).  So a buffer of 32 MiB or more, which has a mapping of its own,
+    asks for transparent huge pages on its 2 MiB-aligned interior (what
+    torch's THP_MEM_ALLOC_ENABLE does, for this buffer only) and is faulted
+    in with one call before the broadcast starts: about 21 ms.  Faulting
+    huge pages in during the receive instead was faster at the median but
+    had 50 to 180 ms outliers.  Both calls are advice: where the kernel
+    refuses them, the buffer is an ordinary one.
     """
     tensor = torch.empty(shape, dtype=dtype, device=device)
     nbytes = tensor.numel() * tensor.element_size()
-    if device.type == "cpu" and nbytes >= 2 * _HUGE_PAGE and (madvise := _madvise()):
+    if device.type == "cpu" and nbytes >= _OWN_MAPPING and (madvise := _madvise()):
         start, end = tensor.data_ptr(), tensor.data_ptr() + nbytes
         first = -(-start // _HUGE_PAGE) * _HUGE_PAGE
         last = end // _HUGE_PAGE * _HUGE_PAGE

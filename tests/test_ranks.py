@@ -811,8 +811,8 @@ def test_large_tensor_results_arrive_intact() -> None:
 
     def expected() -> dict[str, torch.Tensor]:
         return {
-            "a": torch.arange(3 * 2**20 + 7, dtype=torch.float64),  # 24 MiB and 56 bytes
-            "b": torch.arange(5 * 2**20 + 1, dtype=torch.int32) % 251,  # 20 MiB and 4 bytes
+            "a": torch.arange(5 * 2**20 + 7, dtype=torch.float64),  # 40 MiB and 56 bytes
+            "b": torch.arange(9 * 2**20 + 1, dtype=torch.int32) % 251,  # 36 MiB and 4 bytes
         }
 
     @sd.on_main_only(broadcast=True)
