@@ -196,3 +196,17 @@ def test_atomic_save_replaces_and_cleans_up(tmp_path: Path) -> None:
         sd.atomic_save({"step": 3}, ckpt, save=broken)
     assert torch.load(ckpt) == {"step": 2}
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_atomic_save_gives_the_mode_open_would(tmp_path: Path) -> None:
+    old = os.umask(0o027)
+    try:
+        fresh = sd.atomic_save({"step": 1}, tmp_path / "fresh.pt")
+        assert fresh.stat().st_mode & 0o777 == 0o640  # 0666 less the umask, not 0600
+        kept = tmp_path / "kept.pt"
+        kept.write_bytes(b"old")
+        kept.chmod(0o604)
+        sd.atomic_save({"step": 2}, kept)
+        assert kept.stat().st_mode & 0o777 == 0o604  # the file it replaced had this one
+    finally:
+        os.umask(old)
