@@ -55,6 +55,10 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module 'syncdeco' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
 __all__ = [
     "DEFAULT",
     "Backend",
