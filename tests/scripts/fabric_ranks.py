@@ -27,7 +27,7 @@ try:
 except sd.LaunchEnvError as err:
     before = f"LaunchEnvError: {err}"
 env = " ".join(f"{k}={os.environ.get(k)}" for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-print(f"[before fabric.launch(), {env}] syncdeco says {before}", flush=True)
+print(f"[before fabric.launch(), {env}] syncdeco says {before}\n", end="", flush=True)
 
 fabric = Fabric(accelerator="cpu", devices=2, strategy="ddp")
 fabric.launch()

@@ -18,7 +18,9 @@ TIMEOUT = 60  # seconds: a broken sync point raises SyncTimeoutError, never hang
 
 
 def say(text: str) -> None:
-    print(f"[rank {sd.rank()}/{sd.world_size()}] {text}", flush=True)
+    # One write per line, newline included: two ranks share the output, and
+    # with PYTHONUNBUFFERED print writes the text and the newline apart.
+    print(f"[rank {sd.rank()}/{sd.world_size()}] {text}\n", end="", flush=True)
 
 
 def wait_for(path: Path) -> None:
