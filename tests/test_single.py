@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import pickle
 import re
 from collections.abc import Iterator
@@ -491,3 +492,35 @@ def test_errors_carry_facts_and_survive_pickling() -> None:
     assert "rank(s) 2, 5 did not arrive" in str(timeout)
     assert "rank 0 at a" in str(mismatch) and "ranks 1, 2 at b" in str(mismatch)
     assert isinstance(comp, TypeError)
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The VmFlags of the mapping of this process that holds ``address``."""
+    inside = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                start, end = (int(x, 16) for x in head.split("-"))
+                inside = start <= address < end
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(
+    not os.path.exists("/sys/kernel/mm/transparent_hugepage"), reason="Linux with THP only"
+)
+def test_only_large_receive_buffers_get_huge_page_advice() -> None:
+    # Advice is given only where the buffer has a mapping of its own, so it
+    # goes away with the buffer instead of staying on the heap.
+    import torch
+
+    from syncdeco._torch import _receive_buffer
+
+    big = _receive_buffer((40 << 20,), torch.uint8, torch.device("cpu"))
+    assert "hg" in _vm_flags(big.data_ptr() + (4 << 20))
+    small = _receive_buffer((8 << 20,), torch.uint8, torch.device("cpu"))
+    assert "hg" not in _vm_flags(small.data_ptr() + (4 << 20))
+    big[:] = 1  # ordinary, writable memory
+    assert int(big[-1]) == 1

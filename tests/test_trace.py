@@ -232,6 +232,24 @@ def test_blocks_back_to_back_on_one_path(tmp_path: Path) -> None:
     assert counts == [6, 6, 6]  # names and order of 3 ranks, no events: every part merged
 
 
+def test_summary_keeps_the_nodes_of_a_local_sync_point_apart(tmp_path: Path) -> None:
+    # One local=True call on two nodes is two meetings (ranks 0, 2 on one
+    # node and 1, 3 on the other, as SLURM's cyclic placement numbers them):
+    # one call, and each node's straggler judged against its own node only.
+    def local(rank: int, node: str, ts: float) -> dict[str, Any]:
+        event = _sync(rank, "main_first:load", 1, ts, 10)
+        event["args"]["scope"] = f"node SLURM_NODEID={node}"
+        return event
+
+    events = [local(0, "0", 0), local(2, "0", 5_000), local(1, "1", 100_000), local(3, "1", 0)]
+    trace = tmp_path / "t.json"
+    other = {"producer": "syncdeco", "world_size": 4}
+    trace.write_text(json.dumps({"traceEvents": events, "otherData": other}))
+    summary = summarize(trace)
+    assert [(p.name, p.calls) for p in summary.points] == [("main_first:load", 1)]
+    assert [(s.rank, s.late_ms) for s in summary.stragglers] == [(1, 100.0), (2, 5.0)]
+
+
 def test_trace_on_one_process(tmp_path: Path) -> None:
     @sd.barrier_after
     def step() -> None: ...
