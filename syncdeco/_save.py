@@ -36,14 +36,8 @@ def atomic_save(
     target = Path(path)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
-        # mkstemp makes the file private (0600); give it the mode open()
-        # would have: the old file's, or what the umask allows.
-        try:
-            mode = target.stat().st_mode & 0o7777
-        except FileNotFoundError:
-            mode = 0o666 & ~_umask()
-        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as tmp:
+            _chmod_like_open(tmp.fileno(), target)
             save(obj, tmp)
             tmp.flush()
             os.fsync(tmp.fileno())
@@ -54,6 +48,20 @@ def atomic_save(
         raise
     _fsync_dir(target.parent)
     return target
+
+
+def _chmod_like_open(fd: int, target: Path) -> None:
+    # mkstemp makes the file private (0600); give it the mode open() would
+    # have: the old file's, or what the umask allows.  Where the filesystem
+    # or the platform cannot (no os.fchmod on Windows before 3.13), keep it.
+    if not hasattr(os, "fchmod"):
+        return
+    try:
+        mode = target.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        mode = 0o666 & ~_umask()
+    with contextlib.suppress(OSError):
+        os.fchmod(fd, mode)
 
 
 def _umask() -> int:

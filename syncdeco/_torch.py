@@ -790,6 +790,7 @@ class TorchBackend:
                 rank=launch.rank,
                 world_size=launch.world_size,
             )
+        _remember_group()
 
     def _channel(self, point: SyncPoint | None = None) -> _Channel:
         self.ensure_group(point)

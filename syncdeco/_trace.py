@@ -29,7 +29,7 @@ from typing import IO, Any, Final, TypeVar, final
 
 from ._backend import DEFAULT, Backend, Failure, SyncPoint
 from ._env import node_key
-from ._errors import SyncError, SyncMismatchError, SyncTimeoutError
+from ._errors import PeerFailedError, SyncError, SyncMismatchError, SyncTimeoutError
 
 __all__ = ["Recorder", "active", "merge", "plot", "summarize", "trace"]
 
@@ -51,11 +51,13 @@ class Recorder:
     """The events of one rank.  Times are wall-clock nanoseconds, so ranks
     on one host (or on hosts with synchronised clocks) line up."""
 
-    __slots__ = ("events", "rank")
+    __slots__ = ("events", "unmet")
 
-    def __init__(self, rank: int) -> None:
-        self.rank = rank
+    def __init__(self) -> None:
         self.events: list[_Event] = []
+        # A sync point of this block ended in a timeout or a mismatch: the
+        # ranks may be out of step (or gone), and must not count on meeting.
+        self.unmet = False
 
     def sync(
         self,
@@ -76,6 +78,8 @@ class Recorder:
             )
         except BaseException as exc:
             outcome = f"{type(exc).__name__}: {exc}".split("\n")[0]
+            if isinstance(exc, (SyncTimeoutError, SyncMismatchError)):
+                self.unmet = True
             raise
         finally:
             args: dict[str, object] = {
@@ -85,7 +89,8 @@ class Recorder:
                 "scope": f"node {node_key(os.environ)}" if local else "world",
                 "outcome": outcome,
             }
-            if failure is not None:  # this rank raised, and told the others here
+            if failure is not None and failure.exc_type != "PeerFailedError":
+                # this rank raised, and told the others here
                 args["raised"] = f"{failure.exc_type}: {failure.message}".split("\n")[0]
             name = f"{point.kind}:{point.name}"
             self.events.append((name, "sync", arrived, time.time_ns(), args))
@@ -105,7 +110,7 @@ class Recorder:
         finally:
             self.events.append((name, "run", started, time.time_ns(), None))
 
-    def chrome_events(self) -> list[dict[str, Any]]:
+    def chrome_events(self, rank: int) -> list[dict[str, Any]]:
         return [
             {
                 "name": name,
@@ -113,7 +118,7 @@ class Recorder:
                 "ph": "X",
                 "ts": start / 1000,
                 "dur": (end - start) / 1000,
-                "pid": self.rank,
+                "pid": rank,
                 "tid": 0,
                 **({"args": args} if args is not None else {}),
             }
@@ -183,7 +188,7 @@ class _Trace:
                     f"started while this process is already recording a trace; end "
                     f"that block before starting another one"
                 )
-            self.recorder = active = Recorder(rank)
+            self.recorder = active = Recorder()
         # A part left by an earlier block that failed is not this block's.
         with contextlib.suppress(OSError):
             (_parts_dir(self.target) / f"rank{rank}.json").unlink()
@@ -204,7 +209,7 @@ class _Trace:
         backend = get_backend()
         rank, world_size = backend.rank(), backend.world_size()
         try:
-            _write_part(self.target, rank, world_size, recorder.chrome_events())
+            _write_part(self.target, rank, world_size, recorder.chrome_events(rank))
         except OSError as problem:
             _log.warning(
                 "[rank %d] could not write its part of the trace %s: %s",
@@ -213,16 +218,10 @@ class _Trace:
                 problem,
                 extra={"rank": rank},
             )
-        if isinstance(exc, (SyncTimeoutError, SyncMismatchError)):
-            _log.warning(
-                "[rank %d] the sd.trace() block ended in %s, so the ranks do not meet to "
-                "merge the trace (one may be gone, or they are out of step); merge the "
-                "parts that are there with: python -m syncdeco merge %s",
-                rank,
-                type(exc).__name__,
-                self.target,
-                extra={"rank": rank},
-            )
+        if exc is not None and (
+            isinstance(exc, (SyncTimeoutError, SyncMismatchError)) or recorder.unmet
+        ):
+            self._leave_parts(rank, "a sync point in it timed out or was mismatched")
             return
         # The end of the block is a sync point.  A rank leaving it with an
         # exception reports it there, so the others hear at once instead of
@@ -237,9 +236,11 @@ class _Trace:
                 raise
             exc.add_note(f"syncdeco: at the end of sd.trace(): {problem}")
             return
-        except SyncError as problem:  # every rank met, so every part is written
-            if rank == 0:
-                self._merge(world_size)
+        except SyncError as problem:
+            if isinstance(problem, PeerFailedError) and rank == 0:
+                self._merge(world_size)  # every rank met, so every part is written
+            elif not isinstance(problem, PeerFailedError):
+                self._leave_parts(rank, f"its end raised {type(problem).__name__}")
             if exc is None:
                 raise  # another rank failed: leaving the block is where this one hears
             exc.add_note(f"syncdeco: at the end of sd.trace(): {problem}")
@@ -249,10 +250,22 @@ class _Trace:
         if exc is None:
             meet(backend, "barrier", Site(f"{site.name} merged", self.location), timeout=DEFAULT)
 
+    def _leave_parts(self, rank: int, why: str) -> None:
+        _log.warning(
+            "[rank %d] the ranks do not meet to merge the trace %s (%s: they may be out "
+            "of step, or one may be gone); merge the parts that are there with: "
+            "python -m syncdeco merge %s",
+            rank,
+            self.target,
+            why,
+            self.target,
+            extra={"rank": rank},
+        )
+
     def _merge(self, world_size: int) -> None:
         try:
             missing = merge(self.target, world_size=world_size)
-        except (OSError, ValueError, SyncError) as problem:
+        except Exception as problem:  # the trace is diagnostics: never fail the job here
             _log.warning(
                 "[rank 0] could not merge the trace %s: %s", self.target, problem, extra={"rank": 0}
             )
@@ -293,7 +306,7 @@ def _dump_json(obj: object, file: IO[bytes]) -> None:
 def merge(path: str | os.PathLike[str], *, world_size: int | None = None) -> list[int]:
     """Merge the per-rank parts in ``PATH.parts/`` into the Chrome trace
     ``PATH`` and remove the parts it used.  ``world_size`` (default: what the
-    parts recorded) says which ranks belong; parts of other sizes are left
+    newest part recorded) says which ranks belong; parts of other sizes are left
     alone.  Returns the ranks whose part is missing."""
     from ._save import atomic_save
 
@@ -301,10 +314,17 @@ def merge(path: str | os.PathLike[str], *, world_size: int | None = None) -> lis
     parts_dir = _parts_dir(target)
     found: dict[Path, dict[str, Any]] = {}
     for file in sorted(parts_dir.glob("rank*.json")):
-        found[file] = json.loads(file.read_text())
+        try:
+            part = json.loads(file.read_text())
+            if isinstance(part["rank"], int) and isinstance(part["world_size"], int):
+                part["events"] = list(part["events"])
+                found[file] = part
+        except (OSError, ValueError, KeyError, TypeError):
+            _log.warning("skipping %s: not a trace part syncdeco wrote", file)
     if not found:
         raise SyncError(f"no trace parts to merge in {parts_dir}")
-    size = world_size or max(p["world_size"] for p in found.values())
+    # Without a world size, the newest part says which run this is.
+    size = world_size or found[max(found, key=lambda f: f.stat().st_mtime_ns)]["world_size"]
     used = {f: p for f, p in found.items() if p["world_size"] == size and 0 <= p["rank"] < size}
     ranks = sorted(p["rank"] for p in used.values())
     events = [e for p in used.values() for e in p["events"]]

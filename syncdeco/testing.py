@@ -138,6 +138,8 @@ def run_ranks(
             for proc in procs:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(proc.pid, signal.SIGKILL)
+                if proc.is_alive():  # not yet its own group leader: still starting
+                    proc.kill()
                 proc.join(5)
             del store
 
@@ -240,7 +242,7 @@ def _format(exc: BaseException) -> str:
     decorators' machinery): what is left is the code under test."""
     report = traceback.TracebackException.from_exception(exc)
     for part in _chain(report):
-        kept = [f for f in part.stack if not os.path.abspath(f.filename).startswith(_HERE)]
+        kept = [f for f in part.stack if not os.path.abspath(f.filename).startswith(_HERE + os.sep)]
         part.stack = traceback.StackSummary.from_list(kept or part.stack[-1:])
     return "".join(report.format())
 
@@ -274,6 +276,8 @@ def _collect(
                 outcomes[rank] = pickle.loads(conn.recv_bytes())
             except EOFError:
                 pass
+            except Exception as exc:  # the child checked it loads; this is a last resort
+                outcomes[rank] = Outcome(rank, error=RuntimeError(f"outcome did not load: {exc!r}"))
     for rank in dies:
         procs[rank].join(left())
         if outcomes[rank] is None and procs[rank].exitcode == -signal.SIGKILL:

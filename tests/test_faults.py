@@ -210,3 +210,17 @@ def test_atomic_save_gives_the_mode_open_would(tmp_path: Path) -> None:
         assert kept.stat().st_mode & 0o777 == 0o604  # the file it replaced had this one
     finally:
         os.umask(old)
+
+
+def test_atomic_save_where_the_mode_cannot_be_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(fd: int, mode: int) -> None:
+        raise PermissionError("this filesystem keeps its own modes")
+
+    monkeypatch.setattr(os, "fchmod", refuse)
+    open_fds = len(os.listdir("/proc/self/fd"))
+    for step in range(5):
+        sd.atomic_save({"step": step}, tmp_path / "ckpt.pt")
+    assert len(os.listdir("/proc/self/fd")) == open_fds  # no descriptor left open
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]

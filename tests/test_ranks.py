@@ -739,6 +739,18 @@ def test_sync_after_teardown_of_a_group_no_launcher_described() -> None:
     assert (sd.rank(), sd.world_size()) == (rank, 2)  # still this process's rank
 
 
+@pytest.mark.ranks(2, init=False)
+def test_teardown_of_the_group_syncdeco_made() -> None:
+    import torch.distributed as dist
+
+    sd.init(timeout=30)  # under torchrun's variables: syncdeco makes the group
+    sd.barrier("while the group lives")
+    dist.destroy_process_group()
+    with pytest.raises(sd.SyncError, match="destroyed"):
+        sd.barrier("after teardown")  # not a second, silent init_process_group
+    assert not dist.is_initialized()
+
+
 @pytest.mark.ranks(2)
 def test_teardown_before_any_sync_point() -> None:
     import torch.distributed as dist

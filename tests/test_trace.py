@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 import syncdeco as sd
-from syncdeco._trace import summarize
+from syncdeco._trace import merge, summarize
 from syncdeco.testing import run_ranks
 
 
@@ -218,6 +218,51 @@ def test_a_block_that_timed_out_leaves_parts_to_merge(tmp_path: Path) -> None:
     assert "merged into" in merged.stdout
     names = {e["name"] for e in json.loads((tmp_path / "trace.json").read_text())["traceEvents"]}
     assert "barrier:alone" in names
+
+
+def report_times_out(tmp: Path) -> None:
+    # Rank 0's step raises; its report of that times out (rank 1 is late),
+    # so rank 0 leaves the block with its ValueError: it must not then wait
+    # at the block's end for a rank that is out of step.
+    sd.init(timeout=60)
+
+    @sd.barrier_after(timeout=1, name="step")
+    def step() -> None:
+        if sd.rank() == 0:
+            raise ValueError("bad step")
+
+    try:
+        with sd.trace(tmp / "trace.json"):
+            if sd.rank() == 1:
+                _wait_for(tmp / "rank0-left")
+            step()
+    finally:
+        if sd.rank() == 0:
+            (tmp / "rank0-left").write_text("")
+
+
+def test_a_rank_whose_report_timed_out_does_not_wait_at_the_end(tmp_path: Path) -> None:
+    outcomes = run_ranks(report_times_out, 2, tmp_path, timeout=40)  # not the 60 s timeout
+    assert isinstance(outcomes[0].error, ValueError), outcomes[0].tb
+    assert isinstance(outcomes[1].error, sd.SyncTimeoutError), outcomes[1].tb
+    parts = sorted(p.name for p in (tmp_path / "trace.json.parts").iterdir())
+    assert parts == ["rank0.json", "rank1.json"]  # left for `python -m syncdeco merge`
+
+
+def test_merge_skips_parts_it_cannot_read_and_takes_the_newest_run(tmp_path: Path) -> None:
+    parts = tmp_path / "t.json.parts"
+    parts.mkdir()
+    (parts / "rank7.json").write_text("{}")  # not a part
+    (parts / "rank3.json").write_text(json.dumps({"rank": 3, "world_size": 4, "events": []}))
+    os.utime(parts / "rank3.json", (0, 0))  # left by an older, larger run
+    for rank in (0, 1):
+        part = {"rank": rank, "world_size": 2, "events": [_sync(rank, "barrier:x", 1, 5, 1)]}
+        (parts / f"rank{rank}.json").write_text(json.dumps(part))
+    assert merge(tmp_path / "t.json") == []
+    document = json.loads((tmp_path / "t.json").read_text())
+    assert document["otherData"]["world_size"] == 2
+    assert {e["pid"] for e in document["traceEvents"]} == {0, 1}
+    assert sorted(p.name for p in parts.iterdir()) == ["rank3.json", "rank7.json"]
 
 
 def two_blocks(tmp: Path) -> int:
