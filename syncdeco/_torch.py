@@ -359,8 +359,15 @@ class _Channel:
         own_error: BaseException | None = None
         verdict: tuple[object, ...]
         wires: list[torch.Tensor] = []
+        carried = [] if failure is None else [failure]
+        carried += [Failure(*f[5]) for f in arrived.values() if f[5] is not None]  # type: ignore[misc]
         if missing:
             verdict = (seq, _TIMEOUT, tuple(missing), self.last_seen(missing))
+        elif carried and any(tuple(f[0:1] + f[2:5]) != mine for f in arrived.values()):
+            # A rank raised and reported it at another sync point than the
+            # others reached: its error is the cause, the mismatch a symptom.
+            first = min(carried, key=lambda f: f.rank)
+            verdict = (seq, _FAILED, (first.rank, first.exc_type, first.message, first.traceback))
         elif any(tuple(f[0:1] + f[2:5]) != mine for f in arrived.values()):
             where: dict[str, list[int]] = {point.describe(): [self.rank]}
             for r, f in arrived.items():
@@ -368,8 +375,7 @@ class _Channel:
                 where.setdefault(str(desc), []).append(r)
             verdict = (seq, _MISMATCH, {k: tuple(v) for k, v in where.items()})
         else:
-            failures = [] if failure is None else [failure]
-            failures += [Failure(*f[5]) for f in arrived.values() if f[5] is not None]  # type: ignore[misc]
+            failures = carried
             tensors: list[torch.Tensor] = []
             if not failures and payload is not None:
                 try:

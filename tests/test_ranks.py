@@ -249,6 +249,25 @@ def test_mismatched_decorated_functions() -> None:
 
 
 @pytest.mark.ranks(2)
+def test_a_failure_reported_at_another_sync_point_is_the_error_everyone_sees() -> None:
+    # Rank 1 raises in a step and reports it there; rank 0 is at a barrier
+    # elsewhere.  The points differ, but the cause is rank 1's error: rank 0
+    # gets PeerFailedError naming it, not a mismatch.
+    @sd.barrier_after
+    def step() -> None:
+        raise KeyError("batch 17")
+
+    if sd.rank() == 1:
+        with pytest.raises(KeyError):
+            step()
+    else:
+        with pytest.raises(sd.PeerFailedError) as info:
+            sd.barrier("evaluate")
+        assert (info.value.rank, info.value.exc_type) == (1, "KeyError")
+    sd.barrier("still together")
+
+
+@pytest.mark.ranks(2)
 def test_group_survives_many_errors() -> None:
     for i in range(10):
         with pytest.raises(sd.SyncMismatchError):
