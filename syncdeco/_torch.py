@@ -359,15 +359,16 @@ class _Channel:
         own_error: BaseException | None = None
         verdict: tuple[object, ...]
         wires: list[torch.Tensor] = []
-        carried = [] if failure is None else [failure]
-        carried += [Failure(*f[5]) for f in arrived.values() if f[5] is not None]  # type: ignore[misc]
+        failures = [] if failure is None else [failure]
+        failures += [Failure(*f[5]) for f in arrived.values() if f[5] is not None]  # type: ignore[misc]
+        tensors: list[torch.Tensor] = []
+        data: bytes | None = None
         if missing:
             verdict = (seq, _TIMEOUT, tuple(missing), self.last_seen(missing))
-        elif carried and any(tuple(f[0:1] + f[2:5]) != mine for f in arrived.values()):
-            # A rank raised and reported it at another sync point than the
-            # others reached: its error is the cause, the mismatch a symptom.
-            first = min(carried, key=lambda f: f.rank)
-            verdict = (seq, _FAILED, (first.rank, first.exc_type, first.message, first.traceback))
+        elif failures:
+            # A failure wins over a mismatch: a rank that raised reports it at
+            # whatever sync point it is at, and its error is the cause.
+            verdict = _failed(seq, failures)
         elif any(tuple(f[0:1] + f[2:5]) != mine for f in arrived.values()):
             where: dict[str, list[int]] = {point.describe(): [self.rank]}
             for r, f in arrived.items():
@@ -375,33 +376,21 @@ class _Channel:
                 where.setdefault(str(desc), []).append(r)
             verdict = (seq, _MISMATCH, {k: tuple(v) for k, v in where.items()})
         else:
-            failures = carried
-            tensors: list[torch.Tensor] = []
-            if not failures and payload is not None:
-                try:
-                    # On the world scope, tensors travel by dist.broadcast, not
-                    # pickle; they are made ready before any member is told a
-                    # broadcast follows, so a failure here is an ordinary one.
-                    data: bytes | None = _dumps(payload, tensors if base_is_world(base) else None)
+            try:
+                # On the world scope, tensors travel by dist.broadcast, not
+                # pickle; they are made ready before any member is told a
+                # broadcast follows, so a failure here is an ordinary one.
+                if payload is not None:
+                    data = _dumps(payload, tensors if base_is_world(base) else None)
                     wires = [_on_wire(t) for t in tensors]
-                except Exception as exc:
-                    exc.add_note(
-                        f"syncdeco: rank {self.rank} could not pickle the result of "
-                        f"{point.describe()} to broadcast it; return something picklable."
-                    )
-                    own_error = exc
-                    failures = [Failure.from_exception(self.rank, exc)]
-            else:
-                data = None
-            if failures:
-                first = min(failures, key=lambda f: f.rank)
-                verdict = (
-                    seq,
-                    _FAILED,
-                    (first.rank, first.exc_type, first.message, first.traceback),
-                )
-            else:
                 verdict = (seq, _OK, data, [_meta(t) for t in tensors])
+            except Exception as exc:
+                exc.add_note(
+                    f"syncdeco: rank {self.rank} could not pickle the result of "
+                    f"{point.describe()} to broadcast it; return something picklable."
+                )
+                own_error = exc
+                verdict = _failed(seq, [Failure.from_exception(self.rank, exc)])
         if verdict[1] != _TIMEOUT and self._withdrawn(base, seq, arrived):
             verdict, wires, own_error = (seq, _TIMEOUT, (self.rank,)), [], None  # came too late
 
@@ -566,6 +555,11 @@ def _dumps(payload: object, tensors: list[torch.Tensor] | None) -> bytes:
 
 def _loads(data: bytes, tensors: list[torch.Tensor]) -> object:
     return _Unpickler(io.BytesIO(data), tensors).load()
+
+
+def _failed(seq: int, failures: list[Failure]) -> tuple[object, ...]:
+    first = min(failures, key=lambda f: f.rank)  # several ranks raised: name the lowest
+    return (seq, _FAILED, (first.rank, first.exc_type, first.message, first.traceback))
 
 
 def _meta(tensor: torch.Tensor) -> _Meta:
@@ -882,7 +876,8 @@ def auto_backend(env: Mapping[str, str]) -> TorchBackend | None:
     if not _DISTRIBUTED:
         return None
     if dist.is_initialized():
-        _remember_group()
+        if _last_group is None:  # on the hot path: one check; a new group is
+            _remember_group()  # remembered when syncdeco first syncs over it
         return _AUTO
     if _last_group is not None:
         return _AUTO  # its group was destroyed: a sync point says so, rank facts stay

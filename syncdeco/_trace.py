@@ -40,10 +40,12 @@ R = TypeVar("R")
 _PARTS_SUFFIX: Final = ".parts"
 _PRODUCER: Final = "syncdeco"
 
-# (name, category, start ns, end ns, args or None): a tuple per event keeps
-# a long block's memory down (about 200 bytes an event); dicts are built when
-# the part is written.
-_Event = tuple[str, str, int, int, "dict[str, object] | None"]
+# A sync point: (point, start ns, end ns, local, outcome, what this rank
+# raised there or None); a decorated body: (name, start ns, end ns).  Plain
+# tuples keep a long block's memory down (about 200 bytes an event); the
+# trace's dicts are built when the part is written.
+_Sync = tuple[SyncPoint, int, int, bool, str, "str | None"]
+_Run = tuple[str, int, int]
 
 
 @final
@@ -54,7 +56,7 @@ class Recorder:
     __slots__ = ("events", "unmet")
 
     def __init__(self) -> None:
-        self.events: list[_Event] = []
+        self.events: list[_Sync | _Run] = []
         # A sync point of this block ended in a timeout or a mismatch: the
         # ranks may be out of step (or gone), and must not count on meeting.
         self.unmet = False
@@ -82,18 +84,11 @@ class Recorder:
                 self.unmet = True
             raise
         finally:
-            args: dict[str, object] = {
-                "count": point.count,
-                "location": point.location,
-                # the ranks that meet here: all of them, or one node's
-                "scope": f"node {node_key(os.environ)}" if local else "world",
-                "outcome": outcome,
-            }
+            # what this rank raised and told the others of here, if anything
+            raised = None
             if failure is not None and failure.exc_type != "PeerFailedError":
-                # this rank raised, and told the others here
-                args["raised"] = f"{failure.exc_type}: {failure.message}".split("\n")[0]
-            name = f"{point.kind}:{point.name}"
-            self.events.append((name, "sync", arrived, time.time_ns(), args))
+                raised = f"{failure.exc_type}: {failure.message}".split("\n")[0]
+            self.events.append((point, arrived, time.time_ns(), local, outcome, raised))
 
     def body(self, name: str, call: Callable[[], R]) -> R:
         """``call()``: the body of a decorated function, recorded."""
@@ -101,29 +96,36 @@ class Recorder:
         try:
             return call()
         finally:
-            self.events.append((name, "run", started, time.time_ns(), None))
+            self.events.append((name, started, time.time_ns()))
 
     async def body_async(self, name: str, call: Callable[[], Awaitable[R]]) -> R:
         started = time.time_ns()
         try:
             return await call()
         finally:
-            self.events.append((name, "run", started, time.time_ns(), None))
+            self.events.append((name, started, time.time_ns()))
 
     def chrome_events(self, rank: int) -> list[dict[str, Any]]:
-        return [
-            {
-                "name": name,
-                "cat": cat,
-                "ph": "X",
-                "ts": start / 1000,
-                "dur": (end - start) / 1000,
-                "pid": rank,
-                "tid": 0,
-                **({"args": args} if args is not None else {}),
+        node = f"node {node_key(os.environ)}"  # the scope of a local=True sync point
+        out = []
+        for event in self.events:
+            start, end = event[1], event[2]
+            common = {"ph": "X", "ts": start / 1000, "dur": (end - start) / 1000}
+            if len(event) == 3:
+                out.append({"name": event[0], "cat": "run", **common, "pid": rank, "tid": 0})
+                continue
+            point, _, _, local, outcome, raised = event
+            args: dict[str, object] = {
+                "count": point.count,
+                "location": point.location,
+                "scope": node if local else "world",  # the ranks that meet there
+                "outcome": outcome,
             }
-            for name, cat, start, end, args in self.events
-        ]
+            if raised is not None:
+                args["raised"] = raised
+            name = f"{point.kind}:{point.name}"
+            out.append({"name": name, "cat": "sync", **common, "pid": rank, "tid": 0, "args": args})
+        return out
 
 
 active: Recorder | None = None
