@@ -40,7 +40,7 @@ from typing import Any
 
 import pytest
 
-__all__ = ["pytest_configure", "pytest_pyfunc_call"]
+__all__ = ["pytest_configure", "pytest_pyfunc_call", "pytest_runtest_makereport"]
 
 _DEFAULT_TIMEOUT = 120.0
 
@@ -106,6 +106,18 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
             pytrace=False,
         )
     return True
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Keep a ranks test's line in the short summary to its headline ("2 of 4
+    ranks failed (...)").  On CI pytest prints the whole message there, which
+    would repeat every rank's traceback from the failure section."""
+    report = yield
+    crash = getattr(report.longrepr, "reprcrash", None)
+    if report.failed and crash is not None and item.get_closest_marker("ranks") is not None:
+        crash.message = crash.message.split("\n", 1)[0]
+    return report
 
 
 def _parse(marker: pytest.Mark, nodeid: str) -> tuple[int, dict[str, Any]]:

@@ -28,6 +28,7 @@ import faulthandler
 import multiprocessing as mp
 import os
 import pickle
+import reprlib
 import signal
 import tempfile
 import time
@@ -204,13 +205,16 @@ def _child(
                 store = dist.TCPStore(  # type: ignore[attr-defined]
                     env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size, is_master=False
                 )
-                dist.init_process_group(
-                    "gloo",
-                    store=store,
-                    rank=rank,
-                    world_size=world_size,
-                    timeout=timedelta(seconds=120),
-                )
+                try:
+                    dist.init_process_group(
+                        "gloo",
+                        store=store,
+                        rank=rank,
+                        world_size=world_size,
+                        timeout=timedelta(seconds=120),
+                    )
+                finally:
+                    _all_connected(store, world_size)
             out = Outcome(rank, value=fn(*args))
         except BaseException as exc:
             out = Outcome(rank, error=exc, tb=_format(exc))
@@ -219,6 +223,17 @@ def _child(
         if dist.is_initialized():
             dist.destroy_process_group()
         conn.close()
+
+
+def _all_connected(store: Any, world_size: int) -> None:
+    """Wait until every rank has left init_process_group.  Gloo connects the
+    pairs there, and a rank whose test is over at once (no collective) would
+    otherwise exit while a slower peer is still connecting to it, failing that
+    peer's init with "Connection closed by peer".  A rank whose init raised
+    arrives too, so the others do not wait for it."""
+    if store.add("syncdeco.testing/connected", 1) == world_size:
+        store.set("syncdeco.testing/all-connected", b"1")
+    store.wait(["syncdeco.testing/all-connected"])
 
 
 def _dumps(out: Outcome) -> bytes:
@@ -298,14 +313,16 @@ def _collect(
         raise HungRanksError(
             f"rank(s) {hung} of {world_size} died or did not finish within {timeout}s\n"
             + _stacks(procs, hung, scratch)
-            + "".join(
-                f"\n--- rank {o.rank} finished ---\n{o.tb or repr(o.value)}"
-                for o in outcomes
-                if o is not None
-            ),
+            + "".join(_finished(o) for o in outcomes if o is not None),
             hung,
         )
     return [o for o in outcomes if o is not None]
+
+
+def _finished(outcome: Outcome) -> str:
+    if outcome.tb:
+        return f"\n--- rank {outcome.rank} raised ---\n{outcome.tb}"
+    return f"\n--- rank {outcome.rank} returned {reprlib.repr(outcome.value)} ---"
 
 
 def _stacks(procs: list[Any], ranks: list[int], scratch: Path) -> str:

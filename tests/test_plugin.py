@@ -130,7 +130,9 @@ def test_rank_one_hangs():
 
 
 def _pytest(directory: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # CI set: pytest then prints the whole crash message in the short summary
+    # (as on the CI runs of a user's project), which must stay one line.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CI": "true"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return subprocess.run(
@@ -169,6 +171,9 @@ def test_marker_runs_tests_on_ranks_and_reports_each_rank(tmp_path: Path) -> Non
     assert "During handling" not in out, out
     assert "6 passed" in out and "4 failed" in out and "1 skipped" in out, out
     assert "1 xfailed" in out, out
+    summary = out.split("short test summary info")[1]
+    assert "test_rank_one_fails - Failed: 1 of 2 ranks failed (rank 1 AssertionError)\n" in summary
+    assert "rank one is unhappy" not in summary, out  # tracebacks stay in FAILURES
 
 
 def test_hung_rank_fails_the_test_and_leaves_no_process(tmp_path: Path) -> None:
@@ -181,6 +186,10 @@ def test_hung_rank_fails_the_test_and_leaves_no_process(tmp_path: Path) -> None:
     assert "rank(s) [1] of 2 died or did not finish within 3" in out, out
     assert "threading.Event().wait()" in out or "in wait" in out, out  # where it hung
     assert "During handling" not in out and out.count("--- rank 1 of 2 ---") == 1, out
+    assert "--- rank 0 returned None ---" in out, out
+    summary = out.split("short test summary info")[1]
+    assert "died or did not finish within 3s\n" in summary, out
+    assert "Current thread" not in summary, out
     for path in pids.iterdir():
         with pytest.raises(ProcessLookupError):
             os.kill(int(path.read_text()), 0)
