@@ -22,15 +22,17 @@ Marker options: ``timeout`` (seconds, default 120), ``launcher``
 process group, as a script under torchrun does).  Different world sizes for
 one test: ``pytest.param(..., marks=pytest.mark.ranks(n))`` in a parametrize.
 
-Test modules are imported again in each rank, so plain ``assert`` statements
-there are not rewritten by pytest: a failing one shows its line, not the
-compared values; give it a message where that matters.  torch is imported
-only when a test carrying the marker runs.
+Each rank imports the test module again, with pytest's assertion rewriting
+where pytest applied it, so a failing ``assert`` shows the values it compared
+(pytest's long diffs of containers and strings are not produced on the ranks).
+torch is imported only when a test carrying the marker runs.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.machinery
 import importlib.util
 import inspect
 import pickle
@@ -138,24 +140,23 @@ def _parse(marker: pytest.Mark, nodeid: str) -> tuple[int, dict[str, Any]]:
 
 class _TestRef:
     """Where a rank finds the test function: its module (by name, or by file
-    when the name does not import) and its qualified name."""
+    when the name does not import), its qualified name, and whether pytest
+    rewrote the module's asserts (the rank then does too)."""
 
-    def __init__(self, module: str, path: str, qualname: str) -> None:
-        self.module, self.path, self.qualname = module, path, qualname
+    def __init__(self, module: str, path: str, qualname: str, rewrite: bool) -> None:
+        self.module, self.path, self.qualname, self.rewrite = module, path, qualname, rewrite
 
     @classmethod
     def of(cls, item: pytest.Function) -> _TestRef:
+        from _pytest.assertion.rewrite import AssertionRewritingHook
+
         function = item.obj
         module = sys.modules[function.__module__]
-        return cls(function.__module__, str(module.__file__), function.__qualname__)
+        rewritten = isinstance(getattr(module, "__loader__", None), AssertionRewritingHook)
+        return cls(function.__module__, str(module.__file__), function.__qualname__, rewritten)
 
     def load(self) -> Any:
-        module = sys.modules.get(self.module)
-        if module is None:
-            try:
-                module = importlib.import_module(self.module)
-            except ImportError:
-                module = self._load_file()
+        module = sys.modules.get(self.module) or self._import()
         found = module
         for part in self.qualname.split("."):
             if isinstance(found, type):
@@ -163,15 +164,41 @@ class _TestRef:
             found = getattr(found, part)
         return found
 
-    def _load_file(self) -> Any:
-        spec = importlib.util.spec_from_file_location(self.module, self.path)
-        if spec is None or spec.loader is None:
+    def _import(self) -> Any:
+        try:
+            by_name = importlib.util.find_spec(self.module)  # imports its packages
+        except (ImportError, ValueError):
+            by_name = None
+        if by_name is None or by_name.origin != self.path:
+            sys.path.insert(0, str(Path(self.path).parent))
+        loader_type = _RewritingLoader if self.rewrite else importlib.machinery.SourceFileLoader
+        loader = loader_type(self.module, self.path)
+        spec = importlib.util.spec_from_file_location(self.module, self.path, loader=loader)
+        if spec is None:
             raise ImportError(f"cannot import test module {self.module} from {self.path}")
         module = importlib.util.module_from_spec(spec)
         sys.modules[self.module] = module
-        sys.path.insert(0, str(Path(self.path).parent))
-        spec.loader.exec_module(module)
+        try:
+            loader.exec_module(module)
+        except BaseException:
+            del sys.modules[self.module]
+            raise
         return module
+
+
+class _RewritingLoader(importlib.machinery.SourceFileLoader):
+    """Compiles a test module with pytest's assertion rewriting, as pytest did
+    in its own process, so a failing ``assert`` on a rank shows the values it
+    compared.  Never reads or writes a bytecode cache: the plain one would
+    skip the rewriting, and rewritten code must not end up in it."""
+
+    def get_code(self, fullname: str) -> Any:
+        from _pytest.assertion.rewrite import rewrite_asserts
+
+        source = self.get_data(self.path)
+        tree = ast.parse(source, filename=self.path)
+        rewrite_asserts(tree, source, self.path)
+        return compile(tree, self.path, "exec", dont_inherit=True)
 
 
 class _Outcome:

@@ -105,6 +105,13 @@ def test_unpicklable_fixture(unpicklable):
     pass
 
 
+@pytest.mark.ranks(2)
+def test_compared_values_are_shown():
+    expected = {"ranks": 3}
+    if sd.rank() == 1:
+        assert {"ranks": sd.world_size()} == expected
+
+
 @pytest.mark.ranks(2, launcher="slurm")
 def test_slurm_environment():
     import os
@@ -169,7 +176,10 @@ def test_marker_runs_tests_on_ranks_and_reports_each_rank(tmp_path: Path) -> Non
     assert "test_user.Odd: 1 and 2" in out, out
     assert "cannot send fixture/argument 'unpicklable'" in out, out
     assert "During handling" not in out, out
-    assert "6 passed" in out and "4 failed" in out and "1 skipped" in out, out
+    # asserts on the ranks are rewritten, as pytest does in its own process
+    assert "AssertionError: assert {'ranks': 2} == {'ranks': 3}" in out, out
+    assert "assert 1 != 1\n +  where 1 = <function rank" in out, out
+    assert "6 passed" in out and "5 failed" in out and "1 skipped" in out, out
     assert "1 xfailed" in out, out
     summary = out.split("short test summary info")[1]
     assert "test_rank_one_fails - Failed: 1 of 2 ranks failed (rank 1 AssertionError)\n" in summary
