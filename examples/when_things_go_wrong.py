@@ -2,9 +2,10 @@
 
     torchrun --nproc-per-node 2 examples/when_things_go_wrong.py
 
-Three faults in a row on one process group: the main rank raises inside
-main_first, rank 1 is late to a barrier, and the ranks reach different sync
-points.  Each rank prints the error it got; the group keeps working.
+Four faults in a row on one process group: the main rank raises inside
+main_first, rank 1 is late to a barrier, the ranks reach different sync
+points, and rank 1's program ends while rank 0 goes on to one more sync
+point.  Each rank prints the error it got; the group keeps working.
 """
 
 from __future__ import annotations
@@ -55,7 +56,15 @@ def main() -> None:
 
     sd.barrier("still fine")
     if sd.rank() == 0:
-        print("[rank 0] the group still works\n", end="", flush=True)
+        print("[rank 0] the group still works\n\n", end="", flush=True)
+
+    # 4. Rank 1's program ends; rank 0 goes on to a sync point it never reaches.
+    if sd.rank() == 1:
+        return
+    try:
+        sd.barrier("final report")
+    except sd.RankExitedError as err:
+        show(err)
 
 
 if __name__ == "__main__":

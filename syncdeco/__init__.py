@@ -31,6 +31,7 @@ from ._env import LaunchEnvError
 from ._errors import (
     CompositionError,
     PeerFailedError,
+    RankExitedError,
     SyncError,
     SyncMismatchError,
     SyncTimeoutError,
@@ -67,6 +68,7 @@ __all__ = [
     "LaunchEnvError",
     "NullBackend",
     "PeerFailedError",
+    "RankExitedError",
     "SyncError",
     "SyncMismatchError",
     "SyncPoint",

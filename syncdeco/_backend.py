@@ -75,6 +75,7 @@ class Failure:
     exc_type: str
     message: str
     traceback: str
+    exited: bool = False  # the rank's process ended; exc_type is "" if no exception did it
 
     @classmethod
     def from_exception(cls, rank: int, exc: BaseException) -> Failure:

@@ -14,6 +14,7 @@ from typing import final
 __all__ = [
     "CompositionError",
     "PeerFailedError",
+    "RankExitedError",
     "SyncError",
     "SyncMismatchError",
     "SyncTimeoutError",
@@ -34,7 +35,6 @@ class SyncError(RuntimeError):
         return (_from_kwargs, (type(self), self._kwargs))
 
 
-@final
 class PeerFailedError(SyncError):
     """Another rank raised inside a synced region.
 
@@ -74,6 +74,53 @@ class PeerFailedError(SyncError):
             f"rank {rank} raised {exc_type}: {message} "
             f"(seen by rank {observer} at {point}). Rank {rank}'s own log "
             f"has the full error; its traceback is in .remote_traceback."
+        )
+
+
+@final
+class RankExitedError(PeerFailedError):
+    """Another rank's process ended before reaching this sync point: its
+    program returned or called ``sys.exit()``, or an exception escaped outside
+    any sync point.  ``exc_type`` and ``message`` describe that exception, and
+    are empty when the process ended without one.  A process killed by a
+    signal cannot say so: the others learn of it at their timeout.
+    """
+
+    __module__ = "syncdeco"
+
+    def __init__(
+        self,
+        *,
+        rank: int,
+        exc_type: str,
+        message: str,
+        remote_traceback: str,
+        point: str,
+        observer: int,
+    ) -> None:
+        super().__init__(
+            rank=rank,
+            exc_type=exc_type,
+            message=message,
+            remote_traceback=remote_traceback,
+            point=point,
+            observer=observer,
+        )
+        if exc_type:
+            why = (
+                f"an uncaught {exc_type}: {message} ended it (raised outside any sync "
+                f"point). Rank {rank}'s own log has the full error; its traceback is in "
+                f".remote_traceback."
+            )
+        else:
+            why = (
+                "its program ended without an error (returned or called sys.exit()), so "
+                "the ranks do not make the same sync calls: check that every rank calls "
+                "the same decorated functions the same number of times."
+            )
+        self.args = (
+            f"rank {rank} exited without reaching this sync point (seen by rank "
+            f"{observer} at {point}): {why}",
         )
 
 

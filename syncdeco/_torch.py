@@ -19,6 +19,7 @@ sync point that timed out is recognised and dropped at the next one.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import functools
 import io
@@ -31,6 +32,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import astuple, replace
 from datetime import timedelta
 from typing import Any, Final, cast, final
 
@@ -47,6 +49,7 @@ from ._env import (
 )
 from ._errors import (
     PeerFailedError,
+    RankExitedError,
     SyncError,
     SyncMismatchError,
     SyncTimeoutError,
@@ -252,6 +255,15 @@ class _Channel:
             finally:
                 self.waiting = None
 
+    def leave(self, failure: Failure) -> None:
+        """This rank's process is ending: post its last word (``failure``)
+        for the next sync point of each scope it has used."""
+        self.store.set_timeout(timedelta(seconds=_EXIT_NOTICE_WAIT))
+        scopes = [("w", 0, tuple(range(1, self.world_size)), self.seq.get("w", 0) + 1)]
+        if self.node is not None:
+            scopes.append(("l", *self.node, self.seq.get("l", 0) + 1))
+        _leave(self.mail, self.rank, scopes, failure)
+
     # -- where the others are ----------------------------------------------------
 
     def last_seen(self, ranks: Sequence[int], store: Any = None) -> dict[int, str | None]:
@@ -418,7 +430,7 @@ class _Channel:
     ) -> object:
         failed = None
         if failure is not None:
-            failed = (failure.rank, failure.exc_type, failure.message, failure.traceback)
+            failed = astuple(failure)
         give_up = None if deadline is None else time.time() + (deadline - time.monotonic())
         frame = (
             seq,
@@ -480,10 +492,10 @@ class _Channel:
     def _raise(self, verdict: tuple[object, ...], point: SyncPoint, timeout: float | None) -> None:
         code, detail = verdict[1], verdict[2]
         if code == _FAILED:
-            rank, exc_type, message, tb = cast(tuple[int, str, str, str], detail)
+            rank, exc_type, message, tb, exited = cast(tuple[int, str, str, str, bool], detail)
             if rank == self.rank:
                 return  # the caller re-raises its own exception
-            raise PeerFailedError(
+            raise (RankExitedError if exited else PeerFailedError)(
                 rank=rank,
                 exc_type=exc_type,
                 message=message,
@@ -559,7 +571,7 @@ def _loads(data: bytes, tensors: list[torch.Tensor]) -> object:
 
 def _failed(seq: int, failures: list[Failure]) -> tuple[object, ...]:
     first = min(failures, key=lambda f: f.rank)  # several ranks raised: name the lowest
-    return (seq, _FAILED, (first.rank, first.exc_type, first.message, first.traceback))
+    return (seq, _FAILED, astuple(first))
 
 
 def _meta(tensor: torch.Tensor) -> _Meta:
@@ -730,6 +742,72 @@ def _channel_for_default_group(env: Mapping[str, str]) -> _Channel:
         return _channel
 
 
+# -- a rank whose process ends tells the others ---------------------------------
+
+_EXIT_NOTICE_WAIT: Final = 2.0  # seconds a store operation may take at exit
+_forked_child = False  # forked from a process with a group (see _forget_in_child)
+
+
+def announce_exit(exc: BaseException | None) -> None:
+    """Tell the ranks this one would have met next that its process is
+    ending (``exc``: the exception that ends it, if any), so that one waiting
+    at a sync point this rank will never reach raises RankExitedError at once
+    instead of at its timeout.  Runs at interpreter exit, and where
+    syncdeco.testing ends a rank; a process killed by a signal runs neither."""
+    channel = _channel
+    if channel is None:
+        # No sync point ran here yet, but the others may be waiting at their
+        # first: post to the world scope through the group's own store.
+        if _forked_child or not (_DISTRIBUTED and dist.is_initialized()):
+            return  # a forked child's group state is its parent's
+        rank, size = dist.get_rank(), dist.get_world_size()
+        mail = _Mail(dist.distributed_c10d._get_default_store())
+        _leave(mail, rank, [("w", 0, tuple(range(1, size)), 1)], _exit_failure(rank, exc))
+        return
+    if not channel.lock.acquire(blocking=False):
+        return  # a sync point is in progress in another thread
+    try:
+        channel.leave(_exit_failure(channel.rank, exc))
+    finally:
+        channel.lock.release()
+
+
+def _exit_failure(rank: int, exc: BaseException | None) -> Failure:
+    if exc is None:
+        return Failure(rank, "", "", "", exited=True)
+    return replace(Failure.from_exception(rank, exc), exited=True)
+
+
+def _leave(
+    mail: _Mail, rank: int, scopes: list[tuple[str, int, tuple[int, ...], int]], failure: Failure
+) -> None:
+    """Post ``failure`` for sync point ``seq`` of each (scope, main, members,
+    seq): a frame to the main, or from a main a FAILED verdict to each
+    member, where they will look when they get there."""
+    for scope, main, members, seq in scopes:
+        base = f"{_PREFIX}/{scope}/{main}"
+        try:
+            if rank == main:
+                verdict = pickle.dumps(_failed(seq, [failure]), protocol=pickle.HIGHEST_PROTOCOL)
+                for member in members:
+                    mail.send(f"{base}/{member}/down", seq, verdict)
+            else:
+                frame = (seq, rank, "exit", "", 0, astuple(failure), "its exit", None)
+                mail.send(f"{base}/{rank}/up", seq, pickle.dumps(frame))
+        except Exception:
+            pass  # exiting anyway: the others fall back on their timeout
+
+
+def _exit_notice() -> None:
+    # Set where an exception escaped the program (the interpreter printed
+    # it); not set for a normal end or sys.exit().
+    exc = getattr(sys, "last_value", None)
+    announce_exit(exc if isinstance(exc, BaseException) else None)
+
+
+atexit.register(_exit_notice)
+
+
 @final
 class TorchBackend:
     """Sync points over the default torch.distributed process group.
@@ -863,8 +941,11 @@ def forget_environment() -> None:
 def _forget_in_child() -> None:
     # A forked child (notebook_launcher, multiprocessing) gets its own
     # variables, and is no member of the parent's group or channel.
-    global _channel, _last_group
+    global _channel, _last_group, _forked_child
     _channel = _last_group = None
+    # The parent's group, if any, looks initialised here too, but is not
+    # this process's: it must not announce its exit there.
+    _forked_child = _DISTRIBUTED and dist.is_initialized()
     forget_environment()
 
 

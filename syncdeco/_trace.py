@@ -35,6 +35,9 @@ __all__ = ["Recorder", "active", "merge", "plot", "summarize", "trace"]
 
 _log = logging.getLogger("syncdeco")
 
+# Errors that carry another rank's failure, not this rank's own.
+_RELAYED: Final = ("PeerFailedError", "RankExitedError")
+
 R = TypeVar("R")
 
 _PARTS_SUFFIX: Final = ".parts"
@@ -86,7 +89,7 @@ class Recorder:
         finally:
             # what this rank raised and told the others of here, if anything
             raised = None
-            if failure is not None and failure.exc_type != "PeerFailedError":
+            if failure is not None and failure.exc_type not in _RELAYED:
                 raised = f"{failure.exc_type}: {failure.message}".split("\n")[0]
             self.events.append((point, arrived, time.time_ns(), local, outcome, raised))
 

@@ -42,6 +42,8 @@ from typing import Any
 
 import pytest
 
+from ._errors import PeerFailedError
+
 __all__ = ["pytest_configure", "pytest_pyfunc_call", "pytest_runtest_makereport"]
 
 _DEFAULT_TIMEOUT = 120.0
@@ -100,7 +102,7 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
         pytest.skip(first.reason)
     if failed:
         # The ranks that raised on their own first, then those told of it.
-        failed.sort(key=lambda o: (type(o.error).__name__ == "PeerFailedError", o.rank))
+        failed.sort(key=lambda o: (isinstance(o.error, PeerFailedError), o.rank))
         which = ", ".join(f"rank {o.rank} {type(o.error).__name__}" for o in failed)
         pytest.fail(
             f"{len(failed)} of {world_size} ranks failed ({which})\n"

@@ -69,6 +69,7 @@ def test_when_things_go_wrong_on_two_gloo_ranks(tmp_path: Path) -> None:
     assert "rank(s) 1 (last seen at main_first" in out
     assert out.count("SyncMismatchError: ranks reached different sync points") == 2
     assert "[rank 0] the group still works" in out
+    assert "[rank 0] RankExitedError: rank 1 exited without reaching this sync point" in out
 
 
 # -- datasets_main_first.py ---------------------------------------------------

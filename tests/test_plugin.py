@@ -112,6 +112,12 @@ def test_compared_values_are_shown():
         assert {"ranks": sd.world_size()} == expected
 
 
+@pytest.mark.ranks(3, timeout=60)
+def test_rank_one_fails_outside_any_sync_point():
+    assert sd.rank() != 1, "rank 1 stops here"
+    sd.barrier("after the check")  # the others hear that rank 1 is gone
+
+
 @pytest.mark.ranks(2, launcher="slurm")
 def test_slurm_environment():
     import os
@@ -179,7 +185,12 @@ def test_marker_runs_tests_on_ranks_and_reports_each_rank(tmp_path: Path) -> Non
     # asserts on the ranks are rewritten, as pytest does in its own process
     assert "AssertionError: assert {'ranks': 2} == {'ranks': 3}" in out, out
     assert "assert 1 != 1\n +  where 1 = <function rank" in out, out
-    assert "6 passed" in out and "5 failed" in out and "1 skipped" in out, out
+    # a rank that ended is named at once to the one waiting for it, not after 60s
+    assert (
+        "3 of 3 ranks failed (rank 1 AssertionError, rank 0 RankExitedError, "
+        "rank 2 RankExitedError)"
+    ) in out, out
+    assert "6 passed" in out and "6 failed" in out and "1 skipped" in out, out
     assert "1 xfailed" in out, out
     summary = out.split("short test summary info")[1]
     assert "test_rank_one_fails - Failed: 1 of 2 ranks failed (rank 1 AssertionError)\n" in summary

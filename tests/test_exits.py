@@ -1,0 +1,125 @@
+"""A rank whose process ends tells the ranks waiting for it at once.
+
+Each rank is a plain process with torchrun's variables, clients of a store
+this test hosts (as torchrun's agent hosts one), but with no agent: nothing
+stops the others when one exits, as under srun without --kill-on-bad-exit.
+The survivors' sync points have a 300 s timeout and the test a 120 s one, so
+a survivor that reports RankExitedError heard of the exit, not a timeout."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+import syncdeco as sd
+from syncdeco.testing import launcher_env, run_ranks
+
+SCRIPT = Path(__file__).parent / "scripts" / "exits.py"
+
+
+def _run(scenario: str, world_size: int, per_node: int, tmp_path: Path) -> dict[int, str]:
+    store = dist.TCPStore(  # type: ignore[attr-defined]
+        "127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False
+    )
+    procs = []
+    for rank in range(world_size):
+        env = {
+            **os.environ,
+            **launcher_env("torchrun", rank, world_size, per_node),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(store.port),
+            "TORCHELASTIC_RESTART_COUNT": "0",
+            "OMP_NUM_THREADS": "1",
+            "TMPDIR": str(tmp_path),
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(SCRIPT), scenario],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
+    outputs: dict[int, str] = {}
+    try:
+        for rank, proc in enumerate(procs):
+            out, _ = proc.communicate(timeout=120)
+            outputs[rank] = f"exit status {proc.returncode}\n{out.decode(errors='replace')}"
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{scenario}: ranks did not finish within 120s: {outputs}")
+    finally:
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+    return outputs
+
+
+def test_member_raising_outside_any_sync_point_is_named_at_once(tmp_path: Path) -> None:
+    out = _run("member_raises", 3, 3, tmp_path)
+    assert out[1].startswith("exit status 1\n") and "OSError: disk full" in out[1], out
+    for rank in (0, 2):
+        assert out[rank].startswith("exit status 0\n"), out
+        assert (
+            f"[rank {rank}] RankExitedError rank=1 exc_type='OSError': rank 1 exited without "
+            f"reaching this sync point (seen by rank {rank} at barrier 'next'"
+        ) in out[rank], out
+        assert "an uncaught OSError: disk full while writing shard 7 ended it" in out[rank], out
+
+
+def test_main_whose_program_ended_is_named_at_once(tmp_path: Path) -> None:
+    out = _run("main_returns", 3, 3, tmp_path)
+    assert out[0] == "exit status 0\n", out
+    for rank in (1, 2):
+        assert f"[rank {rank}] RankExitedError rank=0 exc_type='': " in out[rank], out
+        assert "its program ended without an error" in out[rank], out
+
+
+def test_exit_before_a_local_sync_point_reaches_that_node_only(tmp_path: Path) -> None:
+    out = _run("local_member_exits", 4, 2, tmp_path)  # nodes {0, 1} and {2, 3}
+    assert out[3] == "exit status 0\n", out
+    assert "[rank 2] RankExitedError rank=3 exc_type=''" in out[2], out
+    for rank in (0, 1):  # the other node's local sync point is complete
+        assert f"[rank {rank}] passed the barrier" in out[rank], out
+
+
+def _rank_one_fails_before_any_sync_point() -> str:
+    if sd.rank() == 1:
+        raise ValueError("bad shard index 12")
+    try:
+        sd.barrier("first")  # the default timeout: 30 minutes
+    except sd.RankExitedError as exc:
+        return f"{exc.rank} {exc.exc_type}: {exc.message}"
+    return "passed"
+
+
+def test_run_ranks_a_rank_that_fails_before_the_first_sync_point(tmp_path: Path) -> None:
+    outcomes = run_ranks(_rank_one_fails_before_any_sync_point, 3, timeout=60)
+    assert isinstance(outcomes[1].error, ValueError), outcomes
+    assert [outcomes[r].unwrap() for r in (0, 2)] == ["1 ValueError: bad shard index 12"] * 2
+
+
+def _forks_a_child_that_exits() -> str:
+    assert sd.world_size() == 2  # syncdeco has seen the group
+    pid = os.fork()  # before any sync point: an exit notice would be for #1
+    if pid == 0:  # a child with its parent's group state: it must stay silent
+        atexit._run_exitfuncs()  # what its interpreter's exit runs (sys.exit would
+        os._exit(0)  # unwind into the harness here)
+    os.waitpid(pid, 0)
+    sd.barrier("after", timeout=60)
+    return "passed"
+
+
+def test_a_forked_child_exiting_says_nothing(tmp_path: Path) -> None:
+    outcomes = run_ranks(_forks_a_child_that_exits, 2, timeout=60)
+    assert [o.unwrap() for o in outcomes] == ["passed", "passed"]
