@@ -136,7 +136,11 @@ class _Channel:
     the ranks' sync points in step.  Shared by every TorchBackend of the group."""
 
     def __init__(self, group: object, env: Mapping[str, str]) -> None:
-        self.group = group
+        # Weakly: a strong reference would keep the group alive after
+        # destroy_process_group(), until interpreter teardown, where Gloo's
+        # threads abort the process ("terminate called without an active
+        # exception").
+        self.group = weakref.ref(group)
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         store: Any = cast(Any, dist.distributed_c10d._get_default_store()).clone()
@@ -722,21 +726,21 @@ _channel: _Channel | None = None
 # there: after destroy_process_group() they are still its rank facts, and a
 # sync point raises instead of finding no group and running alone on the
 # Null backend.
-_last_group: tuple[object, int, int] | None = None
+_last_group: tuple[weakref.ref[Any], int, int] | None = None
 
 
 def _remember_group() -> None:
     global _last_group
     group = dist.distributed_c10d._get_default_group()
-    if _last_group is None or _last_group[0] is not group:
-        _last_group = (group, dist.get_rank(), dist.get_world_size())
+    if _last_group is None or _last_group[0]() is not group:
+        _last_group = (weakref.ref(group), dist.get_rank(), dist.get_world_size())
 
 
 def _channel_for_default_group(env: Mapping[str, str]) -> _Channel:
     global _channel
     group = dist.distributed_c10d._get_default_group()
     with _channel_lock:
-        if _channel is None or _channel.group is not group:
+        if _channel is None or _channel.group() is not group:
             _channel = _Channel(group, env)
             _remember_group()
         return _channel
