@@ -42,6 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"merged into {args.trace}"
                 + (f"; no part from rank(s) {missing}" if missing else "")
             )
+    except BrokenPipeError:  # the reader went away (`| head`): not an error
+        sys.stderr.close()  # and nothing more to say at exit
+        return 0
     except (OSError, ValueError, KeyError, ImportError, SyncError) as exc:
         print(f"python -m syncdeco {args.command}: {exc}", file=sys.stderr)
         return 1

@@ -109,10 +109,16 @@ def detect_launch(env: Mapping[str, str]) -> Launch | None:
         if world_size > 1:
             for var in ("MASTER_ADDR", "MASTER_PORT"):
                 if not env.get(var):
+                    fix = (
+                        "torchrun sets it: start the ranks with torchrun, or export it "
+                        "where RANK and WORLD_SIZE are set by hand"
+                        if launcher == "torchrun"
+                        else f"{launcher} does not set it: export it in the job script "
+                        f"before starting the ranks (e.g. rank 0's host name and a free port)"
+                    )
                     raise LaunchEnvError(
                         f"{var} is not set, but {size_var}={world_size} needs it to "
-                        f"find rank 0 ({launcher} job). torchrun sets it; under "
-                        f"{launcher} export it before starting the ranks."
+                        f"find rank 0 ({launcher} job); {fix}."
                     )
             port = _int(env, "MASTER_PORT", launcher, minimum=1)
             if port > 65535:

@@ -40,7 +40,9 @@ class PeerFailedError(SyncError):
 
     ``rank`` is the rank that failed, ``exc_type`` the name of its exception
     type, ``message`` its ``str()``, ``remote_traceback`` its formatted
-    traceback, and ``point`` the sync point that carried the failure.
+    traceback, and ``point`` the sync point where this rank heard of it.
+    ``raised_at`` is the sync point where the failing rank reported it, when
+    that was another one (the ranks were out of step: ``out_of_step``).
     The failing rank itself re-raises its own exception instead.
     """
 
@@ -55,6 +57,7 @@ class PeerFailedError(SyncError):
         remote_traceback: str,
         point: str,
         observer: int,
+        raised_at: str | None = None,
     ) -> None:
         self._kwargs = dict(
             rank=rank,
@@ -63,6 +66,7 @@ class PeerFailedError(SyncError):
             remote_traceback=remote_traceback,
             point=point,
             observer=observer,
+            raised_at=raised_at,
         )
         self.rank = rank
         self.exc_type = exc_type
@@ -70,11 +74,19 @@ class PeerFailedError(SyncError):
         self.remote_traceback = remote_traceback
         self.point = point
         self.observer = observer
+        self.raised_at = None if raised_at == point else raised_at
+        elsewhere = "" if self.raised_at is None else f"; rank {rank} was at {self.raised_at}"
         super().__init__(
             f"rank {rank} raised {exc_type}: {message} "
-            f"(seen by rank {observer} at {point}). Rank {rank}'s own log "
+            f"(seen by rank {observer} at {point}{elsewhere}). Rank {rank}'s own log "
             f"has the full error; its traceback is in .remote_traceback."
         )
+
+    @property
+    def out_of_step(self) -> bool:
+        """Whether the failing rank was at another sync point than this one:
+        it will not come to this rank's next sync point in step."""
+        return self.raised_at is not None
 
 
 @final
@@ -97,6 +109,7 @@ class RankExitedError(PeerFailedError):
         remote_traceback: str,
         point: str,
         observer: int,
+        raised_at: str | None = None,
     ) -> None:
         super().__init__(
             rank=rank,
@@ -105,6 +118,7 @@ class RankExitedError(PeerFailedError):
             remote_traceback=remote_traceback,
             point=point,
             observer=observer,
+            raised_at=raised_at,
         )
         if exc_type:
             why = (
@@ -115,13 +129,17 @@ class RankExitedError(PeerFailedError):
         else:
             why = (
                 "its program ended without an error (returned or called sys.exit()), so "
-                "the ranks do not make the same sync calls: check that every rank calls "
-                "the same decorated functions the same number of times."
+                "the ranks do not make the same sync calls: check that every rank reaches "
+                "the same sync points (decorated calls, sd.barrier) as often as the others."
             )
         self.args = (
             f"rank {rank} exited without reaching this sync point (seen by rank "
             f"{observer} at {point}): {why}",
         )
+
+    @property
+    def out_of_step(self) -> bool:
+        return True  # it is gone
 
 
 @final

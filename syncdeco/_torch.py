@@ -375,8 +375,9 @@ class _Channel:
         own_error: BaseException | None = None
         verdict: tuple[object, ...]
         wires: list[torch.Tensor] = []
-        failures = [] if failure is None else [failure]
-        failures += [Failure(*f[5]) for f in arrived.values() if f[5] is not None]  # type: ignore[misc]
+        # Each failure with the sync point where its rank reported it.
+        failures = [] if failure is None else [(failure, point.describe())]
+        failures += [(Failure(*f[5]), str(f[6])) for f in arrived.values() if f[5] is not None]  # type: ignore[misc]
         tensors: list[torch.Tensor] = []
         data: bytes | None = None
         if missing:
@@ -406,7 +407,7 @@ class _Channel:
                     f"{point.describe()} to broadcast it; return something picklable."
                 )
                 own_error = exc
-                verdict = _failed(seq, [Failure.from_exception(self.rank, exc)])
+                verdict = _failed(seq, [(Failure.from_exception(self.rank, exc), None)])
         if verdict[1] != _TIMEOUT and self._withdrawn(base, seq, arrived):
             verdict, wires, own_error = (seq, _TIMEOUT, (self.rank,)), [], None  # came too late
 
@@ -506,6 +507,7 @@ class _Channel:
                 remote_traceback=tb,
                 point=point.describe(),
                 observer=self.rank,
+                raised_at=cast("str | None", verdict[3]),
             )
         if code == _MISMATCH:
             raise SyncMismatchError(points=detail, observer=self.rank)  # type: ignore[arg-type]
@@ -573,9 +575,12 @@ def _loads(data: bytes, tensors: list[torch.Tensor]) -> object:
     return _Unpickler(io.BytesIO(data), tensors).load()
 
 
-def _failed(seq: int, failures: list[Failure]) -> tuple[object, ...]:
-    first = min(failures, key=lambda f: f.rank)  # several ranks raised: name the lowest
-    return (seq, _FAILED, astuple(first))
+def _failed(seq: int, failures: Sequence[tuple[Failure, str | None]]) -> tuple[object, ...]:
+    """The FAILED verdict: the failure of the lowest rank (where several
+    raised), and the sync point where it reported it (None: where the others
+    are, or its exit)."""
+    first, where = min(failures, key=lambda failed: failed[0].rank)
+    return (seq, _FAILED, astuple(first), None if first.exited else where)
 
 
 def _meta(tensor: torch.Tensor) -> _Meta:
@@ -792,7 +797,9 @@ def _leave(
         base = f"{_PREFIX}/{scope}/{main}"
         try:
             if rank == main:
-                verdict = pickle.dumps(_failed(seq, [failure]), protocol=pickle.HIGHEST_PROTOCOL)
+                verdict = pickle.dumps(
+                    _failed(seq, [(failure, None)]), protocol=pickle.HIGHEST_PROTOCOL
+                )
                 for member in members:
                     mail.send(f"{base}/{member}/down", seq, verdict)
             else:

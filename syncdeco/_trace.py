@@ -83,8 +83,10 @@ class Recorder:
             )
         except BaseException as exc:
             outcome = f"{type(exc).__name__}: {exc}".split("\n")[0]
-            if isinstance(exc, (SyncTimeoutError, SyncMismatchError)):
-                self.unmet = True
+            if isinstance(exc, (SyncTimeoutError, SyncMismatchError)) or (
+                isinstance(exc, PeerFailedError) and exc.out_of_step
+            ):
+                self.unmet = True  # the ranks will not meet in step at the block's end
             raise
         finally:
             # what this rank raised and told the others of here, if anything
@@ -217,7 +219,7 @@ class _Trace:
             _write_part(self.target, rank, world_size, recorder.chrome_events(rank))
         except OSError as problem:
             _log.warning(
-                "[rank %d] could not write its part of the trace %s: %s",
+                "rank %d could not write its part of the trace %s: %s",
                 rank,
                 self.target,
                 problem,
@@ -226,7 +228,11 @@ class _Trace:
         if exc is not None and (
             isinstance(exc, (SyncTimeoutError, SyncMismatchError)) or recorder.unmet
         ):
-            self._leave_parts(rank, "a sync point in it timed out or was mismatched")
+            self._leave_parts(
+                rank,
+                "a sync point in it timed out, was mismatched, or heard of a failure "
+                "from a rank at another sync point",
+            )
             return
         # The end of the block is a sync point.  A rank leaving it with an
         # exception reports it there, so the others hear at once instead of
@@ -243,7 +249,9 @@ class _Trace:
             return
         except SyncError as problem:
             if isinstance(problem, PeerFailedError) and rank == 0:
-                self._merge(world_size)  # every rank met, so every part is written
+                # Every rank heard of the failure, but one that was at another
+                # sync point writes its part later: _merge says so.
+                self._merge(world_size)
             elif not isinstance(problem, PeerFailedError):
                 self._leave_parts(rank, f"its end raised {type(problem).__name__}")
             if exc is None:
@@ -257,7 +265,7 @@ class _Trace:
 
     def _leave_parts(self, rank: int, why: str) -> None:
         _log.warning(
-            "[rank %d] the ranks do not meet to merge the trace %s (%s: they may be out "
+            "rank %d: the ranks do not meet to merge the trace %s (%s: they may be out "
             "of step, or one may be gone); merge the parts that are there with: "
             "python -m syncdeco merge %s",
             rank,
@@ -272,17 +280,21 @@ class _Trace:
             missing = merge(self.target, world_size=world_size)
         except Exception as problem:  # the trace is diagnostics: never fail the job here
             _log.warning(
-                "[rank 0] could not merge the trace %s: %s", self.target, problem, extra={"rank": 0}
+                "rank 0 could not merge the trace %s: %s", self.target, problem, extra={"rank": 0}
             )
             return
         if missing:
             _log.warning(
-                "[rank 0] the trace at %s lacks rank(s) %s: their parts are not in %s. "
-                "Either they could not write them (their logs say why), or %s is not "
-                "on a filesystem every rank shares.",
+                "rank 0 merged the trace at %s without rank(s) %s: their parts were not "
+                "in %s yet. A rank that was at another sync point when this block ended "
+                "writes its part when its own block ends; merge again then, with: "
+                "python -m syncdeco merge %s. If a part never comes, that rank could not "
+                "write it (its log says why), or %s is not on a filesystem every rank "
+                "shares.",
                 self.target,
                 missing,
                 _parts_dir(self.target),
+                self.target,
                 self.target.parent,
                 extra={"rank": 0},
             )
@@ -310,9 +322,10 @@ def _dump_json(obj: object, file: IO[bytes]) -> None:
 
 def merge(path: str | os.PathLike[str], *, world_size: int | None = None) -> list[int]:
     """Merge the per-rank parts in ``PATH.parts/`` into the Chrome trace
-    ``PATH`` and remove the parts it used.  ``world_size`` (default: what the
-    newest part recorded) says which ranks belong; parts of other sizes are left
-    alone.  Returns the ranks whose part is missing."""
+    ``PATH``; remove the parts it used once every rank's part was there (else
+    they stay, so a later merge has them all).  ``world_size`` (default: what
+    the newest part recorded) says which ranks belong; parts of other sizes
+    are left alone.  Returns the ranks whose part is missing."""
     from ._save import atomic_save
 
     target = Path(path)
@@ -354,11 +367,13 @@ def merge(path: str | os.PathLike[str], *, world_size: int | None = None) -> lis
         },
     }
     atomic_save(document, target, save=_dump_json)
-    for file in used:
-        file.unlink()
-    with contextlib.suppress(OSError):
-        parts_dir.rmdir()  # only if nothing else is left in it
-    return [r for r in range(size) if r not in ranks]
+    missing = [r for r in range(size) if r not in ranks]
+    if not missing:  # else the parts stay, for a merge once the others are there
+        for file in used:
+            file.unlink()
+        with contextlib.suppress(OSError):
+            parts_dir.rmdir()  # only if nothing else is left in it
+    return missing
 
 
 # -- reading a trace ------------------------------------------------------------

@@ -187,6 +187,34 @@ def test_a_rank_that_raises_is_reported_at_the_end_of_the_block(tmp_path: Path) 
     assert "barrier:inside" in names
 
 
+def main_raises_while_a_member_waits(tmp: Path) -> None:
+    # Rank 0 raises outside any sync point, so its block ends (a sync point)
+    # while rank 1 waits at another one: they are out of step.
+    sd.init(timeout=60)
+    with sd.trace(tmp / "trace.json"):
+        sd.barrier("a")
+        if sd.rank() == 0:
+            raise ValueError("bad config")
+        sd.barrier("b")
+
+
+def test_a_main_that_raises_while_a_member_waits_elsewhere(tmp_path: Path) -> None:
+    outcomes = run_ranks(main_raises_while_a_member_waits, 2, tmp_path, timeout=50)
+    assert isinstance(outcomes[0].error, ValueError), outcomes[0].tb
+    err = outcomes[1].error
+    assert isinstance(err, sd.PeerFailedError), outcomes[1].tb
+    assert err.out_of_step and err.point.startswith("barrier 'b'")
+    assert "rank 0 was at barrier 'syncdeco.trace(trace.json)'" in str(err), str(err)
+    # Rank 0 merged what it had; nothing is lost, and a merge now has both.
+    parts = sorted(p.name for p in (tmp_path / "trace.json.parts").iterdir())
+    assert parts == ["rank0.json", "rank1.json"]
+    sd_merge = [sys.executable, "-m", "syncdeco", "merge", str(tmp_path / "trace.json")]
+    subprocess.run(sd_merge, capture_output=True, check=True)
+    events = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+    assert {e["pid"] for e in events if e["name"] == "barrier:a"} == {0, 1}
+    assert not (tmp_path / "trace.json.parts").exists()
+
+
 def a_timeout_inside(tmp: Path) -> None:
     sd.init(timeout=2)
     with sd.trace(tmp / "trace.json"):
