@@ -5,6 +5,8 @@
 ... def load(): ...
 """
 
+import atexit
+import sys
 from typing import TYPE_CHECKING
 
 from ._backend import (
@@ -43,6 +45,18 @@ if TYPE_CHECKING:
     from ._torch import TorchBackend
 
 __version__ = "0.1.0"
+
+
+def _exit_notice() -> None:
+    # Registered at import, so that atexit handlers registered later (which
+    # atexit runs first) may still reach sync points before this rank tells
+    # the others it is gone.  Nothing to say if syncdeco never used torch.
+    torch_backend = sys.modules.get("syncdeco._torch")
+    if torch_backend is not None:
+        torch_backend.exit_notice()
+
+
+atexit.register(_exit_notice)
 
 
 def __getattr__(name: str) -> object:

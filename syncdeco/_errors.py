@@ -92,10 +92,12 @@ class PeerFailedError(SyncError):
 @final
 class RankExitedError(PeerFailedError):
     """Another rank's process ended before reaching this sync point: its
-    program returned or called ``sys.exit()``, or an exception escaped outside
-    any sync point.  ``exc_type`` and ``message`` describe that exception, and
-    are empty when the process ended without one.  A process killed by a
-    signal cannot say so: the others learn of it at their timeout.
+    program returned or called ``sys.exit()``, or an exception escaped it.
+    ``exc_type`` and ``message`` describe that exception, and are empty when
+    the process ended without one.  The others hear of it within about a
+    second of waiting for it.  A process killed by a signal, or ended by
+    ``os._exit()`` (as multiprocessing's fork start method ends its
+    children), cannot say so: the others learn of it at their timeout.
     """
 
     __module__ = "syncdeco"
@@ -121,16 +123,18 @@ class RankExitedError(PeerFailedError):
             raised_at=raised_at,
         )
         if exc_type:
+            error = f"{exc_type}: {message}" if message else exc_type
             why = (
-                f"an uncaught {exc_type}: {message} ended it (raised outside any sync "
-                f"point). Rank {rank}'s own log has the full error; its traceback is in "
-                f".remote_traceback."
+                f"an uncaught {error} ended its process. Rank {rank}'s own log has the "
+                f"full error; its traceback is in .remote_traceback."
             )
         else:
             why = (
-                "its program ended without an error (returned or called sys.exit()), so "
-                "the ranks do not make the same sync calls: check that every rank reaches "
-                "the same sync points (decorated calls, sd.barrier) as often as the others."
+                "its program ended without an uncaught exception (it returned or called "
+                "sys.exit(); its exit status and log say whether that was an error). If "
+                "it was not, the ranks do not reach the same sync points: check that every "
+                "rank makes the same sync calls (decorated calls, sd.barrier) as often as "
+                "the others."
             )
         self.args = (
             f"rank {rank} exited without reaching this sync point (seen by rank "

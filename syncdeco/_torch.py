@@ -19,7 +19,6 @@ sync point that timed out is recognised and dropped at the next one.
 
 from __future__ import annotations
 
-import atexit
 import ctypes
 import functools
 import io
@@ -76,13 +75,15 @@ class _Late(Exception):
 class _Mail:
     """Ordered boxes on a store: queues where the store has them, else keys."""
 
-    def __init__(self, store: Any) -> None:  # a c10d Store (untyped in torch)
+    def __init__(self, store: Any, queues: bool | None = None) -> None:  # a c10d Store
         self.store = store
-        try:
-            store.queue_len(f"{_PREFIX}/probe")
-            self.queues = True
-        except Exception:  # FileStore and friends: no queue support
-            self.queues = False
+        if queues is None:
+            try:
+                store.queue_len(f"{_PREFIX}/probe")
+                queues = True
+            except Exception:  # FileStore and friends: no queue support
+                queues = False
+        self.queues = queues
 
     def _timeout(self, seconds: float) -> timedelta:
         return timedelta(seconds=max(seconds, _MIN_WAIT))
@@ -92,6 +93,14 @@ class _Mail:
             self.store.queue_push(box, data)
         else:
             self.store.set(f"{box}/{seq}", data)
+
+    def offer(self, box: str, seq: int, data: bytes) -> None:
+        """Like send, but never replaces what the box already holds for
+        ``seq`` (with keys; a queue keeps both, in order)."""
+        if self.queues:
+            self.store.queue_push(box, data)
+        else:
+            self.store.compare_set(f"{box}/{seq}", "", data)
 
     def ready(self, box: str, seq: int) -> bool:
         if self.queues:
@@ -154,6 +163,7 @@ class _Channel:
         self.local_size = local_world_size_from_env(env)
         self.node_key = node_key(env)
         self.waiting: _Wait | None = None  # read by the watcher thread
+        self.left = False  # this process has said it is exiting
         self.watcher: threading.Thread | None = None
         # Where this rank lives, for local=True: per node (so a local sync
         # waits only for its own node) and, when the launcher does not say
@@ -230,6 +240,32 @@ class _Channel:
         timeout: float | None,
     ) -> object:
         deadline = None if timeout is None else time.monotonic() + timeout
+        if self.left:
+            raise SyncError(
+                f"rank {self.rank} at {point.describe()}: this process has already told "
+                f"the other ranks it is exiting (syncdeco does so at interpreter exit), "
+                f"so they will not meet it here. A sync point in an atexit handler must "
+                f"be registered after `import syncdeco`; better, sync before the program "
+                f"ends."
+            )
+        try:
+            return self._sync(point, local, failure, payload, timeout, deadline)
+        except dist.DistNetworkError as exc:
+            raise SyncError(
+                f"rank {self.rank} at {point.describe()} lost its connection to the "
+                f"process group's store ({exc}): the store's host (rank 0, or the "
+                f"launcher's agent) has exited or cannot be reached. Rank 0's log says why."
+            ) from exc
+
+    def _sync(
+        self,
+        point: SyncPoint,
+        local: bool,
+        failure: Failure | None,
+        payload: object,
+        timeout: float | None,
+        deadline: float | None,
+    ) -> object:
         with self.lock:
             # The sequence number moves first, so that a rank whose topology
             # lookup times out stays in step with the others.
@@ -260,13 +296,38 @@ class _Channel:
                 self.waiting = None
 
     def leave(self, failure: Failure) -> None:
-        """This rank's process is ending: post its last word (``failure``)
-        for the next sync point of each scope it has used."""
-        self.store.set_timeout(timedelta(seconds=_EXIT_NOTICE_WAIT))
-        scopes = [("w", 0, tuple(range(1, self.world_size)), self.seq.get("w", 0) + 1)]
-        if self.node is not None:
-            scopes.append(("l", *self.node, self.seq.get("l", 0) + 1))
-        _leave(self.mail, self.rank, scopes, failure)
+        """This rank's process is ending: say so, with ``failure``, in one
+        store write (the others' watchers look for it while they wait)."""
+        self.left = True
+        _say_gone(self.store, failure)
+
+    def wake_if_gone(self, wait: _Wait, store: Any) -> None:
+        """If a rank this one waits for has said it is gone, put what that
+        rank would have sent into the box the waiting thread reads: an exit
+        frame for a main, a FAILED verdict for a member.  Runs in the watcher
+        thread, on its own store connection."""
+        if wait.lead:
+            arrived = set(wait.arrived)  # a snapshot: the waiting thread adds to it
+            missing = [r for r in wait.members if r not in arrived and r not in wait.woken]
+            wait.cursor %= max(len(missing), 1)
+            awaited = missing[wait.cursor : wait.cursor + _GONE_BATCH]
+            wait.cursor += _GONE_BATCH  # large jobs: look at the others next time
+        else:
+            awaited = [] if wait.main in wait.woken else [wait.main]
+        mail: _Mail | None = None
+        for rank in awaited:
+            key = f"{_PREFIX}/gone/{rank}"
+            if not store.check([key]):
+                continue
+            failure = Failure(*pickle.loads(store.get(key)))
+            mail = mail or _Mail(store, queues=self.mail.queues)
+            wait.woken.add(rank)
+            if wait.lead:
+                frame = (wait.seq, rank, "exit", "", 0, astuple(failure), "its exit", None)
+                mail.offer(f"{wait.base}/{rank}/up", wait.seq, pickle.dumps(frame))
+            else:
+                verdict = _failed(wait.seq, [(failure, None)])
+                mail.offer(f"{wait.base}/{self.rank}/down", wait.seq, pickle.dumps(verdict))
 
     # -- where the others are ----------------------------------------------------
 
@@ -357,7 +418,7 @@ class _Channel:
         arrived: dict[int, tuple[object, ...]] = {}
         missing: list[int] = []
         self.waiting = _Wait(
-            time.monotonic(), point.describe(), True, self.rank, tuple(members), arrived
+            time.monotonic(), point.describe(), True, self.rank, tuple(members), arrived, base, seq
         )
         for member in members:
             box = f"{base}/{member}/up"
@@ -449,7 +510,7 @@ class _Channel:
         )
         up, down = f"{base}/{self.rank}/up", f"{base}/{self.rank}/down"
         self.mail.send(up, seq, pickle.dumps(frame, protocol=pickle.HIGHEST_PROTOCOL))
-        self.waiting = _Wait(time.monotonic(), point.describe(), False, main, (), {})
+        self.waiting = _Wait(time.monotonic(), point.describe(), False, main, (), {}, base, seq)
         try:
             verdict = self._fresh(down, seq, deadline)
         except _Late:
@@ -674,7 +735,19 @@ def _off_wire(wire: torch.Tensor, meta: _Meta) -> torch.Tensor:
 class _Wait:
     """What a rank is waiting for right now, for the watcher thread."""
 
-    __slots__ = ("arrived", "lead", "logged", "main", "members", "point", "since")
+    __slots__ = (
+        "arrived",
+        "base",
+        "cursor",
+        "lead",
+        "logged",
+        "main",
+        "members",
+        "point",
+        "seq",
+        "since",
+        "woken",
+    )
 
     def __init__(
         self,
@@ -684,6 +757,8 @@ class _Wait:
         main: int,
         members: tuple[int, ...],
         arrived: dict[int, tuple[object, ...]],
+        base: str,
+        seq: int,
     ) -> None:
         self.since = since
         self.point = point
@@ -692,22 +767,39 @@ class _Wait:
         self.members = members
         self.arrived = arrived
         self.logged = since
+        self.base = base
+        self.seq = seq
+        self.woken: set[int] = set()  # gone ranks already answered for
+        self.cursor = 0
 
 
 def _watch(ref: weakref.ref[_Channel]) -> None:
-    """Log, once per interval, about a sync point that waits too long.
+    """Log, once per interval, about a sync point that waits too long, and
+    wake it when a rank it waits for has exited.
 
     Runs beside the waiting thread with its own store connection, so a sync
     point that completes quickly never pays for it."""
     store: Any = None
     while True:
         interval = warn_interval()
-        time.sleep(1.0 if interval is None else min(1.0, interval / 4))
+        time.sleep(_GONE_AFTER if interval is None else min(_GONE_AFTER, interval / 4))
         channel = ref()
         if channel is None:
             return
         wait = channel.waiting
         now = time.monotonic()
+        if wait is not None and now - wait.since >= _GONE_AFTER:
+            try:
+                if store is None:
+                    store = channel.store.clone()
+                channel.wake_if_gone(wait, store)
+            except Exception as exc:  # the watcher must never take the job down
+                _log.debug(
+                    "rank %d: syncdeco's watcher could not look for ranks that exited: %r",
+                    channel.rank,
+                    exc,
+                    extra={"rank": channel.rank},
+                )
         if wait is not None and interval is not None and now - wait.logged >= interval:
             wait.logged = now
             try:
@@ -753,32 +845,30 @@ def _channel_for_default_group(env: Mapping[str, str]) -> _Channel:
 
 # -- a rank whose process ends tells the others ---------------------------------
 
-_EXIT_NOTICE_WAIT: Final = 2.0  # seconds a store operation may take at exit
+_GONE_AFTER: Final = 1.0  # seconds a sync point waits before its watcher looks for exits
+_GONE_BATCH: Final = 64  # missing ranks a main's watcher looks at per second
 _forked_child = False  # forked from a process with a group (see _forget_in_child)
 
 
 def announce_exit(exc: BaseException | None) -> None:
-    """Tell the ranks this one would have met next that its process is
-    ending (``exc``: the exception that ends it, if any), so that one waiting
-    at a sync point this rank will never reach raises RankExitedError at once
-    instead of at its timeout.  Runs at interpreter exit, and where
-    syncdeco.testing ends a rank; a process killed by a signal runs neither."""
+    """Say in the store that this rank's process is ending (``exc``: the
+    exception that ends it, if any).  A rank waiting for it at a sync point
+    (now or later) then raises RankExitedError within about a second instead
+    of at its timeout.  Runs at interpreter exit (syncdeco registers it on
+    import) and where syncdeco.testing ends a rank; a process killed by a
+    signal, or ended by os._exit(), runs neither.  One store write."""
     channel = _channel
-    if channel is None:
-        # No sync point ran here yet, but the others may be waiting at their
-        # first: post to the world scope through the group's own store.
-        if _forked_child or not (_DISTRIBUTED and dist.is_initialized()):
-            return  # a forked child's group state is its parent's
-        rank, size = dist.get_rank(), dist.get_world_size()
-        mail = _Mail(dist.distributed_c10d._get_default_store())
-        _leave(mail, rank, [("w", 0, tuple(range(1, size)), 1)], _exit_failure(rank, exc))
-        return
-    if not channel.lock.acquire(blocking=False):
-        return  # a sync point is in progress in another thread
     try:
-        channel.leave(_exit_failure(channel.rank, exc))
-    finally:
-        channel.lock.release()
+        if channel is not None:
+            channel.leave(_exit_failure(channel.rank, exc))
+        elif not _forked_child and _DISTRIBUTED and dist.is_initialized():
+            # No sync point ran here yet, but the others may be waiting at
+            # their first: through the group's own store.  (A forked child's
+            # group state is its parent's: it stays silent.)
+            store = dist.distributed_c10d._get_default_store()
+            _say_gone(store, _exit_failure(dist.get_rank(), exc))
+    except Exception:
+        pass  # exiting anyway: the others fall back on their timeout
 
 
 def _exit_failure(rank: int, exc: BaseException | None) -> Failure:
@@ -787,36 +877,17 @@ def _exit_failure(rank: int, exc: BaseException | None) -> Failure:
     return replace(Failure.from_exception(rank, exc), exited=True)
 
 
-def _leave(
-    mail: _Mail, rank: int, scopes: list[tuple[str, int, tuple[int, ...], int]], failure: Failure
-) -> None:
-    """Post ``failure`` for sync point ``seq`` of each (scope, main, members,
-    seq): a frame to the main, or from a main a FAILED verdict to each
-    member, where they will look when they get there."""
-    for scope, main, members, seq in scopes:
-        base = f"{_PREFIX}/{scope}/{main}"
-        try:
-            if rank == main:
-                verdict = pickle.dumps(
-                    _failed(seq, [(failure, None)]), protocol=pickle.HIGHEST_PROTOCOL
-                )
-                for member in members:
-                    mail.send(f"{base}/{member}/down", seq, verdict)
-            else:
-                frame = (seq, rank, "exit", "", 0, astuple(failure), "its exit", None)
-                mail.send(f"{base}/{rank}/up", seq, pickle.dumps(frame))
-        except Exception:
-            pass  # exiting anyway: the others fall back on their timeout
+def _say_gone(store: Any, failure: Failure) -> None:
+    # A set has no reply: one send, so it neither blocks on a store that has
+    # gone nor makes the store client log a broken pipe.
+    store.set(f"{_PREFIX}/gone/{failure.rank}", pickle.dumps(astuple(failure)))
 
 
-def _exit_notice() -> None:
-    # Set where an exception escaped the program (the interpreter printed
-    # it); not set for a normal end or sys.exit().
+def exit_notice() -> None:
+    """At interpreter exit: ``announce_exit`` with the exception that ended
+    the program, if one did (the interpreter printed it)."""
     exc = getattr(sys, "last_value", None)
     announce_exit(exc if isinstance(exc, BaseException) else None)
-
-
-atexit.register(_exit_notice)
 
 
 @final

@@ -1,15 +1,25 @@
-"""One rank's process ends while the others go on to a sync point it never
-reaches.  Run as plain processes with torchrun's variables (no agent that
-would stop the others): ``python exits.py SCENARIO``.
+"""One rank's process ends while the others go on to sync points it never
+reaches.  Run as plain processes with a launcher's variables and no agent
+that would stop the others: ``python exits.py SCENARIO TMPDIR``.
 
-Scenarios: ``member_raises`` (rank 1 raises outside any sync point),
-``main_returns`` (rank 0's program ends early), ``local_member_exits``
-(rank 3, on the second node, calls sys.exit() before a local sync point).
+Scenarios:
+- ``member_raises``: rank 1 raises outside any sync point; the others try
+  two sync points.
+- ``main_returns``: rank 0's program ends early.
+- ``local_member_exits``: rank 3, on the second node, calls sys.exit()
+  before a local sync point.
+- ``sync_at_exit``: every rank meets in an atexit handler registered after
+  ``import syncdeco`` but before its first use.
+- ``main_ends_first``: a correct program whose rank 0 (hosting the store
+  under SLURM's variables) exits before the others do.
 """
 
 from __future__ import annotations
 
+import atexit
+import os
 import sys
+from pathlib import Path
 
 import syncdeco as sd
 
@@ -18,7 +28,7 @@ def say(msg: str) -> None:
     print(f"[rank {sd.rank()}] {msg}\n", end="", flush=True)
 
 
-def meet(name: str, local: bool) -> None:
+def meet(name: str, local: bool = False) -> None:
     if local:
         with sd.main_first(local=True, name=name, timeout=300):
             pass
@@ -26,23 +36,57 @@ def meet(name: str, local: bool) -> None:
         sd.barrier(name, timeout=300)
 
 
-def main(scenario: str) -> None:
-    local = scenario.startswith("local")
-    meet("start", local)
-    leaving = {"member_raises": 1, "main_returns": 0, "local_member_exits": 3}[scenario]
-    if sd.rank() == leaving:
-        if scenario == "member_raises":
-            raise OSError("disk full while writing shard 7")
-        if scenario == "local_member_exits":
-            sys.exit(0)
-        return
+def try_to_meet(name: str, local: bool = False) -> None:
     try:
-        meet("next", local)
+        meet(name, local)
     except sd.RankExitedError as exc:
         say(f"{type(exc).__name__} rank={exc.rank} exc_type={exc.exc_type!r}: {exc}")
     else:
-        say("passed the barrier")
+        say(f"passed {name}")
+
+
+def main(scenario: str, tmp: Path) -> None:
+    if scenario == "sync_at_exit":
+        atexit.register(lambda: (meet("shutdown"), say("met at shutdown")))
+    local = scenario.startswith("local")
+    meet("start", local)
+    if scenario == "member_raises":
+        if sd.rank() == 1:
+            raise OSError("disk full while writing shard 7")
+        try_to_meet("next")
+        try_to_meet("again")  # rank 1 is still gone
+    elif scenario == "main_returns":
+        if sd.rank() != 0:
+            try_to_meet("next")
+    elif scenario == "local_member_exits":
+        if sd.rank() == 3:
+            sys.exit(0)
+        try_to_meet("next", local)
+    elif scenario == "main_ends_first":
+        meet("local start", local=True)  # both scopes in use
+        if sd.rank() == 0:
+            (tmp / "rank0.pid.tmp").write_text(str(os.getpid()))
+            os.replace(tmp / "rank0.pid.tmp", tmp / "rank0.pid")
+            return
+        pid = int(_wait_for(tmp / "rank0.pid"))
+        while _alive(pid):  # rank 0 and its store are gone before this rank exits
+            os.sched_yield()
+        say("exiting after rank 0")
+
+
+def _wait_for(path: Path) -> str:
+    while not path.exists():
+        os.sched_yield()
+    return path.read_text()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ", 1)[1][0] != "Z"  # a zombie has exited
+    except OSError:  # gone, or going while it was read
+        return False
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], Path(sys.argv[2]))
