@@ -124,6 +124,19 @@ def test_a_correct_program_whose_store_host_ends_first_exits_quietly(tmp_path: P
         assert out[rank] == f"exit status 0\n[rank {rank}] exiting after rank 0\n", out
 
 
+def test_a_sync_point_after_the_store_host_exited(tmp_path: Path) -> None:
+    # Rank 0 took the store with it: no exit notice can be read, and the
+    # others must get a SyncError that says what happened, not a raw
+    # network error from the store client (which logs its own warning).
+    out = _run("store_host_gone", 3, 3, tmp_path, launcher="slurm")
+    for rank in (1, 2):
+        assert out[rank].startswith("exit status 0\n"), out
+        assert (
+            f"[rank {rank}] SyncError: rank {rank} at barrier 'next' (call 1, exits.py:"
+        ) in out[rank], out
+        assert "lost its connection to the process group's store" in out[rank], out
+
+
 def _rank_one_fails_before_any_sync_point() -> str:
     if sd.rank() == 1:
         raise ValueError("bad shard index 12")

@@ -12,6 +12,7 @@ Scenarios:
   ``import syncdeco`` but before its first use.
 - ``main_ends_first``: a correct program whose rank 0 (hosting the store
   under SLURM's variables) exits before the others do.
+- ``store_host_gone``: the same, but the others then try a sync point.
 """
 
 from __future__ import annotations
@@ -62,16 +63,22 @@ def main(scenario: str, tmp: Path) -> None:
         if sd.rank() == 3:
             sys.exit(0)
         try_to_meet("next", local)
-    elif scenario == "main_ends_first":
+    elif scenario in ("main_ends_first", "store_host_gone"):
         meet("local start", local=True)  # both scopes in use
         if sd.rank() == 0:
             (tmp / "rank0.pid.tmp").write_text(str(os.getpid()))
             os.replace(tmp / "rank0.pid.tmp", tmp / "rank0.pid")
             return
         pid = int(_wait_for(tmp / "rank0.pid"))
-        while _alive(pid):  # rank 0 and its store are gone before this rank exits
+        while _alive(pid):  # rank 0 and its store are gone before this rank goes on
             os.sched_yield()
-        say("exiting after rank 0")
+        if scenario == "store_host_gone":
+            try:
+                meet("next")
+            except sd.SyncError as exc:
+                say(f"{type(exc).__name__}: {exc}")
+        else:
+            say("exiting after rank 0")
 
 
 def _wait_for(path: Path) -> str:
