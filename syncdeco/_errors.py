@@ -75,11 +75,14 @@ class PeerFailedError(SyncError):
         self.point = point
         self.observer = observer
         self.raised_at = None if raised_at == point else raised_at
-        elsewhere = "" if self.raised_at is None else f"; rank {rank} was at {self.raised_at}"
-        super().__init__(
-            f"rank {rank} raised {exc_type}: {message} "
-            f"(seen by rank {observer} at {point}{elsewhere}). Rank {rank}'s own log "
-            f"has the full error; its traceback is in .remote_traceback."
+        super().__init__(self._describe())
+
+    def _describe(self) -> str:
+        elsewhere = "" if self.raised_at is None else f"; rank {self.rank} was at {self.raised_at}"
+        return (
+            f"rank {self.rank} raised {self.exc_type}: {self.message} (seen by rank "
+            f"{self.observer} at {self.point}{elsewhere}). Rank {self.rank}'s own log has "
+            f"the full error; its traceback is in .remote_traceback."
         )
 
     @property
@@ -102,28 +105,10 @@ class RankExitedError(PeerFailedError):
 
     __module__ = "syncdeco"
 
-    def __init__(
-        self,
-        *,
-        rank: int,
-        exc_type: str,
-        message: str,
-        remote_traceback: str,
-        point: str,
-        observer: int,
-        raised_at: str | None = None,
-    ) -> None:
-        super().__init__(
-            rank=rank,
-            exc_type=exc_type,
-            message=message,
-            remote_traceback=remote_traceback,
-            point=point,
-            observer=observer,
-            raised_at=raised_at,
-        )
-        if exc_type:
-            error = f"{exc_type}: {message}" if message else exc_type
+    def _describe(self) -> str:
+        rank = self.rank
+        if self.exc_type:
+            error = f"{self.exc_type}: {self.message}" if self.message else self.exc_type
             why = (
                 f"an uncaught {error} ended its process. Rank {rank}'s own log has the "
                 f"full error; its traceback is in .remote_traceback."
@@ -136,9 +121,9 @@ class RankExitedError(PeerFailedError):
                 "rank makes the same sync calls (decorated calls, sd.barrier) as often as "
                 "the others."
             )
-        self.args = (
+        return (
             f"rank {rank} exited without reaching this sync point (seen by rank "
-            f"{observer} at {point}): {why}",
+            f"{self.observer} at {self.point}): {why}"
         )
 
     @property

@@ -248,40 +248,22 @@ class _Channel:
                 f"be registered after `import syncdeco`; better, sync before the program "
                 f"ends."
             )
-        try:
-            return self._sync(point, local, failure, payload, timeout, deadline)
-        except dist.DistNetworkError as exc:
-            raise SyncError(
-                f"rank {self.rank} at {point.describe()} lost its connection to the "
-                f"process group's store ({exc}): the store's host (rank 0, or the "
-                f"launcher's agent) has exited or cannot be reached. Rank 0's log says why."
-            ) from exc
-
-    def _sync(
-        self,
-        point: SyncPoint,
-        local: bool,
-        failure: Failure | None,
-        payload: object,
-        timeout: float | None,
-        deadline: float | None,
-    ) -> object:
         with self.lock:
             # The sequence number moves first, so that a rank whose topology
             # lookup times out stays in step with the others.
             seq = self.next_seq("l" if local and self.world_size > 1 else "w")
-            # Where this rank was last seen, for the others' timeouts and
-            # warnings (a store set has no reply: it costs one send).
-            self.store.set(
-                f"{_PREFIX}/seen/{self.rank}", pickle.dumps((point.describe(), time.time()))
-            )
-            scope, main, members = self.scope(local, deadline, point)
-            if main == self.rank and not members:
-                return payload  # alone in its scope (members know only their main)
-            base = f"{_PREFIX}/{scope}/{main}"
-            if self.watcher is None:
-                self._start_watcher()
             try:
+                # Where this rank was last seen, for the others' timeouts and
+                # warnings (a store set has no reply: it costs one send).
+                self.store.set(
+                    f"{_PREFIX}/seen/{self.rank}", pickle.dumps((point.describe(), time.time()))
+                )
+                scope, main, members = self.scope(local, deadline, point)
+                if main == self.rank and not members:
+                    return payload  # alone in its scope (members know only their main)
+                base = f"{_PREFIX}/{scope}/{main}"
+                if self.watcher is None:
+                    self._start_watcher()
                 if self.rank == main:
                     return self._lead(
                         base, seq, members, point, failure, payload, deadline, timeout
@@ -292,6 +274,13 @@ class _Channel:
                     # main (which knows who) instead of blaming the main.
                     deadline += min(max(_GRACE, 0.1 * timeout), 10 * _GRACE)
                 return self._follow(base, seq, main, point, failure, deadline, timeout)
+            except dist.DistNetworkError as exc:
+                raise SyncError(
+                    f"rank {self.rank} at {point.describe()} lost its connection to the "
+                    f"process group's store ({exc}): the store's host (rank 0, or the "
+                    f"launcher's agent) has exited or cannot be reached. Rank 0's log "
+                    f"says why."
+                ) from exc
             finally:
                 self.waiting = None
 
