@@ -33,6 +33,7 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import astuple, replace
 from datetime import timedelta
+from types import TracebackType
 from typing import Any, Final, cast, final
 
 import torch
@@ -288,19 +289,34 @@ class _Channel:
         """This rank's process is ending: say so, with ``failure``, in one
         store write (the others' watchers look for it while they wait)."""
         self.left = True
-        _say_gone(self.store, failure)
+        if self.lock.acquire(blocking=False):
+            try:
+                _say_gone(self.store, failure)
+            finally:
+                self.lock.release()
+        elif dist.is_initialized():
+            # A thread is inside a sync point, blocked on this channel's
+            # connection (the store client holds it for the whole wait): say
+            # it through the group's own connection instead.
+            _say_gone(dist.distributed_c10d._get_default_store(), failure)
 
     def wake_if_gone(self, wait: _Wait, store: Any) -> None:
         """If a rank this one waits for has said it is gone, put what that
         rank would have sent into the box the waiting thread reads: an exit
         frame for a main, a FAILED verdict for a member.  Runs in the watcher
         thread, on its own store connection."""
+        blocked_on: int | None = None
         if wait.lead:
-            arrived = set(wait.arrived)  # a snapshot: the waiting thread adds to it
-            missing = [r for r in wait.members if r not in arrived and r not in wait.woken]
-            wait.cursor %= max(len(missing), 1)
-            awaited = missing[wait.cursor : wait.cursor + _GONE_BATCH]
-            wait.cursor += _GONE_BATCH  # large jobs: look at the others next time
+            arrived = set(wait.arrived.copy())  # the waiting thread adds to it
+            missing = [r for r in wait.members if r not in arrived]
+            # The main reads the members' boxes in order: it is blocked on
+            # the first missing one, looked at every time; the others take
+            # turns in large jobs.
+            blocked_on = missing[0] if missing else None
+            rest = [r for r in missing[1:] if r not in wait.woken]
+            turn = [rest[(wait.cursor + i) % len(rest)] for i in range(min(len(rest), _GONE_BATCH))]
+            wait.cursor += _GONE_BATCH
+            awaited = [r for r in missing[:1] if r not in wait.woken] + turn
         else:
             awaited = [] if wait.main in wait.woken else [wait.main]
         mail: _Mail | None = None
@@ -312,8 +328,16 @@ class _Channel:
             mail = mail or _Mail(store, queues=self.mail.queues)
             wait.woken.add(rank)
             if wait.lead:
-                frame = (wait.seq, rank, "exit", "", 0, astuple(failure), "its exit", None)
-                mail.offer(f"{wait.base}/{rank}/up", wait.seq, pickle.dumps(frame))
+                frame = pickle.dumps(
+                    (wait.seq, rank, "exit", "", 0, astuple(failure), "its exit", None)
+                )
+                mail.offer(f"{wait.base}/{rank}/up", wait.seq, frame)
+                if blocked_on is not None and blocked_on != rank:
+                    # Also where the main is blocked, on a member that may be
+                    # slow or never come (stuck in a collective with the gone
+                    # rank): it reads the exit there, and that member's own
+                    # frame is dropped as stale at the next sync point.
+                    mail.offer(f"{wait.base}/{blocked_on}/up", wait.seq, frame)
             else:
                 verdict = _failed(wait.seq, [(failure, None)])
                 mail.offer(f"{wait.base}/{self.rank}/down", wait.seq, pickle.dumps(verdict))
@@ -430,7 +454,10 @@ class _Channel:
         failures += [(Failure(*f[5]), str(f[6])) for f in arrived.values() if f[5] is not None]  # type: ignore[misc]
         tensors: list[torch.Tensor] = []
         data: bytes | None = None
-        if missing:
+        exits = [failed for failed in failures if failed[0].exited]
+        if exits:
+            verdict = _failed(seq, exits)  # a rank that is gone explains the others' absence
+        elif missing:
             verdict = (seq, _TIMEOUT, tuple(missing), self.last_seen(missing))
         elif failures:
             # A failure wins over a mismatch: a rank that raised reports it at
@@ -781,6 +808,7 @@ def _watch(ref: weakref.ref[_Channel]) -> None:
             try:
                 if store is None:
                     store = channel.store.clone()
+                    store.set_timeout(timedelta(seconds=_WATCHER_WAIT))
                 channel.wake_if_gone(wait, store)
             except Exception as exc:  # the watcher must never take the job down
                 _log.debug(
@@ -794,6 +822,7 @@ def _watch(ref: weakref.ref[_Channel]) -> None:
             try:
                 if store is None:
                     store = channel.store.clone()
+                    store.set_timeout(timedelta(seconds=_WATCHER_WAIT))
                 channel.warn(wait, now, store)
             except Exception as exc:  # the watcher must never take the job down
                 _log.debug(
@@ -829,6 +858,7 @@ def _channel_for_default_group(env: Mapping[str, str]) -> _Channel:
         if _channel is None or _channel.group() is not group:
             _channel = _Channel(group, env)
             _remember_group()
+            _note_uncaught()
         return _channel
 
 
@@ -836,6 +866,7 @@ def _channel_for_default_group(env: Mapping[str, str]) -> _Channel:
 
 _GONE_AFTER: Final = 1.0  # seconds a sync point waits before its watcher looks for exits
 _GONE_BATCH: Final = 64  # missing ranks a main's watcher looks at per second
+_WATCHER_WAIT: Final = 10.0  # seconds one of the watcher's store requests may take
 _forked_child = False  # forked from a process with a group (see _forget_in_child)
 
 
@@ -872,10 +903,35 @@ def _say_gone(store: Any, failure: Failure) -> None:
     store.set(f"{_PREFIX}/gone/{failure.rank}", pickle.dumps(astuple(failure)))
 
 
+_uncaught: BaseException | None = None  # what ended the program, seen by _note_uncaught's hook
+_hook: Callable[..., None] | None = None
+
+
+def _note_uncaught() -> None:
+    """Wrap sys.excepthook (once) to note the exception that ends the program.
+    sys.last_value alone misleads: pytest and IPython set it for exceptions
+    they caught."""
+    global _hook
+    if _hook is not None:
+        return
+    previous = sys.excepthook
+
+    def hook(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
+        global _uncaught
+        _uncaught = value
+        previous(kind, value, tb)
+
+    _hook = sys.excepthook = hook
+
+
 def exit_notice() -> None:
     """At interpreter exit: ``announce_exit`` with the exception that ended
-    the program, if one did (the interpreter printed it)."""
-    exc = getattr(sys, "last_value", None)
+    the program, if one did."""
+    exc: object = _uncaught
+    if exc is None and (_hook is None or sys.excepthook is not _hook):
+        # Without syncdeco's hook in place (no sync point ran yet, or another
+        # hook replaced it), the interpreter's note is the best there is.
+        exc = getattr(sys, "last_value", None)
     announce_exit(exc if isinstance(exc, BaseException) else None)
 
 

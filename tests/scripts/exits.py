@@ -13,6 +13,10 @@ Scenarios:
 - ``main_ends_first``: a correct program whose rank 0 (hosting the store
   under SLURM's variables) exits before the others do.
 - ``store_host_gone``: the same, but the others then try a sync point.
+- ``blocked_on_a_slow_member``: rank 0 waits for a slow rank 1 while rank 2
+  has exited.
+- ``daemon_thread_waits``: rank 1 exits while a daemon thread of it waits at
+  a sync point.
 """
 
 from __future__ import annotations
@@ -63,6 +67,36 @@ def main(scenario: str, tmp: Path) -> None:
         if sd.rank() == 3:
             sys.exit(0)
         try_to_meet("next", local)
+    elif scenario == "blocked_on_a_slow_member":
+        # Rank 2 exits; rank 1 comes only once rank 0 has given up, so rank 0
+        # must hear of rank 2 while it waits for rank 1's frame.
+        if sd.rank() == 2:
+            raise OSError("disk full")
+        if sd.rank() == 1:
+            _wait_for(tmp / "rank0-heard")
+        try_to_meet("next")
+        if sd.rank() == 0:
+            (tmp / "rank0-heard").write_text("")
+    elif scenario == "daemon_thread_waits":
+        # Rank 1's main thread ends while a daemon thread of it waits at a
+        # sync point rank 0 joins only once rank 1's process is gone.
+        if sd.rank() == 1:
+            import threading
+
+            import syncdeco._torch as backend
+
+            threading.Thread(target=meet, args=("background",), daemon=True).start()
+            channel = backend._channel
+            assert channel is not None
+            while not channel.lock.locked():  # the thread is inside its sync point
+                os.sched_yield()
+            (tmp / "rank1.pid.tmp").write_text(str(os.getpid()))
+            os.replace(tmp / "rank1.pid.tmp", tmp / "rank1.pid")
+            return
+        pid = int(_wait_for(tmp / "rank1.pid"))
+        while _alive(pid):
+            os.sched_yield()
+        say("rank 1 has exited")
     elif scenario in ("main_ends_first", "store_host_gone"):
         meet("local start", local=True)  # both scopes in use
         if sd.rank() == 0:
