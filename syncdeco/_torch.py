@@ -802,36 +802,37 @@ def _watch(ref: weakref.ref[_Channel]) -> None:
         channel = ref()
         if channel is None:
             return
-        wait = channel.waiting
-        now = time.monotonic()
-        if wait is not None and now - wait.since >= _GONE_AFTER:
-            try:
-                if store is None:
-                    store = channel.store.clone()
-                    store.set_timeout(timedelta(seconds=_WATCHER_WAIT))
-                channel.wake_if_gone(wait, store)
-            except Exception as exc:  # the watcher must never take the job down
-                _log.debug(
-                    "rank %d: syncdeco's watcher could not look for ranks that exited: %r",
-                    channel.rank,
-                    exc,
-                    extra={"rank": channel.rank},
-                )
-        if wait is not None and interval is not None and now - wait.logged >= interval:
-            wait.logged = now
-            try:
-                if store is None:
-                    store = channel.store.clone()
-                    store.set_timeout(timedelta(seconds=_WATCHER_WAIT))
-                channel.warn(wait, now, store)
-            except Exception as exc:  # the watcher must never take the job down
-                _log.debug(
-                    "rank %d: syncdeco's watcher could not report: %r",
-                    channel.rank,
-                    exc,
-                    extra={"rank": channel.rank},
-                )
-        del channel, wait  # hold no channel while asleep, so it can be collected
+        store = _look(channel, interval, store)
+        del channel  # hold no channel while asleep, so it can be collected
+
+
+def _look(channel: _Channel, interval: float | None, store: Any) -> Any:
+    """One round of the watcher: wake a sync point waiting for a rank that
+    exited, and log about one that waits too long.  Returns the watcher's
+    store connection (made on first need)."""
+    wait = channel.waiting
+    now = time.monotonic()
+    jobs: list[tuple[str, Callable[[Any], None]]] = []
+    if wait is not None and now - wait.since >= _GONE_AFTER:
+        jobs.append(("look for ranks that exited", functools.partial(channel.wake_if_gone, wait)))
+    if wait is not None and interval is not None and now - wait.logged >= interval:
+        wait.logged = now
+        jobs.append(("report", functools.partial(channel.warn, wait, now)))
+    for what, job in jobs:
+        try:
+            if store is None:
+                store = channel.store.clone()
+                store.set_timeout(timedelta(seconds=_WATCHER_WAIT))
+            job(store)
+        except Exception as exc:  # the watcher must never take the job down
+            _log.debug(
+                "rank %d: syncdeco's watcher could not %s: %r",
+                channel.rank,
+                what,
+                exc,
+                extra={"rank": channel.rank},
+            )
+    return store
 
 
 _channel_lock = threading.Lock()
