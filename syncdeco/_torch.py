@@ -244,10 +244,11 @@ class _Channel:
         if self.left:
             raise SyncError(
                 f"rank {self.rank} at {point.describe()}: this process has already told "
-                f"the other ranks it is exiting (syncdeco does so at interpreter exit), "
-                f"so they will not meet it here. A sync point in an atexit handler must "
-                f"be registered after `import syncdeco`; better, sync before the program "
-                f"ends."
+                f"the other ranks it is exiting (syncdeco does so at interpreter exit, "
+                f"after the atexit handlers registered after `import syncdeco`), so they "
+                f"will not meet it here. Reach sync points before the program ends: not "
+                f"from a daemon thread still running at exit, nor from an atexit handler "
+                f"registered before `import syncdeco`."
             )
         with self.lock:
             # The sequence number moves first, so that a rank whose topology

@@ -188,3 +188,22 @@ def _forks_a_child_that_exits() -> str:
 def test_a_forked_child_exiting_says_nothing(tmp_path: Path) -> None:
     outcomes = run_ranks(_forks_a_child_that_exits, 2, timeout=60)
     assert [o.unwrap() for o in outcomes] == ["passed", "passed"]
+
+
+def _sync_after_announcing_exit() -> str:
+    import syncdeco._torch as backend
+
+    sd.barrier("before")
+    backend.announce_exit(None)  # what interpreter exit does
+    try:
+        sd.barrier("after")
+    except sd.SyncError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_a_sync_point_after_this_rank_announced_its_exit() -> None:
+    for o in run_ranks(_sync_after_announcing_exit, 2, timeout=60):
+        message = o.unwrap()
+        assert message.startswith(f"rank {o.rank} at barrier 'after'"), message
+        assert "already told the other ranks it is exiting" in message, message
