@@ -30,7 +30,6 @@ import os
 import pickle
 import reprlib
 import signal
-import sys
 import tempfile
 import time
 import traceback
@@ -191,6 +190,8 @@ def _child(
 ) -> None:
     import torch.distributed as dist
 
+    from ._torch import announce_exit
+
     # Its own process group, so that the parent can kill whatever it starts.
     os.setsid()
     # The forkserver's environment is the parent's when it started; the
@@ -219,21 +220,15 @@ def _child(
             out = Outcome(rank, value=fn(*args))
         except BaseException as exc:
             out = Outcome(rank, error=exc, tb=_format(exc))
-        _announce_exit(out.error)
+        # What the interpreter's exit does for a syncdeco program (a forked
+        # rank's exit does not): ranks still waiting at a sync point this one
+        # will never reach raise RankExitedError now, not at their timeout.
+        announce_exit(out.error)
         conn.send_bytes(_dumps(out))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
         conn.close()
-
-
-def _announce_exit(error: BaseException | None) -> None:
-    """What the interpreter's exit does for a syncdeco program (a forked
-    rank's exit does not): ranks still waiting at a sync point this one will
-    never reach raise RankExitedError now, not at their timeout."""
-    torch_backend = sys.modules.get("syncdeco._torch")
-    if torch_backend is not None:
-        torch_backend.announce_exit(error)
 
 
 def _all_connected(store: Any, world_size: int) -> None:
