@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal, ParamSpec, Protocol, TypeVar, fi
 
 import wrapt
 
-from ._backend import DEFAULT, Backend, NullBackend, Timeout, check_timeout, get_backend
+from ._backend import DEFAULT, Backend, NullBackend, Timeout, check_timeout
 from ._errors import CompositionError
 from ._policy import (
     BarrierAfter,
@@ -29,6 +29,7 @@ from ._policy import (
     run,
     run_async,
 )
+from ._select import get_backend
 
 __all__ = [
     "barrier",

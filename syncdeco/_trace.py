@@ -184,7 +184,7 @@ class _Trace:
         self.recorder: Recorder | None = None
 
     def __enter__(self) -> None:
-        from ._backend import get_backend
+        from ._select import get_backend
 
         global active
         rank = get_backend().rank()
@@ -206,8 +206,8 @@ class _Trace:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        from ._backend import get_backend
         from ._policy import Site, meet
+        from ._select import get_backend
 
         global active
         active = None

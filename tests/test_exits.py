@@ -191,7 +191,7 @@ def test_a_forked_child_exiting_says_nothing(tmp_path: Path) -> None:
 
 
 def _sync_after_announcing_exit() -> str:
-    import syncdeco._torch as backend
+    from syncdeco._plane import group as backend
 
     sd.barrier("before")
     backend.announce_exit(None)  # what interpreter exit does

@@ -516,11 +516,11 @@ def test_only_large_receive_buffers_get_huge_page_advice() -> None:
     # goes away with the buffer instead of staying on the heap.
     import torch
 
-    from syncdeco._torch import _receive_buffer
+    from syncdeco._plane.wire import receive_buffer
 
-    big = _receive_buffer((40 << 20,), torch.uint8, torch.device("cpu"))
+    big = receive_buffer((40 << 20,), torch.uint8, torch.device("cpu"))
     assert "hg" in _vm_flags(big.data_ptr() + (4 << 20))
-    small = _receive_buffer((8 << 20,), torch.uint8, torch.device("cpu"))
+    small = receive_buffer((8 << 20,), torch.uint8, torch.device("cpu"))
     assert "hg" not in _vm_flags(small.data_ptr() + (4 << 20))
     big[:] = 1  # ordinary, writable memory
     assert int(big[-1]) == 1

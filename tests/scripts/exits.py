@@ -83,12 +83,12 @@ def main(scenario: str, tmp: Path) -> None:
         if sd.rank() == 1:
             import threading
 
-            import syncdeco._torch as backend
+            from syncdeco._plane import group
 
             threading.Thread(target=meet, args=("background",), daemon=True).start()
-            channel = backend._channel
-            assert channel is not None
-            while not channel.lock.locked():  # the thread is inside its sync point
+            assert group._current is not None
+            exchange = group._current[1]
+            while not exchange.lock.locked():  # the thread is inside its sync point
                 os.sched_yield()
             (tmp / "rank1.pid.tmp").write_text(str(os.getpid()))
             os.replace(tmp / "rank1.pid.tmp", tmp / "rank1.pid")
