@@ -20,8 +20,16 @@ from the identities of a node's ranks, which of them this process can watch.
 Where pidfds are unavailable (not Linux, an old kernel, a sandbox that refuses
 the call), :meth:`DeathWatch.watch` says so and raises nothing.
 
-A rank alone on its host has no sibling to watch it; see the limits in the
-module's report (a forked sentinel was evaluated, not adopted).
+A report says that the process ended, not how: a clean exit is reported too
+(the caller knows which ranks announced theirs).  ``on_death`` runs on the
+watch thread, so it needs the GIL: a main thread here that holds the GIL in
+a long C call delays the report until it lets go.
+
+Limits: a rank alone on its host (or in a pid namespace of its own) has no
+sibling to watch it; a pid reused between the exchange of identities and
+:meth:`DeathWatch.watch` (some 32k process starts in that window) would be
+watched in place of the ended rank, which then goes unreported (never a false
+report).
 """
 
 from __future__ import annotations
