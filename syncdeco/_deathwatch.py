@@ -27,7 +27,7 @@ a long C call delays the report until it lets go.
 
 Limits: a rank alone on its host (or in a pid namespace of its own) has no
 sibling to watch it; a pid reused between the exchange of identities and
-:meth:`DeathWatch.watch` (some 32k process starts in that window) would be
+:meth:`DeathWatch.watch` (``pid_max`` process starts in that window) would be
 watched in place of the ended rank, which then goes unreported (never a false
 report).
 """
