@@ -70,6 +70,7 @@ class Failure:
     message: str
     traceback: str
     exited: bool = False  # the rank's process ended; exc_type is "" if no exception did it
+    killed: bool = False  # ... without running Python's exit handlers (a signal, os._exit())
 
     @classmethod
     def from_exception(cls, rank: int, exc: BaseException) -> Failure:

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from syncdeco._deathwatch import DeathWatch, identity, watchable
+from syncdeco._plane.deathwatch import DeathWatch, identity, watchable
 
 pytestmark = pytest.mark.skipif(
     not hasattr(os, "pidfd_open"), reason="pidfds are Linux-only (5.3+)"
@@ -421,7 +421,11 @@ def test_identity_names_the_kernel_the_namespace_and_the_pid():
     with open("/proc/sys/kernel/random/boot_id") as f:
         assert host.endswith("/" + f.read().strip())
     child = subprocess.run(
-        [sys.executable, "-c", "from syncdeco._deathwatch import identity; print(identity())"],
+        [
+            sys.executable,
+            "-c",
+            "from syncdeco._plane.deathwatch import identity; print(identity())",
+        ],
         capture_output=True,
         text=True,
         check=True,

@@ -93,10 +93,16 @@ class TorchBackend:
         Under ``torch.profiler`` the wait shows up as
         ``syncdeco.<kind>:<name>``; without a profiler this costs nothing."""
         exchange = self._exchange(point)
+        if group._deaths:  # ranks of this host that ended: tell the others first
+            group.report_deaths(exchange, exchange.store)
         if torch.autograd.profiler._is_profiler_enabled:
             with torch.profiler.record_function(f"syncdeco.{point.kind}:{point.name}"):
-                return exchange.sync(point, local, failure, payload, timeout)
-        return exchange.sync(point, local, failure, payload, timeout)
+                result = exchange.sync(point, local, failure, payload, timeout)
+        else:
+            result = exchange.sync(point, local, failure, payload, timeout)
+        if group._watched is not exchange:
+            group.watch_node(exchange)
+        return result
 
 
 AUTO: Final = TorchBackend()

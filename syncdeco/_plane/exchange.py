@@ -312,7 +312,7 @@ class Exchange:
         self.seen[main] = (point.describe(), time.time())
         gone = protocol.gone_in(verdict)
         if gone == main:
-            self.gone[main] = Failure(*cast(tuple[int, str, str, str, bool], verdict[2]))
+            self.gone[main] = Failure(*cast(tuple[int, str, str, str, bool, bool], verdict[2]))
         if verdict[1] == OK:
             return self._result(verdict, main, point)
         protocol.raise_for(verdict, point, self.rank, timeout)

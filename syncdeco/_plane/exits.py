@@ -14,7 +14,7 @@ from types import TracebackType
 
 from .._backend import Failure
 
-__all__ = ["exit_failure", "note_uncaught", "uncaught"]
+__all__ = ["exit_failure", "killed_failure", "note_uncaught", "uncaught"]
 
 _uncaught: BaseException | None = None  # what ended the program, seen by the hook
 _hook: Callable[..., None] | None = None
@@ -43,6 +43,11 @@ def uncaught() -> BaseException | None:
         # hook replaced it), the interpreter's note is the best there is.
         exc = getattr(sys, "last_value", None)
     return exc if isinstance(exc, BaseException) else None
+
+
+def killed_failure(rank: int) -> Failure:
+    """How the end of ``rank``'s process travels when it could not say so."""
+    return Failure(rank, "", "", "", exited=True, killed=True)
 
 
 def exit_failure(rank: int, exc: BaseException | None) -> Failure:

@@ -11,7 +11,9 @@ Whether the sync plane is used at all is decided in ``syncdeco._select``.
 
 from __future__ import annotations
 
+import functools
 import os
+import pickle
 import threading
 import weakref
 from collections.abc import Mapping
@@ -24,6 +26,7 @@ from .._backend import SyncPoint
 from .._env import Launch, detect_launch, local_rank_from_env, local_world_size_from_env, node_key
 from .._errors import SyncError
 from . import exits
+from .deathwatch import DeathWatch, identity, watchable
 from .exchange import Exchange, Place
 
 __all__ = ["announce_exit", "ensure_group", "exchange", "exit_notice", "launched"]
@@ -121,9 +124,61 @@ def exchange(env: Mapping[str, str]) -> Exchange:
                 spare=torch_store,
             )
             _current = (weakref.ref(group), made)
+            made.store.set(f"{made.prefix}/pid/{rank}", pickle.dumps(identity()))
             remember_group()
             exits.note_uncaught()
         return _current[1]
+
+
+# -- the ranks of this host watch each other ------------------------------------
+
+_watched: Exchange | None = None  # the exchange whose node is watched
+_deaths: list[int] = []  # ranks seen to end, not yet reported (a list: appends are atomic)
+
+
+def watch_node(made: Exchange) -> None:
+    """After this rank's first sync point (every rank of its node has said
+    where it lives by then), watch the processes of the node's other ranks
+    through the kernel (see ``deathwatch``).  When one ends, the others are
+    told at once if this rank is waiting at a sync point, else at its next
+    one: never from a rank that is not using the store (at the end of a job
+    whose store host has gone, that would make the store client log)."""
+    global _watched
+    _watched = made
+    prefix, place, store = made.prefix, made.place, made.store
+    try:
+        if place.local_size is not None:
+            keys = [f"{prefix}/node/{place.node}/{lr}" for lr in range(place.local_size)]
+            ranks = [int(v) for v in store.multi_get(keys)]
+        else:
+            topo = store.multi_get([f"{prefix}/topo/{r}" for r in range(made.world_size)])
+            ranks = [r for r, v in enumerate(topo) if pickle.loads(v)[0] == place.node]
+        others = [r for r in ranks if r != made.rank]
+        found = store.multi_get([f"{prefix}/pid/{r}" for r in others]) if others else []
+    except Exception:
+        return  # e.g. a group made by hand whose ranks use another store layout
+    pids = watchable(identity(), {r: pickle.loads(v) for r, v in zip(others, found, strict=True)})
+    watch = DeathWatch(functools.partial(_ended, weakref.ref(made)))
+    for rank, pid in pids.items():
+        watch.watch(rank, pid)
+
+
+def _ended(ref: weakref.ref[Exchange], rank: int) -> None:
+    # In the death watch's thread.
+    made = ref()
+    if made is None:
+        return
+    _deaths.append(rank)
+    if made.waiting is not None:
+        report_deaths(made, made.spare or made.store)
+
+
+def report_deaths(made: Exchange, store: Any) -> None:
+    """Tell the others of the ranks of this node seen to end (once each:
+    ``report_killed`` settles who reports it first)."""
+    while _deaths:
+        rank = _deaths.pop()
+        made.report_killed(exits.killed_failure(rank), store)
 
 
 def announce_exit(exc: BaseException | None) -> None:
@@ -168,8 +223,9 @@ def forget_environment() -> None:
 def _forget_in_child() -> None:
     # A forked child (notebook_launcher, multiprocessing) gets its own
     # variables, and is no member of the parent's group or exchange.
-    global _current, last_group, _forked_child
-    _current = last_group = None
+    global _current, last_group, _forked_child, _watched
+    _current = last_group = _watched = None
+    _deaths.clear()
     # The parent's group, if any, looks initialised here too, but is not
     # this process's: it must not announce its exit there.
     _forked_child = DISTRIBUTED and dist.is_initialized()

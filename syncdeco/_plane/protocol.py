@@ -25,6 +25,7 @@ from .._backend import Failure, SyncPoint
 from .._errors import (
     PeerFailedError,
     RankExitedError,
+    RankKilledError,
     SyncError,
     SyncMismatchError,
     SyncTimeoutError,
@@ -110,7 +111,7 @@ def judge(
     its error is the cause, not the mismatch); then a mismatch."""
     failures = [] if failure is None else [(failure, point.describe())]
     failures += [
-        (Failure(*cast(tuple[int, str, str, str, bool], f.failure)), f.where)
+        (Failure(*cast(tuple[int, str, str, str, bool, bool], f.failure)), f.where)
         for f in arrived.values()
         if f.failure is not None
     ]
@@ -134,7 +135,7 @@ def judge(
 def gone_in(verdict: Verdict) -> int | None:
     """The rank whose exit this verdict reports, if it does."""
     if verdict[1] == FAILED:
-        detail = cast(tuple[int, str, str, str, bool], verdict[2])
+        detail = cast(tuple[int, str, str, str, bool, bool], verdict[2])
         if detail[4]:
             return detail[0]
     return None
@@ -150,10 +151,13 @@ def raise_for(
     this rank's own failure (the caller re-raises its own exception)."""
     code, detail = verdict[1], verdict[2]
     if code == FAILED:
-        rank, exc_type, message, tb, exited = cast(tuple[int, str, str, str, bool], detail)
+        rank, exc_type, message, tb, exited, killed = cast(
+            tuple[int, str, str, str, bool, bool], detail
+        )
         if rank == observer:
             return
-        raise (RankExitedError if exited else PeerFailedError)(
+        kind = RankKilledError if killed else RankExitedError if exited else PeerFailedError
+        raise kind(
             rank=rank,
             exc_type=exc_type,
             message=message,

@@ -15,6 +15,9 @@ Scenarios:
 - ``store_host_gone``: the same, but the others then try a sync point.
 - ``blocked_on_a_slow_member``: rank 0 waits for a slow rank 1 while rank 2
   has exited.
+- ``killed_member``, ``killed_main``, ``killed_local``: rank 1 (rank 0)
+  is SIGKILLed while the others wait with no timeout (at a local sync
+  point).
 - ``daemon_thread_waits``: rank 1 exits while a daemon thread of it waits at
   a sync point.
 """
@@ -23,7 +26,9 @@ from __future__ import annotations
 
 import atexit
 import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 import syncdeco as sd
@@ -67,6 +72,22 @@ def main(scenario: str, tmp: Path) -> None:
         if sd.rank() == 3:
             sys.exit(0)
         try_to_meet("next", local)
+    elif scenario.startswith("killed_"):
+        # A rank is SIGKILLed (no exit handler runs) while the others wait
+        # with no timeout: the ranks of its host see its process end.
+        victim = 0 if scenario == "killed_main" else 1
+        if sd.rank() == victim:
+            (tmp / "killed-at").write_text(repr(time.time()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        try:
+            if scenario == "killed_local":
+                with sd.main_first(local=True, name="after the kill", timeout=None):
+                    pass
+            else:
+                sd.barrier("after the kill", timeout=None)
+        except sd.RankKilledError as exc:
+            took = time.time() - float((tmp / "killed-at").read_text())
+            say(f"{type(exc).__name__} rank={exc.rank} within {took:.1f}s: {exc}")
     elif scenario == "blocked_on_a_slow_member":
         # Rank 2 exits; rank 1 comes only once rank 0 has given up, so rank 0
         # must hear of rank 2 while it waits for rank 1's frame.
