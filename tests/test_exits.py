@@ -113,13 +113,8 @@ def test_a_killed_rank_is_named_by_every_rank_waiting_with_no_timeout(
         # whose peer was killed ("terminate called without an active
         # exception"): torch's teardown, after the rank's program finished.
         status, line, *rest = out[rank].splitlines()
-        assert (
-            status == "exit status 0"
-            and not rest
-            or (
-                status == "exit status -6"
-                and rest == ["terminate called without an active exception"]
-            )
+        assert (status == "exit status 0" and not rest) or (
+            status == "exit status -6" and rest == ["terminate called without an active exception"]
         ), out
         assert line.startswith(f"[rank {rank}] RankKilledError rank={victim} within "), out
         took = float(line.split(" within ", 1)[1].split("s:", 1)[0])
