@@ -57,6 +57,7 @@ class SyncPoint:
     location: str
 
     def describe(self) -> str:
+        """How error messages name it: ``barrier 'end of epoch' (call 1, train.py:40)``."""
         return f"{self.kind} '{self.name}' (call {self.count}, {self.location})"
 
 
@@ -74,6 +75,7 @@ class Failure:
 
     @classmethod
     def from_exception(cls, rank: int, exc: BaseException) -> Failure:
+        """``exc``, raised on ``rank``, with its type name, message and traceback."""
         return cls(
             rank=rank,
             exc_type=type(exc).__qualname__,
