@@ -170,7 +170,14 @@ class _Config:
     warn_after: float | None = _BUILTIN_WARN_AFTER
 
 
+# A timeout at least this long (about 32 years), math.inf and timedelta.max
+# among them, waits forever as None does: nobody means a deadline that far
+# off, and the waits under a sync point could not represent it.
+_FOREVER_AFTER: Final = 1e9
+
+
 def _seconds(timeout: float | timedelta | None, what: str) -> float | None:
+    """Seconds to wait, or None for forever; ``what`` names the option."""
     if timeout is None:
         return None
     if isinstance(timeout, timedelta):
@@ -180,22 +187,32 @@ def _seconds(timeout: float | timedelta | None, what: str) -> float | None:
             f"{what} must be seconds (a number), a datetime.timedelta or None, "
             f"not {type(timeout).__name__}"
         )
-    if not timeout > 0:
-        raise ValueError(f"{what} must be positive, got {timeout!r}; None waits forever")
+    if timeout != timeout:
+        raise ValueError(
+            f"{what} must be a number of seconds, got nan; pass seconds > 0, or None "
+            f"(or math.inf) to wait forever"
+        )
+    if timeout <= 0:
+        raise ValueError(
+            f"{what} must be positive, got {timeout!r}; pass the seconds to wait, or "
+            f"None (or math.inf) to wait forever"
+        )
+    if timeout >= _FOREVER_AFTER:
+        return None
     return float(timeout)
 
 
-def check_timeout(timeout: Timeout) -> None:
-    """Validate a ``timeout=`` option when decorating."""
+def check_timeout(timeout: Timeout, what: str = "timeout=") -> None:
+    """Validate a ``timeout=`` option when decorating (``what`` names it)."""
     if timeout is not DEFAULT:
-        _seconds(timeout, "timeout")
+        _seconds(timeout, what)
 
 
 def resolve_timeout(timeout: Timeout) -> float | None:
     """Seconds to wait at a sync point (None: forever)."""
     if timeout is DEFAULT:
         return _Config.timeout
-    return _seconds(timeout, "timeout")
+    return _seconds(timeout, "timeout=")
 
 
 def warn_interval() -> float | None:
@@ -238,7 +255,10 @@ def init(
     to wait forever; left out, it stays at 30 minutes.  ``warn_after``: once
     a sync point has waited this long (default a minute; None: never), a
     warning is logged through ``logging`` once per interval, naming the
-    ranks that arrived, those missing and where each was last seen.
+    ranks that arrived, those missing and where each was last seen.  Here
+    and in every ``timeout=``, ``math.inf`` (or any value of 10**9 seconds,
+    about 32 years, or more) means the same as None; NaN, zero and negative
+    values are refused with ``ValueError``.
 
     Not a collective by itself, but with a launcher's environment and no
     process group yet, it initialises one, which every rank must do.
