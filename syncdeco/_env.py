@@ -63,6 +63,9 @@ _LOCAL: dict[str, tuple[str, str | None, str]] = {
 }
 _LOCAL_RANK_VARS = tuple(_LOCAL)
 
+# The command that starts each launcher's ranks.
+_COMMAND = {"torchrun": "torchrun", "Open MPI": "mpirun", "SLURM": "srun"}
+
 # How each launcher counts a job's ranks, for a world size below 1.
 _COUNTS = {
     "torchrun": "torchrun sets it to the number of processes in the job "
@@ -108,7 +111,8 @@ def _local_size(env: Mapping[str, str], var: str, launcher: str) -> int:
         raise LaunchEnvError(
             f"{var}={env[var]!r}, but this process's node runs at least one rank: "
             f"{launcher} sets it to the number of ranks on the node. Launch through "
-            f"{launcher}, or, where you set it by hand, set it to that number or unset it."
+            f"{_COMMAND[launcher]}, or, where you set it by hand, set it to that number "
+            f"or unset it."
         )
     return value
 
@@ -127,7 +131,7 @@ def _local_rank(env: Mapping[str, str], var: str, *, world_size: int | None = No
     if value >= bound:
         raise LaunchEnvError(
             f"{var}={value} is not below {bound_var}={bound}: {launcher} numbers the "
-            f"ranks on a node from 0 to {bound - 1}. Launch through {launcher}, or, "
+            f"ranks on a node from 0 to {bound - 1}. Launch through {_COMMAND[launcher]}, or, "
             f"where you set them by hand, give each process on a node its own {var} "
             f"below {bound_var}."
         )
@@ -167,7 +171,7 @@ def detect_launch(env: Mapping[str, str]) -> Launch | None:
         if not 0 <= rank < world_size:
             raise LaunchEnvError(
                 f"{rank_var}={rank} is not a rank of a job of {size_var}={world_size}: "
-                f"ranks run from 0 to {world_size - 1}. Launch through {launcher}, or, "
+                f"ranks run from 0 to {world_size - 1}. Launch through {_COMMAND[launcher]}, or, "
                 f"where you set them by hand, give each process its own {rank_var} "
                 f"in that range."
             )

@@ -158,7 +158,8 @@ def _pickling_error() -> tuple[str, str]:
         return lambda: None
 
     local = unpicklable()
-    local.__qualname__ = "failures_in_a_row.<locals>.unpicklable.<locals>.<lambda>"  # type: ignore[attr-defined]
+    name = "failures_in_a_row.<locals>.unpicklable.<locals>.<lambda>"
+    local.__qualname__ = name  # type: ignore[attr-defined]
     try:
         pickle.dumps(local)
     except Exception as err:
