@@ -171,7 +171,14 @@ class _Config:
         cls.warn_after = _BUILTIN_WARN_AFTER
 
 
+# A timeout at least this long (about 32 years), math.inf and timedelta.max
+# among them, waits forever as None does: nobody means a deadline that far
+# off, and the waits under a sync point could not represent it.
+_FOREVER_AFTER: Final = 1e9
+
+
 def _seconds(timeout: float | timedelta | None, what: str) -> float | None:
+    """Seconds to wait, or None for forever; ``what`` names the option."""
     if timeout is None:
         return None
     if isinstance(timeout, timedelta):
@@ -181,22 +188,32 @@ def _seconds(timeout: float | timedelta | None, what: str) -> float | None:
             f"{what} must be seconds (a number), a datetime.timedelta or None, "
             f"not {type(timeout).__name__}"
         )
-    if not timeout > 0:
-        raise ValueError(f"{what} must be positive, got {timeout!r}; None waits forever")
+    if timeout != timeout:
+        raise ValueError(
+            f"{what} must be a number of seconds, got nan; pass seconds > 0, or None "
+            f"(or math.inf) to wait forever"
+        )
+    if timeout <= 0:
+        raise ValueError(
+            f"{what} must be positive, got {timeout!r}; pass the seconds to wait, or "
+            f"None (or math.inf) to wait forever"
+        )
+    if timeout >= _FOREVER_AFTER:
+        return None
     return float(timeout)
 
 
-def check_timeout(timeout: Timeout) -> None:
-    """Validate a ``timeout=`` option when decorating."""
+def check_timeout(timeout: Timeout, what: str = "timeout=") -> None:
+    """Validate a ``timeout=`` option when decorating (``what`` names it)."""
     if timeout is not DEFAULT:
-        _seconds(timeout, "timeout")
+        _seconds(timeout, what)
 
 
 def resolve_timeout(timeout: Timeout) -> float | None:
     """Seconds to wait at a sync point (None: forever)."""
     if timeout is DEFAULT:
         return _Config.timeout
-    return _seconds(timeout, "timeout")
+    return _seconds(timeout, "timeout=")
 
 
 def warn_interval() -> float | None:

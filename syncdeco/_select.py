@@ -67,7 +67,10 @@ def init(
     to wait forever; left out, it stays at 30 minutes.  ``warn_after``: once
     a sync point has waited this long (default a minute; None: never), a
     warning is logged through ``logging`` once per interval, naming the
-    ranks that arrived, those missing and where each was last seen.
+    ranks that arrived, those missing and where each was last seen.  Here
+    and in every ``timeout=``, ``math.inf`` (or any value of 10**9 seconds,
+    about 32 years, or more) means the same as None; NaN, zero and negative
+    values are refused with ``ValueError``.
 
     Not a collective by itself, but with a launcher's environment and no
     process group yet, it initialises one, which every rank must do.

@@ -29,6 +29,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import syncdeco as sd
@@ -109,14 +110,12 @@ def main(scenario: str, tmp: Path) -> None:
             threading.Thread(target=meet, args=("background",), daemon=True).start()
             assert group._current is not None
             exchange = group._current[1]
-            while not exchange.lock.locked():  # the thread is inside its sync point
-                os.sched_yield()
+            _until("the daemon thread to enter its sync point", exchange.lock.locked)
             (tmp / "rank1.pid.tmp").write_text(str(os.getpid()))
             os.replace(tmp / "rank1.pid.tmp", tmp / "rank1.pid")
             return
         pid = int(_wait_for(tmp / "rank1.pid"))
-        while _alive(pid):
-            os.sched_yield()
+        _until(f"rank 1 (pid {pid}) to exit", lambda: not _alive(pid))
         say("rank 1 has exited")
     elif scenario in ("main_ends_first", "store_host_gone"):
         meet("local start", local=True)  # both scopes in use
@@ -125,8 +124,8 @@ def main(scenario: str, tmp: Path) -> None:
             os.replace(tmp / "rank0.pid.tmp", tmp / "rank0.pid")
             return
         pid = int(_wait_for(tmp / "rank0.pid"))
-        while _alive(pid):  # rank 0 and its store are gone before this rank goes on
-            os.sched_yield()
+        # rank 0 and its store are gone before this rank goes on
+        _until(f"rank 0 (pid {pid}) to exit", lambda: not _alive(pid))
         if scenario == "store_host_gone":
             try:
                 meet("next")
@@ -136,9 +135,18 @@ def main(scenario: str, tmp: Path) -> None:
             say("exiting after rank 0")
 
 
+def _until(what: str, done: Callable[[], bool], within: float = 60.0) -> None:
+    """Poll ``done`` with a deadline of its own, well inside the test's 120 s,
+    so that a scenario that goes wrong fails here, saying what it waited for."""
+    deadline = time.monotonic() + within
+    while not done():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank {sd.rank()} waited {within:g}s for {what}")
+        time.sleep(0.002)
+
+
 def _wait_for(path: Path) -> str:
-    while not path.exists():
-        os.sched_yield()
+    _until(f"{path.name} in {path.parent}, which another rank writes", path.exists)
     return path.read_text()
 
 
