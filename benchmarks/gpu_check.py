@@ -324,9 +324,18 @@ def worker_pair(backend: str) -> None:
             raise AssertionError("; ".join(problems))
         role = "main, its own result" if sd.is_main() else "member, received"
         outcome.notes.append(f"rank {sd.rank()} on {here()} ({role})")
-    if not outcome.passed:
-        # Nothing more to learn, and a group whose broadcast failed (NCCL's
-        # communicator, say) may hang in its teardown: leave at once.
+
+    @sd.barrier_after
+    def agree(passed: bool) -> None:
+        if not passed:
+            raise RuntimeError(f"{check} failed on this rank")
+
+    try:
+        agree(outcome.passed)  # over the store: it works when the broadcast did not
+    except (RuntimeError, sd.SyncError):
+        # Every rank knows now, so none waits for another: leave at once,
+        # since a group whose broadcast failed (NCCL's communicator, say) may
+        # hang in its teardown.
         sys.stdout.flush()
         os._exit(1)
 
@@ -482,20 +491,23 @@ class Driver:
             elif len(got) == world_size and all(status == "PASS" for _, status, _ in got):
                 self.say(check, "PASS", f"{details} ({took:.1f} s)")
             else:
-                why = "; ".join(filter(None, [details, self.explain(results, budget)]))
-                self.say(check, "FAIL", why or "no report from the ranks")
+                silent = [r for r in range(world_size) if r not in {rank for rank, _, _ in got}]
+                why = "; ".join(filter(None, [details, self.explain(results, silent, budget)]))
+                self.say(check, "FAIL", why)
         if any(code == -9 for code, _, _ in results):
             self.figures.setdefault(mode, []).append(f"killed at the {budget:.0f} s timeout")
 
     @staticmethod
-    def explain(results: list[tuple[int, str, str]], timeout: float) -> str:
+    def explain(results: list[tuple[int, str, str]], ranks: list[int], timeout: float) -> str:
+        """Why ``ranks`` sent no report."""
         parts = []
-        for rank, (code, _, err) in enumerate(results):
+        for rank in ranks:
+            code, _, err = results[rank]
             if code == -9:
                 parts.append(f"rank {rank} still running after {timeout:.0f} s: killed")
-            elif code != 0:
+            else:
                 tail = " | ".join(line for line in err.strip().splitlines()[-3:])
-                parts.append(f"rank {rank} exit status {code}: {tail}")
+                parts.append(f"rank {rank}, exit status {code}, no report: {tail}")
         return "; ".join(parts)
 
 

@@ -109,7 +109,7 @@ def test_a_check_passes_only_when_every_rank_passed_it(
 
     crashed = [(1, "", "Traceback ...\nRuntimeError: CUDA error"), (1, "", "")]
     assert drive(monkeypatch, crashed)[1] == {"gloo-cuda-broadcast": "FAIL"}
-    assert "rank 0 exit status 1: Traceback ... | RuntimeError: CUDA error" in (
+    assert "rank 0, exit status 1, no report: Traceback ... | RuntimeError: CUDA error" in (
         capsys.readouterr().out
     )
 
