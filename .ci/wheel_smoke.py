@@ -150,6 +150,7 @@ def check_sdist(sdist: Path) -> None:
         "syncdeco/py.typed",
         "tests/conftest.py",
         "examples/quickstart.py",
+        ".ci/wheel_smoke.py",
     }
     if missing := expected - names:
         raise SmokeError(f"{sdist.name} lacks {sorted(missing)}")

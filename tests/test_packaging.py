@@ -86,7 +86,7 @@ def test_the_wheel_and_sdist_hold_the_license_py_typed_and_the_plugin(tmp_path: 
     source.mkdir()
     for name in ("pyproject.toml", "README.md", "CHANGELOG.md", "LICENSE", "MANIFEST.in"):
         shutil.copy(ROOT / name, source / name)
-    for folder in ("syncdeco", "tests", "examples", "benchmarks"):
+    for folder in ("syncdeco", "tests", "examples", "benchmarks", ".ci"):
         shutil.copytree(ROOT / folder, source / folder, ignore=junk)
     result = subprocess.run(
         [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(tmp_path / "dist"), "."],
