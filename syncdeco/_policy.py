@@ -656,14 +656,19 @@ def _refuse_deadlocks(policies: Sequence[Policy], target: str) -> None:
                     "sync point would pair the main rank with the others' wait"
                 )
             o, n = decorator(outer), decorator(inner)
-            if _deadlocks(inner, outer) or _adds_nothing(inner, outer):
+            if _adds_nothing(inner, outer):
+                fix = (
+                    f"Drop {n}: {o} already has the other ranks wait for the main rank, "
+                    f"and they never run the body"
+                )
+            elif _deadlocks(inner, outer):
                 if isinstance(outer, MainFirst) and isinstance(inner, MainFirst):
                     keep = (
                         "@main_first(local=True) alone lets each node's LOCAL_RANK 0 go "
                         "first, @main_first alone rank 0"
                     )
                 else:
-                    keep = "one of them already makes the others wait for the main rank"
+                    keep = "each of them already has the other ranks wait for a main rank"
                 fix = (
                     f"{o} and {n} cannot be stacked in either order: keep one of them "
                     f"({keep}), or call two functions one after the other"
