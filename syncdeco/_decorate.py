@@ -39,8 +39,10 @@ from ._policy import (
     Policy,
     Site,
     compose,
-    drive,
-    drive_async,
+    enter,
+    enter_async,
+    leave,
+    leave_async,
     meet,
     run,
     run_async,
@@ -288,7 +290,7 @@ class _Scoped:
     def __enter__(self) -> None:
         policy = self._policy(_caller_site(self._name, 1))
         backend = get_backend()
-        go, state = drive(policy.enter(backend))
+        go, state = enter(policy, backend)
         assert go, "a with block cannot be skipped"
         self._entries.append((policy, backend, state))
 
@@ -299,16 +301,16 @@ class _Scoped:
         tb: TracebackType | None,
     ) -> Literal[False]:
         policy, backend, state = self._entries.pop()
-        drive(policy.exit(backend, state, exc, None))
+        leave(policy, backend, state, exc, None)
         return False  # the block's own exception, if any, goes on
 
     async def __aenter__(self) -> None:
         policy = self._policy(_caller_site(self._name, 1))
         backend = get_backend()
         if backend.__class__ is NullBackend:  # never waits: no thread hop
-            go, state = drive(policy.enter(backend))
+            go, state = enter(policy, backend)
         else:
-            go, state = await drive_async(policy.enter(backend))
+            go, state = await enter_async(policy, backend)
         assert go, "a with block cannot be skipped"
         self._entries.append((policy, backend, state))
 
@@ -320,9 +322,9 @@ class _Scoped:
     ) -> Literal[False]:
         policy, backend, state = self._entries.pop()
         if backend.__class__ is NullBackend:
-            drive(policy.exit(backend, state, exc, None))
+            leave(policy, backend, state, exc, None)
         else:
-            await drive_async(policy.exit(backend, state, exc, None))
+            await leave_async(policy, backend, state, exc, None)
         return False
 
 
@@ -443,6 +445,9 @@ def main_first(
     instead of running the body.  ``name`` names the sync point (default:
     the function's qualified name, or the file and line of the ``with``);
     ``timeout`` is in seconds (None: wait forever; default: ``init``'s).
+
+    On an ``async def`` function, and as ``async with main_first():``, the
+    rank waits without blocking the event loop (see :func:`barrier_after`).
     """
     _check_bool(_MAIN_FIRST, "local", local)
     _check_name("main_first", name)
@@ -481,6 +486,14 @@ def barrier_after(
     ``every=N`` only every Nth call meets (calls N, 2N, ...), for training
     steps.  If a rank raises in the body, it re-raises and every other rank
     raises ``PeerFailedError`` naming it.
+
+    On an ``async def`` function, and as ``async with barrier_after():``,
+    the wait runs in syncdeco's worker thread, so the event loop runs its
+    other tasks meanwhile.  A task cancelled while it waits gets
+    ``CancelledError`` at once, and the sync point still completes in the
+    background, so the other ranks are not left waiting; a task cancelled
+    before its sync point (in the body) reports ``CancelledError`` there,
+    and the others raise ``PeerFailedError`` naming it.
     """
     if isinstance(every, bool) or not isinstance(every, int):
         raise TypeError(
@@ -556,7 +569,10 @@ def on_main_only(
     ``broadcast=True`` every rank must call it: the others wait and every
     rank returns the main rank's result (it must pickle); if the main rank
     raises, the others raise ``PeerFailedError``.  ``local=True`` picks
-    LOCAL_RANK 0 of each node as its main.
+    LOCAL_RANK 0 of each node as its main.  It is a decorator only: a
+    ``with`` block cannot be skipped on the other ranks.  On an ``async
+    def`` function the others wait without blocking the event loop (see
+    :func:`barrier_after`).
     """
     _check_bool(_ON_MAIN_ONLY, "broadcast", broadcast)
     _check_bool(_ON_MAIN_ONLY, "local", local)

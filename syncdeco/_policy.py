@@ -5,12 +5,13 @@ A policy is a small frozen value.  A stack of syncdeco decorators is one
 wrapper holding a tuple of policies (outermost first); :func:`run` and
 :func:`run_async` drive such a tuple around one call.  Each policy has two
 halves, ``enter`` (before the body: go on, or skip it with a value) and
-``exit`` (after the body, or after the body raised), written as generators
-that yield what may block (joining the process group, meeting the other
-ranks) and receive its result.  :func:`drive` does that in place;
-:func:`drive_async` hands it to syncdeco's worker thread and awaits it, so an
-event loop runs its other tasks while its rank waits.  The same policy code
-serves functions, coroutines, ``with`` and ``async with`` blocks.
+``exit`` (after the body, or after the body raised).  A half that may
+block (join the process group, meet the other ranks) returns a generator
+that yields what it needs done and receives its result: :func:`drive` does
+that in place; :func:`drive_async` hands it to syncdeco's worker thread and
+awaits it, so an event loop runs its other tasks while its rank waits.  A
+half that cannot block returns plainly.  The same policy code serves
+functions, coroutines, ``with`` and ``async with`` blocks.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from ._errors import CompositionError, SyncError
 
 __all__ = [
     "BarrierAfter",
+    "Entered",
+    "Exited",
     "MainFirst",
     "OnMainOnly",
     "Policy",
@@ -42,6 +45,10 @@ __all__ = [
     "decorator",
     "drive",
     "drive_async",
+    "enter",
+    "enter_async",
+    "leave",
+    "leave_async",
     "meet",
     "run",
     "run_async",
@@ -180,14 +187,12 @@ def _prepare(backend: Backend) -> None:
 # -- what a policy needs done, and the drivers that do it ----------------------
 
 
-@final
-@dataclass(frozen=True, slots=True)
-class _Meet:
+class _Meet(NamedTuple):
     """Meet the other ranks at the sync point ``kind`` at ``site``.
 
     ``prepare``: join the backend's group first (the first time, that may
     block).  ``reporting``: tell the others this rank raised it (the caller
-    re-raises it)."""
+    re-raises it).  A tuple: made on every decorated call that syncs."""
 
     backend: Backend
     kind: str
@@ -199,9 +204,7 @@ class _Meet:
     prepare: bool = False
 
 
-@final
-@dataclass(frozen=True, slots=True)
-class _Prepare:
+class _Prepare(NamedTuple):
     """Join the backend's group before the main rank runs a body that ends
     at the sync point ``at``."""
 
@@ -217,27 +220,14 @@ def _do(need: _Need) -> object:
     if isinstance(need, _Prepare):
         _prepare(need.at.backend)
         return None
-    backend, exc = need.backend, need.reporting
-    if need.prepare:
+    backend, kind, site, local, timeout, payload, exc, prepare = need
+    if prepare:
         _prepare(backend)
+    point = _arrive(backend, kind, site, local)
     if exc is None:
-        return meet(
-            backend,
-            need.kind,
-            need.site,
-            local=need.local,
-            payload=need.payload,
-            timeout=need.timeout,
-        )
+        return _sync(backend, point, local, None, payload, resolve_timeout(timeout))
     try:
-        meet(
-            backend,
-            need.kind,
-            need.site,
-            local=need.local,
-            failure=_failure(backend, exc),
-            timeout=need.timeout,
-        )
+        _sync(backend, point, local, _failure(backend, exc), None, resolve_timeout(timeout))
     except SyncError as problem:
         exc.add_note(f"syncdeco: while telling the other ranks about this error: {problem}")
     return None
@@ -287,7 +277,7 @@ async def _do_async(need: _Need) -> object:
             await _off_loop(functools.partial(_prepare_once, backend), None)
         except asyncio.CancelledError as cancelled:
             # Cancelled before its body: the others hear so at its sync point.
-            await _do_async(replace(need.at, reporting=cancelled))
+            await _do_async(need.at._replace(reporting=cancelled))
             raise
         return None
     backend, exc = need.backend, need.reporting
@@ -455,6 +445,13 @@ def _is_main(backend: Backend, local: bool) -> bool:
 
 _SKIP: Final = object()  # state of a policy that decided to do nothing
 
+# What a policy half returns: ``enter`` its decision (go on?, state) or the
+# steps that reach it; ``exit`` the one sync point it meets at, if any.  A
+# half that never waits returns plainly, so a call that does not sync (such
+# as ``barrier_after(every=N)`` between meetings) makes no generator.
+Entered: TypeAlias = "tuple[bool, object] | Steps[tuple[bool, object]]"
+Exited: TypeAlias = "_Meet | None"
+
 
 @final
 @dataclass(frozen=True, slots=True)
@@ -470,10 +467,13 @@ class MainFirst:
     def syncs(self) -> bool:
         return True
 
-    def enter(self, backend: Backend) -> Steps[tuple[bool, object]]:
+    def enter(self, backend: Backend) -> Entered:
         region = _region.get()
         if region is not None and region.kind == "main_first" and region.local == self.local:
             return True, _SKIP  # already inside a main_first on the same ranks
+        return self._first(backend)
+
+    def _first(self, backend: Backend) -> Steps[tuple[bool, object]]:
         at = _Meet(backend, self.kind, self.site, self.local, self.timeout, prepare=True)
         if _is_main(backend, self.local):
             yield _Prepare(at)
@@ -483,14 +483,13 @@ class MainFirst:
 
     def exit(
         self, backend: Backend, state: object, exc: BaseException | None, result: object
-    ) -> Steps[object]:
+    ) -> Exited:
         if state is _SKIP:
-            return result
+            return None
         _region.reset(state)  # type: ignore[arg-type]
         if not _is_main(backend, self.local):
-            return result
-        yield _Meet(backend, self.kind, self.site, self.local, self.timeout, reporting=exc)
-        return result
+            return None
+        return _Meet(backend, self.kind, self.site, self.local, self.timeout, None, exc)
 
 
 @final
@@ -510,31 +509,28 @@ class OnMainOnly:
     def syncs(self) -> bool:
         return self.broadcast
 
-    def enter(self, backend: Backend) -> Steps[tuple[bool, object]]:
+    def enter(self, backend: Backend) -> Entered:
         if self.broadcast:
-            at = _Meet(backend, self.kind, self.site, self.local, self.timeout, prepare=True)
-            if not _is_main(backend, self.local):
-                return False, (yield at)
-            yield _Prepare(at)
-        elif not _is_main(backend, self.local):
+            return self._broadcast(backend)
+        if not _is_main(backend, self.local):
             return False, self.default
+        return True, _region.set(_Region(self.kind, self.local, str(self.site)))
+
+    def _broadcast(self, backend: Backend) -> Steps[tuple[bool, object]]:
+        at = _Meet(backend, self.kind, self.site, self.local, self.timeout, prepare=True)
+        if not _is_main(backend, self.local):
+            return False, (yield at)  # the main rank's result
+        yield _Prepare(at)
         return True, _region.set(_Region(self.kind, self.local, str(self.site)))
 
     def exit(
         self, backend: Backend, state: object, exc: BaseException | None, result: object
-    ) -> Steps[object]:
+    ) -> Exited:
         _region.reset(state)  # type: ignore[arg-type]
-        if self.broadcast:
-            yield _Meet(
-                backend,
-                self.kind,
-                self.site,
-                self.local,
-                self.timeout,
-                payload=None if exc is not None else result,
-                reporting=exc,
-            )
-        return result
+        if not self.broadcast:
+            return None
+        payload = None if exc is not None else result
+        return _Meet(backend, self.kind, self.site, self.local, self.timeout, payload, exc)
 
 
 @final
@@ -555,8 +551,7 @@ class BarrierAfter:
     def local(self) -> bool:
         return False
 
-    def enter(self, backend: Backend) -> Steps[tuple[bool, object]]:
-        yield from ()  # never waits
+    def enter(self, backend: Backend) -> Entered:
         calls = _counts_for(backend).calls
         n = calls.get(self.site, 0) + 1
         calls[self.site] = n
@@ -564,10 +559,10 @@ class BarrierAfter:
 
     def exit(
         self, backend: Backend, state: object, exc: BaseException | None, result: object
-    ) -> Steps[object]:
-        if state:
-            yield _Meet(backend, self.kind, self.site, False, self.timeout, reporting=exc)
-        return result
+    ) -> Exited:
+        if not state:
+            return None
+        return _Meet(backend, self.kind, self.site, False, self.timeout, None, exc)
 
 
 Policy = MainFirst | OnMainOnly | BarrierAfter
@@ -681,6 +676,36 @@ def _refuse_deadlocks(policies: Sequence[Policy], target: str) -> None:
             raise CompositionError(f"{o} over {n} on {target}: {o} {why}. {fix}.")
 
 
+def enter(policy: Policy, backend: Backend) -> tuple[bool, object]:
+    """``policy.enter``, waiting in this thread if it must."""
+    decided = policy.enter(backend)
+    return decided if isinstance(decided, tuple) else drive(decided)
+
+
+async def enter_async(policy: Policy, backend: Backend) -> tuple[bool, object]:
+    """``policy.enter``, waiting in the worker thread if it must."""
+    decided = policy.enter(backend)
+    return decided if isinstance(decided, tuple) else await drive_async(decided)
+
+
+def leave(
+    policy: Policy, backend: Backend, state: object, exc: BaseException | None, result: object
+) -> None:
+    """``policy.exit``, waiting in this thread if it must."""
+    need = policy.exit(backend, state, exc, result)
+    if need is not None:
+        _do(need)
+
+
+async def leave_async(
+    policy: Policy, backend: Backend, state: object, exc: BaseException | None, result: object
+) -> None:
+    """``policy.exit``, waiting in the worker thread if it must."""
+    need = policy.exit(backend, state, exc, result)
+    if need is not None:
+        await _do_async(need)
+
+
 def run(policies: Sequence[Policy], backend: Backend, body: Callable[[], R]) -> R:
     """Call ``body`` under ``policies`` (outermost first)."""
     entered: list[tuple[Policy, object]] = []
@@ -688,7 +713,7 @@ def run(policies: Sequence[Policy], backend: Backend, body: Callable[[], R]) -> 
     result: object = None
     try:
         for policy in policies:
-            go, state = drive(policy.enter(backend))
+            go, state = enter(policy, backend)
             if not go:
                 result = state
                 break
@@ -704,7 +729,7 @@ def run(policies: Sequence[Policy], backend: Backend, body: Callable[[], R]) -> 
     while entered:
         policy, state = entered.pop()
         try:
-            result = drive(policy.exit(backend, state, exc, result))
+            leave(policy, backend, state, exc, result)
         except BaseException as error:
             exc = error
     if exc is not None:
@@ -722,7 +747,7 @@ async def run_async(
     result: object = None
     try:
         for policy in policies:
-            go, state = await drive_async(policy.enter(backend))
+            go, state = await enter_async(policy, backend)
             if not go:
                 result = state
                 break
@@ -738,7 +763,7 @@ async def run_async(
     while entered:
         policy, state = entered.pop()
         try:
-            result = await drive_async(policy.exit(backend, state, exc, result))
+            await leave_async(policy, backend, state, exc, result)
         except BaseException as error:
             exc = error
     if exc is not None:
