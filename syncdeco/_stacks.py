@@ -245,7 +245,8 @@ class StackReport:
 
     ``stack`` is its main thread's stack, formatted like a traceback (most
     recent call last), and None when the rank did not answer; ``reason`` then
-    says why it may not have.  ``frame`` is the innermost frame of the user's
+    says so and why it may not have ("did not answer within 1 s: its process
+    is stopped ...").  ``frame`` is the innermost frame of the user's
     own code, (file, line, function); ``in_syncdeco`` whether syncdeco's code
     runs inside that frame (the rank is at a sync point of its own, and
     ``frame`` is where the program called it).  ``host`` and ``pid`` name
@@ -269,7 +270,7 @@ class StackReport:
     def where(self) -> str:
         """Where the rank is, in a few words, for one line of a message."""
         if self.stack is None:
-            return f"did not answer: {self.reason}"
+            return str(self.reason)
         if self.frame is None:
             place = "outside the user's code (its stack shows where)"
         else:
@@ -550,7 +551,7 @@ def _read(store: Any, rank: int, keys: _Keys, n: int, timeout: float) -> StackRe
         who = _who(store, keys)
         host, pid = (who[0], who[1]) if who else (None, None)
         if "error" in answer:
-            return StackReport(rank, host=host, pid=pid, reason=str(answer["error"]))
+            return StackReport(rank, host=host, pid=pid, reason=f"answered, but {answer['error']}")
         frame = answer["frame"]
         return StackReport(
             rank,
@@ -566,8 +567,8 @@ def _read(store: Any, rank: int, keys: _Keys, n: int, timeout: float) -> StackRe
         return StackReport(
             rank,
             reason=(
-                f"no stack responder runs in its process (within {timeout:g} s): it has "
-                f"not reached its first sync point yet, or it has exited"
+                "did not answer: no stack responder runs in its process (it has not "
+                "reached its first sync point yet, or it has exited)"
             ),
         )
     host, pid, namespace = who
@@ -585,7 +586,7 @@ def _why_silent(timeout: float, host: str, pid: int, namespace: str | None) -> s
     """Why a rank with a responder did not answer: from its process's state
     when it runs on this host (in this pid namespace), else the usual
     suspects; and how to look at it."""
-    head = f"it did not answer within {timeout:g} s"
+    head = f"did not answer within {timeout:g} s"
     look = f"To see where it is: py-spy dump --pid {pid} (on host {host})."
     state = None
     if host == socket.gethostname() and namespace is not None and namespace == _pid_namespace():
@@ -593,7 +594,7 @@ def _why_silent(timeout: float, host: str, pid: int, namespace: str | None) -> s
     if state is not None:
         return f"{head}: {state}. {look}"
     return (
-        f"{head}. Its main thread may be in a long C call that holds the GIL "
+        f"{head}: its main thread may be in a long C call that holds the GIL "
         f"(pickling or copying a large object, an extension that does not release "
         f"it), or its process may be stopped (SIGSTOP, Ctrl-Z, a debugger), swapping, "
         f"or gone. {look}"

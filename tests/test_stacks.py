@@ -204,7 +204,7 @@ def test_a_stopped_rank_is_reported_as_stopped(server: Any, children: Any) -> No
         os.kill(child.proc.pid, signal.SIGCONT)
     assert not report.answered
     assert report.reason is not None
-    assert "its process is stopped (SIGSTOP" in report.reason
+    assert report.where().startswith("did not answer within 1 s: its process is stopped (SIGSTOP")
     assert took < 1.0 + 5.0, took
     child.release()
     assert child.finish() == 0, child.output()
@@ -344,6 +344,46 @@ def test_a_rank_at_syncdeco_code_of_its_own_says_so(server: Any) -> None:
     assert not responder.running  # the ring woke it, and it ended
     report = fetch_stacks(ring, "self", [0], timeout=0.1)[0]
     assert report.reason is not None and "no stack responder" in report.reason
+
+
+class Counting:
+    """A store connection that counts the requests made through it."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.store, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.calls.append(name)
+            return method(*args, **kwargs)
+
+        return call
+
+
+def test_an_idle_responder_makes_no_store_requests(server: Any) -> None:
+    store = Counting(connect(server))
+    responder = StackResponder(store, "idle", 0)
+    responder.start()
+    ring = connect(server)
+    try:
+        assert responder.wait_ready(START)
+        assert fetch_stacks(ring, "idle", [0], timeout=5.0)[0].answered
+        # One round: the wait that woke, the bell deleted, the counter read,
+        # the stack, the replies, the served mark, and the next wait (which
+        # may come just after the asker has its answer).
+        deadline = time.monotonic() + 30
+        while len(store.calls) < 9 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        answered = list(store.calls)
+        assert answered[:3] == ["check", "set", "wait"]
+        assert answered[3:] == ["delete_key", "add", "set", "multi_set", "set", "wait"]
+        time.sleep(1.0)  # a window to look at, not an ordering
+        assert store.calls == answered  # blocked in one wait: no polling
+    finally:
+        responder.close(ring=ring)
 
 
 def test_main_thread_stack_from_another_thread() -> None:
