@@ -303,6 +303,8 @@ def _answer(limit: int) -> dict[str, object]:
         "frame": user,
         "in_syncdeco": _in_syncdeco(plain, user),
         "taken": time.time(),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
     }
 
 
@@ -408,31 +410,40 @@ class StackResponder:
                 if self.running:
                     ring.set(self._keys.bell, b"close")
 
-    def _end_at_exit(self, deadline: float) -> None:
-        """Wake the thread through a connection of its own and wait (until
-        ``deadline``) for it to end, so it is in no store call when the
-        interpreter finalizes."""
+    def _ring_at_exit(self, deadline: float, rings: dict[object, Any]) -> threading.Thread | None:
+        """Wake the thread through another connection (in the exiting
+        thread: a helper thread still connecting when the interpreter
+        finalizes would abort it too); the thread to wait for, if any.
+        ``rings`` keeps the ring connections made so far, by server, for
+        responders that share one (several in one process, in a simulation)."""
         self._closed.set()
         thread = self._thread
         if thread is None or not thread.is_alive():
-            return
-        # The ring connects in a thread of its own: a store host that cannot
-        # be reached must not hold the exit up.
-        ringer = threading.Thread(
-            target=_ring,
-            args=(self._store, self._keys.bell),
-            name="syncdeco-stacks-exit",
-            daemon=True,
-        )
-        ringer.start()
-        ringer.join(max(0.0, deadline - time.monotonic()))
-        thread.join(max(0.0, deadline - time.monotonic()))
+            return None  # never started, or its store is gone
+        try:
+            server = _server_of(self._store)
+            ring = rings.get(server) if server is not None else None
+            if ring is None:
+                # The ring connection inherits this timeout: a store host that
+                # cannot be reached holds the exit up until the deadline only.
+                left = max(deadline - time.monotonic(), 0.05)
+                self._store.set_timeout(timedelta(seconds=left))
+                ring = self._store.clone()
+                if server is not None:
+                    rings[server] = ring
+            ring.set(self._keys.bell, b"exit")
+        except Exception:
+            return None
+        return thread
 
 
-def _ring(store: Any, bell: str) -> None:
-    with contextlib.suppress(Exception):
-        ring = store.clone()
-        ring.set(bell, b"exit")
+def _server_of(store: Any) -> tuple[str, int] | None:
+    """The address of a plain TCPStore (a PrefixStore's keys depend on a
+    prefix it does not show: None)."""
+    host, port = getattr(store, "host", None), getattr(store, "port", None)
+    if type(store).__name__ != "TCPStore" or host is None or port is None:
+        return None
+    return str(host), int(port)
 
 
 _responders: weakref.WeakSet[StackResponder] = weakref.WeakSet()
@@ -447,9 +458,19 @@ def _at_exit(responder: StackResponder) -> None:
 
 
 def _end_all() -> None:
+    """At interpreter exit: wake every responder thread and wait (2 s in all)
+    for them to end, so none is in a store call when the interpreter
+    finalizes.  Past the deadline the rest stay asleep, unrung, in their waits."""
     deadline = time.monotonic() + _EXIT_WAIT
-    for responder in list(_responders):
-        responder._end_at_exit(deadline)
+    rings: dict[object, Any] = {}
+    woken = [
+        responder._ring_at_exit(deadline, rings)
+        for responder in list(_responders)
+        if time.monotonic() < deadline
+    ]
+    for thread in woken:
+        if thread is not None:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _respond(
@@ -492,7 +513,12 @@ def _serve(
     try:
         answer: dict[str, object] = _answer(limit)
     except Exception as exc:  # report it rather than let the asker wait
-        answer = {"version": _VERSION, "error": f"could not read its stack: {exc!r}"}
+        answer = {
+            "version": _VERSION,
+            "error": f"could not read its stack: {exc!r}",
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+        }
     first = max(served + 1, asked - _BACKLOG + 1)
     replies = [keys.reply(n) for n in range(first, asked + 1)]
     store.set(keys.stack(asked), pickle.dumps(answer))
@@ -548,8 +574,7 @@ def _read(store: Any, rank: int, keys: _Keys, n: int, timeout: float) -> StackRe
         m = int(store.get(reply))
         data = store.get(keys.stack(m))
         answer: dict[str, Any] = pickle.loads(data)
-        who = _who(store, keys)
-        host, pid = (who[0], who[1]) if who else (None, None)
+        host, pid = answer.get("host"), answer.get("pid")
         if "error" in answer:
             return StackReport(rank, host=host, pid=pid, reason=f"answered, but {answer['error']}")
         frame = answer["frame"]

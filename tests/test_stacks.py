@@ -254,6 +254,18 @@ def test_a_process_with_a_responder_exits_promptly(server: Any, children: Any) -
     assert "Traceback" not in output and "terminate" not in output, output
 
 
+def test_a_process_serving_its_own_store_exits_cleanly(children: Any) -> None:
+    # The store's server ends as the interpreter finalizes; a responder still
+    # waiting on it then would abort the process from torch's C++ frames.
+    child = children("host")
+    child.reached("finish")
+    child.release()
+    status = child.finish(within=30.0)
+    output = child.output()
+    assert status == 0, output
+    assert "terminate" not in output, output
+
+
 def test_a_process_asked_for_its_stack_as_it_exits_ends_cleanly(server: Any, children: Any) -> None:
     # Requests keep coming while the child exits: none may catch its
     # responder in a store call when the interpreter finalizes.

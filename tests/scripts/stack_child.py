@@ -9,6 +9,8 @@ the FIFO ``DIR/release`` to go on):
 - ``gil``: waits inside ``decode_huge`` in a C call that holds the GIL.
 - ``phases``: waits inside ``phase_one``, then inside ``phase_two``.
 - ``exit``: waits inside ``finish`` and returns from the program.
+- ``host``: like ``exit``, but answers through a store it serves itself (as
+  rank 0 does under SLURM or mpirun), which ends with the interpreter.
 
 The line where each one waits carries the comment ``# waits: <function>``.
 """
@@ -63,6 +65,11 @@ def finish() -> None:
 if __name__ == "__main__":
     mode, port, rank, folder = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     DIR = Path(folder)
+    if mode == "host":
+        server = dist.TCPStore(
+            "127.0.0.1", 0, 1, True, timedelta(seconds=60), wait_for_workers=False
+        )
+        port = server.port
     store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=60))
     responder = StackResponder(store, PREFIX, rank)
     responder.start()
@@ -75,7 +82,7 @@ if __name__ == "__main__":
     elif mode == "phases":
         phase_one()
         phase_two()
-    elif mode == "exit":
+    elif mode in ("exit", "host"):
         finish()
     else:
         sys.exit(f"unknown mode {mode!r}")
