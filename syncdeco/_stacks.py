@@ -25,8 +25,8 @@ The protocol, per answering rank ``r`` (keys under ``{prefix}/{r}/``):
   named and looked at with ``py-spy``.
 
 A responder deletes its bell at each wake and a round's keys at the first
-wake at least 30 s later; what stays per rank is the four small keys above
-and the last rounds' replies.  A rank that asks through one shared key
+wake at least 30 s later; what stays per rank is three small keys (``asked``,
+``served``, ``who``) and the last round's replies.  A rank that asks through one shared key
 instead (one bell for all) would wake every responder of the job for one
 missing rank, and make the answers of different ranks race for it: there is
 one bell per rank.
@@ -38,6 +38,14 @@ it re-arms once a day, so its load on the store is one request per day, and
 a sync point pays nothing.  Nor does the asking side time out a store wait:
 it looks for the replies with ``check`` at growing intervals (about 25
 requests in a second), so a rank that does not answer costs no warnings.
+
+Exit: the responder thread is a daemon, and an ``atexit`` handler rings its
+bell through a fresh connection and waits (2 s at most) for it to end.  A
+daemon thread still in a store call when the interpreter finalizes would
+abort the process once that call returns (CPython ends it with
+``pthread_exit`` from inside torch's C++ frames: "terminate called without
+an active exception", status -6); a process that serves the store itself
+(rank 0 under SLURM or mpirun) did so on every exit without the handler.
 """
 
 from __future__ import annotations
