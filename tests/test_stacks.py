@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 
 import syncdeco
-from syncdeco import _stacks
-from syncdeco._stacks import (
+from syncdeco._plane import stacks as _stacks
+from syncdeco._plane.stacks import (
     StackResponder,
     fetch_stacks,
     innermost_user_frame,

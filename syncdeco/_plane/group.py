@@ -28,6 +28,7 @@ from .._errors import SyncError
 from . import exits
 from .deathwatch import DeathWatch, identity, watchable
 from .exchange import Exchange, Place
+from .stacks import StackResponder
 
 __all__ = ["announce_exit", "ensure_group", "exchange", "exit_notice", "launched"]
 
@@ -45,6 +46,7 @@ _current: tuple[weakref.ref[Any], Exchange] | None = None
 # Null backend.
 last_group: tuple[weakref.ref[Any], int, int] | None = None
 _forked_child = False  # forked from a process with a group (see _forget_in_child)
+_responder: StackResponder | None = None
 
 # Whether the environment describes a multi-rank job, read once per process
 # (a launcher sets it before the process starts); init() and reset() forget it.
@@ -125,6 +127,13 @@ def exchange(env: Mapping[str, str]) -> Exchange:
             )
             _current = (weakref.ref(group), made)
             made.store.set(f"{made.prefix}/pid/{rank}", pickle.dumps(identity()))
+            # Answers a timed-out sync point's question: where is this
+            # rank's main thread?  Its own connection, idle until asked.
+            global _responder
+            if _responder is not None:
+                _responder.close()
+            _responder = StackResponder(torch_store.clone(), f"{made.prefix}/stack", rank)
+            _responder.start()
             remember_group()
             exits.note_uncaught()
         return _current[1]
@@ -223,8 +232,8 @@ def forget_environment() -> None:
 def _forget_in_child() -> None:
     # A forked child (notebook_launcher, multiprocessing) gets its own
     # variables, and is no member of the parent's group or exchange.
-    global _current, last_group, _forked_child, _watched
-    _current = last_group = _watched = None
+    global _current, last_group, _forked_child, _watched, _responder
+    _current = last_group = _watched = _responder = None
     _deaths.clear()
     # The parent's group, if any, looks initialised here too, but is not
     # this process's: it must not announce its exit there.

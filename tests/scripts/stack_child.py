@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from syncdeco._stacks import StackResponder
+from syncdeco._plane.stacks import StackResponder
 
 PREFIX = "test/stacks"
 

@@ -143,7 +143,7 @@ def main_thread_stack(*, limit: int = _LIMIT) -> str:
 
 # -- whose code a frame is ----------------------------------------------------------
 
-_OWN_DIR: Final = os.path.dirname(os.path.abspath(__file__))
+_OWN_DIR: Final = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # syncdeco/
 _FRAME_LINE: Final = re.compile(
     r'^\s*File "(?P<file>.+)", line (?P<line>\d+), in (?P<function>.+?)\s*$'
 )
@@ -181,8 +181,11 @@ def _is_syncdeco(file: str) -> bool:
     if file.startswith("<"):
         return False
     folder = os.path.dirname(os.path.abspath(file))
-    # Also on another host, where syncdeco lives elsewhere: its package folder.
-    return folder == _OWN_DIR or os.path.basename(folder) == "syncdeco"
+    if folder == _OWN_DIR or folder.startswith(_OWN_DIR + os.sep):
+        return True
+    # Also on another host, where syncdeco lives elsewhere: its package folders.
+    parent, name = os.path.split(folder)
+    return name == "syncdeco" or (name == "_plane" and os.path.basename(parent) == "syncdeco")
 
 
 def is_user_file(file: str) -> bool:
