@@ -120,7 +120,12 @@ def _serve(conn: Connection) -> None:
     import torch.distributed as dist
 
     store = dist.TCPStore(
-        "127.0.0.1", 0, is_master=True, wait_for_workers=False, use_libuv=True, timeout=CONNECT_TIMEOUT
+        "127.0.0.1",
+        0,
+        is_master=True,
+        wait_for_workers=False,
+        use_libuv=True,
+        timeout=CONNECT_TIMEOUT,
     )
     conn.send(store.port)
     conn.poll(24 * 3600.0)  # until the driver says stop (or goes)
@@ -147,9 +152,12 @@ class _Worker:
 
         def one(_: int) -> Any:
             return dist.TCPStore(
-                "127.0.0.1", self.port, is_master=False, wait_for_workers=False,
+                "127.0.0.1",
+                self.port,
+                is_master=False,
+                wait_for_workers=False,
                 timeout=CONNECT_TIMEOUT,
-            )  # fmt: skip
+            )
 
         start = time.monotonic()
         with ThreadPoolExecutor(max_workers=max(1, min(len(ranks) + 1, 512))) as pool:
@@ -169,10 +177,15 @@ class _Worker:
         for transport in (Keys, Queues):
             self.exchanges[transport.__name__] = {
                 r: Exchange(
-                    self.counted[r], r, world, Place(f"n{r // NODE}", r % NODE, NODE),
-                    spare=self.spare if r == 0 else None, broadcast=_no_broadcast,
-                    transport=transport, prefix=f"scale/{world}/{transport.__name__}",
-                )  # fmt: skip
+                    self.counted[r],
+                    r,
+                    world,
+                    Place(f"n{r // NODE}", r % NODE, NODE),
+                    spare=self.spare if r == 0 else None,
+                    broadcast=_no_broadcast,
+                    transport=transport,
+                    prefix=f"scale/{world}/{transport.__name__}",
+                )
                 for r in self.counted
                 if r < world
             }
@@ -358,9 +371,11 @@ class Driver:
         for i in range(procs):
             here, there = ctx.Pipe()
             p = ctx.Process(
-                target=_work, args=(i, procs, self.port, self.pid, ranks, there),
-                name=f"scale-ranks-{i}", daemon=True,
-            )  # fmt: skip
+                target=_work,
+                args=(i, procs, self.port, self.pid, ranks, there),
+                name=f"scale-ranks-{i}",
+                daemon=True,
+            )
             p.start()
             self.conns.append(here)
             self.workers.append(p)
@@ -570,9 +585,16 @@ def plot(cells: dict[tuple[int, str], Cell], sizes: Sequence[int], path: Path) -
         main = [_med(cells[(w, d)].main) * 1e3 for w in sizes]
         coll = [_med(cells[(w, d)].collect) * 1e3 for w in sizes]
         lat.plot(sizes, main, color=color, marker=marker, label=f"{d}: back to back")
-        lat.plot(sizes, coll, color=color, marker=marker, ls="--", label=f"{d}: collect, all waiting")
-        cpu.plot(sizes, [_med(cells[(w, d)].cpu) * 1e3 for w in sizes], color=color,
-                 marker=marker, label=d)  # fmt: skip
+        lat.plot(
+            sizes, coll, color=color, marker=marker, ls="--", label=f"{d}: collect, all waiting"
+        )
+        cpu.plot(
+            sizes,
+            [_med(cells[(w, d)].cpu) * 1e3 for w in sizes],
+            color=color,
+            marker=marker,
+            label=d,
+        )
     lat.axhline(5, color="gray", lw=0.8, ls=":", label="target: collect <= 5 ms")
     for ax, title, unit in (
         (lat, "main rank's sync() latency (median)", "ms"),
@@ -586,7 +608,9 @@ def plot(cells: dict[tuple[int, str], Cell], sizes: Sequence[int], path: Path) -
         ax.set_title(title, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("syncdeco sync plane, simulated ranks on one TCPStore (2-core machine)", fontsize=10)
+    fig.suptitle(
+        "syncdeco sync plane, simulated ranks on one TCPStore (2-core machine)", fontsize=10
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
