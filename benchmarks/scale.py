@@ -655,6 +655,8 @@ def main(argv: Iterable[str] | None = None) -> int:
                 for d in DESIGNS:
                     driver.waiting(cells[(w, d)], d, window)
             print(f"{w} ranks measured in {time.monotonic() - start:.0f}s", flush=True)
+            rows = [r for r in report(cells, [w], procs).splitlines() if r.startswith(f"| {w} |")]
+            print("\n".join(rows[:2]), flush=True)
     except Failed as exc:
         print(f"scale benchmark failed: {exc}", file=sys.stderr)
         status = 1
