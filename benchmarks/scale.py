@@ -633,8 +633,11 @@ def main(argv: Iterable[str] | None = None) -> int:
     procs = args.procs or (2 if args.smoke else min(8, max(2, 2 * cores)))
     window = 1.0 if args.smoke else WAIT_WINDOW
     _raise_nofile()
-    # Each new connection's failed reverse lookup of 127.0.0.1 logs a warning.
+    # Each new connection's failed reverse lookup of 127.0.0.1 logs a warning;
+    # where no name server answers, each such lookup stalls the connection
+    # 5 s (or 10): the spawned processes ask the resolver to give up in 1 s.
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    os.environ.setdefault("RES_OPTIONS", "timeout:1 attempts:1")
     print(
         f"# syncdeco scale benchmark: {', '.join(map(str, sizes))} simulated ranks, "
         f"{procs} worker processes, {cores} cores, one libuv TCPStore server process\n"

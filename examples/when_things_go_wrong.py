@@ -65,6 +65,10 @@ async def fetch_with_a_deadline() -> None:
         print(f"[rank 1] its heartbeat task ticked {ticks} times while it waited\n\n", end="")
 
 
+def read_shard() -> None:
+    time.sleep(3)  # pretend: a slow disk
+
+
 def main() -> None:
     # 1. The main rank fails inside main_first.
     try:
@@ -72,9 +76,10 @@ def main() -> None:
     except Exception as err:
         show(err)
 
-    # 2. Rank 1 is late; the timeout names it and where it was last seen.
+    # 2. Rank 1 is late; the timeout names it, where it was last seen, and
+    #    the function it is in now.
     if sd.rank() == 1:
-        time.sleep(3)  # pretend: a slow disk
+        read_shard()
     try:
         sd.barrier("end of epoch", timeout=1)
     except sd.SyncTimeoutError as err:

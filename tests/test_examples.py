@@ -68,6 +68,7 @@ def test_when_things_go_wrong_on_two_gloo_ranks(tmp_path: Path) -> None:
     assert "[rank 1] PeerFailedError: rank 0 raised ConnectionError: HTTP 503" in out
     assert "[rank 0] SyncTimeoutError: rank 0 waited 1s at barrier 'end of epoch'" in out
     assert "rank(s) 1 (last seen at main_first" in out
+    assert "which is in read_shard (" in out  # where it is stuck, from its own stack
     assert out.count("SyncMismatchError: ranks reached different sync points") == 2
     assert "[rank 0] the group still works" in out
     assert "[rank 0] RankExitedError: rank 1 exited without reaching this sync point" in out

@@ -97,12 +97,8 @@ class TorchBackend:
             group.report_deaths(exchange, exchange.store)
         if torch.autograd.profiler._is_profiler_enabled:
             with torch.profiler.record_function(f"syncdeco.{point.kind}:{point.name}"):
-                result = exchange.sync(point, local, failure, payload, timeout)
-        else:
-            result = exchange.sync(point, local, failure, payload, timeout)
-        if group._watched is not exchange:
-            group.watch_node(exchange)
-        return result
+                return exchange.sync(point, local, failure, payload, timeout)
+        return exchange.sync(point, local, failure, payload, timeout)
 
 
 AUTO: Final = TorchBackend()

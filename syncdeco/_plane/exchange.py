@@ -110,6 +110,7 @@ class Exchange:
         self.seen: dict[int, tuple[str, float]] = {}  # rank -> (sync point, wall time)
         self.waiting: Wait | None = None  # read by the watcher thread
         self.left = False  # this process has said it is exiting
+        self.met = 0  # sync points that succeeded
         self.watcher: threading.Thread | None = None
         # Where this rank lives, for local=True: per node (so a local sync
         # waits only for its own node) and, when the launcher does not say
@@ -214,10 +215,11 @@ class Exchange:
                         base, seq, members, point, failure, payload, deadline, timeout
                     )
                 if deadline is not None and timeout is not None:
-                    # A member waits a little longer than the main rank, so
-                    # that when another rank is missing it hears so from the
-                    # main (which knows who) instead of blaming the main.
-                    deadline += min(max(GRACE, 0.1 * timeout), 10 * GRACE)
+                    # A member waits a little longer than the main rank (and
+                    # the second the main takes to ask the missing ranks where
+                    # they are), so that when another rank is missing it hears
+                    # so from the main, which knows who, instead of blaming it.
+                    deadline += min(max(GRACE, 0.1 * timeout), 10 * GRACE) + STACK_WAIT
                 return self._follow(base, seq, main, point, failure, deadline, timeout)
             except dist.DistNetworkError as exc:
                 raise SyncError(
@@ -293,6 +295,7 @@ class Exchange:
         if verdict[1] == OK:
             for tensor in wires:  # every member got the shapes in its verdict
                 self.broadcast(tensor, self.rank)
+            self.met += 1
             return payload
         protocol.raise_for(verdict, point, self.rank, timeout)
         return None
@@ -324,6 +327,7 @@ class Exchange:
         if gone == main:
             self.gone[main] = Failure(*cast(tuple[int, str, str, str, bool, bool], verdict[2]))
         if verdict[1] == OK:
+            self.met += 1
             return self._result(verdict, main, point)
         protocol.raise_for(verdict, point, self.rank, timeout)
         return None

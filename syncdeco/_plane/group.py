@@ -15,6 +15,7 @@ import functools
 import os
 import pickle
 import threading
+import time
 import weakref
 from collections.abc import Mapping
 from typing import Any, Final
@@ -134,6 +135,12 @@ def exchange(env: Mapping[str, str]) -> Exchange:
                 _responder.close()
             _responder = StackResponder(torch_store.clone(), f"{made.prefix}/stack", rank)
             _responder.start()
+            threading.Thread(
+                target=watch_node,
+                args=(weakref.ref(made), torch_store.clone()),
+                name="syncdeco-find-node",
+                daemon=True,
+            ).start()
             remember_group()
             exits.note_uncaught()
         return _current[1]
@@ -141,35 +148,74 @@ def exchange(env: Mapping[str, str]) -> Exchange:
 
 # -- the ranks of this host watch each other ------------------------------------
 
-_watched: Exchange | None = None  # the exchange whose node is watched
+_watch: DeathWatch | None = None  # the processes of this node's other ranks
 _deaths: list[int] = []  # ranks seen to end, not yet reported (a list: appends are atomic)
 
 
-def watch_node(made: Exchange) -> None:
-    """After this rank's first sync point (every rank of its node has said
-    where it lives by then), watch the processes of the node's other ranks
-    through the kernel (see ``deathwatch``).  When one ends, the others are
-    told at once if this rank is waiting at a sync point, else at its next
-    one: never from a rank that is not using the store (at the end of a job
-    whose store host has gone, that would make the store client log)."""
-    global _watched
-    _watched = made
-    prefix, place, store = made.prefix, made.place, made.store
-    try:
-        if place.local_size is not None:
-            keys = [f"{prefix}/node/{place.node}/{lr}" for lr in range(place.local_size)]
-            ranks = [int(v) for v in store.multi_get(keys)]
-        else:
-            topo = store.multi_get([f"{prefix}/topo/{r}" for r in range(made.world_size)])
-            ranks = [r for r, v in enumerate(topo) if pickle.loads(v)[0] == place.node]
-        others = [r for r in ranks if r != made.rank]
-        found = store.multi_get([f"{prefix}/pid/{r}" for r in others]) if others else []
-    except Exception:
-        return  # e.g. a group made by hand whose ranks use another store layout
-    pids = watchable(identity(), {r: pickle.loads(v) for r, v in zip(others, found, strict=True)})
-    watch = DeathWatch(functools.partial(_ended, weakref.ref(made)))
-    for rank, pid in pids.items():
-        watch.watch(rank, pid)
+_FIND_FIRST: Final = 0.01  # seconds between the first looks for the node's ranks
+_FIND_MOST: Final = 5.0  # ... and the longest, while some have not started yet
+
+
+def watch_node(ref: weakref.ref[Exchange], store: Any) -> None:
+    """Watch the processes of this node's other ranks through the kernel
+    (see ``deathwatch``), as each says where it lives.  Runs in a
+    thread of its own from the moment this rank joins, on a connection of
+    its own that it closes when done: it looks for the node's ranks with
+    backing-off checks (never a store wait that could time out, which
+    makes torch log), about once every 5 s at most while one is slow to
+    start.  When a watched process ends, the others are told at once if
+    this rank is waiting at a sync point, else at its next one: never from
+    a rank that is not using the store (at the end of a job whose store
+    host has gone, that would make the store client log)."""
+    pause = _FIND_FIRST
+    watch = DeathWatch(functools.partial(_ended, ref))
+    global _watch
+    if _watch is not None:
+        _watch.close()
+    _watch = watch
+    pending: set[int] | None = None  # the node's other ranks not watched yet
+    while pending is None or pending:
+        made = ref()
+        if made is None or made.left:
+            return
+        # Every rank of the node has joined once a sync point succeeded
+        # here: a rank that has not registered by then never will.
+        last = made.met
+        try:
+            if pending is None:
+                pending = _node_ranks(made, store)
+            if pending:
+                keys = [f"{made.prefix}/pid/{r}" for r in sorted(pending)]
+                here = [r for r, k in zip(sorted(pending), keys, strict=True) if store.check([k])]
+                found = store.multi_get([f"{made.prefix}/pid/{r}" for r in here]) if here else []
+                found_at = {r: pickle.loads(v) for r, v in zip(here, found, strict=True)}
+                for rank, pid in watchable(identity(), found_at).items():
+                    watch.watch(rank, pid)
+                pending -= set(here)
+        except Exception:
+            return  # the store has gone: nothing to report to
+        if last:
+            return  # that was the last look
+        del made
+        time.sleep(pause)
+        pause = min(2 * pause, _FIND_MOST)
+
+
+def _node_ranks(made: Exchange, store: Any) -> set[int] | None:
+    """The other ranks of this rank's node, once all of them are known."""
+    prefix, place = made.prefix, made.place
+    if place.local_size is not None:
+        keys = [f"{prefix}/node/{place.node}/{lr}" for lr in range(place.local_size)]
+        if not store.check(keys):
+            return None
+        ranks = [int(v) for v in store.multi_get(keys)]
+    else:
+        keys = [f"{prefix}/topo/{r}" for r in range(made.world_size)]
+        if not store.check(keys):
+            return None
+        topo = store.multi_get(keys)
+        ranks = [r for r, v in enumerate(topo) if pickle.loads(v)[0] == place.node]
+    return {r for r in ranks if r != made.rank}
 
 
 def _ended(ref: weakref.ref[Exchange], rank: int) -> None:
@@ -232,8 +278,8 @@ def forget_environment() -> None:
 def _forget_in_child() -> None:
     # A forked child (notebook_launcher, multiprocessing) gets its own
     # variables, and is no member of the parent's group or exchange.
-    global _current, last_group, _forked_child, _watched, _responder
-    _current = last_group = _watched = _responder = None
+    global _current, last_group, _forked_child, _watch, _responder
+    _current = last_group = _watch = _responder = None
     _deaths.clear()
     # The parent's group, if any, looks initialised here too, but is not
     # this process's: it must not announce its exit there.
