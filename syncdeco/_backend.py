@@ -271,7 +271,7 @@ def init(
     from ._torch import TorchBackend
 
     if isinstance(chosen, TorchBackend):
-        chosen.ensure_group()
+        chosen.ensure_group(timeout=seconds)
     with _Config.lock:
         _Config.backend = chosen
         _Config.timeout = seconds

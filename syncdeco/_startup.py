@@ -192,20 +192,19 @@ def _connect(addr: str, port: int, timeout: float | None, where: str) -> Any:
     (None: forever)."""
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
-        reached = _reachable(addr, port, deadline)
-        left = _FOREVER_CHUNK if deadline is None else deadline - time.monotonic()
-        if reached is None and deadline is None:
-            continue
-        if reached is not None:
+        problem = _reachable(addr, port, deadline)
+        if problem is None:
+            left = _FOREVER_CHUNK if deadline is None else deadline - time.monotonic()
             try:
                 tcp = _tcp(addr, port, 0, master=False, seconds=max(left, 1.0))
             except (dist.DistError, RuntimeError) as exc:
-                reached = exc  # it went away between the probe and the connection
+                problem = exc  # it went away between the probe and the connection
             else:
                 tcp.set_timeout(timedelta(seconds=_FOREVER_CHUNK))
                 return tcp
         if deadline is not None and time.monotonic() >= deadline:
-            raise StoreUnreachable(where, timeout or 0.0, reached or _NoAnswer())
+            raise StoreUnreachable(where, timeout or 0.0, problem)
+        time.sleep(_PROBE_PAUSE)
 
 
 class _NoAnswer(ConnectionError):

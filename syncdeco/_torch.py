@@ -55,6 +55,7 @@ from ._errors import (
     SyncTimeoutError,
     whereabouts,
 )
+from ._startup import JobStore, StoreUnreachable, open_store, store_for_exit_notice, tcp_is_server
 
 __all__ = ["TorchBackend", "auto_backend", "backend_from_name"]
 
@@ -67,6 +68,10 @@ _WITHDRAW_MARGIN: Final = 1.0  # seconds before a member's deadline to look for 
 
 
 _log = logging.getLogger("syncdeco")
+
+
+def _no_group() -> None:
+    return None
 
 
 class _Late(Exception):
@@ -145,15 +150,33 @@ class _Channel:
     """syncdeco's connection to one process group, and the counters that keep
     the ranks' sync points in step.  Shared by every TorchBackend of the group."""
 
-    def __init__(self, group: object, env: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        group: object | None,
+        env: Mapping[str, str],
+        *,
+        job: JobStore | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        backend: str = "gloo",
+    ) -> None:
         # Weakly: a strong reference would keep the group alive after
         # destroy_process_group(), until interpreter teardown, where Gloo's
         # threads abort the process ("terminate called without an active
         # exception").
-        self.group = weakref.ref(group)
-        self.rank = dist.get_rank()
-        self.world_size = dist.get_world_size()
-        store: Any = cast(Any, dist.distributed_c10d._get_default_store()).clone()
+        self.group: Callable[[], object | None] = _no_group if group is None else weakref.ref(group)
+        self.job = job  # the launcher's store, when the group is still to be made
+        self.backend = backend  # the group to make: its backend
+        store: Any
+        if job is None:
+            self.rank = dist.get_rank()
+            self.world_size = dist.get_world_size()
+            store = cast(Any, dist.distributed_c10d._get_default_store()).clone()
+            self.spare: Any = None
+        else:
+            self.rank, self.world_size = rank, world_size
+            store = job.store.clone()
+            self.spare = job.store
         self.mail = _Mail(store)
         self.store = store
         self.lock = threading.Lock()
@@ -262,6 +285,8 @@ class _Channel:
                 )
                 scope, main, members = self.scope(local, deadline, point)
                 if main == self.rank and not members:
+                    if scope == "w":
+                        self.make_group()  # a world of one
                     return payload  # alone in its scope (members know only their main)
                 base = f"{_PREFIX}/{scope}/{main}"
                 if self.watcher is None:
@@ -286,6 +311,27 @@ class _Channel:
             finally:
                 self.waiting = None
 
+    def make_group(self) -> None:
+        """After a world sync point where every rank arrived and all is well:
+        make the process group over the job's store, if this channel was
+        opened before one existed.  Every rank of the world does so at the
+        same sync point, having just met, so Gloo's rendezvous is quick."""
+        job = self.job
+        if job is None or self.group() is not None:
+            return
+        if dist.is_initialized():  # made by the program since: use it as it is
+            group = dist.distributed_c10d._get_default_group()
+        else:
+            dist.init_process_group(
+                self.backend,
+                store=job.group_store(),
+                rank=self.rank,
+                world_size=self.world_size,
+            )
+            group = dist.distributed_c10d._get_default_group()
+        self.group = weakref.ref(group)
+        _remember_group()
+
     def leave(self, failure: Failure) -> None:
         """This rank's process is ending: say so, with ``failure``, in one
         store write (the others' watchers look for it while they wait)."""
@@ -295,6 +341,8 @@ class _Channel:
                 _say_gone(self.store, failure)
             finally:
                 self.lock.release()
+        elif self.spare is not None:
+            _say_gone(self.spare, failure)  # the job store's first connection
         elif dist.is_initialized():
             # A thread is inside a sync point, blocked on this channel's
             # connection (the store client holds it for the whole wait): say
@@ -477,7 +525,7 @@ class _Channel:
                 # broadcast follows, so a failure here is an ordinary one.
                 if payload is not None:
                     data = _dumps(payload, tensors if base_is_world(base) else None)
-                    wires = [_on_wire(t) for t in tensors]
+                    wires = [_on_wire(t, self.backend) for t in tensors]
                 verdict = (seq, _OK, data, [_meta(t) for t in tensors])
             except Exception as exc:
                 exc.add_note(
@@ -495,6 +543,8 @@ class _Channel:
         if own_error is not None:
             raise own_error
         if verdict[1] == _OK:
+            if base_is_world(base):
+                self.make_group()
             for wire in wires:  # every member got the shapes in its verdict
                 dist.broadcast(wire, src=self.rank)
             return payload
@@ -552,6 +602,8 @@ class _Channel:
                 ) from None
             verdict = late
         if verdict[1] == _OK:
+            if base_is_world(base):
+                self.make_group()
             data = verdict[2]
             metas = cast("list[_Meta]", verdict[3])
             tensors = []
@@ -672,8 +724,12 @@ def _meta(tensor: torch.Tensor) -> _Meta:
 
 
 def _wire_device() -> torch.device:
+    return _device_of(str(dist.get_backend()))
+
+
+def _device_of(backend: str) -> torch.device:
     # NCCL moves CUDA tensors only; Gloo moves CPU tensors.
-    if dist.get_backend() == "nccl":
+    if backend == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
@@ -729,8 +785,9 @@ def _receive_buffer(shape: Sequence[int], dtype: torch.dtype, device: torch.devi
     return tensor
 
 
-def _on_wire(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.detach().resolve_conj().resolve_neg().to(_wire_device()).contiguous()
+def _on_wire(tensor: torch.Tensor, backend: str) -> torch.Tensor:
+    device = _wire_device() if dist.is_initialized() else _device_of(backend)
+    return tensor.detach().resolve_conj().resolve_neg().to(device).contiguous()
 
 
 def _off_wire(wire: torch.Tensor, meta: _Meta) -> torch.Tensor:
@@ -872,7 +929,7 @@ _WATCHER_WAIT: Final = 10.0  # seconds one of the watcher's store requests may t
 _forked_child = False  # forked from a process with a group (see _forget_in_child)
 
 
-def announce_exit(exc: BaseException | None) -> None:
+def announce_exit(exc: BaseException | None, *, at_exit: bool = False) -> None:
     """Say in the store that this rank's process is ending (``exc``: the
     exception that ends it, if any).  A rank waiting for it at a sync point
     (now or later) then raises RankExitedError within about a second instead
@@ -889,6 +946,14 @@ def announce_exit(exc: BaseException | None) -> None:
             # group state is its parent's: it stays silent.)
             store = dist.distributed_c10d._get_default_store()
             _say_gone(store, _exit_failure(dist.get_rank(), exc))
+        elif not _forked_child and _DISTRIBUTED and _last_group is None:
+            # No group yet: the others may be waiting at their first sync
+            # point, over the launcher's store.  Reached within a couple of
+            # seconds or not at all; never where this rank would host it.
+            launch = detect_launch(os.environ)
+            job_store = store_for_exit_notice(launch, os.environ, child=not at_exit)
+            if launch is not None and job_store is not None:
+                _say_gone(job_store, _exit_failure(launch.rank, exc))
     except Exception:
         pass  # exiting anyway: the others fall back on their timeout
 
@@ -934,7 +999,7 @@ def exit_notice() -> None:
         # Without syncdeco's hook in place (no sync point ran yet, or another
         # hook replaced it), the interpreter's note is the best there is.
         exc = getattr(sys, "last_value", None)
-    announce_exit(exc if isinstance(exc, BaseException) else None)
+    announce_exit(exc if isinstance(exc, BaseException) else None, at_exit=True)
 
 
 @final
@@ -970,46 +1035,67 @@ class TorchBackend:
             )
         return launch
 
-    def ensure_group(self, point: SyncPoint | None = None) -> None:
-        """Initialise the default process group from the launcher's
-        environment unless one exists.  Every rank must call it.  Raises
-        ``SyncError`` if this process's group has been destroyed."""
+    def ensure_group(self, point: SyncPoint | None = None, timeout: float | None = None) -> None:
+        """Bring up the default process group unless one exists: every rank
+        must call it.  It is a sync point (``syncdeco.init``, waiting up to
+        ``timeout`` seconds, None: forever): the group is made once every
+        rank has arrived there.  Raises ``SyncError`` if this process's
+        group has been destroyed."""
         if dist.is_initialized():
             return
-        if _last_group is not None:
-            where = f"at {point.describe()}" if point is not None else "before a sync point"
-            raise SyncError(
-                f"rank {_last_group[1]} {where}: the process group this process used has "
-                f"been destroyed (torch.distributed.destroy_process_group()), so no sync "
-                f"point can be reached. Move sync points before the teardown, or "
-                f"call init_process_group() again first."
-            )
+        _refuse_destroyed(point)
+        global _inits
+        _inits += 1
+        here = SyncPoint("init", "syncdeco.init", _inits, "syncdeco.init()")
+        self.sync(here, local=False, failure=None, payload=None, timeout=timeout)
+
+    def _channel(self, point: SyncPoint | None, timeout: float | None) -> _Channel:
+        """The channel for a sync point: over the default group's store, or,
+        before any group exists, over the launcher's store (``timeout``: how
+        long to try to reach it)."""
+        if dist.is_initialized():
+            return _channel_for_default_group(self._env)
+        _refuse_destroyed(point)
+        return self._startup_channel(point, timeout)
+
+    def _startup_channel(self, point: SyncPoint | None, timeout: float | None) -> _Channel:
+        global _channel
+        channel = _channel
+        if channel is not None and channel.job is not None and channel.group() is None:
+            return channel
         launch = self._launch()
         name = self._backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        try:
+            job = open_store(launch, self._env, timeout)
+        except StoreUnreachable as exc:
+            raise _unreachable(exc, launch, point, timeout) from exc.cause
         if name == "nccl":
             torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
-        if launch.launcher == "torchrun":
-            dist.init_process_group(name)  # env://, and torchrun's agent store
-        else:
-            dist.init_process_group(
-                name,
-                init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
-                rank=launch.rank,
-                world_size=launch.world_size,
-            )
-        _remember_group()
-
-    def _channel(self, point: SyncPoint | None = None) -> _Channel:
-        self.ensure_group(point)
-        return _channel_for_default_group(self._env)
+        with _channel_lock:
+            if _channel is None or _channel.job is not job or _channel.group() is not None:
+                _channel = _Channel(
+                    None,
+                    self._env,
+                    job=job,
+                    rank=launch.rank,
+                    world_size=launch.world_size,
+                    backend=name,
+                )
+                _note_uncaught()
+            return _channel
 
     def prepare(self) -> None:
-        """Join (or create) the process group and say where this rank lives.
-
-        syncdeco calls it before a main rank runs a body that ends in a sync
-        point, so that an hour-long first ``main_first`` does not keep the
-        others waiting in the group's own rendezvous, which has a timeout."""
-        self._channel()
+        """Say where this rank lives before a main rank runs a body that ends
+        in a sync point.  Before any group exists, the rank that hosts the
+        job's store (rank 0 outside torchrun) opens it now, so that the
+        others can reach it while it runs an hour-long first ``main_first``."""
+        if dist.is_initialized():
+            _channel_for_default_group(self._env)
+            return
+        _refuse_destroyed(None)
+        launch = self._launch()
+        if tcp_is_server(launch, self._env):
+            self._startup_channel(None, None)
 
     # Rank facts have no side effects: they come from the process group if
     # there is one, else from the group syncdeco was using if it has been
@@ -1047,7 +1133,7 @@ class TorchBackend:
 
         Under ``torch.profiler`` the wait shows up as
         ``syncdeco.<kind>:<name>``; without a profiler this costs nothing."""
-        channel = self._channel(point)
+        channel = self._channel(point, timeout)
         if torch.autograd.profiler._is_profiler_enabled:
             with torch.profiler.record_function(f"syncdeco.{point.kind}:{point.name}"):
                 return channel.sync(point, local, failure, payload, timeout)
@@ -1055,6 +1141,40 @@ class TorchBackend:
 
 
 _AUTO: Final = TorchBackend()
+_inits = 0  # calls of ensure_group that made a sync point
+
+
+def _refuse_destroyed(point: SyncPoint | None) -> None:
+    if _last_group is not None:
+        where = f"at {point.describe()}" if point is not None else "before a sync point"
+        raise SyncError(
+            f"rank {_last_group[1]} {where}: the process group this process used has "
+            f"been destroyed (torch.distributed.destroy_process_group()), so no sync "
+            f"point can be reached. Move sync points before the teardown, or "
+            f"call init_process_group() again first."
+        )
+
+
+def _unreachable(
+    exc: StoreUnreachable, launch: Launch, point: SyncPoint | None, timeout: float | None
+) -> SyncError:
+    """What a rank says when it cannot reach the job's store in time."""
+    where = point.describe() if point is not None else "its first sync point"
+    if exc.store.startswith("rank 0"):
+        return SyncTimeoutError(
+            missing=(0,),
+            point=f"{where} [{exc.store}, and did not let rank {launch.rank} connect: "
+            f"rank 0 has not started yet, or has exited]",
+            timeout=timeout or 0.0,
+            observer=launch.rank,
+            last_seen={0: None},
+        )
+    return SyncError(
+        f"rank {launch.rank} at {where} could not reach the job's store within "
+        f"{exc.waited:g}s: {exc.store}, and did not let it connect ({exc.cause}). "
+        f"The launcher's agent may have exited, or MASTER_ADDR/MASTER_PORT do not "
+        f"point at it."
+    )
 
 
 # Whether the environment describes a multi-rank job, read once per process

@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -63,20 +64,29 @@ def _finish(procs: list[subprocess.Popen[bytes]], what: str) -> list[tuple[int, 
     """Each process's exit status and output, within RUN_BOUND seconds in
     all; kills every process the run started, in its session, at the end."""
     results: list[tuple[int, str]] = []
+    deadline = time.monotonic() + RUN_BOUND
     try:
         for proc in procs:
-            out, _ = proc.communicate(timeout=RUN_BOUND)
+            try:
+                out, _ = proc.communicate(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                for each in procs:
+                    _kill(each)
+                logs = [each.communicate()[0].decode(errors="replace") for each in procs]
+                pytest.fail(f"{what}: did not finish within {RUN_BOUND}s:\n" + "\n".join(logs))
             results.append((proc.returncode, out.decode(errors="replace")))
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"{what}: did not finish within {RUN_BOUND}s; finished: {results}")
     finally:
         for proc in procs:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            _kill(proc)
             proc.wait()
     return results
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _records(tmp_path: Path, ranks: list[int], log: object) -> dict[int, dict[str, Any]]:
