@@ -2,21 +2,25 @@
 
     torchrun --nproc-per-node 2 examples/when_things_go_wrong.py
 
-Four faults in a row on one process group: the main rank raises inside
+Five faults in a row on one process group: the main rank raises inside
 main_first, rank 1 is late to a barrier, the ranks reach different sync
-points, and rank 1's program ends while rank 0 goes on to one more sync
-point.  Each rank prints the error it got; the group keeps working.
+points, an asyncio timeout cancels the main rank's task inside an async
+main_first (while rank 1's event loop keeps running as it waits), and rank
+1's program ends while rank 0 goes on to one more sync point.  Each rank
+prints the error it got; the group keeps working.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import syncdeco as sd
 
 
 def show(err: BaseException) -> None:
-    print(f"[rank {sd.rank()}] {type(err).__name__}: {err}\n\n", end="", flush=True)
+    said = f": {err}" if str(err) else " (no message)"
+    print(f"[rank {sd.rank()}] {type(err).__name__}{said}\n\n", end="", flush=True)
 
 
 @sd.main_first
@@ -31,6 +35,34 @@ def save_checkpoint() -> None:
 
 def load_checkpoint() -> None:
     sd.barrier("load_checkpoint")
+
+
+@sd.main_first
+async def fetch_index() -> None:
+    if sd.is_main():
+        await asyncio.sleep(30)  # pretend: a mirror that never answers
+
+
+async def fetch_with_a_deadline() -> None:
+    ticks = 0
+
+    async def heartbeat() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    beating = asyncio.create_task(heartbeat())
+    try:
+        # the main rank's deadline: it cancels its task after 1 s
+        async with asyncio.timeout(1 if sd.is_main() else None):
+            await fetch_index()
+    except (TimeoutError, sd.PeerFailedError) as err:
+        show(err)
+    finally:
+        beating.cancel()
+    if sd.rank() == 1:
+        print(f"[rank 1] its heartbeat task ticked {ticks} times while it waited\n\n", end="")
 
 
 def main() -> None:
@@ -58,7 +90,11 @@ def main() -> None:
     if sd.rank() == 0:
         print("[rank 0] the group still works\n\n", end="", flush=True)
 
-    # 4. Rank 1's program ends; rank 0 goes on to a sync point it never reaches.
+    # 4. A deadline cancels the main rank's task inside an async main_first:
+    #    the others hear of it at once, and their event loops never stopped.
+    asyncio.run(fetch_with_a_deadline())
+
+    # 5. Rank 1's program ends; rank 0 goes on to a sync point it never reaches.
     if sd.rank() == 1:
         return
     try:

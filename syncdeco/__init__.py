@@ -15,9 +15,6 @@ from ._backend import (
     Failure,
     NullBackend,
     SyncPoint,
-    get_backend,
-    init,
-    use_backend,
 )
 from ._decorate import (
     barrier,
@@ -34,15 +31,17 @@ from ._errors import (
     CompositionError,
     PeerFailedError,
     RankExitedError,
+    RankKilledError,
     SyncError,
     SyncMismatchError,
     SyncTimeoutError,
 )
 from ._save import atomic_save
+from ._select import get_backend, init, use_backend
 from ._trace import trace
 
 if TYPE_CHECKING:
-    from ._torch import TorchBackend
+    from ._plane.backend import TorchBackend
 
 __version__ = "0.1.0"
 
@@ -51,9 +50,9 @@ def _exit_notice() -> None:
     # Registered at import, so that atexit handlers registered later (which
     # atexit runs first) may still reach sync points before this rank tells
     # the others it is gone.  Nothing to say if syncdeco never used torch.
-    torch_backend = sys.modules.get("syncdeco._torch")
-    if torch_backend is not None:
-        torch_backend.exit_notice()
+    group = sys.modules.get("syncdeco._plane.group")
+    if group is not None:
+        group.exit_notice()
 
 
 atexit.register(_exit_notice)
@@ -64,7 +63,7 @@ def __getattr__(name: str) -> object:
     # plugin is loaded into every pytest run of an environment that has
     # syncdeco installed, and importing torch costs most of a second.
     if name == "TorchBackend":
-        from ._torch import TorchBackend
+        from ._plane.backend import TorchBackend
 
         return TorchBackend
     raise AttributeError(f"module 'syncdeco' has no attribute {name!r}")
@@ -83,6 +82,7 @@ __all__ = [
     "NullBackend",
     "PeerFailedError",
     "RankExitedError",
+    "RankKilledError",
     "SyncError",
     "SyncMismatchError",
     "SyncPoint",

@@ -1,18 +1,13 @@
-"""The backend protocol, the Null backend, and how a backend is chosen.
+"""The backend protocol, the Null backend, what a sync point carries
+(:class:`SyncPoint`, :class:`Failure`) and the process-wide timeouts.
 
-A backend is chosen at call time, never at import: an explicit one (set by
-:func:`init` or :func:`use_backend`), else an initialised default process
-group, else a launcher's environment, else :class:`NullBackend`.
+How a backend is chosen is :mod:`syncdeco._select`'s concern.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import threading
 import traceback
-from collections.abc import Iterator, Mapping
-from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import Enum
@@ -25,10 +20,9 @@ __all__ = [
     "NullBackend",
     "SyncPoint",
     "Timeout",
-    "get_backend",
-    "init",
+    "check_timeout",
     "resolve_timeout",
-    "use_backend",
+    "warn_interval",
 ]
 
 
@@ -63,6 +57,7 @@ class SyncPoint:
     location: str
 
     def describe(self) -> str:
+        """How error messages name it: ``barrier 'end of epoch' (call 1, train.py:40)``."""
         return f"{self.kind} '{self.name}' (call {self.count}, {self.location})"
 
 
@@ -76,9 +71,11 @@ class Failure:
     message: str
     traceback: str
     exited: bool = False  # the rank's process ended; exc_type is "" if no exception did it
+    killed: bool = False  # ... without running Python's exit handlers (a signal, os._exit())
 
     @classmethod
     def from_exception(cls, rank: int, exc: BaseException) -> Failure:
+        """``exc``, raised on ``rank``, with its type name, message and traceback."""
         return cls(
             rank=rank,
             exc_type=type(exc).__qualname__,
@@ -158,7 +155,6 @@ class NullBackend:
 
 
 _NULL: Final = NullBackend()
-_scoped: ContextVar[Backend | None] = ContextVar("syncdeco_backend", default=None)
 
 
 class _Config:
@@ -169,8 +165,20 @@ class _Config:
     timeout: float | None = _BUILTIN_TIMEOUT
     warn_after: float | None = _BUILTIN_WARN_AFTER
 
+    @classmethod
+    def reset(cls) -> None:
+        cls.timeout = _BUILTIN_TIMEOUT
+        cls.warn_after = _BUILTIN_WARN_AFTER
+
+
+# A timeout at least this long (about 32 years), math.inf and timedelta.max
+# among them, waits forever as None does: nobody means a deadline that far
+# off, and the waits under a sync point could not represent it.
+_FOREVER_AFTER: Final = 1e9
+
 
 def _seconds(timeout: float | timedelta | None, what: str) -> float | None:
+    """Seconds to wait, or None for forever; ``what`` names the option."""
     if timeout is None:
         return None
     if isinstance(timeout, timedelta):
@@ -180,128 +188,34 @@ def _seconds(timeout: float | timedelta | None, what: str) -> float | None:
             f"{what} must be seconds (a number), a datetime.timedelta or None, "
             f"not {type(timeout).__name__}"
         )
-    if not timeout > 0:
-        raise ValueError(f"{what} must be positive, got {timeout!r}; None waits forever")
+    if timeout != timeout:
+        raise ValueError(
+            f"{what} must be a number of seconds, got nan; pass seconds > 0, or None "
+            f"(or math.inf) to wait forever"
+        )
+    if timeout <= 0:
+        raise ValueError(
+            f"{what} must be positive, got {timeout!r}; pass the seconds to wait, or "
+            f"None (or math.inf) to wait forever"
+        )
+    if timeout >= _FOREVER_AFTER:
+        return None
     return float(timeout)
 
 
-def check_timeout(timeout: Timeout) -> None:
-    """Validate a ``timeout=`` option when decorating."""
+def check_timeout(timeout: Timeout, what: str = "timeout=") -> None:
+    """Validate a ``timeout=`` option when decorating (``what`` names it)."""
     if timeout is not DEFAULT:
-        _seconds(timeout, "timeout")
+        _seconds(timeout, what)
 
 
 def resolve_timeout(timeout: Timeout) -> float | None:
     """Seconds to wait at a sync point (None: forever)."""
     if timeout is DEFAULT:
         return _Config.timeout
-    return _seconds(timeout, "timeout")
+    return _seconds(timeout, "timeout=")
 
 
 def warn_interval() -> float | None:
     """Seconds a sync point waits before syncdeco logs who is missing."""
     return _Config.warn_after
-
-
-def get_backend() -> Backend:
-    """The backend syncdeco would use for a sync point made now."""
-    scoped = _scoped.get()
-    if scoped is not None:
-        return scoped
-    configured = _Config.backend
-    if configured is not None:
-        return configured
-    return _auto_backend(os.environ) or _NULL
-
-
-def _auto_backend(env: Mapping[str, str]) -> Backend | None:
-    # Bound on first use: _torch imports this module.
-    global _auto_backend
-    from ._torch import auto_backend
-
-    _auto_backend = auto_backend
-    return auto_backend(env)
-
-
-def init(
-    backend: Backend | str | None = None,
-    *,
-    timeout: float | timedelta | Literal[_Default.DEFAULT] | None = DEFAULT,
-    warn_after: float | timedelta | Literal[_Default.DEFAULT] | None = DEFAULT,
-) -> Backend:
-    """Choose the backend for this process and the default sync timeout.
-
-    ``backend`` is a :class:`Backend`, ``"null"``, ``"gloo"``, ``"nccl"``, or
-    None to pick one now as :func:`get_backend` would (initialising the
-    process group from the launcher's environment if needed).  ``timeout``
-    is the default for every sync point: seconds, a ``timedelta``, or None
-    to wait forever; left out, it stays at 30 minutes.  ``warn_after``: once
-    a sync point has waited this long (default a minute; None: never), a
-    warning is logged through ``logging`` once per interval, naming the
-    ranks that arrived, those missing and where each was last seen.
-
-    Not a collective by itself, but with a launcher's environment and no
-    process group yet, it initialises one, which every rank must do.
-    """
-    if timeout is not DEFAULT:
-        seconds = _seconds(timeout, "init(timeout=...)")
-    else:
-        seconds = _Config.timeout
-    if warn_after is not DEFAULT:
-        warn = _seconds(warn_after, "init(warn_after=...)")
-    else:
-        warn = _Config.warn_after
-    chosen: Backend
-    from ._torch import forget_environment
-
-    forget_environment()
-    if backend is None:
-        chosen = _auto_backend(os.environ) or _NULL
-    elif isinstance(backend, str):
-        from ._torch import backend_from_name
-
-        chosen = backend_from_name(backend, os.environ)
-    elif isinstance(backend, Backend):
-        chosen = backend
-    else:
-        raise TypeError(
-            f"init(backend=...) takes a Backend, 'null', 'gloo', 'nccl' or None, "
-            f"not {type(backend).__name__}"
-        )
-    from ._torch import TorchBackend
-
-    if isinstance(chosen, TorchBackend):
-        chosen.ensure_group(timeout=seconds)
-    with _Config.lock:
-        _Config.backend = chosen
-        _Config.timeout = seconds
-        _Config.warn_after = warn
-    return chosen
-
-
-@contextlib.contextmanager
-def use_backend(backend: Backend) -> Iterator[Backend]:
-    """Use ``backend`` for sync points inside the ``with`` block (this
-    thread or task only), then go back to the previous choice."""
-    if not isinstance(backend, Backend):
-        raise TypeError(
-            f"use_backend() takes a Backend (NullBackend(), TorchBackend() or your "
-            f"own), not {type(backend).__name__}"
-        )
-    token = _scoped.set(backend)
-    try:
-        yield backend
-    finally:
-        _scoped.reset(token)
-
-
-def reset() -> None:
-    """Forget :func:`init`'s choices and the environment read so far (for
-    tests and notebooks)."""
-    from ._torch import forget_environment
-
-    forget_environment()
-    with _Config.lock:
-        _Config.backend = None
-        _Config.timeout = _BUILTIN_TIMEOUT
-        _Config.warn_after = _BUILTIN_WARN_AFTER

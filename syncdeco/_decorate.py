@@ -11,12 +11,26 @@ import inspect
 import os
 import sys
 from collections.abc import Callable, Coroutine
+from datetime import timedelta
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, ParamSpec, Protocol, TypeVar, final, overload
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    ClassVar,
+    Final,
+    Literal,
+    NamedTuple,
+    NoReturn,
+    ParamSpec,
+    Protocol,
+    TypeVar,
+    final,
+    overload,
+)
 
 import wrapt
 
-from ._backend import DEFAULT, Backend, NullBackend, Timeout, check_timeout, get_backend
+from ._backend import DEFAULT, Backend, NullBackend, Timeout, _seconds
 from ._errors import CompositionError
 from ._policy import (
     BarrierAfter,
@@ -25,10 +39,15 @@ from ._policy import (
     Policy,
     Site,
     compose,
+    enter,
+    enter_async,
+    leave,
+    leave_async,
     meet,
     run,
     run_async,
 )
+from ._select import get_backend
 
 __all__ = [
     "barrier",
@@ -126,19 +145,64 @@ def _caller_site(name: str | None, depth: int) -> Site:
     return Site(name if name is not None else location, location)
 
 
-def _decorate(target: object, name: str | None, make: Callable[[Site], Policy]) -> Any:
+@final
+class _Face(NamedTuple):
+    """A public decorator, for the errors about using it."""
+
+    name: str
+    options: tuple[str, ...]  # keyword options, in the order errors list them
+    example: str
+
+    def __str__(self) -> str:
+        return self.name
+
+    def hint(self, value: object) -> str:
+        """How a value passed where the function goes was probably meant."""
+        option = None
+        if isinstance(value, bool):
+            option = "broadcast" if "broadcast" in self.options else "local"
+        elif isinstance(value, int) and "every" in self.options:
+            option = "every"
+        elif isinstance(value, (int, float, timedelta)):
+            option = "timeout"
+        elif isinstance(value, str):
+            option = "name"
+        example = f"@{self.name}({option}={value!r})" if option else self.example
+        listed = ", ".join(f"{o}=" for o in self.options)
+        return (
+            f"To pass options, call it with keywords only, e.g. {example}; the options "
+            f"of {self.name} are {listed}."
+        )
+
+
+_MAIN_FIRST: Final = _Face("main_first", ("local", "name", "timeout"), "@main_first(local=True)")
+_BARRIER_AFTER: Final = _Face(
+    "barrier_after", ("every", "name", "timeout"), "@barrier_after(every=100)"
+)
+_ON_MAIN_ONLY: Final = _Face(
+    "on_main_only",
+    ("broadcast", "default", "local", "name", "timeout"),
+    "@on_main_only(broadcast=True)",
+)
+
+
+def _decorate(target: object, face: _Face, name: str | None, make: Callable[[Site], Policy]) -> Any:
+    if isinstance(target, property):
+        raise TypeError(
+            f"@{face} cannot wrap a property: decorate its getter function instead, "
+            f"with @property above @{face} (outermost first)."
+        )
     if not (callable(target) or isinstance(target, (classmethod, staticmethod))):
         raise TypeError(
-            f"syncdeco decorates functions and methods, not {type(target).__name__} "
-            f"{target!r}. To pass options, call the decorator with keywords only: "
-            f"@main_first(local=True)."
+            f"@{face} decorates functions and methods, not {type(target).__name__} "
+            f"{target!r}. {face.hint(target)}"
         )
     func = _function_of(target)
     what = getattr(func, "__qualname__", repr(func))
     if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
         raise CompositionError(
-            f"{what} is a generator function; syncdeco cannot sync around it because "
-            f"a half-consumed generator leaves ranks out of step. Return a list "
+            f"@{face} cannot wrap {what}: it is a generator function, and a "
+            f"half-consumed generator leaves ranks out of step. Return a list "
             f"instead, or put the sync point around the loop that consumes it."
         )
     policy = make(_site_of(func, name))
@@ -150,14 +214,21 @@ def _decorate(target: object, name: str | None, make: Callable[[Site], Policy]) 
     return _Fused(target, _Stack(compose(policies, what)), inspect.iscoroutinefunction(func))
 
 
-def _check_name(name: object) -> None:
+def _check_name(face: str, name: object) -> None:
     if name is not None and not isinstance(name, str):
-        raise TypeError(f"name= must be a string or None, not {type(name).__name__}")
+        raise TypeError(
+            f"{face}(name={name!r}): name= must be a string or None, not {type(name).__name__}"
+        )
 
 
-def _check_bool(option: str, value: object) -> None:
+def _check_bool(face: _Face, option: str, value: object) -> None:
     if not isinstance(value, bool):
-        raise TypeError(f"{option}= must be True or False, not {value!r}")
+        raise TypeError(f"{face}({option}={value!r}): {option}= must be True or False")
+
+
+def _check_timeout(face: str, timeout: Timeout) -> None:
+    if timeout is not DEFAULT:
+        _seconds(timeout, f"{face}(timeout=...)")
 
 
 # -- typing helpers ---------------------------------------------------------
@@ -189,12 +260,15 @@ class _Defaults(Protocol[D_co]):
 
 
 class _Scoped:
-    """Base of the objects that are both a decorator and a context manager.
+    """Base of the objects that are both a decorator and a context manager
+    (``with`` and ``async with``).
 
     The ``with`` form keeps a small stack of what each entry decided, so the
-    same object may be nested; do not share one across threads."""
+    same object may be nested; do not share one across threads, nor across
+    tasks that are inside it at the same time."""
 
     __slots__ = ("_entries", "_name", "_timeout")
+    _face: ClassVar[_Face]
 
     def __init__(self, name: str | None, timeout: Timeout) -> None:
         self._name = name
@@ -211,13 +285,13 @@ class _Scoped:
     @overload
     def __call__(self, target: Callable[P, R], /) -> Callable[P, R]: ...
     def __call__(self, target: Callable[P, R], /) -> Callable[P, R]:
-        result: Callable[P, R] = _decorate(target, self._name, self._policy)
+        result: Callable[P, R] = _decorate(target, self._face, self._name, self._policy)
         return result
 
     def __enter__(self) -> None:
         policy = self._policy(_caller_site(self._name, 1))
         backend = get_backend()
-        go, state = policy.enter(backend)
+        go, state = enter(policy, backend)
         assert go, "a with block cannot be skipped"
         self._entries.append((policy, backend, state))
 
@@ -228,18 +302,37 @@ class _Scoped:
         tb: TracebackType | None,
     ) -> Literal[False]:
         policy, backend, state = self._entries.pop()
-        try:
-            policy.exit(backend, state, exc, None)
-        except BaseException as error:
-            if error is exc:
-                return False  # the with block's own exception goes on
-            raise
+        leave(policy, backend, state, exc, None)
+        return False  # the block's own exception, if any, goes on
+
+    async def __aenter__(self) -> None:
+        policy = self._policy(_caller_site(self._name, 1))
+        backend = get_backend()
+        if backend.__class__ is NullBackend:  # never waits: no thread hop
+            go, state = enter(policy, backend)
+        else:
+            go, state = await enter_async(policy, backend)
+        assert go, "a with block cannot be skipped"
+        self._entries.append((policy, backend, state))
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> Literal[False]:
+        policy, backend, state = self._entries.pop()
+        if backend.__class__ is NullBackend:
+            leave(policy, backend, state, exc, None)
+        else:
+            await leave_async(policy, backend, state, exc, None)
         return False
 
 
 @final
 class _MainFirst(_Scoped):
     __slots__ = ("_local",)
+    _face = _MAIN_FIRST
 
     def __init__(self, local: bool, name: str | None, timeout: Timeout) -> None:
         super().__init__(name, timeout)
@@ -255,6 +348,7 @@ class _MainFirst(_Scoped):
 @final
 class _BarrierAfter(_Scoped):
     __slots__ = ("_every",)
+    _face = _BARRIER_AFTER
 
     def __init__(self, every: int, name: str | None, timeout: Timeout) -> None:
         super().__init__(name, timeout)
@@ -265,6 +359,55 @@ class _BarrierAfter(_Scoped):
 
     def __repr__(self) -> str:
         return f"barrier_after(every={self._every}, name={self._name!r}, timeout={self._timeout!r})"
+
+
+@final
+class _OnMainOnly:
+    """``on_main_only(...)``: a decorator only (the other ranks skip the
+    body, which a ``with`` block cannot do)."""
+
+    __slots__ = ("_broadcast", "_default", "_local", "_name", "_timeout")
+
+    def __init__(
+        self, broadcast: bool, default: object, local: bool, name: str | None, timeout: Timeout
+    ) -> None:
+        self._broadcast = broadcast
+        self._default = default
+        self._local = local
+        self._name = name
+        self._timeout = timeout
+
+    def _policy(self, site: Site) -> Policy:
+        return OnMainOnly(site, self._broadcast, self._default, self._local, self._timeout)
+
+    def __call__(self, target: Callable[..., Any], /) -> Any:
+        return _decorate(target, _ON_MAIN_ONLY, self._name, self._policy)
+
+    def _refuse_with(self) -> TypeError:
+        return TypeError(
+            f"{self!r} is a decorator, not a with block: the other ranks would have to "
+            f"skip the block's body, which Python cannot do. Put the code in a function "
+            f"decorated with @on_main_only (broadcast=True to hand every rank its "
+            f"result), or write `if sd.is_main(): ...` followed by sd.barrier()."
+        )
+
+    def __enter__(self) -> NoReturn:
+        raise self._refuse_with()
+
+    def __exit__(self, *exc: object) -> None:  # pragma: no cover - never entered
+        pass
+
+    async def __aenter__(self) -> NoReturn:
+        raise self._refuse_with()
+
+    async def __aexit__(self, *exc: object) -> None:  # pragma: no cover - never entered
+        pass
+
+    def __repr__(self) -> str:
+        return (
+            f"on_main_only(broadcast={self._broadcast}, default={self._default!r}, "
+            f"local={self._local}, name={self._name!r}, timeout={self._timeout!r})"
+        )
 
 
 # -- main_first ---------------------------------------------------------------
@@ -303,10 +446,13 @@ def main_first(
     instead of running the body.  ``name`` names the sync point (default:
     the function's qualified name, or the file and line of the ``with``);
     ``timeout`` is in seconds (None: wait forever; default: ``init``'s).
+
+    On an ``async def`` function, and as ``async with main_first():``, the
+    rank waits without blocking the event loop (see :func:`barrier_after`).
     """
-    _check_bool("local", local)
-    _check_name(name)
-    check_timeout(timeout)
+    _check_bool(_MAIN_FIRST, "local", local)
+    _check_name("main_first", name)
+    _check_timeout("main_first", timeout)
     face = _MainFirst(local, name, timeout)
     if target is None:
         return face
@@ -341,13 +487,26 @@ def barrier_after(
     ``every=N`` only every Nth call meets (calls N, 2N, ...), for training
     steps.  If a rank raises in the body, it re-raises and every other rank
     raises ``PeerFailedError`` naming it.
+
+    On an ``async def`` function, and as ``async with barrier_after():``,
+    the wait runs in syncdeco's worker thread, so the event loop runs its
+    other tasks meanwhile.  A task cancelled while it waits gets
+    ``CancelledError`` at once, and the sync point still completes in the
+    background, so the other ranks are not left waiting; a task cancelled
+    before its sync point (in the body) reports ``CancelledError`` there,
+    and the others raise ``PeerFailedError`` naming it.
     """
     if isinstance(every, bool) or not isinstance(every, int):
-        raise TypeError(f"every= must be a positive int, not {every!r}")
+        raise TypeError(
+            f"barrier_after(every={every!r}): every= must be a positive int (meet on "
+            f"every Nth call)"
+        )
     if every < 1:
-        raise ValueError(f"every= must be at least 1 (sync on every Nth call), got {every}")
-    _check_name(name)
-    check_timeout(timeout)
+        raise ValueError(
+            f"barrier_after(every={every}): every= must be at least 1 (meet on every Nth call)"
+        )
+    _check_name("barrier_after", name)
+    _check_timeout("barrier_after", timeout)
     face = _BarrierAfter(every, name, timeout)
     if target is None:
         return face
@@ -411,27 +570,25 @@ def on_main_only(
     ``broadcast=True`` every rank must call it: the others wait and every
     rank returns the main rank's result (it must pickle); if the main rank
     raises, the others raise ``PeerFailedError``.  ``local=True`` picks
-    LOCAL_RANK 0 of each node as its main.
+    LOCAL_RANK 0 of each node as its main.  It is a decorator only: a
+    ``with`` block cannot be skipped on the other ranks.  On an ``async
+    def`` function the others wait without blocking the event loop (see
+    :func:`barrier_after`).
     """
-    _check_bool("broadcast", broadcast)
-    _check_bool("local", local)
-    _check_name(name)
-    check_timeout(timeout)
+    _check_bool(_ON_MAIN_ONLY, "broadcast", broadcast)
+    _check_bool(_ON_MAIN_ONLY, "local", local)
+    _check_name("on_main_only", name)
+    _check_timeout("on_main_only", timeout)
     if broadcast and default is not None:
         raise TypeError(
             "on_main_only(broadcast=True, default=...): with broadcast every rank "
             "returns the main rank's result, so default is never used; drop one."
         )
 
-    def make(site: Site) -> Policy:
-        return OnMainOnly(site, broadcast, default, local, timeout)
-
-    def decorate(func: Callable[..., Any], /) -> Any:
-        return _decorate(func, name, make)
-
+    face = _OnMainOnly(broadcast, default, local, name, timeout)
     if target is None:
-        return decorate
-    return decorate(target)
+        return face
+    return face(target)
 
 
 # -- plain calls --------------------------------------------------------------
@@ -444,7 +601,8 @@ def barrier(name: str | None = None, *, timeout: Timeout = DEFAULT) -> None:
     ``SyncMismatchError`` if ranks reach different barriers and
     ``SyncTimeoutError`` if some do not arrive within ``timeout``.
     """
-    _check_name(name)
+    _check_name("barrier", name)
+    _check_timeout("barrier", timeout)
     meet(get_backend(), "barrier", _caller_site(name, 1), timeout=timeout)
 
 

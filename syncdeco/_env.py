@@ -51,20 +51,90 @@ _LAUNCHERS = (
     ("SLURM", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
 )
 
-_LOCAL_RANK_VARS = ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID")
+# local rank variable -> (launcher, its node's size variable or None, the job's size variable)
+_LOCAL: dict[str, tuple[str, str | None, str]] = {
+    "LOCAL_RANK": ("torchrun", "LOCAL_WORLD_SIZE", "WORLD_SIZE"),
+    "OMPI_COMM_WORLD_LOCAL_RANK": (
+        "Open MPI",
+        "OMPI_COMM_WORLD_LOCAL_SIZE",
+        "OMPI_COMM_WORLD_SIZE",
+    ),
+    "SLURM_LOCALID": ("SLURM", None, "SLURM_NTASKS"),
+}
+_LOCAL_RANK_VARS = tuple(_LOCAL)
+
+# The command that starts each launcher's ranks.
+_COMMAND = {"torchrun": "torchrun", "Open MPI": "mpirun", "SLURM": "srun"}
+
+# How each launcher counts a job's ranks, for a world size below 1.
+_COUNTS = {
+    "torchrun": "torchrun sets it to the number of processes in the job "
+    "(--nnodes times --nproc-per-node)",
+    "Open MPI": "mpirun sets it to the number of processes it starts (-n N)",
+    "SLURM": "srun sets it to the number of tasks in the job step (--ntasks N)",
+}
 
 
-def _int(env: Mapping[str, str], var: str, launcher: str, *, minimum: int) -> int:
+def _int(env: Mapping[str, str], var: str, launcher: str, *, minimum: int | None = None) -> int:
     raw = env[var]
     try:
         value = int(raw.strip())
     except ValueError:
         raise LaunchEnvError(
-            f"{var}={raw!r} is not an integer; {launcher} sets it to this process's "
-            f"place in the job. Unset it, or launch through {launcher}."
+            f"{var}={raw!r} is not an integer; {launcher} sets it to a whole number. "
+            f"Unset it, or launch through {launcher}."
         ) from None
-    if value < minimum:
-        raise LaunchEnvError(f"{var}={raw!r} must be at least {minimum} ({launcher}).")
+    if minimum is not None and value < minimum:
+        raise LaunchEnvError(
+            f"{var}={raw!r} must be at least {minimum} ({launcher} sets it). Launch "
+            f"through {launcher}, or fix the value where it is exported."
+        )
+    return value
+
+
+def _size(env: Mapping[str, str], var: str, launcher: str, rank_var: str) -> int:
+    """A job's number of ranks: at least one."""
+    value = _int(env, var, launcher)
+    if value < 1:
+        raise LaunchEnvError(
+            f"{var}={env[var]!r}, but a job has at least one rank: {_COUNTS[launcher]}. "
+            f"Where you set it by hand, set it to the number of ranks (1 for a single "
+            f"process), or unset {rank_var} and {var} to run as one process."
+        )
+    return value
+
+
+def _local_size(env: Mapping[str, str], var: str, launcher: str) -> int:
+    """A node's number of ranks: at least one, this process."""
+    value = _int(env, var, launcher)
+    if value < 1:
+        raise LaunchEnvError(
+            f"{var}={env[var]!r}, but this process's node runs at least one rank: "
+            f"{launcher} sets it to the number of ranks on the node. Launch through "
+            f"{_COMMAND[launcher]}, or, where you set it by hand, set it to that number "
+            f"or unset it."
+        )
+    return value
+
+
+def _local_rank(env: Mapping[str, str], var: str, *, world_size: int | None = None) -> int:
+    """``var``, this process's rank on its node, checked against the same
+    launcher's count of ranks on the node, or else ``world_size`` if given."""
+    launcher, local_size_var, size_var = _LOCAL[var]
+    value = _int(env, var, launcher, minimum=0)
+    if local_size_var is not None and local_size_var in env:
+        bound_var, bound = local_size_var, _local_size(env, local_size_var, launcher)
+    elif world_size is not None:
+        bound_var, bound = size_var, world_size
+    else:
+        return value
+    if value >= bound:
+        raise LaunchEnvError(
+            f"{var}={value} is not below {bound_var}={bound}: {launcher} numbers the "
+            f"ranks on a node from 0 to {bound - 1}. Launch through {_COMMAND[launcher]}, or, "
+            f"where you set them by hand, give each process on a node its own {var} "
+            f"below {bound_var}."
+        )
     return value
 
 
@@ -96,14 +166,18 @@ def detect_launch(env: Mapping[str, str]) -> Launch | None:
                     f"{other} is set but {var} is not; {launcher} sets both. "
                     f"Set {var} or unset {other}."
                 )
-        rank = _int(env, rank_var, launcher, minimum=0)
-        world_size = _int(env, size_var, launcher, minimum=1)
-        if rank >= world_size:
+        world_size = _size(env, size_var, launcher, rank_var)
+        rank = _int(env, rank_var, launcher)
+        if not 0 <= rank < world_size:
             raise LaunchEnvError(
-                f"{rank_var}={rank} is not below {size_var}={world_size}; "
-                f"ranks run from 0 to {world_size - 1}."
+                f"{rank_var}={rank} is not a rank of a job of {size_var}={world_size}: "
+                f"ranks run from 0 to {world_size - 1}. Launch through {_COMMAND[launcher]}, or, "
+                f"where you set them by hand, give each process its own {rank_var} "
+                f"in that range."
             )
-        local_rank = _int(env, local_var, launcher, minimum=0) if local_var in env else rank
+        local_rank = (
+            _local_rank(env, local_var, world_size=world_size) if local_var in env else rank
+        )
         addr = env.get("MASTER_ADDR")
         port: int | None = None
         if world_size > 1:
@@ -134,17 +208,23 @@ def _in_srun_step(env: Mapping[str, str]) -> bool:
 
 def local_world_size_from_env(env: Mapping[str, str]) -> int | None:
     """How many ranks run on this node, as the launcher said, or None."""
-    for var in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"):
+    for var, launcher in (
+        ("LOCAL_WORLD_SIZE", "torchrun"),
+        ("OMPI_COMM_WORLD_LOCAL_SIZE", "Open MPI"),
+    ):
         if var in env:
-            return _int(env, var, "the launcher", minimum=1)
+            return _local_size(env, var, launcher)
     return None
 
 
 def local_rank_from_env(env: Mapping[str, str]) -> int | None:
-    """LOCAL_RANK as any known launcher set it, or None."""
+    """LOCAL_RANK as any known launcher set it, or None.
+
+    Raises :class:`LaunchEnvError` when it is not below the same launcher's
+    count of ranks on the node."""
     for var in _LOCAL_RANK_VARS:
         if var in env:
-            return _int(env, var, "the launcher", minimum=0)
+            return _local_rank(env, var)
     return None
 
 

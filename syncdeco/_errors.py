@@ -15,6 +15,7 @@ __all__ = [
     "CompositionError",
     "PeerFailedError",
     "RankExitedError",
+    "RankKilledError",
     "SyncError",
     "SyncMismatchError",
     "SyncTimeoutError",
@@ -92,15 +93,14 @@ class PeerFailedError(SyncError):
         return self.raised_at is not None
 
 
-@final
 class RankExitedError(PeerFailedError):
     """Another rank's process ended before reaching this sync point: its
     program returned or called ``sys.exit()``, or an exception escaped it.
     ``exc_type`` and ``message`` describe that exception, and are empty when
-    the process ended without one.  The others hear of it within about a
-    second of waiting for it.  A process killed by a signal, or ended by
-    ``os._exit()`` (as multiprocessing's fork start method ends its
-    children), cannot say so: the others learn of it at their timeout.
+    the process ended without one.  The others hear of it as soon as they
+    wait for it.  A process killed by a signal, or ended by ``os._exit()``,
+    cannot say so: :class:`RankKilledError` is raised when a rank on its
+    host sees it end.
     """
 
     __module__ = "syncdeco"
@@ -129,6 +129,26 @@ class RankExitedError(PeerFailedError):
     @property
     def out_of_step(self) -> bool:
         return True  # it is gone
+
+
+class RankKilledError(RankExitedError):
+    """Another rank's process ended without running Python's exit handlers:
+    a signal (SIGKILL, the out-of-memory killer, SIGSEGV and other crashes)
+    or ``os._exit()``.  The ranks on its host see it end through the kernel
+    and tell the others; a rank alone on its host cannot be watched (the
+    others then learn of it at their timeout)."""
+
+    __module__ = "syncdeco"
+
+    def _describe(self) -> str:
+        return (
+            f"rank {self.rank} exited without reaching this sync point (seen by rank "
+            f"{self.observer} at {self.point}): its process ended without running "
+            f"Python's exit handlers, which is what a signal such as SIGKILL or the "
+            f"out-of-memory killer, a crash (SIGSEGV), or os._exit() does. Its exit "
+            f"status (in the launcher's log) and the kernel log (dmesg: 'Out of "
+            f"memory: Killed process') say which."
+        )
 
 
 @final

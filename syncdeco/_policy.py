@@ -5,17 +5,28 @@ A policy is a small frozen value.  A stack of syncdeco decorators is one
 wrapper holding a tuple of policies (outermost first); :func:`run` and
 :func:`run_async` drive such a tuple around one call.  Each policy has two
 halves, ``enter`` (before the body: go on, or skip it with a value) and
-``exit`` (after the body, or after the body raised), so the same policy code
-serves functions, coroutines and ``with`` blocks.
+``exit`` (after the body, or after the body raised).  A half that may
+block (join the process group, meet the other ranks) returns a generator
+that yields what it needs done and receives its result: :func:`drive` does
+that in place; :func:`drive_async` hands it to syncdeco's worker thread and
+awaits it, so an event loop runs its other tasks while its rank waits.  A
+half that cannot block returns plainly.  The same policy code serves
+functions, coroutines, ``with`` and ``async with`` blocks.
 """
 
 from __future__ import annotations
 
+import contextvars
+import functools
+import logging
+import os
+import queue
+import threading
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass
-from typing import ClassVar, Final, NamedTuple, TypeVar, final
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar, Final, NamedTuple, TypeAlias, TypeVar, final
 
 from . import _trace
 from ._backend import Backend, Failure, SyncPoint, Timeout, resolve_timeout
@@ -23,17 +34,30 @@ from ._errors import CompositionError, SyncError
 
 __all__ = [
     "BarrierAfter",
+    "Entered",
+    "Exited",
     "MainFirst",
     "OnMainOnly",
     "Policy",
     "Site",
+    "Steps",
     "compose",
+    "decorator",
+    "drive",
+    "drive_async",
+    "enter",
+    "enter_async",
+    "leave",
+    "leave_async",
     "meet",
     "run",
     "run_async",
 ]
 
 R = TypeVar("R")
+T = TypeVar("T")
+
+_log = logging.getLogger("syncdeco")
 
 
 @final
@@ -61,9 +85,10 @@ _region: ContextVar[_Region | None] = ContextVar("syncdeco_region", default=None
 
 
 class _Counts:
-    __slots__ = ("calls", "syncs")
+    __slots__ = ("calls", "prepared", "syncs")
 
     def __init__(self) -> None:
+        self.prepared = False  # backend.prepare() has returned once (async code)
         self.syncs: dict[tuple[str, str, bool], int] = {}
         self.calls: dict[Site, int] = {}
 
@@ -85,6 +110,50 @@ def _counts_for(backend: Backend) -> _Counts:
         return entry[1]
 
 
+def _arrive(backend: Backend, kind: str, site: Site, local: bool) -> SyncPoint:
+    """This rank's next arrival at a sync point: checked (not inside a body
+    that runs on the main rank only) and counted, in the caller's thread."""
+    region = _region.get()
+    if region is not None:
+        only = (
+            "only on the main rank"
+            if region.kind == "on_main_only"
+            else "on the main rank while the others wait, then on the others"
+        )
+        if kind == "barrier":
+            fix = f"call sd.barrier() before or after the {region.kind} function"
+        else:
+            fix = f"stack @{kind} above @{region.kind} instead of calling it inside"
+        raise CompositionError(
+            f"rank {backend.rank()} reached the sync point {kind} {site} "
+            f"inside {region.kind} {region.where}, whose body runs {only}; the "
+            f"ranks could never meet there. Move the sync point out of that "
+            f"body: {fix}."
+        )
+    counts = _counts_for(backend)
+    key = (kind, site.name, local)
+    count = counts.syncs.get(key, 0) + 1
+    counts.syncs[key] = count
+    return SyncPoint(kind, site.name, count, site.location)
+
+
+def _sync(
+    backend: Backend,
+    point: SyncPoint,
+    local: bool,
+    failure: Failure | None,
+    payload: object,
+    seconds: float | None,
+) -> object:
+    """Wait at ``point`` (blocks: in async code it runs in the worker thread)."""
+    recorder = _trace.active
+    if recorder is None:
+        return backend.sync(point, local=local, failure=failure, payload=payload, timeout=seconds)
+    return recorder.sync(
+        backend, point, local=local, failure=failure, payload=payload, timeout=seconds
+    )
+
+
 def meet(
     backend: Backend,
     kind: str,
@@ -96,48 +165,16 @@ def meet(
     timeout: Timeout,
 ) -> object:
     """Reach a sync point: every rank of the scope must call this."""
-    region = _region.get()
-    if region is not None:
-        only = (
-            "only on the main rank"
-            if region.kind == "on_main_only"
-            else ("on the main rank while the others wait, then on the others")
-        )
-        raise CompositionError(
-            f"rank {backend.rank()} reached the sync point {kind} {site} "
-            f"inside {region.kind} {region.where}, whose body runs {only}; the "
-            f"ranks could never meet there. Move the sync point out of that "
-            f"body, or stack it above @{region.kind} instead of calling it inside."
-        )
-    counts = _counts_for(backend)
-    key = (kind, site.name, local)
-    count = counts.syncs.get(key, 0) + 1
-    counts.syncs[key] = count
-    point = SyncPoint(kind, site.name, count, site.location)
-    seconds = resolve_timeout(timeout)
-    recorder = _trace.active
-    if recorder is None:
-        return backend.sync(point, local=local, failure=failure, payload=payload, timeout=seconds)
-    return recorder.sync(
-        backend, point, local=local, failure=failure, payload=payload, timeout=seconds
-    )
+    point = _arrive(backend, kind, site, local)
+    return _sync(backend, point, local, failure, payload, resolve_timeout(timeout))
 
 
-def _report(
-    backend: Backend, kind: str, site: Site, exc: BaseException, local: bool, timeout: Timeout
-) -> None:
-    """Tell the other ranks that this one failed; the caller re-raises ``exc``."""
-    try:
-        meet(
-            backend,
-            kind,
-            site,
-            local=local,
-            failure=Failure.from_exception(backend.rank(), exc),
-            timeout=timeout,
-        )
-    except SyncError as problem:
-        exc.add_note(f"syncdeco: while telling the other ranks about this error: {problem}")
+def _failure(backend: Backend, exc: BaseException) -> Failure:
+    failure = Failure.from_exception(backend.rank(), exc)
+    if not failure.message and failure.exc_type == "CancelledError":
+        # asyncio's CancelledError has no message: say what it means
+        failure = replace(failure, message="the task running it was cancelled")
+    return failure
 
 
 def _prepare(backend: Backend) -> None:
@@ -147,11 +184,273 @@ def _prepare(backend: Backend) -> None:
         prepare()
 
 
+# -- what a policy needs done, and the drivers that do it ----------------------
+
+
+class _Meet(NamedTuple):
+    """Meet the other ranks at the sync point ``kind`` at ``site``.
+
+    ``prepare``: join the backend's group first (the first time, that may
+    block).  ``reporting``: tell the others this rank raised it (the caller
+    re-raises it).  A tuple: made on every decorated call that syncs."""
+
+    backend: Backend
+    kind: str
+    site: Site
+    local: bool
+    timeout: Timeout
+    payload: object = None
+    reporting: BaseException | None = None
+    prepare: bool = False
+
+
+class _Prepare(NamedTuple):
+    """Join the backend's group before the main rank runs a body that ends
+    at the sync point ``at``."""
+
+    at: _Meet
+
+
+_Need: TypeAlias = "_Prepare | _Meet"
+Steps: TypeAlias = Generator[_Need, object, T]
+"""A policy half: yields what may block, receives its result, returns its own."""
+
+
+def _do(need: _Need) -> object:
+    if isinstance(need, _Prepare):
+        _prepare(need.at.backend)
+        return None
+    backend, kind, site, local, timeout, payload, exc, prepare = need
+    if prepare:
+        _prepare(backend)
+    point = _arrive(backend, kind, site, local)
+    if exc is None:
+        return _sync(backend, point, local, None, payload, resolve_timeout(timeout))
+    try:
+        _sync(backend, point, local, _failure(backend, exc), None, resolve_timeout(timeout))
+    except SyncError as problem:
+        exc.add_note(f"syncdeco: while telling the other ranks about this error: {problem}")
+    return None
+
+
+def drive(steps: Steps[T]) -> T:
+    """Run a policy half in this thread, blocking where it waits."""
+    try:
+        need = next(steps)
+        while True:
+            need = steps.send(_do(need))
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+
+
+async def drive_async(steps: Steps[T]) -> T:
+    """Run a policy half in an event loop: what blocks runs in the worker
+    thread, and the loop runs other tasks meanwhile."""
+    try:
+        need = next(steps)
+        while True:
+            need = steps.send(await _do_async(need))
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+
+
+def _prepare_once(backend: Backend) -> None:
+    _prepare(backend)
+    _counts_for(backend).prepared = True
+
+
+async def _do_async(need: _Need) -> object:
+    """What :func:`_do` does, with every wait in the worker thread.
+
+    A sync point this rank has reached is always completed, in order, even
+    when the task waiting there is cancelled: the task gets CancelledError
+    at once and the exchange ends in the background, so the other ranks are
+    never left waiting for this one."""
+    import asyncio  # imported by whoever runs an event loop; not at import time
+
+    if isinstance(need, _Prepare):
+        backend = need.at.backend
+        if _counts_for(backend).prepared:  # joined already: what is left is quick
+            _prepare(backend)
+            return None
+        try:
+            await _off_loop(functools.partial(_prepare_once, backend), None)
+        except asyncio.CancelledError as cancelled:
+            # Cancelled before its body: the others hear so at its sync point.
+            await _do_async(need.at._replace(reporting=cancelled))
+            raise
+        return None
+    backend, exc = need.backend, need.reporting
+    prepare = need.prepare and not _counts_for(backend).prepared
+    if need.prepare and not prepare:
+        _prepare(backend)
+    try:
+        point = _arrive(backend, need.kind, need.site, need.local)
+        failure = None if exc is None else _failure(backend, exc)
+        call = functools.partial(
+            _prepare_and_sync if prepare else _sync,
+            backend,
+            point,
+            need.local,
+            failure,
+            need.payload,
+            resolve_timeout(need.timeout),
+        )
+        what = (backend.rank(), point)
+        if exc is None:
+            return await _off_loop(call, what)
+        if isinstance(exc, asyncio.CancelledError):
+            # A cancelled task does not wait: it gets its CancelledError now,
+            # and its report goes out in the background, in order.
+            _the_worker().submit(call, what, None, None)
+        else:
+            await _off_loop(call, what)
+    except SyncError as problem:
+        if exc is None:
+            raise
+        exc.add_note(f"syncdeco: while telling the other ranks about this error: {problem}")
+    return None
+
+
+def _prepare_and_sync(
+    backend: Backend,
+    point: SyncPoint,
+    local: bool,
+    failure: Failure | None,
+    payload: object,
+    seconds: float | None,
+) -> object:
+    _prepare_once(backend)
+    return _sync(backend, point, local, failure, payload, seconds)
+
+
+# -- the worker thread of async sync points ----------------------------------------
+
+# (rank, sync point) of a job, for the log when nobody is left to hear its error
+_What: TypeAlias = "tuple[int, SyncPoint] | None"
+
+
+@final
+class _Worker:
+    """A daemon thread that runs the blocking half of async sync points, one
+    at a time, in the order the event loops reached them.
+
+    A task cancelled while its sync point waits gets ``CancelledError`` at
+    once; the sync point itself still completes here, so this rank stays in
+    step with the others (its next sync point runs after it).  A daemon, so
+    that a wait left behind never holds up the interpreter's exit (syncdeco's
+    exit notice still reaches the other ranks)."""
+
+    __slots__ = ("jobs",)
+
+    def __init__(self) -> None:
+        self.jobs: queue.SimpleQueue[
+            tuple[contextvars.Context, Callable[[], object], Any, Any, _What]
+        ] = queue.SimpleQueue()
+        thread = threading.Thread(
+            target=_serve, args=(self.jobs,), name="syncdeco-async", daemon=True
+        )
+        thread.start()
+
+    def submit(self, call: Callable[[], object], what: _What, loop: Any, future: Any) -> None:
+        """Run ``call``; settle ``future`` (an asyncio future of ``loop``) with
+        its outcome, or log its error if there is no future."""
+        self.jobs.put((contextvars.copy_context(), call, loop, future, what))
+
+
+def _serve(
+    jobs: queue.SimpleQueue[tuple[contextvars.Context, Callable[[], object], Any, Any, _What]],
+) -> None:
+    while True:
+        context, call, loop, future, what = jobs.get()
+        error: BaseException | None = None
+        value: object = None
+        try:
+            value = context.run(call)
+        except BaseException as exc:
+            error = exc
+        if future is None:
+            _orphaned(what, error)
+        else:
+            try:
+                loop.call_soon_threadsafe(_settle, future, value, error, what)
+            except RuntimeError:  # its event loop is closed: nobody is left to hear
+                _orphaned(what, error)
+        del context, call, loop, future, value, error
+
+
+def _settle(future: Any, value: object, error: BaseException | None, what: _What) -> None:
+    if future.cancelled():  # its task was cancelled while it waited
+        _orphaned(what, error)
+    elif error is None:
+        future.set_result(value)
+    else:
+        future.set_exception(error)
+
+
+def _orphaned(what: _What, error: BaseException | None) -> None:
+    if error is None or what is None:
+        return
+    rank, point = what
+    _log.warning(
+        "rank %d: %s was reached by an asyncio task that was cancelled (or whose "
+        "event loop closed) before it ended; it completed in the background, with "
+        "%s: %s",
+        rank,
+        point.describe(),
+        type(error).__name__,
+        error,
+        extra={"rank": rank},
+    )
+
+
+_worker: _Worker | None = None
+_worker_lock = threading.Lock()
+
+
+def _the_worker() -> _Worker:
+    global _worker
+    worker = _worker
+    if worker is None:
+        with _worker_lock:
+            if _worker is None:
+                _worker = _Worker()
+            worker = _worker
+    return worker
+
+
+def _forget_worker_in_child() -> None:
+    # A forked child has no worker thread: it starts its own when it needs one.
+    global _worker, _worker_lock
+    _worker = None
+    _worker_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_worker_in_child)
+
+
+async def _off_loop(call: Callable[[], object], what: _What) -> object:
+    """``call()`` in the worker thread, awaited without blocking the loop."""
+    import asyncio  # imported by whoever runs an event loop; not at import time
+
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+    _the_worker().submit(call, what, loop, future)
+    return await future
+
+
 def _is_main(backend: Backend, local: bool) -> bool:
     return (backend.local_rank() if local else backend.rank()) == 0
 
 
 _SKIP: Final = object()  # state of a policy that decided to do nothing
+
+# What a policy half returns: ``enter`` its decision (go on?, state) or the
+# steps that reach it; ``exit`` the one sync point it meets at, if any.  A
+# half that never waits returns plainly, so a call that does not sync (such
+# as ``barrier_after(every=N)`` between meetings) makes no generator.
+Entered: TypeAlias = "tuple[bool, object] | Steps[tuple[bool, object]]"
+Exited: TypeAlias = "_Meet | None"
 
 
 @final
@@ -168,32 +467,29 @@ class MainFirst:
     def syncs(self) -> bool:
         return True
 
-    def enter(self, backend: Backend) -> tuple[bool, object]:
+    def enter(self, backend: Backend) -> Entered:
         region = _region.get()
         if region is not None and region.kind == "main_first" and region.local == self.local:
             return True, _SKIP  # already inside a main_first on the same ranks
-        _prepare(backend)
-        if not _is_main(backend, self.local):
-            meet(backend, self.kind, self.site, local=self.local, timeout=self.timeout)
+        return self._first(backend)
+
+    def _first(self, backend: Backend) -> Steps[tuple[bool, object]]:
+        at = _Meet(backend, self.kind, self.site, self.local, self.timeout, prepare=True)
+        if _is_main(backend, self.local):
+            yield _Prepare(at)
+        else:
+            yield at
         return True, _region.set(_Region(self.kind, self.local, str(self.site)))
 
     def exit(
         self, backend: Backend, state: object, exc: BaseException | None, result: object
-    ) -> object:
+    ) -> Exited:
         if state is _SKIP:
-            if exc is not None:
-                raise exc
-            return result
+            return None
         _region.reset(state)  # type: ignore[arg-type]
         if not _is_main(backend, self.local):
-            if exc is not None:
-                raise exc
-            return result
-        if exc is not None:
-            _report(backend, self.kind, self.site, exc, self.local, self.timeout)
-            raise exc
-        meet(backend, self.kind, self.site, local=self.local, timeout=self.timeout)
-        return result
+            return None
+        return _Meet(backend, self.kind, self.site, self.local, self.timeout, None, exc)
 
 
 @final
@@ -213,34 +509,28 @@ class OnMainOnly:
     def syncs(self) -> bool:
         return self.broadcast
 
-    def enter(self, backend: Backend) -> tuple[bool, object]:
+    def enter(self, backend: Backend) -> Entered:
         if self.broadcast:
-            _prepare(backend)
+            return self._broadcast(backend)
         if not _is_main(backend, self.local):
-            if not self.broadcast:
-                return False, self.default
-            value = meet(backend, self.kind, self.site, local=self.local, timeout=self.timeout)
-            return False, value
+            return False, self.default
+        return True, _region.set(_Region(self.kind, self.local, str(self.site)))
+
+    def _broadcast(self, backend: Backend) -> Steps[tuple[bool, object]]:
+        at = _Meet(backend, self.kind, self.site, self.local, self.timeout, prepare=True)
+        if not _is_main(backend, self.local):
+            return False, (yield at)  # the main rank's result
+        yield _Prepare(at)
         return True, _region.set(_Region(self.kind, self.local, str(self.site)))
 
     def exit(
         self, backend: Backend, state: object, exc: BaseException | None, result: object
-    ) -> object:
+    ) -> Exited:
         _region.reset(state)  # type: ignore[arg-type]
-        if exc is not None:
-            if self.broadcast:
-                _report(backend, self.kind, self.site, exc, self.local, self.timeout)
-            raise exc
-        if self.broadcast:
-            meet(
-                backend,
-                self.kind,
-                self.site,
-                local=self.local,
-                payload=result,
-                timeout=self.timeout,
-            )
-        return result
+        if not self.broadcast:
+            return None
+        payload = None if exc is not None else result
+        return _Meet(backend, self.kind, self.site, self.local, self.timeout, payload, exc)
 
 
 @final
@@ -261,7 +551,7 @@ class BarrierAfter:
     def local(self) -> bool:
         return False
 
-    def enter(self, backend: Backend) -> tuple[bool, object]:
+    def enter(self, backend: Backend) -> Entered:
         calls = _counts_for(backend).calls
         n = calls.get(self.site, 0) + 1
         calls[self.site] = n
@@ -269,23 +559,26 @@ class BarrierAfter:
 
     def exit(
         self, backend: Backend, state: object, exc: BaseException | None, result: object
-    ) -> object:
-        if exc is not None:
-            if state:
-                _report(backend, self.kind, self.site, exc, False, self.timeout)
-            raise exc
-        if state:
-            meet(backend, self.kind, self.site, timeout=self.timeout)
-        return result
+    ) -> Exited:
+        if not state:
+            return None
+        return _Meet(backend, self.kind, self.site, False, self.timeout, None, exc)
 
 
 Policy = MainFirst | OnMainOnly | BarrierAfter
 
 
-def _decorator(policy: Policy) -> str:
+def decorator(policy: Policy) -> str:
+    """How the decorator that made ``policy`` is written, with the options
+    that decide what it does."""
+    options = []
     if isinstance(policy, OnMainOnly) and policy.broadcast:
-        return "@on_main_only(broadcast=True)"
-    return f"@{policy.kind}"
+        options.append("broadcast=True")
+    if isinstance(policy, BarrierAfter) and policy.every != 1:
+        options.append(f"every={policy.every}")
+    if policy.local:
+        options.append("local=True")
+    return f"@{policy.kind}({', '.join(options)})" if options else f"@{policy.kind}"
 
 
 def compose(policies: Sequence[Policy], target: str) -> tuple[Policy, ...]:
@@ -298,44 +591,119 @@ def compose(policies: Sequence[Policy], target: str) -> tuple[Policy, ...]:
     kept = [
         p
         for i, p in enumerate(policies)
-        if not (
-            isinstance(p, MainFirst)
-            and i + 1 < len(policies)
-            and isinstance(nxt := policies[i + 1], OnMainOnly)
-            and nxt.broadcast
-            and nxt.local == p.local
-        )
+        if not (i + 1 < len(policies) and _adds_nothing(p, policies[i + 1]))
     ]
     _refuse_deadlocks(kept, target)
     return tuple(kept)
 
 
+def _adds_nothing(outer: Policy, inner: Policy) -> bool:
+    return (
+        isinstance(outer, MainFirst)
+        and isinstance(inner, OnMainOnly)
+        and inner.broadcast
+        and inner.local == outer.local
+    )
+
+
+def _deadlocks(outer: Policy, inner: Policy) -> bool:
+    """Whether ``outer`` stacked right over ``inner`` can only deadlock."""
+    if not isinstance(outer, (MainFirst, OnMainOnly)) or not inner.syncs:
+        return False
+    if isinstance(outer, MainFirst) and isinstance(inner, MainFirst):
+        return inner.local != outer.local  # same ranks: the inner one is a no-op
+    return not _adds_nothing(outer, inner)
+
+
+# What a stack means, for the fix a CompositionError suggests.
+_MEANS: Final = {
+    ("barrier_after", "on_main_only"): "the main rank runs it, then every rank meets "
+    "(the main rank saves, everybody waits for it)",
+    ("barrier_after", "on_main_only(broadcast)"): "the main rank runs it, every rank gets "
+    "its result, then all meet",
+    ("barrier_after", "main_first"): "every rank runs it, the main rank first, then all meet",
+    ("main_first", "on_main_only"): "the main rank runs it while the others wait, then they "
+    "return the default",
+    ("on_main_only(broadcast)", "on_main_only"): "the main rank runs it and every rank gets "
+    "its result (the inner @on_main_only then adds nothing: drop it)",
+}
+
+
+def _family(policy: Policy) -> str:
+    if isinstance(policy, OnMainOnly) and policy.broadcast:
+        return "on_main_only(broadcast)"
+    return policy.kind
+
+
 def _refuse_deadlocks(policies: Sequence[Policy], target: str) -> None:
     for i, outer in enumerate(policies):
-        if not isinstance(outer, (MainFirst, OnMainOnly)):
-            continue
         for inner in policies[i + 1 :]:
-            if not inner.syncs:
+            if not _deadlocks(outer, inner):
                 continue
-            if isinstance(outer, MainFirst) and isinstance(inner, MainFirst):
-                if inner.local == outer.local:
-                    continue  # same ranks: the inner one is a no-op
             if isinstance(outer, OnMainOnly):
                 why = (
-                    "runs only on the main rank, so the inner sync point would wait "
-                    "forever for the others"
+                    "runs its body only on the main rank, so the inner sync point would "
+                    "wait forever for the others"
                 )
             else:
                 why = (
                     "runs its body on the main rank while the others wait, so the inner "
                     "sync point would pair the main rank with the others' wait"
                 )
-            raise CompositionError(
-                f"{_decorator(outer)} over {_decorator(inner)} on {target}: "
-                f"{_decorator(outer)} {why}. Put {_decorator(inner)} above "
-                f"{_decorator(outer)} (outermost first), e.g. @barrier_after over "
-                f"@on_main_only means 'the main rank saves, everybody waits'."
-            )
+            o, n = decorator(outer), decorator(inner)
+            if _adds_nothing(inner, outer):
+                fix = (
+                    f"Drop {n}: {o} already has the other ranks wait for the main rank, "
+                    f"and they never run the body"
+                )
+            elif _deadlocks(inner, outer):
+                if isinstance(outer, MainFirst) and isinstance(inner, MainFirst):
+                    keep = (
+                        "@main_first(local=True) alone lets each node's LOCAL_RANK 0 go "
+                        "first, @main_first alone rank 0"
+                    )
+                else:
+                    keep = "each of them already has the other ranks wait for a main rank"
+                fix = (
+                    f"{o} and {n} cannot be stacked in either order: keep one of them "
+                    f"({keep}), or call two functions one after the other"
+                )
+            else:
+                means = _MEANS.get((_family(inner), _family(outer)), "")
+                fix = f"Put {n} above {o} (outermost first)" + (
+                    f": {n} over {o} means '{means}'" if means else ""
+                )
+            raise CompositionError(f"{o} over {n} on {target}: {o} {why}. {fix}.")
+
+
+def enter(policy: Policy, backend: Backend) -> tuple[bool, object]:
+    """``policy.enter``, waiting in this thread if it must."""
+    decided = policy.enter(backend)
+    return decided if isinstance(decided, tuple) else drive(decided)
+
+
+async def enter_async(policy: Policy, backend: Backend) -> tuple[bool, object]:
+    """``policy.enter``, waiting in the worker thread if it must."""
+    decided = policy.enter(backend)
+    return decided if isinstance(decided, tuple) else await drive_async(decided)
+
+
+def leave(
+    policy: Policy, backend: Backend, state: object, exc: BaseException | None, result: object
+) -> None:
+    """``policy.exit``, waiting in this thread if it must."""
+    need = policy.exit(backend, state, exc, result)
+    if need is not None:
+        _do(need)
+
+
+async def leave_async(
+    policy: Policy, backend: Backend, state: object, exc: BaseException | None, result: object
+) -> None:
+    """``policy.exit``, waiting in the worker thread if it must."""
+    need = policy.exit(backend, state, exc, result)
+    if need is not None:
+        await _do_async(need)
 
 
 def run(policies: Sequence[Policy], backend: Backend, body: Callable[[], R]) -> R:
@@ -345,7 +713,7 @@ def run(policies: Sequence[Policy], backend: Backend, body: Callable[[], R]) -> 
     result: object = None
     try:
         for policy in policies:
-            go, state = policy.enter(backend)
+            go, state = enter(policy, backend)
             if not go:
                 result = state
                 break
@@ -358,19 +726,28 @@ def run(policies: Sequence[Policy], backend: Backend, body: Callable[[], R]) -> 
                 result = recorder.body(policies[0].site.name, body)
     except BaseException as error:
         exc = error
-    return _unwind(entered, backend, exc, result)  # type: ignore[return-value]
+    while entered:
+        policy, state = entered.pop()
+        try:
+            leave(policy, backend, state, exc, result)
+        except BaseException as error:
+            exc = error
+    if exc is not None:
+        raise exc
+    return result  # type: ignore[return-value]
 
 
 async def run_async(
     policies: Sequence[Policy], backend: Backend, body: Callable[[], Awaitable[R]]
 ) -> R:
-    """:func:`run` for a coroutine function; sync points block the loop."""
+    """:func:`run` for a coroutine function: the loop runs other tasks while
+    this one waits at a sync point."""
     entered: list[tuple[Policy, object]] = []
     exc: BaseException | None = None
     result: object = None
     try:
         for policy in policies:
-            go, state = policy.enter(backend)
+            go, state = await enter_async(policy, backend)
             if not go:
                 result = state
                 break
@@ -383,22 +760,12 @@ async def run_async(
                 result = await recorder.body_async(policies[0].site.name, body)
     except BaseException as error:
         exc = error
-    return _unwind(entered, backend, exc, result)  # type: ignore[return-value]
-
-
-def _unwind(
-    entered: list[tuple[Policy, object]],
-    backend: Backend,
-    exc: BaseException | None,
-    result: object,
-) -> object:
     while entered:
         policy, state = entered.pop()
         try:
-            result = policy.exit(backend, state, exc, result)
-            exc = None
+            await leave_async(policy, backend, state, exc, result)
         except BaseException as error:
             exc = error
     if exc is not None:
         raise exc
-    return result
+    return result  # type: ignore[return-value]

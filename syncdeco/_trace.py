@@ -184,7 +184,7 @@ class _Trace:
         self.recorder: Recorder | None = None
 
     def __enter__(self) -> None:
-        from ._backend import get_backend
+        from ._select import get_backend
 
         global active
         rank = get_backend().rank()
@@ -206,8 +206,8 @@ class _Trace:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        from ._backend import get_backend
         from ._policy import Site, meet
+        from ._select import get_backend
 
         global active
         active = None
@@ -516,16 +516,45 @@ def format_summary(summary: Summary, top: int = 10) -> str:
     return "\n".join(lines)
 
 
+# Sync points get these colours, the ones where the ranks waited longest
+# first; decorated bodies are the light blue, a failure is outlined in red.
+_PALETTE: Final = (
+    "#DD8452",
+    "#55A868",
+    "#8172B3",
+    "#CCB974",
+    "#DA8BC3",
+    "#64B5CD",
+    "#937860",
+    "#E5AE38",
+    "#6D904F",
+    "#8C8C8C",
+)
+_BODY: Final = "#A9BCDB"
+_FAILED: Final = "#C44E52"
+_OTHERS: Final = "#5A5A5A"
+
+
+def _short(name: str) -> str:
+    """``kind:module.func`` or ``module.func`` without the module."""
+    kind, _, rest = name.rpartition(":")
+    rest = rest.rpartition(".")[2] if "." in rest and " " not in rest else rest
+    return f"{kind}:{rest}" if kind else rest
+
+
 def plot(path: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
     """Draw the trace as a timeline PNG, one row per rank: time in decorated
-    bodies in blue, time waiting at sync points in orange (red if it failed).
+    bodies in light blue, labelled where the name fits; time waiting at sync
+    points in one colour per sync point, named in the legend with its
+    kind, place and total wait (a short wait is drawn at least a few pixels
+    wide); a sync point that failed is outlined in red.
     Needs matplotlib: ``pip install "syncdeco[trace]"``."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.patches import Patch
+        from matplotlib.patches import Patch, Rectangle
     except ImportError as exc:
         raise ImportError(
             'drawing a timeline needs matplotlib: pip install "syncdeco[trace]" (in a '
@@ -534,46 +563,88 @@ def plot(path: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
     document = load(path)
     events = [e for e in document["traceEvents"] if e.get("ph") == "X"]
     ranks = sorted({e["pid"] for e in events})
-    fig, ax = plt.subplots(figsize=(11, 1.6 + 0.5 * len(ranks)))
-    colours = {"run": "#4C72B0", "sync": "#DD8452"}
-    for event in events:
+    syncs = [e for e in events if e["cat"] == "sync"]
+    waited: dict[str, float] = defaultdict(float)
+    where: dict[str, str] = {}
+    for event in syncs:
+        waited[event["name"]] += event["dur"] / 1e3
+        where.setdefault(event["name"], event.get("args", {}).get("location", ""))
+    named = sorted(waited, key=lambda n: -waited[n])
+    colour = {n: _PALETTE[i] for i, n in enumerate(named[: len(_PALETTE)])}
+    end = max((e["ts"] + e["dur"] for e in events), default=1.0) / 1e3
+    shortest = max(end, 1e-3) / 300  # a wait is drawn at least about 3 pixels wide
+
+    fig, ax = plt.subplots(figsize=(11, 1.4 + 0.55 * max(len(ranks), 2)), layout="constrained")
+    bars: list[tuple[dict[str, Any], float, float, float]] = []  # event, x, width, y
+    failed_any = False
+    for event in sorted(events, key=lambda e: e["cat"] == "sync"):  # waits on top
+        x, width = event["ts"] / 1e3, event["dur"] / 1e3
         failed = event.get("args", {}).get("outcome", "ok") != "ok"
-        colour = "#C44E52" if failed else colours.get(event["cat"], "#999999")
-        height = 0.8 if event["cat"] == "sync" else 0.5
-        ax.broken_barh(
-            [(event["ts"] / 1e3, max(event["dur"] / 1e3, 0.05))],
-            (event["pid"] - height / 2, height),
-            facecolors=colour,
+        failed_any |= failed
+        if event["cat"] == "sync":
+            # a failed wait is drawn wider, so its colour shows inside the outline
+            width, height = max(width, shortest * (3 if failed else 1)), 0.8
+            face = colour.get(event["name"], _OTHERS)
+        else:
+            height, face = 0.5, _BODY
+        ax.add_patch(
+            Rectangle(
+                (x, event["pid"] - height / 2),
+                width,
+                height,
+                facecolor=face,
+                edgecolor=_FAILED if failed else "white",
+                linewidth=2.0 if failed else 0.4,
+            )
         )
-    longest = sorted(
-        (e for e in events if e["cat"] == "sync"), key=lambda e: e["dur"], reverse=True
-    )[:3]
-    for event in longest:
-        ax.annotate(
-            event["name"],
-            (event["ts"] / 1e3, event["pid"] + 0.45),
-            fontsize=7,
-            va="bottom",
-            annotation_clip=True,
-            clip_on=True,  # a long name stops at the axes' edge
-        )
+        bars.append((event, x, width, event["pid"]))
+    ax.set_xlim(0, max((x + w for _, x, w, _ in bars), default=end) * 1.01)
+    ax.set_ylim(max(ranks, default=0) + 0.7, min(ranks, default=0) - 0.7)  # rank 0 on top
     ax.set_yticks(ranks, [f"rank {r}" for r in ranks])
-    ax.invert_yaxis()
     ax.set_xlabel("milliseconds since the first event")
     ax.set_title("syncdeco timeline: where each rank waited")
-    ax.legend(
-        handles=[
-            Patch(color=colours["run"], label="in a decorated function"),
-            Patch(color=colours["sync"], label="waiting at a sync point"),
-            Patch(color="#C44E52", label="sync point that failed"),
-        ],
-        loc="upper center",
-        bbox_to_anchor=(0.5, -0.35 if len(ranks) < 4 else -0.15),
-        ncol=3,
-        fontsize=8,
-        frameon=False,
-    )
-    fig.tight_layout()
+    handles = [Patch(facecolor=_BODY, label="in a decorated function (name inside, if it fits)")]
+    for name in named[: len(_PALETTE)]:
+        kind, _, short = _short(name).partition(":")
+        place = f" ({where[name]})" if where[name] else ""
+        handles.append(
+            Patch(
+                facecolor=colour[name],
+                label=f"waiting at {kind} {short}{place}: {waited[name]:.1f} ms in all",
+            )
+        )
+    if len(named) > len(_PALETTE):
+        handles.append(
+            Patch(
+                facecolor=_OTHERS,
+                label=f"waiting at {len(named) - len(_PALETTE)} other sync points",
+            )
+        )
+    if failed_any:
+        handles.append(
+            Patch(
+                facecolor="white", edgecolor=_FAILED, linewidth=2.0, label="sync point that failed"
+            )
+        )
+    fig.legend(handles=handles, loc="outside lower center", ncol=2, fontsize=8, frameon=False)
+    fig.canvas.draw()  # lay out, so that a label can be measured against its bar
+    # A bar's name goes inside it only where it fits.
+    renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
+    for event, x, width, y in bars:
+        left, right = (ax.transData.transform((v, y))[0] for v in (x, x + width))
+        if right - left < 20:
+            continue
+        text = ax.text(
+            x + width / 2,
+            y,
+            _short(event["name"]).rpartition(":")[2],
+            ha="center",
+            va="center",
+            fontsize=7,
+            clip_on=True,
+        )
+        if text.get_window_extent(renderer).width > right - left - 8:
+            text.remove()
     target = Path(out)
     fig.savefig(target, dpi=110, bbox_inches="tight")
     plt.close(fig)

@@ -203,7 +203,7 @@ def _child(
 ) -> None:
     import torch.distributed as dist
 
-    from ._torch import announce_exit
+    from ._plane.group import announce_exit
 
     # Its own process group, so that the parent can kill whatever it starts.
     os.setsid()

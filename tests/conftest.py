@@ -1,10 +1,10 @@
 import pytest
 
-import syncdeco._backend
+import syncdeco._select
 
 
 @pytest.fixture(autouse=True)
 def _fresh_config():
-    syncdeco._backend.reset()
+    syncdeco._select.reset()
     yield
-    syncdeco._backend.reset()
+    syncdeco._select.reset()

@@ -91,6 +91,38 @@ def test_member_raising_outside_any_sync_point_is_named(tmp_path: Path) -> None:
         assert "an uncaught OSError: disk full while writing shard 7 ended its process" in out[rank]
 
 
+@pytest.mark.parametrize(
+    ("scenario", "launcher", "victim"),
+    [
+        ("killed_member", "torchrun", 1),
+        ("killed_main", "torchrun", 0),
+        ("killed_member", "slurm", 1),
+        ("killed_member", "ompi", 1),
+        ("killed_local", "torchrun", 1),
+    ],
+)
+def test_a_killed_rank_is_named_by_every_rank_waiting_with_no_timeout(
+    scenario: str, launcher: str, victim: int, tmp_path: Path
+) -> None:
+    # timeout=None: without the death watch the survivors would wait forever
+    # (the test's own bound, 120 s, would fail it).
+    out = _run(scenario, 3, 3, tmp_path, launcher=launcher)
+    assert out[victim] == "exit status -9\n", out
+    for rank in {0, 1, 2} - {victim}:
+        # 0, or -6 when Gloo's threads abort at interpreter teardown on a mesh
+        # whose peer was killed ("terminate called without an active
+        # exception"): torch's teardown, after the rank's program finished.
+        status, line, *rest = out[rank].splitlines()
+        assert (status == "exit status 0" and not rest) or (
+            status == "exit status -6" and rest == ["terminate called without an active exception"]
+        ), out
+        assert line.startswith(f"[rank {rank}] RankKilledError rank={victim} within "), out
+        took = float(line.split(" within ", 1)[1].split("s:", 1)[0])
+        assert took < 5, out  # the promise: named within 5 s
+        assert "ended without running Python's exit handlers" in line, out
+        assert "SIGKILL or the out-of-memory killer" in line, out
+
+
 def test_main_whose_program_ended_is_named(tmp_path: Path) -> None:
     out = _run("main_returns", 3, 3, tmp_path)
     assert out[0] == "exit status 0\n", out
@@ -191,7 +223,7 @@ def test_a_forked_child_exiting_says_nothing(tmp_path: Path) -> None:
 
 
 def _sync_after_announcing_exit() -> str:
-    import syncdeco._torch as backend
+    from syncdeco._plane import group as backend
 
     sd.barrier("before")
     backend.announce_exit(None)  # what interpreter exit does

@@ -88,12 +88,37 @@ def test_rank_dying_inside_a_synced_function(tmp_path: Path) -> None:
     assert [o.value for o in outcomes] == [(2,), (2,), "killed", (2,)]
 
 
-def failures_in_a_row(tmp: Path) -> int:
-    """30 failures of every kind on one group, each followed by a good sync."""
+ROUNDS = 30
+
+
+def _what(err: BaseException) -> tuple[object, ...]:
+    """What a rank can tell of the error it got, to compare across ranks."""
+    if isinstance(err, sd.PeerFailedError):
+        return (
+            type(err).__name__,
+            err.rank,
+            err.exc_type,
+            err.message,
+            err.observer,
+            err.out_of_step,
+        )
+    if isinstance(err, sd.SyncMismatchError):
+        where = sorted((point.split(" (")[0], ranks) for point, ranks in err.points.items())
+        return type(err).__name__, where, err.observer
+    return type(err).__name__, str(err)
+
+
+def failures_in_a_row(tmp: Path) -> list[tuple[object, ...]]:
+    """30 failures of every kind on one group, each followed by a good sync.
+
+    Each round ends at the barrier "good", which every rank reaches only
+    after its own round, so no round's outcome depends on another's; within a
+    round, the main rank's verdict reaches every rank.  A failing rank (in
+    ``step``) and a rank at another barrier move from rank to rank."""
 
     @sd.barrier_after
     def step(i: int) -> None:
-        if sd.rank() == i % sd.world_size():
+        if sd.rank() == (i // 4) % sd.world_size():
             raise RuntimeError(f"step {i}")
 
     @sd.main_first
@@ -104,8 +129,8 @@ def failures_in_a_row(tmp: Path) -> int:
     def unpicklable() -> object:
         return lambda: None
 
-    survived = 0
-    for i in range(30):
+    got: list[tuple[object, ...]] = []
+    for i in range(ROUNDS):
         kind = i % 4
         try:
             if kind == 0:
@@ -115,25 +140,62 @@ def failures_in_a_row(tmp: Path) -> int:
             elif kind == 2:
                 unpicklable()
             else:
-                sd.barrier(f"a{i}" if sd.rank() == 0 else f"b{i}")
-        except (
-            sd.SyncError,
-            RuntimeError,
-            OSError,
-            TypeError,
-            AttributeError,
-            pickle.PicklingError,
-        ):
-            pass
+                odd = sd.rank() == (i // 4) % sd.world_size()
+                sd.barrier(f"a{i}" if odd else f"b{i}")
+        except Exception as err:
+            got.append(_what(err))
         else:
             raise AssertionError(f"round {i} raised nothing on rank {sd.rank()}")
         sd.barrier("good")
-        survived += 1
-    return survived
+    return got
+
+
+def _pickling_error() -> tuple[str, str]:
+    """What pickle says of the lambda ``unpicklable`` returns (its words vary
+    between Python versions)."""
+
+    def unpicklable() -> object:
+        return lambda: None
+
+    local = unpicklable()
+    name = "failures_in_a_row.<locals>.unpicklable.<locals>.<lambda>"
+    local.__qualname__ = name  # type: ignore[attr-defined]
+    try:
+        pickle.dumps(local)
+    except Exception as err:
+        return type(err).__name__, str(err)
+    raise AssertionError("a local lambda pickled")
+
+
+def _expected(rank: int, world_size: int) -> list[tuple[object, ...]]:
+    """What ``failures_in_a_row`` must get on ``rank``, round by round: the
+    failing rank its own exception, every other rank PeerFailedError naming
+    it (heard at this very sync point), and every rank the same mismatch."""
+    rounds: list[tuple[object, ...]] = []
+    for i in range(ROUNDS):
+        kind, odd = i % 4, (i // 4) % world_size
+        if kind == 3:
+            others = tuple(r for r in range(world_size) if r != odd)
+            where = sorted([(f"barrier 'a{i}'", (odd,)), (f"barrier 'b{i}'", others)])
+            rounds.append(("SyncMismatchError", where, rank))
+            continue
+        if kind == 0:
+            failing, error = odd, ("RuntimeError", f"step {i}")
+        elif kind == 1:
+            failing, error = 0, ("OSError", f"load {i}")  # the main rank goes first
+        else:
+            failing, error = 0, _pickling_error()  # the main rank's result
+        if rank == failing:
+            rounds.append(error)
+        else:
+            rounds.append(("PeerFailedError", failing, *error, rank, False))
+    return rounds
 
 
 def test_thirty_failures_in_a_row(tmp_path: Path) -> None:
-    assert [o.unwrap() for o in run_ranks(failures_in_a_row, 4, tmp_path)] == [30] * 4
+    outcomes = run_ranks(failures_in_a_row, 4, tmp_path)
+    for rank, outcome in enumerate(outcomes):
+        assert outcome.unwrap() == _expected(rank, 4), f"rank {rank}"
 
 
 # -- atomic_save -----------------------------------------------------------------------------

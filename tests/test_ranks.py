@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,29 @@ def _mark(tmp: Path, name: str) -> None:
 
 def _seen(tmp: Path, name: str) -> bool:
     return (tmp / name).exists()
+
+
+def _wait_for(tmp: Path, *names: str, within: float = 60.0) -> None:
+    """Wait until other ranks have written the files ``names``: a poll with a
+    deadline of its own (well inside run_ranks' 120 s), so that a rank that
+    never writes one fails here, naming it, instead of hanging the test."""
+    deadline = time.monotonic() + within
+    while not all(_seen(tmp, name) for name in names):
+        if time.monotonic() > deadline:
+            missing = [name for name in names if not _seen(tmp, name)]
+            raise TimeoutError(
+                f"rank {_rank_from_env()} waited {within:g}s for {missing} in "
+                f"{tmp}: the rank that writes it never got that far"
+            )
+        time.sleep(0.002)
+
+
+def _rank_from_env() -> str:
+    # not sd.rank(): some ranks must not touch syncdeco while they wait
+    for var in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK"):
+        if var in os.environ:
+            return os.environ[var]
+    return "?"
 
 
 # -- main_first ----------------------------------------------------------------
@@ -445,8 +469,7 @@ def test_async_functions(tmp_path: Path) -> None:
 def member_late(tmp: Path) -> tuple[object, ...]:
     first: object = "ok"
     if sd.rank() == 1:
-        while not _seen(tmp, "main-gave-up"):
-            os.sched_yield()
+        _wait_for(tmp, "main-gave-up")
     try:
         sd.barrier("late", timeout=0.5)
     except sd.SyncTimeoutError as err:
@@ -465,8 +488,7 @@ def test_timeout_names_the_missing_rank(tmp_path: Path) -> None:
 def main_late(tmp: Path) -> object:
     result: object = "ok"
     if sd.rank() == 0:
-        while not _seen(tmp, "member-gave-up"):
-            os.sched_yield()
+        _wait_for(tmp, "member-gave-up")
     try:
         sd.barrier("late", timeout=0.5)
     except sd.SyncTimeoutError as err:
@@ -488,8 +510,7 @@ def main_first_body_too_slow(tmp: Path) -> object:
     try:
         with sd.main_first(timeout=0.5):
             if sd.rank() == 0:
-                while not _seen(tmp, "member-gave-up"):
-                    os.sched_yield()
+                _wait_for(tmp, "member-gave-up")
     except sd.SyncTimeoutError as err:
         result = err.missing
         if sd.rank() == 1:
@@ -628,8 +649,7 @@ def nodes_do_not_wait_for_each_other(tmp: Path) -> bool:
     if node == "1":
         # Node 1 touches syncdeco only once node 0 is done with its local
         # main_first: a local sync point must not need node 1 at all.
-        while not (_seen(tmp, "node0-rank0") and _seen(tmp, "node0-rank1")):
-            os.sched_yield()
+        _wait_for(tmp, "node0-rank0", "node0-rank1")
     saw = local_main_first(tmp)[3]
     if node == "0":
         _mark(tmp, f"node0-rank{sd.rank()}")
@@ -674,8 +694,7 @@ def test_rank_facts_have_no_side_effects(tmp_path: Path) -> None:
 def stalled_member(tmp: Path) -> object:
     sd.barrier("warm up")
     if sd.rank() == 1:
-        while not _seen(tmp, "main-gave-up"):
-            os.sched_yield()
+        _wait_for(tmp, "main-gave-up")
     try:
         sd.barrier("stalled", timeout=0.5)
     except sd.SyncTimeoutError as err:
@@ -709,8 +728,7 @@ def warns_while_waiting(tmp: Path) -> object:
     logging.getLogger("syncdeco").addHandler(Capture())
     sd.barrier("before")
     if sd.rank() == 1:
-        while not _seen(tmp, "warned"):  # arrive only once rank 0 has warned
-            os.sched_yield()
+        _wait_for(tmp, "warned")  # arrive only once rank 0 has warned
     sd.barrier("slow one", timeout=60)
     return records
 

@@ -15,6 +15,9 @@ Scenarios:
 - ``store_host_gone``: the same, but the others then try a sync point.
 - ``blocked_on_a_slow_member``: rank 0 waits for a slow rank 1 while rank 2
   has exited.
+- ``killed_member``, ``killed_main``, ``killed_local``: rank 1 (rank 0)
+  is SIGKILLed while the others wait with no timeout (at a local sync
+  point).
 - ``daemon_thread_waits``: rank 1 exits while a daemon thread of it waits at
   a sync point.
 """
@@ -23,7 +26,10 @@ from __future__ import annotations
 
 import atexit
 import os
+import signal
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import syncdeco as sd
@@ -67,6 +73,22 @@ def main(scenario: str, tmp: Path) -> None:
         if sd.rank() == 3:
             sys.exit(0)
         try_to_meet("next", local)
+    elif scenario.startswith("killed_"):
+        # A rank is SIGKILLed (no exit handler runs) while the others wait
+        # with no timeout: the ranks of its host see its process end.
+        victim = 0 if scenario == "killed_main" else 1
+        if sd.rank() == victim:
+            (tmp / "killed-at").write_text(repr(time.time()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        try:
+            if scenario == "killed_local":
+                with sd.main_first(local=True, name="after the kill", timeout=None):
+                    pass
+            else:
+                sd.barrier("after the kill", timeout=None)
+        except sd.RankKilledError as exc:
+            took = time.time() - float((tmp / "killed-at").read_text())
+            say(f"{type(exc).__name__} rank={exc.rank} within {took:.1f}s: {exc}")
     elif scenario == "blocked_on_a_slow_member":
         # Rank 2 exits; rank 1 comes only once rank 0 has given up, so rank 0
         # must hear of rank 2 while it waits for rank 1's frame.
@@ -83,19 +105,17 @@ def main(scenario: str, tmp: Path) -> None:
         if sd.rank() == 1:
             import threading
 
-            import syncdeco._torch as backend
+            from syncdeco._plane import group
 
             threading.Thread(target=meet, args=("background",), daemon=True).start()
-            channel = backend._channel
-            assert channel is not None
-            while not channel.lock.locked():  # the thread is inside its sync point
-                os.sched_yield()
+            assert group._current is not None
+            exchange = group._current[1]
+            _until("the daemon thread to enter its sync point", exchange.lock.locked)
             (tmp / "rank1.pid.tmp").write_text(str(os.getpid()))
             os.replace(tmp / "rank1.pid.tmp", tmp / "rank1.pid")
             return
         pid = int(_wait_for(tmp / "rank1.pid"))
-        while _alive(pid):
-            os.sched_yield()
+        _until(f"rank 1 (pid {pid}) to exit", lambda: not _alive(pid))
         say("rank 1 has exited")
     elif scenario in ("main_ends_first", "store_host_gone"):
         meet("local start", local=True)  # both scopes in use
@@ -104,8 +124,8 @@ def main(scenario: str, tmp: Path) -> None:
             os.replace(tmp / "rank0.pid.tmp", tmp / "rank0.pid")
             return
         pid = int(_wait_for(tmp / "rank0.pid"))
-        while _alive(pid):  # rank 0 and its store are gone before this rank goes on
-            os.sched_yield()
+        # rank 0 and its store are gone before this rank goes on
+        _until(f"rank 0 (pid {pid}) to exit", lambda: not _alive(pid))
         if scenario == "store_host_gone":
             try:
                 meet("next")
@@ -115,9 +135,18 @@ def main(scenario: str, tmp: Path) -> None:
             say("exiting after rank 0")
 
 
+def _until(what: str, done: Callable[[], bool], within: float = 60.0) -> None:
+    """Poll ``done`` with a deadline of its own, well inside the test's 120 s,
+    so that a scenario that goes wrong fails here, saying what it waited for."""
+    deadline = time.monotonic() + within
+    while not done():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank {sd.rank()} waited {within:g}s for {what}")
+        time.sleep(0.002)
+
+
 def _wait_for(path: Path) -> str:
-    while not path.exists():
-        os.sched_yield()
+    _until(f"{path.name} in {path.parent}, which another rank writes", path.exists)
     return path.read_text()
 
 

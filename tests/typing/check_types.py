@@ -76,9 +76,27 @@ assert_type(Trainer().train(10), float)
 assert_type(Trainer().config(), dict[str, str])
 
 
+@sd.on_main_only(broadcast=True)
+async def fetch_all(url: str) -> bytes:
+    return b""
+
+
+@sd.barrier_after(every=10)
+async def train_step(i: int) -> float:
+    return 0.0
+
+
 async def use_async() -> None:
     assert_type(await fetch("u"), bytes | None)
     assert_type(await prepare(), int)
+    assert_type(await fetch_all("u"), bytes)
+    assert_type(await train_step(3), float)
+    async with sd.main_first(local=True) as entered:
+        assert_type(entered, None)
+    async with sd.barrier_after(every=2, name="epoch"):
+        pass
+    async with sd.main_first():
+        pass
 
 
 with sd.main_first(local=True):
@@ -97,3 +115,11 @@ def scenario(tmp: str) -> int:
 
 
 assert_type(run_ranks(scenario, 2, "tmp"), list[Outcome])
+
+
+async def on_main_only_is_no_with_block() -> None:
+    # --strict warns about an unused ignore: these lines must stay errors
+    async with sd.on_main_only():  # type: ignore[attr-defined]
+        pass
+    with sd.on_main_only(broadcast=True):  # type: ignore[attr-defined]
+        pass

@@ -1,0 +1,14 @@
+"""The sync plane: how syncdeco's sync points travel over torch.distributed.
+
+One module a concern, each depending only on those listed before it:
+
+* ``protocol``: the decisions, as pure functions over frames (no I/O);
+* ``transport``: how frames and verdicts move over a c10d store;
+* ``wire``: results on the wire (pickle, and tensors by broadcast);
+* ``watch``: the thread that reports a sync point that waits too long;
+* ``exchange``: one rank's side of every sync point, given its store,
+  rank, world size and place as values (so ranks can be simulated);
+* ``exits``: what a rank's exit says;
+* ``group``: the process group's lifecycle and the exit notice;
+* ``backend``: ``TorchBackend``, the face the rest of syncdeco uses.
+"""

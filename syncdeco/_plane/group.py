@@ -1,0 +1,235 @@
+"""The process group's lifecycle, as syncdeco sees it.
+
+* which group a sync point uses, and the :class:`Exchange` over its store;
+* creating the group from a launcher's environment when none exists;
+* remembering a destroyed group's rank facts;
+* forgetting everything in a forked child;
+* telling the others, at interpreter exit, that this rank is gone.
+
+Whether the sync plane is used at all is decided in ``syncdeco._select``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import pickle
+import threading
+import weakref
+from collections.abc import Mapping
+from typing import Any, Final
+
+import torch
+import torch.distributed as dist
+
+from .._backend import SyncPoint
+from .._env import Launch, detect_launch, local_rank_from_env, local_world_size_from_env, node_key
+from .._errors import SyncError
+from . import exits
+from .deathwatch import DeathWatch, identity, watchable
+from .exchange import Exchange, Place
+
+__all__ = ["announce_exit", "ensure_group", "exchange", "exit_notice", "launched"]
+
+DISTRIBUTED: Final = dist.is_available()
+
+_lock = threading.Lock()
+# The exchange over the default group's store, and that group (weakly: a
+# strong reference would keep the group alive after destroy_process_group(),
+# until interpreter teardown, where Gloo's threads abort the process).
+_current: tuple[weakref.ref[Any], Exchange] | None = None
+
+# The last default group this process saw, with its rank and world size
+# there: after destroy_process_group() they are still its rank facts, and a
+# sync point raises instead of finding no group and running alone on the
+# Null backend.
+last_group: tuple[weakref.ref[Any], int, int] | None = None
+_forked_child = False  # forked from a process with a group (see _forget_in_child)
+
+# Whether the environment describes a multi-rank job, read once per process
+# (a launcher sets it before the process starts); init() and reset() forget it.
+_launched: list[bool] = []
+
+
+def remember_group() -> None:
+    global last_group
+    group = dist.distributed_c10d._get_default_group()
+    if last_group is None or last_group[0]() is not group:
+        last_group = (weakref.ref(group), dist.get_rank(), dist.get_world_size())
+
+
+def launch_of(env: Mapping[str, str]) -> Launch:
+    launch = detect_launch(env)
+    if launch is None:
+        raise SyncError(
+            "TorchBackend has no process group: torch.distributed is not "
+            "initialised and no launcher environment (RANK/WORLD_SIZE from "
+            "torchrun, SLURM_PROCID/SLURM_NTASKS, OMPI_COMM_WORLD_RANK/SIZE) "
+            "was found. Launch with torchrun, call "
+            "torch.distributed.init_process_group() first, or use NullBackend()."
+        )
+    return launch
+
+
+def ensure_group(backend: str | None, env: Mapping[str, str], point: SyncPoint | None) -> None:
+    """Initialise the default process group from the launcher's environment
+    unless one exists.  Every rank must call it.  Raises ``SyncError`` if
+    this process's group has been destroyed."""
+    if dist.is_initialized():
+        return
+    if last_group is not None:
+        where = f"at {point.describe()}" if point is not None else "before a sync point"
+        raise SyncError(
+            f"rank {last_group[1]} {where}: the process group this process used has "
+            f"been destroyed (torch.distributed.destroy_process_group()), so no sync "
+            f"point can be reached. Move sync points before the teardown, or "
+            f"call init_process_group() again first."
+        )
+    launch = launch_of(env)
+    name = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if name == "nccl":
+        torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
+    if launch.launcher == "torchrun":
+        dist.init_process_group(name)  # env://, and torchrun's agent store
+    else:
+        dist.init_process_group(
+            name,
+            init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+            rank=launch.rank,
+            world_size=launch.world_size,
+        )
+    remember_group()
+
+
+def exchange(env: Mapping[str, str]) -> Exchange:
+    """The exchange over the default group's store (made on first use)."""
+    global _current
+    group = dist.distributed_c10d._get_default_group()
+    current = _current
+    if current is not None and current[0]() is group:
+        return current[1]
+    with _lock:
+        if _current is None or _current[0]() is not group:
+            rank = dist.get_rank()
+            local = local_rank_from_env(env)
+            place = Place(
+                node_key(env), rank if local is None else local, local_world_size_from_env(env)
+            )
+            torch_store: Any = dist.distributed_c10d._get_default_store()
+            made = Exchange(
+                torch_store.clone(),  # a connection of syncdeco's own
+                rank,
+                dist.get_world_size(),
+                place,
+                spare=torch_store,
+            )
+            _current = (weakref.ref(group), made)
+            made.store.set(f"{made.prefix}/pid/{rank}", pickle.dumps(identity()))
+            remember_group()
+            exits.note_uncaught()
+        return _current[1]
+
+
+# -- the ranks of this host watch each other ------------------------------------
+
+_watched: Exchange | None = None  # the exchange whose node is watched
+_deaths: list[int] = []  # ranks seen to end, not yet reported (a list: appends are atomic)
+
+
+def watch_node(made: Exchange) -> None:
+    """After this rank's first sync point (every rank of its node has said
+    where it lives by then), watch the processes of the node's other ranks
+    through the kernel (see ``deathwatch``).  When one ends, the others are
+    told at once if this rank is waiting at a sync point, else at its next
+    one: never from a rank that is not using the store (at the end of a job
+    whose store host has gone, that would make the store client log)."""
+    global _watched
+    _watched = made
+    prefix, place, store = made.prefix, made.place, made.store
+    try:
+        if place.local_size is not None:
+            keys = [f"{prefix}/node/{place.node}/{lr}" for lr in range(place.local_size)]
+            ranks = [int(v) for v in store.multi_get(keys)]
+        else:
+            topo = store.multi_get([f"{prefix}/topo/{r}" for r in range(made.world_size)])
+            ranks = [r for r, v in enumerate(topo) if pickle.loads(v)[0] == place.node]
+        others = [r for r in ranks if r != made.rank]
+        found = store.multi_get([f"{prefix}/pid/{r}" for r in others]) if others else []
+    except Exception:
+        return  # e.g. a group made by hand whose ranks use another store layout
+    pids = watchable(identity(), {r: pickle.loads(v) for r, v in zip(others, found, strict=True)})
+    watch = DeathWatch(functools.partial(_ended, weakref.ref(made)))
+    for rank, pid in pids.items():
+        watch.watch(rank, pid)
+
+
+def _ended(ref: weakref.ref[Exchange], rank: int) -> None:
+    # In the death watch's thread.
+    made = ref()
+    if made is None:
+        return
+    _deaths.append(rank)
+    if made.waiting is not None:
+        report_deaths(made, made.spare or made.store)
+
+
+def report_deaths(made: Exchange, store: Any) -> None:
+    """Tell the others of the ranks of this node seen to end (once each:
+    ``report_killed`` settles who reports it first)."""
+    while _deaths:
+        rank = _deaths.pop()
+        made.report_killed(exits.killed_failure(rank), store)
+
+
+def announce_exit(exc: BaseException | None) -> None:
+    """Tell the others that this rank's process is ending (``exc``: the
+    exception that ends it, if any).  A rank waiting for it at a sync point
+    (now or later) then raises RankExitedError at once instead of at its
+    timeout.  Runs at interpreter exit (syncdeco registers it on import) and
+    where syncdeco.testing ends a rank; a process killed by a signal, or
+    ended by os._exit(), runs neither."""
+    try:
+        current = _current
+        if current is not None:
+            made = current[1]
+            made.leave(exits.exit_failure(made.rank, exc))
+        elif not _forked_child and DISTRIBUTED and dist.is_initialized():
+            # No sync point ran here yet, but the others may be waiting at
+            # their first: through an exchange over the group's store.  (A
+            # forked child's group state is its parent's: it stays silent.)
+            exchange(os.environ).leave(exits.exit_failure(dist.get_rank(), exc))
+    except Exception:
+        pass  # exiting anyway: the others fall back on their timeout
+
+
+def exit_notice() -> None:
+    """At interpreter exit: ``announce_exit`` with the exception that ended
+    the program, if one did."""
+    announce_exit(exits.uncaught())
+
+
+def launched(env: Mapping[str, str]) -> bool:
+    """Whether the environment describes a multi-rank job (read once)."""
+    if not _launched:
+        launch = detect_launch(env)  # raises on a broken environment, every time
+        _launched.append(launch is not None and launch.world_size > 1)
+    return _launched[0]
+
+
+def forget_environment() -> None:
+    _launched.clear()
+
+
+def _forget_in_child() -> None:
+    # A forked child (notebook_launcher, multiprocessing) gets its own
+    # variables, and is no member of the parent's group or exchange.
+    global _current, last_group, _forked_child, _watched
+    _current = last_group = _watched = None
+    _deaths.clear()
+    # The parent's group, if any, looks initialised here too, but is not
+    # this process's: it must not announce its exit there.
+    _forked_child = DISTRIBUTED and dist.is_initialized()
+    forget_environment()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)

@@ -1,0 +1,179 @@
+"""The sync protocol's decisions, as pure functions over frames.
+
+No store, no torch: given what the members of a scope sent (their frames)
+and who never came, :func:`judge` says what every rank of the scope is told
+(the verdict), and :func:`raise_for` turns a verdict into the error a rank
+raises.  The exchange (``exchange.py``) moves frames and verdicts; this
+module decides.
+
+A frame is what a member sends its scope's main at a sync point::
+
+    (seq, rank, kind, name, call, failure, where, give_up)
+
+``failure`` is a :class:`Failure` as a tuple or None, ``where`` the sync
+point's description, ``give_up`` the wall-clock time the member stops
+waiting (None: never).  A verdict is ``(seq, code, detail, extra)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import astuple
+from typing import Final, NamedTuple, cast
+
+from .._backend import Failure, SyncPoint
+from .._errors import (
+    PeerFailedError,
+    RankExitedError,
+    RankKilledError,
+    SyncError,
+    SyncMismatchError,
+    SyncTimeoutError,
+)
+
+__all__ = [
+    "FAILED",
+    "MISMATCH",
+    "OK",
+    "TIMEOUT",
+    "Frame",
+    "exit_frame",
+    "failed",
+    "gone_in",
+    "judge",
+    "raise_for",
+    "stand_in",
+]
+
+OK: Final = 0
+FAILED: Final = 1
+MISMATCH: Final = 2
+TIMEOUT: Final = 3
+
+Verdict = tuple[object, ...]
+
+
+class Frame(NamedTuple):
+    """What a member tells its scope's main at one sync point."""
+
+    seq: int
+    rank: int
+    kind: str
+    name: str
+    call: int  # the sync point's count
+    failure: tuple[object, ...] | None
+    where: str
+    give_up: float | None
+
+    @classmethod
+    def of(
+        cls, seq: int, rank: int, point: SyncPoint, failure: Failure | None, give_up: float | None
+    ) -> Frame:
+        failed = None if failure is None else astuple(failure)
+        return cls(
+            seq, rank, point.kind, point.name, point.count, failed, point.describe(), give_up
+        )
+
+
+def exit_frame(seq: int, failure: Failure) -> Frame:
+    """The frame a gone rank is represented by (its process ended)."""
+    return Frame(seq, failure.rank, "exit", "", 0, astuple(failure), "its exit", None)
+
+
+def stand_in(seq: int, rank: int, gone: int) -> Frame:
+    """A frame put in ``rank``'s place by the exit of ``gone``, so that a
+    main waiting for every member's frame wakes at once (``rank`` itself,
+    when it comes, replaces it and reads the verdict: ``gone``'s exit)."""
+    return Frame(seq, rank, "absent", "", 0, None, f"(rank {gone} exited)", None)
+
+
+def failed(seq: int, failures: Sequence[tuple[Failure, str | None]]) -> Verdict:
+    """The FAILED verdict: the failure of the lowest rank (where several
+    raised), and the sync point where it reported it (None: where the others
+    are, or its exit)."""
+    first, where = min(failures, key=lambda f: f[0].rank)
+    return (seq, FAILED, astuple(first), None if first.exited else where)
+
+
+def judge(
+    seq: int,
+    point: SyncPoint,
+    main: int,
+    failure: Failure | None,
+    arrived: Mapping[int, Frame],
+    missing: Sequence[int],
+    last_seen: Mapping[int, str | None],
+) -> Verdict | None:
+    """The verdict of a sync point whose main is ``main``, or None when it
+    succeeds (the caller adds the result).  In order of precedence: a rank
+    that is gone explains the others' absence; then missing ranks; then a
+    failure (a rank that raised reports it at whatever sync point it is at:
+    its error is the cause, not the mismatch); then a mismatch."""
+    failures = [] if failure is None else [(failure, point.describe())]
+    failures += [
+        (Failure(*cast(tuple[int, str, str, str, bool, bool], f.failure)), f.where)
+        for f in arrived.values()
+        if f.failure is not None
+    ]
+    exits = [f for f in failures if f[0].exited]
+    if exits:
+        return failed(seq, exits)
+    if missing:
+        return (seq, TIMEOUT, tuple(missing), dict(last_seen))
+    if failures:
+        return failed(seq, failures)
+    mine = (seq, point.kind, point.name, point.count)
+    if any((f.seq, f.kind, f.name, f.call) != mine for f in arrived.values()):
+        where: dict[str, list[int]] = {point.describe(): [main]}
+        for rank, f in arrived.items():
+            desc = f.where if f.seq == seq else f"{f.where} [its sync #{f.seq}, this is #{seq}]"
+            where.setdefault(desc, []).append(rank)
+        return (seq, MISMATCH, {k: tuple(v) for k, v in where.items()}, None)
+    return None
+
+
+def gone_in(verdict: Verdict) -> int | None:
+    """The rank whose exit this verdict reports, if it does."""
+    if verdict[1] == FAILED:
+        detail = cast(tuple[int, str, str, str, bool, bool], verdict[2])
+        if detail[4]:
+            return detail[0]
+    return None
+
+
+def raise_for(
+    verdict: Verdict,
+    point: SyncPoint,
+    observer: int,
+    timeout: float | None,
+) -> None:
+    """Raise what ``verdict`` means for rank ``observer``; return if it is
+    this rank's own failure (the caller re-raises its own exception)."""
+    code, detail = verdict[1], verdict[2]
+    if code == FAILED:
+        rank, exc_type, message, tb, exited, killed = cast(
+            tuple[int, str, str, str, bool, bool], detail
+        )
+        if rank == observer:
+            return
+        kind = RankKilledError if killed else RankExitedError if exited else PeerFailedError
+        raise kind(
+            rank=rank,
+            exc_type=exc_type,
+            message=message,
+            remote_traceback=tb,
+            point=point.describe(),
+            observer=observer,
+            raised_at=cast("str | None", verdict[3]),
+        )
+    if code == MISMATCH:
+        raise SyncMismatchError(points=detail, observer=observer)  # type: ignore[arg-type]
+    if code == TIMEOUT:
+        raise SyncTimeoutError(
+            missing=detail,  # type: ignore[arg-type]
+            point=point.describe(),
+            timeout=timeout or 0.0,
+            observer=observer,
+            last_seen=cast("Mapping[int, str | None] | None", verdict[3]),
+        )
+    raise SyncError(f"rank {observer} got an unknown verdict {code!r} at {point.describe()}")

@@ -1,0 +1,139 @@
+"""Which backend a sync point uses: the one place where it is chosen.
+
+A backend is chosen at call time, never at import: an explicit one (set by
+:func:`init` or :func:`use_backend`), else an initialised default process
+group, else a launcher's environment, else :class:`NullBackend`.  torch is
+imported on first need, not by ``import syncdeco``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
+from datetime import timedelta
+from typing import Literal
+
+from ._backend import _NULL, DEFAULT, Backend, NullBackend, _Config, _Default, _seconds
+
+__all__ = ["backend_from_name", "get_backend", "init", "reset", "use_backend"]
+
+_scoped: ContextVar[Backend | None] = ContextVar("syncdeco_backend", default=None)
+
+
+def get_backend() -> Backend:
+    """The backend syncdeco would use for a sync point made now."""
+    scoped = _scoped.get()
+    if scoped is not None:
+        return scoped
+    configured = _Config.backend
+    if configured is not None:
+        return configured
+    return _auto_backend(os.environ) or _NULL
+
+
+def _auto_backend(env: Mapping[str, str]) -> Backend | None:
+    # Bound on first use, so that `import syncdeco` does not import torch.
+    global _auto_backend
+    from ._plane.backend import auto_backend
+
+    _auto_backend = auto_backend
+    return auto_backend(env)
+
+
+def backend_from_name(name: str, env: Mapping[str, str]) -> Backend:
+    if name == "null":
+        return NullBackend()
+    if name in ("gloo", "nccl"):
+        from ._plane.backend import TorchBackend
+
+        return TorchBackend(name, env=env)
+    raise ValueError(f"init(backend={name!r}): expected a Backend, 'null', 'gloo', 'nccl' or None")
+
+
+def init(
+    backend: Backend | str | None = None,
+    *,
+    timeout: float | timedelta | Literal[_Default.DEFAULT] | None = DEFAULT,
+    warn_after: float | timedelta | Literal[_Default.DEFAULT] | None = DEFAULT,
+) -> Backend:
+    """Choose the backend for this process and the default sync timeout.
+
+    ``backend`` is a :class:`Backend`, ``"null"``, ``"gloo"``, ``"nccl"``, or
+    None to pick one now as :func:`get_backend` would (initialising the
+    process group from the launcher's environment if needed).  ``timeout``
+    is the default for every sync point: seconds, a ``timedelta``, or None
+    to wait forever; left out, it stays at 30 minutes.  ``warn_after``: once
+    a sync point has waited this long (default a minute; None: never), a
+    warning is logged through ``logging`` once per interval, naming the
+    ranks that arrived, those missing and where each was last seen.  Here
+    and in every ``timeout=``, ``math.inf`` (or any value of 10**9 seconds,
+    about 32 years, or more) means the same as None; NaN, zero and negative
+    values are refused with ``ValueError``.
+
+    Not a collective by itself, but with a launcher's environment and no
+    process group yet, it initialises one, which every rank must do.
+    """
+    if timeout is not DEFAULT:
+        seconds = _seconds(timeout, "init(timeout=...)")
+    else:
+        seconds = _Config.timeout
+    if warn_after is not DEFAULT:
+        warn = _seconds(warn_after, "init(warn_after=...)")
+    else:
+        warn = _Config.warn_after
+    chosen: Backend
+    _forget_environment()
+    if backend is None:
+        chosen = _auto_backend(os.environ) or _NULL
+    elif isinstance(backend, str):
+        chosen = backend_from_name(backend, os.environ)
+    elif isinstance(backend, Backend):
+        chosen = backend
+    else:
+        raise TypeError(
+            f"init(backend=...) takes a Backend, 'null', 'gloo', 'nccl' or None, "
+            f"not {type(backend).__name__}"
+        )
+    prepare = getattr(chosen, "ensure_group", None)
+    if prepare is not None:
+        prepare()
+    with _Config.lock:
+        _Config.backend = chosen
+        _Config.timeout = seconds
+        _Config.warn_after = warn
+    return chosen
+
+
+@contextlib.contextmanager
+def use_backend(backend: Backend) -> Iterator[Backend]:
+    """Use ``backend`` for sync points inside the ``with`` block (this
+    thread or task only), then go back to the previous choice."""
+    if not isinstance(backend, Backend):
+        raise TypeError(
+            f"use_backend() takes a Backend (NullBackend(), TorchBackend() or your "
+            f"own), not {type(backend).__name__}"
+        )
+    token = _scoped.set(backend)
+    try:
+        yield backend
+    finally:
+        _scoped.reset(token)
+
+
+def _forget_environment() -> None:
+    import sys
+
+    group = sys.modules.get("syncdeco._plane.group")
+    if group is not None:  # nothing read yet if the sync plane was never loaded
+        group.forget_environment()
+
+
+def reset() -> None:
+    """Forget :func:`init`'s choices and the environment read so far (for
+    tests and notebooks)."""
+    _forget_environment()
+    with _Config.lock:
+        _Config.backend = None
+        _Config.reset()

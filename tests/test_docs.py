@@ -1,0 +1,190 @@
+"""The docs' code snippets that are meant to run do run, and print what the
+docs say they print.
+
+The convention (docs/contributing.md says the same, for writers):
+
+- An HTML comment on the line before a fenced ```` ```python ```` block marks
+  it to run; the comment stays invisible on the site and on GitHub:
+
+  - ``<!-- run: python -->``: the block is a script, run with plain
+    ``python`` (one process, the Null backend);
+  - ``<!-- run: torchrun N -->``: run on N Gloo ranks with
+    ``torchrun --standalone --nproc-per-node N``;
+  - ``<!-- run: pytest -->``: the block is a test module, run with
+    ``python -m pytest``.
+
+  The script is saved under the block's ``title="NAME.py"`` if it has one
+  (so that file names in its output match), else ``snippet.py``, in an empty
+  directory that is also its working directory.
+- ``<!-- expect -->`` on the line before a ```` ```text ```` block says that
+  each of its non-empty lines is a line of the output of the last block
+  marked to run (stdout and stderr together, lines of several ranks in any
+  order); ``...`` in an expected line stands for any text.
+
+Every run has a timeout and runs in its own session, killed as a whole when
+it ends, so no rank is left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from scripted import LAUNCHER_VARIABLES
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+TIMEOUT = 60.0
+
+_MARK = re.compile(r"<!--\s*(run:[^>]*?|expect)\s*-->")
+_OPEN = re.compile(r"(`{3,})(\w*)([^`]*)")  # an info string has no backtick
+_TITLE = re.compile(r'title="([^"]+)"')
+
+
+@dataclass
+class Snippet:
+    page: str
+    line: int
+    how: list[str]  # "python", or "torchrun", "N", or "pytest"
+    filename: str
+    code: str
+    expected: list[str] = field(default_factory=list)
+
+    @property
+    def id(self) -> str:
+        return f"{self.page}:{self.line}"
+
+
+def _blocks(text: str) -> list[tuple[int, str | None, str, str, str]]:
+    """The top-level fenced blocks of a page: (line, the marker on the line
+    above or None, language, the rest of the opening line, body)."""
+    blocks = []
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        opening = _OPEN.fullmatch(lines[i].strip())
+        if opening is None:
+            i += 1
+            continue
+        fence, start = opening[1], i
+        i += 1
+        while i < len(lines) and not (
+            lines[i].strip().startswith(fence) and not lines[i].strip().strip("`")
+        ):
+            i += 1
+        mark = _MARK.fullmatch(lines[start - 1].strip()) if start else None
+        body = "".join(line + "\n" for line in lines[start + 1 : i])
+        blocks.append((start, mark[1] if mark else None, opening[2], opening[3], body))
+        i += 1
+    return blocks
+
+
+def _snippets(page: Path) -> list[Snippet]:
+    text = page.read_text()
+    blocks = _blocks(text)
+    # A marker must sit right above a fence; one shown inside a fenced block
+    # (as docs/contributing.md shows them) is no marker.
+    opening = {start for start, *_ in blocks}
+    inside = {n for start, *_, body in blocks for n in range(start, start + body.count("\n") + 2)}
+    wrong = [
+        n + 1
+        for n, line in enumerate(text.splitlines())
+        if _MARK.fullmatch(line.strip()) and n not in inside and n + 1 not in opening
+    ]
+    assert not wrong, f"{page.name}: a marker not right above a fenced block, line(s) {wrong}"
+    found: list[Snippet] = []
+    for start, mark, lang, attrs, body in blocks:
+        if mark is None:
+            continue
+        where = f"{page.name}:{start + 1}"
+        if mark == "expect":
+            if lang != "text" or not found:
+                raise AssertionError(
+                    f"{where}: <!-- expect --> goes above a ```text block after a run block"
+                )
+            found[-1].expected += [x.rstrip() for x in body.splitlines() if x.strip()]
+            continue
+        how = mark.removeprefix("run:").split()
+        valid = how in (["python"], ["pytest"]) or (
+            len(how) == 2 and how[0] == "torchrun" and how[1].isdigit()
+        )
+        if lang != "python" or not valid:
+            raise AssertionError(
+                f"{where}: <!-- {mark} --> must be run: python, run: torchrun N or "
+                f"run: pytest, right above a ```python block"
+            )
+        title = _TITLE.search(attrs)
+        default = "test_snippet.py" if how == ["pytest"] else "snippet.py"
+        found.append(Snippet(page.name, start + 1, how, title[1] if title else default, body))
+    return found
+
+
+SNIPPETS = [s for page in sorted(DOCS.glob("*.md")) for s in _snippets(page)]
+
+
+def test_the_docs_have_snippets_that_run() -> None:
+    # A change of convention must not quietly leave nothing to run.
+    kinds = {s.how[0] for s in SNIPPETS}
+    assert kinds == {"python", "torchrun", "pytest"}, kinds
+    assert all(s.expected for s in SNIPPETS), [s.id for s in SNIPPETS if not s.expected]
+
+
+def _run(args: list[str], cwd: Path, tmp_path: Path) -> str:
+    """Run ``args`` in ``cwd`` as a user would, in a session of its own; its
+    output (stdout and stderr), or a failed test if it fails or hangs."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
+    for key in LAUNCHER_VARIABLES:
+        env.pop(key, None)
+    proc = subprocess.Popen(
+        args,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"{args} did not finish within {TIMEOUT}s")
+    finally:
+        try:  # nothing is left behind, even a rank that closed its stdout early
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    text = out.decode(errors="replace")
+    assert proc.returncode == 0, f"{args} exited with {proc.returncode}:\n{text}"
+    return text
+
+
+def _matches(expected: str, line: str) -> bool:
+    pattern = ".*".join(re.escape(part) for part in expected.split("..."))
+    return re.fullmatch(pattern, line) is not None
+
+
+@pytest.mark.parametrize("snippet", SNIPPETS, ids=[s.id for s in SNIPPETS])
+def test_snippet_runs(snippet: Snippet, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    script = work / snippet.filename
+    script.write_text(snippet.code)
+    if snippet.how[0] == "torchrun":
+        args = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            "--nproc-per-node", snippet.how[1], snippet.filename,
+        ]  # fmt: skip
+    elif snippet.how[0] == "pytest":
+        args = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", snippet.filename]
+    else:
+        args = [sys.executable, snippet.filename]
+    out = _run(args, work, tmp_path)
+    lines = [line.rstrip() for line in out.splitlines()]
+    missing = [e for e in snippet.expected if not any(_matches(e, line) for line in lines)]
+    assert not missing, f"{snippet.id} did not print {missing}; it printed:\n{out}"

@@ -1,0 +1,294 @@
+"""Bad input at startup: a launcher's variables that cannot describe a job,
+and timeouts that are not a number of seconds.  Each is refused with the
+variable or option named and what to do, before any process group exists;
+``math.inf`` is accepted as "wait forever"."""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable
+from datetime import timedelta
+
+import pytest
+
+import syncdeco as sd
+from syncdeco._backend import resolve_timeout
+from syncdeco._env import detect_launch, local_rank_from_env, local_world_size_from_env
+
+LAUNCHER_VARIABLES = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "NODE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "OMPI_COMM_WORLD_RANK",
+    "OMPI_COMM_WORLD_SIZE",
+    "OMPI_COMM_WORLD_LOCAL_RANK",
+    "OMPI_COMM_WORLD_LOCAL_SIZE",
+    "SLURM_PROCID",
+    "SLURM_NTASKS",
+    "SLURM_LOCALID",
+    "SLURM_STEP_ID",
+    "SLURM_STEPID",
+)
+
+ADDR = {"MASTER_ADDR": "n0", "MASTER_PORT": "29500"}
+SRUN = {"SLURM_STEP_ID": "0"}
+
+
+def _launch_with(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
+    """Make ``env`` this process's launcher environment, and nothing else."""
+    for key in LAUNCHER_VARIABLES:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+
+
+# -- a job of no ranks -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "env, var, how",
+    [
+        ({"RANK": "0", "WORLD_SIZE": "0"}, "WORLD_SIZE", "--nnodes times --nproc-per-node"),
+        ({"RANK": "0", "WORLD_SIZE": "-2"}, "WORLD_SIZE", "--nnodes times --nproc-per-node"),
+        ({"SLURM_PROCID": "0", "SLURM_NTASKS": "0", **SRUN}, "SLURM_NTASKS", "--ntasks N"),
+        (
+            {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "0"},
+            "OMPI_COMM_WORLD_SIZE",
+            "-n N",
+        ),
+    ],
+)
+def test_a_world_of_no_ranks_says_what_to_do(
+    env: dict[str, str], var: str, how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(sd.LaunchEnvError) as info:
+        detect_launch(env)
+    message = str(info.value)
+    assert message.startswith(f"{var}={env[var]!r}, but a job has at least one rank"), message
+    assert how in message  # how the launcher counts ranks
+    assert (
+        "1 for a single process" in message and f"or unset {next(iter(env))} and {var}" in message
+    )
+    _launch_with(monkeypatch, env)
+    for call in (sd.rank, sd.world_size, sd.local_rank, lambda: sd.barrier("start")):
+        with pytest.raises(sd.LaunchEnvError, match=f"^{var}="):
+            call()  # the first call that needs the job says so, every time
+
+
+# -- a local rank beyond its node ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "env, refusal",
+    [
+        (
+            {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "2", **ADDR},
+            "LOCAL_RANK=2 is not below LOCAL_WORLD_SIZE=2: torchrun numbers the ranks on a "
+            "node from 0 to 1",
+        ),
+        (
+            # no LOCAL_WORLD_SIZE: a node cannot hold more ranks than the job
+            {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "4", **ADDR},
+            "LOCAL_RANK=4 is not below WORLD_SIZE=4: torchrun numbers the ranks on a node "
+            "from 0 to 3",
+        ),
+        (
+            {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "1"},
+            "LOCAL_RANK=1 is not below WORLD_SIZE=1",
+        ),
+        (
+            {
+                "OMPI_COMM_WORLD_RANK": "1",
+                "OMPI_COMM_WORLD_SIZE": "8",
+                "OMPI_COMM_WORLD_LOCAL_RANK": "4",
+                "OMPI_COMM_WORLD_LOCAL_SIZE": "4",
+                **ADDR,
+            },
+            "OMPI_COMM_WORLD_LOCAL_RANK=4 is not below OMPI_COMM_WORLD_LOCAL_SIZE=4: Open MPI",
+        ),
+        (
+            {
+                "OMPI_COMM_WORLD_RANK": "1",
+                "OMPI_COMM_WORLD_SIZE": "2",
+                "OMPI_COMM_WORLD_LOCAL_RANK": "2",
+                **ADDR,
+            },
+            "OMPI_COMM_WORLD_LOCAL_RANK=2 is not below OMPI_COMM_WORLD_SIZE=2: Open MPI",
+        ),
+        (
+            {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "2", **SRUN, **ADDR},
+            "SLURM_LOCALID=2 is not below SLURM_NTASKS=2: SLURM numbers the ranks on a node "
+            "from 0 to 1",
+        ),
+        (
+            {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "0", **ADDR},
+            "LOCAL_WORLD_SIZE='0', but this process's node runs at least one rank",
+        ),
+    ],
+)
+def test_a_local_rank_beyond_its_node_is_refused(
+    env: dict[str, str], refusal: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(sd.LaunchEnvError) as info:
+        detect_launch(env)
+    message = str(info.value)
+    assert message.startswith(refusal), message
+    assert "Launch through" in message  # and what to do
+    _launch_with(monkeypatch, env)
+    with pytest.raises(sd.LaunchEnvError, match="^" + refusal.split(":")[0].split(",")[0]):
+        sd.local_rank()
+
+
+@pytest.mark.parametrize(
+    "env, var",
+    [
+        (
+            {"LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "2"},
+            "LOCAL_RANK=2 is not below LOCAL_WORLD_SIZE=2",
+        ),
+        (
+            {"OMPI_COMM_WORLD_LOCAL_RANK": "3", "OMPI_COMM_WORLD_LOCAL_SIZE": "1"},
+            "OMPI_COMM_WORLD_LOCAL_RANK=3 is not below OMPI_COMM_WORLD_LOCAL_SIZE=1",
+        ),
+        ({"LOCAL_WORLD_SIZE": "0"}, "LOCAL_WORLD_SIZE='0', but"),
+    ],
+)
+def test_the_node_facts_of_a_group_made_elsewhere_are_checked_too(
+    env: dict[str, str], var: str
+) -> None:
+    # Where the user or a framework made the process group, syncdeco reads
+    # only the node variables (to find a node's ranks for local=True).
+    with pytest.raises(sd.LaunchEnvError, match="^" + var):
+        (local_rank_from_env(env), local_world_size_from_env(env))
+
+
+@pytest.mark.parametrize(
+    "env, local",
+    [
+        ({"RANK": "7", "WORLD_SIZE": "8", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "4", **ADDR}, 3),
+        ({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3", **ADDR}, 3),
+        ({"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "3", **SRUN, **ADDR}, 3),
+        ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0", **SRUN}, 0),
+    ],
+)
+def test_the_last_local_rank_of_a_node_is_accepted(env: dict[str, str], local: int) -> None:
+    launch = detect_launch(env)
+    assert launch is not None and launch.local_rank == local
+    assert local_rank_from_env(env) == local
+
+
+# -- timeouts ------------------------------------------------------------------------
+
+
+class _Recording:
+    """A one-rank backend that keeps the timeout each sync point was given."""
+
+    def __init__(self) -> None:
+        self.timeouts: list[tuple[str, float | None]] = []
+
+    def rank(self) -> int:
+        return 0
+
+    def world_size(self) -> int:
+        return 1
+
+    def local_rank(self) -> int:
+        return 0
+
+    def sync(self, point: sd.SyncPoint, *, timeout: float | None, **kw: object) -> object:
+        self.timeouts.append((point.kind, timeout))
+        return kw["payload"]
+
+
+FOREVER = [
+    pytest.param(math.inf, id="inf"),
+    pytest.param(float("inf"), id="float-inf"),
+    pytest.param(timedelta.max, id="timedelta.max"),
+    pytest.param(sys.maxsize, id="sys.maxsize"),
+    pytest.param(1e9, id="32-years"),
+]
+
+
+@pytest.mark.parametrize("forever", FOREVER)
+def test_an_infinite_timeout_waits_forever_as_none_does(forever: float | timedelta) -> None:
+    assert resolve_timeout(forever) is None
+    rec = _Recording()
+
+    @sd.barrier_after(timeout=forever)
+    @sd.main_first(timeout=forever)
+    @sd.on_main_only(broadcast=True, timeout=forever)
+    def load() -> int:
+        return 7
+
+    with sd.use_backend(rec):
+        assert load() == 7
+        with sd.main_first(timeout=forever):
+            pass
+        sd.barrier("end", timeout=forever)
+    assert rec.timeouts == [
+        ("on_main_only", None),
+        ("barrier_after", None),
+        ("main_first", None),
+        ("barrier", None),
+    ]
+    sd.init(rec, timeout=forever, warn_after=forever)
+    sd.barrier("default")
+    assert rec.timeouts[-1] == ("barrier", None)
+
+
+def test_a_long_finite_timeout_is_kept() -> None:
+    assert resolve_timeout(timedelta(days=365)) == 365 * 86400.0
+    assert resolve_timeout(1e9 - 1) == 1e9 - 1
+
+
+BAD = [
+    pytest.param(math.nan, "must be a number of seconds, got nan", id="nan"),
+    pytest.param(-math.inf, "must be positive, got -inf", id="-inf"),
+    pytest.param(-1, "must be positive, got -1", id="negative"),
+    pytest.param(0, "must be positive, got 0", id="zero"),
+    pytest.param(timedelta(seconds=-5), "must be positive, got -5.0", id="negative-timedelta"),
+]
+
+
+@pytest.mark.parametrize("timeout, why", BAD)
+def test_a_timeout_that_is_no_wait_is_refused_when_decorating(timeout: float, why: str) -> None:
+    faces: dict[str, Callable[[], object]] = {
+        "main_first": lambda: sd.main_first(timeout=timeout),
+        "barrier_after": lambda: sd.barrier_after(timeout=timeout),
+        "on_main_only": lambda: sd.on_main_only(broadcast=True, timeout=timeout),
+    }
+    for face, decorate in faces.items():
+        with pytest.raises(ValueError) as info:
+            decorate()
+        message = str(info.value)
+        assert message.startswith(f"timeout= {why}"), (face, message)
+        assert message.endswith("or None (or math.inf) to wait forever"), (face, message)
+    rec = _Recording()
+    with sd.use_backend(rec), pytest.raises(ValueError, match=f"^timeout= {why}"):
+        sd.barrier("now", timeout=timeout)  # a plain call: checked when called
+    assert rec.timeouts == []  # refused before any rank waits
+    with pytest.raises(ValueError, match=rf"^init\(timeout=\.\.\.\) {why}"):
+        sd.init("null", timeout=timeout)
+    with pytest.raises(ValueError, match=rf"^init\(warn_after=\.\.\.\) {why}"):
+        sd.init("null", warn_after=timeout)
+
+
+# -- on real ranks -----------------------------------------------------------------
+
+
+@pytest.mark.ranks(2, timeout=60)
+def test_infinite_timeouts_on_real_ranks() -> None:
+    # Before math.inf meant None, the wait under a sync point overflowed.
+    @sd.on_main_only(broadcast=True, timeout=math.inf)
+    def load() -> int:
+        return 7
+
+    assert load() == 7
+    with sd.main_first(timeout=math.inf):
+        pass
+    sd.barrier("end", timeout=math.inf)
