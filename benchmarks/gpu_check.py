@@ -9,7 +9,7 @@ check and the figures, and exits non-zero if any check FAILed.  It takes
 well under 5 minutes (each run of ranks has a timeout, and all of them
 together stop at 280 s).  Without a GPU every check is SKIPPED and it exits 0.
 
-The checks, with what each covers in syncdeco/_torch.py:
+The checks, with what each covers in syncdeco/_plane/wire.py:
 
 nccl-group
     World size 1 under torchrun's variables, with ``TorchBackend()`` (NCCL
@@ -23,8 +23,8 @@ local-rank-device
     or more, device_count() + 1 (device 1).
 nccl-wire
     World size 1 over NCCL: each half of the wire path in one process:
-    ``_wire_device`` is this rank's CUDA device, ``_on_wire`` puts CPU and
-    CUDA tensors there, NCCL broadcasts them, and ``_off_wire`` gives back
+    ``wire_device`` is this rank's CUDA device, ``on_wire`` puts CPU and
+    CUDA tensors there, NCCL broadcasts them, and ``off_wire`` gives back
     the device, requires_grad and nn.Parameter the main rank had.
 gloo-cuda-broadcast
     2 Gloo ranks sharing the GPU(s) (``sd.init("gloo")``; each rank's current
@@ -35,7 +35,7 @@ gloo-cuda-broadcast
     tensor comes back on its current CUDA device, the CPU one on the CPU,
     with dtype, shape and values equal and requires_grad / nn.Parameter
     kept.  syncdeco stages CUDA tensors through host memory on Gloo
-    (``_wire_device`` is the CPU for every backend but NCCL), so Gloo's own
+    (``wire_device`` is the CPU for every backend but NCCL), so Gloo's own
     CUDA support is not needed; what can stop two processes sharing a GPU is
     an exclusive compute mode, reported as SKIP.
 nccl-broadcast
@@ -250,7 +250,7 @@ def worker_single(check_wire: bool) -> None:
     import torch.distributed as dist
 
     import syncdeco as sd
-    from syncdeco import _torch as internals
+    from syncdeco._plane import wire as internals
 
     backend = "gloo" if REHEARSAL else "nccl"
     local_rank = int(os.environ["LOCAL_RANK"])
@@ -281,21 +281,21 @@ def worker_single(check_wire: bool) -> None:
     if check_wire and dist.is_initialized():
         with checking("nccl-wire") as outcome:
             device = here()
-            wire_device = internals._wire_device()
+            wire_device = internals.wire_device()
             assert wire_device == device, f"wire device {wire_device}, not {device}"
             for key, tensor in expected_result(device).items():
                 if not isinstance(tensor, torch.Tensor):
                     continue
-                wire = internals._on_wire(tensor)
+                wire = internals.on_wire(tensor)
                 assert wire.device == device, f"{key}: on the wire on {wire.device}"
                 assert wire.is_contiguous(), f"{key}: not contiguous on the wire"
                 dist.broadcast(wire, src=0)
-                back = internals._off_wire(wire, internals._meta(tensor))
+                back = internals.off_wire(wire, internals.meta(tensor))
                 if problems := compare({key: back}, {key: tensor}):
                     raise AssertionError("; ".join(problems))
-                buffer = internals._receive_buffer(tuple(tensor.shape), tensor.dtype, device)
+                buffer = internals.receive_buffer(tuple(tensor.shape), tensor.dtype, device)
                 assert buffer.device == device, f"{key}: receive buffer on {buffer.device}"
-            outcome.notes.append(f"CPU and CUDA tensors: _on_wire, {backend} broadcast, _off_wire")
+            outcome.notes.append(f"CPU and CUDA tensors: on_wire, {backend} broadcast, off_wire")
     if dist.is_initialized():
         dist.destroy_process_group()
 

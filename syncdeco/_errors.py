@@ -157,7 +157,10 @@ class SyncTimeoutError(SyncError, TimeoutError):
 
     ``missing`` lists the ranks that did not arrive (as seen from this rank);
     ``last_seen`` maps each of them to the last sync point it was seen at, or
-    None if it was never seen at one.
+    None if it was never seen at one.  ``stacks`` maps each of them to the
+    Python stack of its main thread when the sync point gave up (fetched
+    from that rank itself), or to why it could not answer; ``places`` says
+    the same in a few words (the innermost frame of the user's code).
     """
 
     __module__ = "syncdeco"
@@ -170,9 +173,13 @@ class SyncTimeoutError(SyncError, TimeoutError):
         timeout: float,
         observer: int,
         last_seen: Mapping[int, str | None] | None = None,
+        stacks: Mapping[int, str] | None = None,
+        places: Mapping[int, str] | None = None,
     ) -> None:
         self.missing = tuple(missing)
         self.last_seen = dict(last_seen or {})
+        self.stacks = dict(stacks or {})
+        self.places = dict(places or {})
         self.point = point
         self.timeout = timeout
         self.observer = observer
@@ -182,6 +189,8 @@ class SyncTimeoutError(SyncError, TimeoutError):
             timeout=timeout,
             observer=observer,
             last_seen=self.last_seen,
+            stacks=self.stacks,
+            places=self.places,
         )
         if observer in self.missing:
             ranks = ", ".join(map(str, self.missing))
@@ -192,12 +201,14 @@ class SyncTimeoutError(SyncError, TimeoutError):
             )
             return
         who = ", ".join(
-            whereabouts(r, self.last_seen[r]) if r in self.last_seen else str(r)
+            (whereabouts(r, self.last_seen[r]) if r in self.last_seen else str(r))
+            + (f", which {self.places[r]}" if r in self.places else "")
             for r in self.missing
         )
+        more = " Their stacks are in .stacks." if self.stacks else ""
         super().__init__(
             f"rank {observer} waited {timeout:g}s at {point} but rank(s) {who} did "
-            f"not arrive. Check those ranks' logs for a crash or a slow step, or "
+            f"not arrive.{more} Check those ranks' logs for a crash or a slow step, or "
             f"pass a larger timeout= (timeout=None waits forever)."
         )
 

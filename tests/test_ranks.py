@@ -948,3 +948,45 @@ def tricky_tensors(tmp: Path) -> object:
 def test_shared_conjugate_empty_and_meta_tensors(tmp_path: Path) -> None:
     outcomes = [o.unwrap() for o in run_ranks(tricky_tensors, 2, tmp_path)]
     assert outcomes == [(True, [0.0, 1.0, 2.0, 3.0], [1 - 2j], (0,), "meta")] * 2
+
+
+# -- where a missing rank is stuck ------------------------------------------------
+
+
+def load_batch(tmp: Path) -> None:
+    """A user function rank 1 is stuck in (a slow filesystem, a data loader),
+    until the others have given up on it (with a deadline of its own)."""
+    deadline = time.monotonic() + 60
+    while not (_seen(tmp, "rank0-gave-up") and _seen(tmp, "rank2-gave-up")):
+        if time.monotonic() > deadline:
+            raise TimeoutError("ranks 0 and 2 never gave up on rank 1")
+        time.sleep(0.002)
+
+
+def stuck_in_a_user_function(tmp: Path) -> object:
+    sd.barrier("warm up")
+    if sd.rank() == 1:
+        load_batch(tmp)
+        try:
+            sd.barrier("end of epoch", timeout=60)
+        except sd.SyncTimeoutError as err:
+            return err.missing
+        return "passed"
+    try:
+        sd.barrier("end of epoch", timeout=1)
+    except sd.SyncTimeoutError as err:
+        return err.missing, err.places, err.stacks, str(err)
+    finally:
+        _mark(tmp, f"rank{sd.rank()}-gave-up")
+    return "passed"
+
+
+def test_a_timeout_names_the_user_function_a_missing_rank_is_in(tmp_path: Path) -> None:
+    outcomes = [o.unwrap() for o in run_ranks(stuck_in_a_user_function, 3, tmp_path)]
+    assert outcomes[1] == (1,)  # it came too late, and was told so
+    for rank in (0, 2):  # the main, and a member that heard from the main
+        missing, places, stacks, message = outcomes[rank]
+        assert missing == (1,)
+        assert places[1].startswith("is in load_batch (") and "test_ranks.py:" in places[1]
+        assert "in load_batch" in stacks[1] and "in stuck_in_a_user_function" in stacks[1]
+        assert "which is in load_batch (" in message and ".stacks" in message

@@ -38,6 +38,7 @@ from .._backend import Failure, SyncPoint
 from .._errors import SyncError, SyncTimeoutError, whereabouts
 from . import protocol, wire
 from .protocol import OK, TIMEOUT, Frame, Verdict
+from .stacks import fetch_stacks
 from .transport import FOREVER_CHUNK, MIN_WAIT, Keys, Late, Transport
 from .watch import Wait, start_watcher
 
@@ -46,6 +47,7 @@ __all__ = ["PREFIX", "Exchange", "Place"]
 PREFIX: Final = "syncdeco"
 GRACE: Final = 1.0  # extra seconds a member waits for the main's verdict
 WITHDRAW_MARGIN: Final = 1.0  # seconds before a member's deadline to look for its withdrawal
+STACK_WAIT: Final = 1.0  # seconds a timed-out sync point waits for the missing ranks' stacks
 _HIGHEST: Final = pickle.HIGHEST_PROTOCOL
 
 _log = logging.getLogger("syncdeco")
@@ -62,6 +64,13 @@ class Place:
     node: str
     local_rank: int
     local_size: int | None
+
+
+def _where(rank: int, seen: str | None, place: tuple[str, str] | None) -> str:
+    """A missing rank for a log line: where it was last seen and where it is."""
+    if place is None:
+        return whereabouts(rank, seen)
+    return f"{whereabouts(rank, seen)}, which {place[0]}; its stack:\n{place[1]}"
 
 
 def _dumps(obj: object) -> bytes:
@@ -259,8 +268,9 @@ class Exchange:
                     self.gone[member] = Failure(*frame.failure)  # type: ignore[misc]
                 elif frame.kind != "absent":
                     self.seen[member] = (frame.where, now)
+        stacks = self.stacks(missing) if missing and not self.gone.keys() & arrived.keys() else None
         verdict = protocol.judge(
-            seq, point, self.rank, failure, arrived, missing, self.last_seen(missing)
+            seq, point, self.rank, failure, arrived, missing, self.last_seen(missing), stacks
         )
         own_error: BaseException | None = None
         wires: list[torch.Tensor] = []
@@ -344,12 +354,15 @@ class Exchange:
         ):
             return cast(Verdict, pickle.loads(self.mail.receive(base, seq, self.rank, None)))
         # Its frame stays: a main that comes late reads it, and its withdrawal.
+        (place, stack) = self.stacks([main])[main]
         raise SyncTimeoutError(
             missing=(main,),
             point=point.describe(),
             timeout=timeout or 0.0,
             observer=self.rank,
             last_seen=self.last_seen([main]),
+            stacks={main: stack},
+            places={main: place},
         )
 
     def _result(self, verdict: Verdict, main: int, point: SyncPoint) -> object:
@@ -412,6 +425,19 @@ class Exchange:
             )
         return seen
 
+    def stacks(self, ranks: Sequence[int], store: Any = None) -> dict[int, tuple[str, str]]:
+        """Where each of ``ranks`` is now, (place, stack or why it could not
+        say), fetched from those ranks themselves within about a second."""
+        reports = fetch_stacks(
+            self.store if store is None else store,
+            f"{self.prefix}/stack",
+            ranks,
+            timeout=STACK_WAIT,
+        )
+        return {
+            r: (report.where(), report.stack or str(report.reason)) for r, report in reports.items()
+        }
+
     def warn(self, wait: Wait, waited: float) -> None:
         """Log who this rank has been waiting for (the watcher calls it)."""
         if wait.lead:
@@ -426,23 +452,25 @@ class Exchange:
             )
             missing = [r for r in wait.members if r not in here]
             seen = self.last_seen(missing)
+            places = {} if self.spare is None else self.stacks(missing, self.spare)
             _log.warning(
                 "rank %d has waited %.0fs at %s: arrived %s; missing %s",
                 self.rank,
                 waited,
                 wait.point,
                 ", ".join(map(str, sorted(here))) or "none",
-                ", ".join(whereabouts(r, seen[r]) for r in missing) or "none",
+                "; ".join(_where(r, seen[r], places.get(r)) for r in missing) or "none",
                 extra={"rank": self.rank},
             )
         else:
             seen = self.last_seen([wait.main])
+            places = {} if self.spare is None else self.stacks([wait.main], self.spare)
             _log.warning(
                 "rank %d has waited %.0fs at %s for the main rank %s",
                 self.rank,
                 waited,
                 wait.point,
-                whereabouts(wait.main, seen[wait.main]),
+                _where(wait.main, seen[wait.main], places.get(wait.main)),
                 extra={"rank": self.rank},
             )
 

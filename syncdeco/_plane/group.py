@@ -30,6 +30,7 @@ from .._errors import SyncError, SyncTimeoutError
 from . import exits, wire
 from .deathwatch import DeathWatch, identity, watchable
 from .exchange import Exchange, Place
+from .stacks import StackResponder
 
 __all__ = [
     "announce_exit",
@@ -58,6 +59,7 @@ _early: Exchange | None = None
 # Null backend.
 last_group: tuple[weakref.ref[Any], int, int] | None = None
 _forked_child = False  # forked from a process with a group (see _forget_in_child)
+_responder: StackResponder | None = None
 
 # Whether the environment describes a multi-rank job, read once per process
 # (a launcher sets it before the process starts); init() and reset() forget it.
@@ -194,8 +196,15 @@ def _place(env: Mapping[str, str], rank: int) -> Place:
 def _new_exchange(
     store: Any, rank: int, world_size: int, env: Mapping[str, str], **options: Any
 ) -> Exchange:
+    global _responder
     made = Exchange(store, rank, world_size, _place(env, rank), **options)
     made.store.set(f"{made.prefix}/pid/{rank}", pickle.dumps(identity()))
+    # Answers a timed-out sync point's question: where is this rank's main
+    # thread?  Its own connection, idle until asked.
+    if _responder is not None:
+        _responder.close()
+    _responder = StackResponder(made.spare.clone(), f"{made.prefix}/stack", rank)
+    _responder.start()
     exits.note_uncaught()
     return made
 
@@ -329,8 +338,8 @@ def forget_environment() -> None:
 def _forget_in_child() -> None:
     # A forked child (notebook_launcher, multiprocessing) gets its own
     # variables, and is no member of the parent's group or exchange.
-    global _current, last_group, _forked_child, _watched, _early
-    _current = last_group = _watched = _early = None
+    global _current, last_group, _forked_child, _watched, _early, _responder
+    _current = last_group = _watched = _early = _responder = None
     _deaths.clear()
     # The parent's group, if any, looks initialised here too, but is not
     # this process's: it must not announce its exit there.

@@ -103,12 +103,14 @@ def judge(
     arrived: Mapping[int, Frame],
     missing: Sequence[int],
     last_seen: Mapping[int, str | None],
+    stacks: Mapping[int, tuple[str, str]] | None = None,
 ) -> Verdict | None:
     """The verdict of a sync point whose main is ``main``, or None when it
     succeeds (the caller adds the result).  In order of precedence: a rank
     that is gone explains the others' absence; then missing ranks; then a
     failure (a rank that raised reports it at whatever sync point it is at:
-    its error is the cause, not the mismatch); then a mismatch."""
+    its error is the cause, not the mismatch); then a mismatch.  ``stacks``:
+    where each missing rank is, (place, stack), for the TIMEOUT verdict."""
     failures = [] if failure is None else [(failure, point.describe())]
     failures += [
         (Failure(*cast(tuple[int, str, str, str, bool, bool], f.failure)), f.where)
@@ -119,7 +121,7 @@ def judge(
     if exits:
         return failed(seq, exits)
     if missing:
-        return (seq, TIMEOUT, tuple(missing), dict(last_seen))
+        return (seq, TIMEOUT, tuple(missing), dict(last_seen), dict(stacks or {}))
     if failures:
         return failed(seq, failures)
     mine = (seq, point.kind, point.name, point.count)
@@ -169,11 +171,14 @@ def raise_for(
     if code == MISMATCH:
         raise SyncMismatchError(points=detail, observer=observer)  # type: ignore[arg-type]
     if code == TIMEOUT:
+        stacks = cast("Mapping[int, tuple[str, str]]", verdict[4] if len(verdict) > 4 else {})
         raise SyncTimeoutError(
             missing=detail,  # type: ignore[arg-type]
             point=point.describe(),
             timeout=timeout or 0.0,
             observer=observer,
             last_seen=cast("Mapping[int, str | None] | None", verdict[3]),
+            stacks={r: stack for r, (_, stack) in stacks.items()},
+            places={r: place for r, (place, _) in stacks.items()},
         )
     raise SyncError(f"rank {observer} got an unknown verdict {code!r} at {point.describe()}")

@@ -1,0 +1,681 @@
+"""Where a rank is: its main thread's Python stack, asked for over the store.
+
+When a sync point times out, the ranks that did not arrive are alive
+somewhere else in their program.  Each rank runs a :class:`StackResponder`,
+a daemon thread that sleeps in one blocking store wait on its own connection
+until another rank asks; it then writes its process's main-thread stack to
+the store.  :func:`fetch_stacks` asks several ranks at once and waits about a
+second, in total, for their answers.
+
+The protocol, per answering rank ``r`` (keys under ``{prefix}/{r}/``):
+
+* ``asked``: a counter.  A request is ``n = add(asked, 1)``, so every request
+  has its own number however many ranks ask at once, then ``set(bell)``.
+* ``bell``: the key the responder waits for.  On waking it deletes the bell
+  *before* reading ``asked``, so a request whose bell it deleted is counted,
+  and one made after the read rings the bell again: none is lost.
+* ``stack/{m}``: one answer, a pickled dict, for every request up to ``m``.
+  The stack is read *after* ``m``, so it is never older than a request it
+  answers.  ``reply/{n}`` holds ``m`` for each such request ``n``; a reply to
+  an old request (one that came too late) sits under that old number and is
+  never taken for a newer request's.
+* ``served``: the last request answered (so a responder started later, or
+  again, answers what is pending and no more); ``who``: host and pid, set
+  when the responder starts, so a rank that does not answer can still be
+  named and looked at with ``py-spy``.
+
+A responder deletes its bell at each wake and a round's keys at the first
+wake at least 30 s later; what stays per rank is three small keys (``asked``,
+``served``, ``who``) and the last round's replies.  A rank that asks through one shared key
+instead (one bell for all) would wake every responder of the job for one
+missing rank, and make the answers of different ranks race for it: there is
+one bell per rank.
+
+Steady state: a responder's wait has no timeout that fires (a wait that times
+out makes torch's store client log two "waitForInput ... likely a timeout"
+warnings, which a timed re-arm would print every few minutes on every rank):
+it re-arms once a day, so its load on the store is one request per day, and
+a sync point pays nothing.  Nor does the asking side time out a store wait:
+it looks for the replies with ``check`` at growing intervals (about 25
+requests in a second), so a rank that does not answer costs no warnings.
+
+Exit: the responder thread is a daemon, and an ``atexit`` handler rings its
+bell through a fresh connection and waits (2 s at most) for it to end.  A
+daemon thread still in a store call when the interpreter finalizes would
+abort the process once that call returns (CPython ends it with
+``pthread_exit`` from inside torch's C++ frames: "terminate called without
+an active exception", status -6); a process that serves the store itself
+(rank 0 under SLURM or mpirun) did so on every exit without the handler.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import pickle
+import re
+import socket
+import sys
+import sysconfig
+import threading
+import time
+import traceback
+import weakref
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from importlib.util import find_spec
+from pathlib import Path
+from types import FrameType
+from typing import Any, Final, final
+
+__all__ = [
+    "StackReport",
+    "StackResponder",
+    "fetch_stacks",
+    "innermost_user_frame",
+    "main_thread_stack",
+]
+
+_log = logging.getLogger("syncdeco")
+
+Frame = tuple[str, int, str]  # file, line, function
+_Wire = tuple[str, int, str, str | None]  # file, line, function, source line
+
+_FOREVER: Final = timedelta(days=1)  # one wait of the responder (no traffic while it lasts)
+_KEEP: Final = 30.0  # seconds a round's reply stays for late readers before it is deleted
+_BACKLOG: Final = 64  # the most pending requests one round answers
+_FIRST_LOOK: Final = 0.001  # seconds before fetch_stacks first looks for replies
+_MOST_BETWEEN_LOOKS: Final = 0.05
+_LIMIT: Final = 50
+_VERSION: Final = 1
+
+
+# -- this process's main thread ---------------------------------------------------
+
+
+def _main_frame() -> FrameType | None:
+    return sys._current_frames().get(threading.main_thread().ident or -1)
+
+
+def _extract(frame: FrameType | None, limit: int) -> tuple[list[_Wire], int]:
+    """The innermost ``limit`` frames from ``frame`` outwards, outermost
+    first, and how many frames the stack has in all."""
+    frames: list[_Wire] = []
+    depth = 0
+    while frame is not None:
+        if depth < limit:
+            code = frame.f_code
+            lineno = frame.f_lineno or code.co_firstlineno
+            frames.append((code.co_filename, lineno, code.co_name, None))
+        depth += 1
+        frame = frame.f_back
+    frames.reverse()
+    return frames, depth
+
+
+def _format(frames: Sequence[_Wire], depth: int) -> str:
+    lines = ["Most recent call last:\n"]
+    if depth > len(frames):
+        lines.append(f"  ... {depth - len(frames)} outer frame(s) left out\n")
+    for file, line, function, source in frames:
+        lines.append(f'  File "{file}", line {line}, in {function}\n')
+        if source:
+            lines.append(f"    {source}\n")
+    return "".join(lines)
+
+
+def _with_source(frames: Iterable[_Wire]) -> list[_Wire]:
+    import linecache
+
+    return [(f, n, fn, linecache.getline(f, n).strip() or None) for f, n, fn, _ in frames]
+
+
+def main_thread_stack(*, limit: int = _LIMIT) -> str:
+    """This process's main thread's Python stack, as a traceback lists it
+    (most recent call last), its innermost ``limit`` frames.  Safe to call
+    from any thread; from the main thread it includes this call."""
+    frames, depth = _extract(_main_frame(), limit)
+    return _format(_with_source(frames), depth)
+
+
+# -- whose code a frame is ----------------------------------------------------------
+
+_OWN_DIR: Final = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # syncdeco/
+_FRAME_LINE: Final = re.compile(
+    r'^\s*File "(?P<file>.+)", line (?P<line>\d+), in (?P<function>.+?)\s*$'
+)
+_STDLIB_PATH: Final = re.compile(r"[/\\]lib[/\\](pypy|python)\d+(\.\d+)?t?[/\\]")
+
+
+def _dirs() -> tuple[str, ...]:
+    """Directories whose files are not the user's own: the standard library,
+    site-packages, and torch (also where it is built from source)."""
+    found: set[str] = set()
+    for name in ("stdlib", "platstdlib", "purelib", "platlib"):
+        with contextlib.suppress(KeyError):
+            found.add(sysconfig.get_paths()[name])
+    import site
+
+    with contextlib.suppress(AttributeError):
+        found.update(site.getsitepackages())
+    with contextlib.suppress(AttributeError):
+        found.add(site.getusersitepackages())
+    torch = sys.modules.get("torch")
+    origin = getattr(torch, "__file__", None)
+    if origin is None:
+        with contextlib.suppress(ImportError, ValueError):
+            spec = find_spec("torch")
+            origin = spec.origin if spec is not None else None
+    if origin:
+        found.add(os.path.dirname(origin))
+    return tuple(sorted(os.path.join(os.path.abspath(d), "") for d in found if d))
+
+
+_NOT_USER_DIRS: Final = _dirs()
+
+
+def _is_syncdeco(file: str) -> bool:
+    if file.startswith("<"):
+        return False
+    folder = os.path.dirname(os.path.abspath(file))
+    if folder == _OWN_DIR or folder.startswith(_OWN_DIR + os.sep):
+        return True
+    # Also on another host, where syncdeco lives elsewhere: its package folders.
+    parent, name = os.path.split(folder)
+    return name == "syncdeco" or (name == "_plane" and os.path.basename(parent) == "syncdeco")
+
+
+def is_user_file(file: str) -> bool:
+    """Whether ``file`` (a code object's file name) is the user's own code:
+    not syncdeco's, torch's, the standard library's or an installed package's.
+    Code run from ``python -c`` or ``exec`` (``<string>``, ``<stdin>``) is the
+    user's; ``<frozen ...>`` modules are the standard library's."""
+    if file.startswith("<"):
+        return not file.startswith("<frozen ")
+    if _is_syncdeco(file):
+        return False
+    path = os.path.abspath(file)
+    if any(path.startswith(d) for d in _NOT_USER_DIRS):
+        return False
+    parts = Path(path).parts
+    return not ("site-packages" in parts or "dist-packages" in parts or _STDLIB_PATH.search(path))
+
+
+def _as_frames(stack: str | Iterable[Any]) -> list[Frame]:
+    if isinstance(stack, str):
+        return [
+            (m["file"], int(m["line"]), m["function"])
+            for m in map(_FRAME_LINE.match, stack.splitlines())
+            if m is not None
+        ]
+    frames: list[Frame] = []
+    for frame in stack:
+        if isinstance(frame, traceback.FrameSummary):
+            frames.append((frame.filename, frame.lineno or 0, frame.name))
+        else:
+            frames.append((str(frame[0]), int(frame[1]), str(frame[2])))
+    return frames
+
+
+def innermost_user_frame(stack: str | Iterable[Any]) -> Frame | None:
+    """(file, line, function) of the innermost frame of ``stack`` that is the
+    user's own code (see :func:`is_user_file`), or None if there is none.
+
+    ``stack`` lists frames outermost first, as a traceback does: either
+    ``traceback.FrameSummary`` objects or tuples that start with (file, line,
+    function), which pickle small and travel between processes; or the text
+    of a formatted traceback (its ``File "...", line N, in f`` lines).  The
+    answering rank classifies its own frames, where the paths are its own;
+    on another host, site-packages, ``lib/pythonX.Y`` and a folder named
+    ``syncdeco`` are still recognised by name."""
+    for frame in reversed(_as_frames(stack)):
+        if is_user_file(frame[0]):
+            return frame
+    return None
+
+
+def _in_syncdeco(frames: Sequence[Frame], user: Frame | None) -> bool:
+    """Whether syncdeco's code runs inside the innermost user frame."""
+    inner = frames
+    if user is not None:
+        last = max(i for i, f in enumerate(frames) if f == user)
+        inner = frames[last + 1 :]
+    return any(_is_syncdeco(f[0]) for f in inner)
+
+
+# -- the answer -----------------------------------------------------------------
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class StackReport:
+    """Where one rank's main thread is, or why it could not say.
+
+    ``stack`` is its main thread's stack, formatted like a traceback (most
+    recent call last), and None when the rank did not answer; ``reason`` then
+    says so and why it may not have ("did not answer within 1 s: its process
+    is stopped ...").  ``frame`` is the innermost frame of the user's
+    own code, (file, line, function); ``in_syncdeco`` whether syncdeco's code
+    runs inside that frame (the rank is at a sync point of its own, and
+    ``frame`` is where the program called it).  ``host`` and ``pid`` name
+    its process when known; ``age`` is how many seconds before the reply was
+    read the stack was taken, by the answering host's clock against this one's.
+    """
+
+    rank: int
+    stack: str | None = None
+    frame: Frame | None = None
+    in_syncdeco: bool = False
+    host: str | None = None
+    pid: int | None = None
+    reason: str | None = None
+    age: float | None = None
+
+    @property
+    def answered(self) -> bool:
+        return self.stack is not None
+
+    def where(self) -> str:
+        """Where the rank is, in a few words, for one line of a message."""
+        if self.stack is None:
+            return str(self.reason)
+        if self.frame is None:
+            place = "outside the user's code (its stack shows where)"
+        else:
+            file, line, function = self.frame
+            place = f"in {function} ({file}:{line})"
+        if self.in_syncdeco:
+            return (
+                f"is at a syncdeco sync point of its own, called {place}"
+                if self.frame
+                else "is at a syncdeco sync point of its own"
+            )
+        return f"is {place}"
+
+    def describe(self) -> str:
+        """A line for the rank, then its stack indented, if it answered."""
+        head = f"rank {self.rank} {self.where()}"
+        if self.stack is None:
+            return head
+        return head + "\n" + "".join(f"  {line}\n" for line in self.stack.splitlines())
+
+
+def _answer(limit: int) -> dict[str, object]:
+    frames, depth = _extract(_main_frame(), limit)
+    frames = _with_source(frames)
+    plain = [f[:3] for f in frames]
+    user = innermost_user_frame(plain)
+    return {
+        "version": _VERSION,
+        "stack": _format(frames, depth),
+        "frame": user,
+        "in_syncdeco": _in_syncdeco(plain, user),
+        "taken": time.time(),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+    }
+
+
+# -- the store keys ----------------------------------------------------------------
+
+
+@final
+class _Keys:
+    __slots__ = ("asked", "base", "bell", "served", "who")
+
+    def __init__(self, prefix: str, rank: int) -> None:
+        self.base = f"{prefix}/{rank}"
+        self.asked = f"{self.base}/asked"
+        self.bell = f"{self.base}/bell"
+        self.served = f"{self.base}/served"
+        self.who = f"{self.base}/who"
+
+    def reply(self, n: int) -> str:
+        return f"{self.base}/reply/{n}"
+
+    def stack(self, m: int) -> str:
+        return f"{self.base}/stack/{m}"
+
+
+def _whoami() -> bytes:
+    return pickle.dumps((socket.gethostname(), os.getpid(), _pid_namespace()))
+
+
+def _pid_namespace() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+# -- answering -----------------------------------------------------------------------
+
+_EXIT_WAIT: Final = 2.0  # seconds interpreter exit waits for a responder thread to end
+
+
+@final
+class StackResponder:
+    """Answers other ranks' requests for this process's main-thread stack.
+
+    ``store`` must be a connection of the responder's own (``store.clone()``):
+    its thread holds it in a blocking wait.  ``start()`` starts that thread
+    (a daemon, so it never keeps the process alive); ``close()`` asks it to
+    stop.  The thread needs the GIL for a moment to read the stack, so a
+    process whose main thread holds the GIL (a long C call) answers only when
+    it lets go of it.
+
+    At interpreter exit (an ``atexit`` handler) the thread is woken and ended
+    before the interpreter finalizes: a daemon thread that returns from a
+    store call while the interpreter finalizes is ended by CPython with
+    ``pthread_exit``, which aborts the process from torch's C++ frames
+    ("terminate called without an active exception", status -6).
+    """
+
+    __slots__ = ("__weakref__", "_closed", "_keys", "_limit", "_ready", "_store", "_thread")
+
+    def __init__(self, store: Any, prefix: str, rank: int, *, limit: int = _LIMIT) -> None:
+        self._store = store
+        self._keys = _Keys(prefix, rank)
+        self._limit = limit
+        self._closed = threading.Event()
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start answering (once; a second call does nothing)."""
+        if self._thread is not None or self._closed.is_set():
+            return
+        self._thread = threading.Thread(
+            target=_respond,
+            args=(self._store, self._keys, self._limit, self._closed, self._ready),
+            name="syncdeco-stacks",
+            daemon=True,
+        )
+        _at_exit(self)
+        self._thread.start()
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Wait until the responder has said in the store that it answers
+        (its first two store requests); whether it has."""
+        return self._ready.wait(timeout)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def close(self, *, ring: Any = None) -> None:
+        """Stop answering.  Idempotent and never blocks on its thread, which
+        is held in a store wait: it ends at its next wake, at interpreter
+        exit, or with the process.  ``ring``, another connection to the same
+        store, wakes it now and tells askers it no longer answers (two store
+        requests)."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        if ring is not None:
+            with contextlib.suppress(Exception):
+                ring.delete_key(self._keys.who)  # askers now hear it has no responder
+                if self.running:
+                    ring.set(self._keys.bell, b"close")
+
+    def _ring_at_exit(self, deadline: float, rings: dict[object, Any]) -> threading.Thread | None:
+        """Wake the thread through another connection (in the exiting
+        thread: a helper thread still connecting when the interpreter
+        finalizes would abort it too); the thread to wait for, if any.
+        ``rings`` keeps the ring connections made so far, by server, for
+        responders that share one (several in one process, in a simulation)."""
+        self._closed.set()
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            return None  # never started, or its store is gone
+        try:
+            server = _server_of(self._store)
+            ring = rings.get(server) if server is not None else None
+            if ring is None:
+                # The ring connection inherits this timeout: a store host that
+                # cannot be reached holds the exit up until the deadline only.
+                left = max(deadline - time.monotonic(), 0.05)
+                self._store.set_timeout(timedelta(seconds=left))
+                ring = self._store.clone()
+                if server is not None:
+                    rings[server] = ring
+            ring.set(self._keys.bell, b"exit")
+        except Exception:
+            return None
+        return thread
+
+
+def _server_of(store: Any) -> tuple[str, int] | None:
+    """The address of a plain TCPStore (a PrefixStore's keys depend on a
+    prefix it does not show: None)."""
+    host, port = getattr(store, "host", None), getattr(store, "port", None)
+    if type(store).__name__ != "TCPStore" or host is None or port is None:
+        return None
+    return str(host), int(port)
+
+
+_responders: weakref.WeakSet[StackResponder] = weakref.WeakSet()
+_exit_hook: list[bool] = []
+
+
+def _at_exit(responder: StackResponder) -> None:
+    _responders.add(responder)
+    if not _exit_hook:
+        _exit_hook.append(True)
+        atexit.register(_end_all)
+
+
+def _end_all() -> None:
+    """At interpreter exit: wake every responder thread and wait (2 s in all)
+    for them to end, so none is in a store call when the interpreter
+    finalizes.  Past the deadline the rest stay asleep, unrung, in their waits."""
+    deadline = time.monotonic() + _EXIT_WAIT
+    rings: dict[object, Any] = {}
+    woken = [
+        responder._ring_at_exit(deadline, rings)
+        for responder in list(_responders)
+        if time.monotonic() < deadline
+    ]
+    for thread in woken:
+        if thread is not None:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def _respond(
+    store: Any, keys: _Keys, limit: int, closed: threading.Event, ready: threading.Event
+) -> None:
+    rounds: list[tuple[float, list[str]]] = []  # when written, and the keys
+    try:
+        served = int(store.get(keys.served)) if store.check([keys.served]) else 0
+        store.set(keys.who, _whoami())
+        ready.set()
+        while not closed.is_set():
+            try:
+                store.wait([keys.bell], _FOREVER)
+            except Exception as exc:
+                if "timeout" in str(exc).lower():
+                    continue  # a day without a request
+                raise
+            if closed.is_set():
+                return  # no more store calls: the interpreter may be exiting
+            store.delete_key(keys.bell)  # before reading the counter: no request is lost
+            asked = int(store.add(keys.asked, 0))
+            if asked > served:
+                served = _serve(store, keys, limit, served, asked, rounds)
+            now = time.monotonic()
+            while rounds and now - rounds[0][0] >= _KEEP:
+                for key in rounds.pop(0)[1]:
+                    store.delete_key(key)
+    except Exception as exc:  # the store is gone (its host exited): stop quietly
+        _log.debug("syncdeco's stack responder stopped: %r", exc)
+
+
+def _serve(
+    store: Any,
+    keys: _Keys,
+    limit: int,
+    served: int,
+    asked: int,
+    rounds: list[tuple[float, list[str]]],
+) -> int:
+    try:
+        answer: dict[str, object] = _answer(limit)
+    except Exception as exc:  # report it rather than let the asker wait
+        answer = {
+            "version": _VERSION,
+            "error": f"could not read its stack: {exc!r}",
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+        }
+    first = max(served + 1, asked - _BACKLOG + 1)
+    replies = [keys.reply(n) for n in range(first, asked + 1)]
+    store.set(keys.stack(asked), pickle.dumps(answer))
+    store.multi_set(replies, [str(asked)] * len(replies))
+    store.set(keys.served, str(asked))
+    rounds.append((time.monotonic(), [keys.stack(asked), *replies]))
+    return asked
+
+
+# -- asking ---------------------------------------------------------------------------
+
+
+def fetch_stacks(
+    store: Any, prefix: str, ranks: Sequence[int], *, timeout: float = 1.0
+) -> dict[int, StackReport]:
+    """Ask each of ``ranks`` for its main thread's stack, and wait up to
+    ``timeout`` seconds in all (not per rank) for their answers.
+
+    Each rank is asked through a key of its own (one store request and one
+    write per rank), so only the ranks asked wake up.  A rank that does not
+    answer in time gets a report with ``reason`` saying what may keep it;
+    its answer, if it comes later, is never taken for a later request's.
+    Costs nothing until called: call it when a sync point has already timed
+    out.  ``store`` is any connection to the store the responders use; its
+    timeout is not changed, and no store wait is left to time out (which
+    would make torch log warnings).
+    """
+    asked: dict[int, tuple[_Keys, int]] = {}
+    for rank in dict.fromkeys(ranks):
+        keys = _Keys(prefix, rank)
+        asked[rank] = keys, int(store.add(keys.asked, 1))
+        store.set(keys.bell, b"")
+    deadline = time.monotonic() + timeout
+    waiting = {rank: keys.reply(n) for rank, (keys, n) in asked.items()}
+    pause = _FIRST_LOOK
+    while waiting:
+        if store.check(list(waiting.values())):
+            break
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        time.sleep(min(pause, left))
+        pause = min(pause * 2, _MOST_BETWEEN_LOOKS)
+    reports: dict[int, StackReport] = {}
+    for rank, (keys, n) in asked.items():
+        reports[rank] = _read(store, rank, keys, n, timeout)
+    return reports
+
+
+def _read(store: Any, rank: int, keys: _Keys, n: int, timeout: float) -> StackReport:
+    reply = keys.reply(n)
+    if store.check([reply]):
+        m = int(store.get(reply))
+        data = store.get(keys.stack(m))
+        answer: dict[str, Any] = pickle.loads(data)
+        host, pid = answer.get("host"), answer.get("pid")
+        if "error" in answer:
+            return StackReport(rank, host=host, pid=pid, reason=f"answered, but {answer['error']}")
+        frame = answer["frame"]
+        return StackReport(
+            rank,
+            stack=str(answer["stack"]),
+            frame=(str(frame[0]), int(frame[1]), str(frame[2])) if frame else None,
+            in_syncdeco=bool(answer["in_syncdeco"]),
+            host=host,
+            pid=pid,
+            age=max(0.0, time.time() - float(answer["taken"])),
+        )
+    who = _who(store, keys)
+    if who is None:
+        return StackReport(
+            rank,
+            reason=(
+                "did not answer: no stack responder runs in its process (it has not "
+                "reached its first sync point yet, or it has exited)"
+            ),
+        )
+    host, pid, namespace = who
+    return StackReport(rank, host=host, pid=pid, reason=_why_silent(timeout, host, pid, namespace))
+
+
+def _who(store: Any, keys: _Keys) -> tuple[str, int, str | None] | None:
+    if not store.check([keys.who]):
+        return None
+    host, pid, namespace = pickle.loads(store.get(keys.who))
+    return str(host), int(pid), namespace
+
+
+def _why_silent(timeout: float, host: str, pid: int, namespace: str | None) -> str:
+    """Why a rank with a responder did not answer: from its process's state
+    when it runs on this host (in this pid namespace), else the usual
+    suspects; and how to look at it."""
+    head = f"did not answer within {timeout:g} s"
+    look = f"To see where it is: py-spy dump --pid {pid} (on host {host})."
+    state = None
+    if host == socket.gethostname() and namespace is not None and namespace == _pid_namespace():
+        state = _process_state(pid)
+    if state is not None:
+        return f"{head}: {state}. {look}"
+    return (
+        f"{head}: its main thread may be in a long C call that holds the GIL "
+        f"(pickling or copying a large object, an extension that does not release "
+        f"it), or its process may be stopped (SIGSTOP, Ctrl-Z, a debugger), swapping, "
+        f"or gone. {look}"
+    )
+
+
+_STATES: Final = {
+    "T": "its process is stopped (SIGSTOP or Ctrl-Z; SIGCONT resumes it)",
+    "t": "its process is stopped by a debugger (tracing stop)",
+    "D": "its main thread is in uninterruptible sleep (disk or network filesystem "
+    "I/O, or swapping)",
+    "Z": "its process has ended (a zombie not yet reaped by its launcher)",
+    "X": "its process has ended",
+}
+
+
+def _process_state(pid: int) -> str | None:
+    """What /proc says of ``pid`` on this host, if it explains the silence."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return "its process has ended"
+    except OSError:
+        return None
+    state = stat[stat.rfind(")") + 2 :][:1]
+    swapped = _swapped_mib(pid)
+    if state in _STATES:
+        said = _STATES[state]
+    elif state in ("R", "S"):
+        said = (
+            "its process is alive (running)" if state == "R" else "its process is alive (sleeping)"
+        )
+        said += ", so its main thread most likely holds the GIL in a long C call"
+    else:
+        return None
+    if swapped:
+        said += f"; {swapped} MiB of it is swapped out"
+    return said
+
+
+def _swapped_mib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmSwap:"):
+                return int(line.split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
