@@ -73,7 +73,9 @@ def init(
     values are refused with ``ValueError``.
 
     Not a collective by itself, but with a launcher's environment and no
-    process group yet, it initialises one, which every rank must do.
+    process group yet, it is a sync point (``syncdeco.init``, with this
+    ``timeout``) that brings the group up once every rank has reached it:
+    every rank must call it, and a rank that does not come is named.
     """
     if timeout is not DEFAULT:
         seconds = _seconds(timeout, "init(timeout=...)")
@@ -98,7 +100,7 @@ def init(
         )
     prepare = getattr(chosen, "ensure_group", None)
     if prepare is not None:
-        prepare()
+        prepare(timeout=seconds)  # a sync point, where no group exists yet
     with _Config.lock:
         _Config.backend = chosen
         _Config.timeout = seconds

@@ -18,8 +18,9 @@ each was stuck in, and no process is left behind.
 
 Marker options: ``timeout`` (seconds, default 120), ``launcher``
 ("torchrun", "slurm" or "ompi": whose environment variables the ranks see),
-``nodes`` (simulated nodes) and ``init`` (False: the ranks start with no
-process group, as a script under torchrun does).  Different world sizes for
+``nodes`` (simulated nodes) and ``init`` (False: the ranks start bare, as a
+launched script does: no process group and no meeting before the test body,
+under any launcher; the first sync point brings the group up).  Different world sizes for
 one test: ``pytest.param(..., marks=pytest.mark.ranks(n))`` in a parametrize.
 
 Each rank imports the test module again, with pytest's assertion rewriting

@@ -30,6 +30,7 @@ import os
 import pickle
 import reprlib
 import signal
+import socket
 import tempfile
 import time
 import traceback
@@ -91,23 +92,29 @@ def run_ranks(
     ``launcher`` picks whose variables the ranks see ("torchrun", "slurm" or
     "ompi"), ``nodes`` how many simulated nodes of equal size they form
     (torchrun and SLURM only: Open MPI tells nodes apart by host name).
-    Without ``init`` the ranks start with no process group (torchrun only),
-    as a script under torchrun does.  Ranks in ``dies`` are expected to kill
+    Without ``init`` the ranks start bare, as a launched script does: no
+    process group, and no meeting before ``fn``; under torchrun's variables
+    this process hosts the store as torchrun's agent does, under SLURM's or
+    Open MPI's rank 0 hosts it at MASTER_PORT (syncdeco does, at the first
+    sync point) and this process hosts nothing.  Ranks in ``dies`` are expected to kill
     themselves: they must be gone, by SIGKILL, and get an Outcome with
     ``value="killed"``.  Raises :class:`HungRanksError` if a rank died
     otherwise, did not finish within ``timeout`` seconds, or finished but its
     process did not exit.
     """
-    if not init and launcher != "torchrun":
-        raise ValueError("only torchrun's environment lets syncdeco create the group here")
     if world_size < 1 or world_size % nodes:
         raise ValueError(f"{world_size} ranks do not split into {nodes} equal nodes")
     import torch.distributed as dist
 
-    # torch re-exports TCPStore without declaring it, hence the ignores
-    store = dist.TCPStore(  # type: ignore[attr-defined]
-        "127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False
-    )
+    store: Any = None
+    if init or launcher == "torchrun":
+        # torch re-exports TCPStore without declaring it, hence the ignores
+        store = dist.TCPStore(  # type: ignore[attr-defined]
+            "127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False
+        )
+        port = store.port
+    else:
+        port = _free_port()  # rank 0 hosts the store there
     per_node = world_size // nodes
     procs: list[Any] = []
     with tempfile.TemporaryDirectory(prefix="syncdeco-ranks-") as scratch:
@@ -118,7 +125,7 @@ def run_ranks(
                     **os.environ,
                     **launcher_env(launcher, rank, world_size, per_node),
                     "MASTER_ADDR": "127.0.0.1",
-                    "MASTER_PORT": str(store.port),
+                    "MASTER_PORT": str(port),
                     "OMP_NUM_THREADS": "1",
                     **(extra_env or {}),
                 }
@@ -143,6 +150,12 @@ def run_ranks(
                     proc.kill()
                 proc.join(5)
             del store
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def launcher_env(launcher: Launcher, rank: int, world_size: int, per_node: int) -> dict[str, str]:

@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from .._backend import Failure, SyncPoint
 from .._env import local_rank_from_env
+from .._startup import tcp_is_server
 from . import group
 from .exchange import Exchange
 
@@ -23,7 +24,8 @@ class TorchBackend:
 
     Works with any process-group backend (Gloo, NCCL, ...): sync traffic goes
     through the group's store.  If no process group exists when it is first
-    needed, it initialises one from the launcher's environment with
+    needed, sync points run over the launcher's store, and the first world
+    sync point where every rank arrives and all is well makes the group with
     ``backend`` (default: ``"nccl"`` when CUDA is available, else ``"gloo"``).
     """
 
@@ -38,23 +40,35 @@ class TorchBackend:
     def __repr__(self) -> str:
         return f"TorchBackend({self._backend!r})" if self._backend else "TorchBackend()"
 
-    def ensure_group(self, point: SyncPoint | None = None) -> None:
-        """Initialise the default process group from the launcher's
-        environment unless one exists.  Every rank must call it.  Raises
-        ``SyncError`` if this process's group has been destroyed."""
-        group.ensure_group(self._backend, self._env, point)
+    def ensure_group(self, point: SyncPoint | None = None, timeout: float | None = None) -> None:
+        """Bring up the default process group unless one exists; every rank
+        must call it.  It is a sync point (``syncdeco.init``, waiting up to
+        ``timeout`` seconds, None: forever): the group is made once every
+        rank has arrived there, and a rank that does not arrive is named.
+        Raises ``SyncError`` if this process's group has been destroyed."""
+        if dist.is_initialized():
+            return
+        group.refuse_destroyed(point)
+        global _inits
+        _inits += 1
+        here = SyncPoint("init", "syncdeco.init", _inits, "syncdeco.init()")
+        self.sync(here, local=False, failure=None, payload=None, timeout=timeout)
 
-    def _exchange(self, point: SyncPoint | None = None) -> Exchange:
-        group.ensure_group(self._backend, self._env, point)
-        return group.exchange(self._env)
+    def _exchange(self, point: SyncPoint | None, timeout: float | None) -> Exchange:
+        return group.exchange_for(self._backend, self._env, point, timeout)
 
     def prepare(self) -> None:
-        """Join (or create) the process group and say where this rank lives.
-
-        syncdeco calls it before a main rank runs a body that ends in a sync
-        point, so that an hour-long first ``main_first`` does not keep the
-        others waiting in the group's own rendezvous, which has a timeout."""
-        self._exchange()
+        """Say where this rank lives before a main rank runs a body that ends
+        in a sync point.  Before any group exists, the rank that hosts the
+        job's store (rank 0 outside torchrun's agent store) opens it now, so
+        that the others reach it while it runs an hour-long first
+        ``main_first``; the others connect at their sync point."""
+        if dist.is_initialized():
+            group.exchange(self._env)
+            return
+        group.refuse_destroyed(None)
+        if tcp_is_server(group.launch_of(self._env), self._env):
+            group.early_exchange(self._backend, self._env, None, None)
 
     # Rank facts have no side effects: they come from the process group if
     # there is one, else from the group syncdeco was using if it has been
@@ -92,7 +106,7 @@ class TorchBackend:
 
         Under ``torch.profiler`` the wait shows up as
         ``syncdeco.<kind>:<name>``; without a profiler this costs nothing."""
-        exchange = self._exchange(point)
+        exchange = self._exchange(point, timeout)
         if group._deaths:  # ranks of this host that ended: tell the others first
             group.report_deaths(exchange, exchange.store)
         if torch.autograd.profiler._is_profiler_enabled:
@@ -102,6 +116,7 @@ class TorchBackend:
 
 
 AUTO: Final = TorchBackend()
+_inits = 0  # calls of ensure_group that made a sync point
 
 
 def auto_backend(env: Mapping[str, str]) -> TorchBackend | None:

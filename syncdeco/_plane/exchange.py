@@ -5,7 +5,9 @@ connection, this rank, the world size and where this rank lives
 (:class:`Place`).  It never reads torch's process-global state, so N ranks
 can run as threads of one process against a real store (``benchmarks/
 scale.py`` does).  Tensor results are the one thing that needs the process
-group: ``broadcast`` is handed in.
+group: ``broadcast`` is handed in, and, where the group is still to be
+made, ``on_met`` (called on every rank after a world sync point where all
+is well, before any tensor moves) and ``wire_device``.
 
 At each sync point the members of the scope (the world, or this node with
 ``local=True``) send the scope's main a frame; the main judges them
@@ -91,6 +93,8 @@ class Exchange:
         broadcast: Broadcast | None = None,
         transport: Callable[[Any], Transport] = Keys,
         prefix: str = PREFIX,
+        on_met: Callable[[], None] | None = None,
+        wire_device: Callable[[], torch.device] = wire.wire_device,
     ) -> None:
         """``store``: a connection of this exchange's own; ``spare``:
         another one, used from other threads (an exit notice while a sync
@@ -103,6 +107,10 @@ class Exchange:
         self.prefix = prefix
         self.mail: Transport = transport(store)
         self.broadcast = broadcast or dist.broadcast
+        # Before a process group exists: what makes it, once every rank has
+        # met (cleared once it is made), and where its tensors will travel.
+        self.on_met = on_met
+        self.wire_device = wire_device
         self.lock = threading.Lock()
         self.seq: dict[str, int] = {"w": 0, "l": 0}  # the last sync point entered, per scope
         self.node: tuple[int, tuple[int, ...]] | None = None  # (local main, its members)
@@ -206,6 +214,8 @@ class Exchange:
             try:
                 name, main, members = self.scope(local, deadline, point)
                 if main == self.rank and not members:
+                    if name == "w":
+                        self._met()  # a world of one
                     return payload  # alone in its scope (members know only their main)
                 if self.watcher is None:
                     self.watcher = start_watcher(self)
@@ -275,7 +285,8 @@ class Exchange:
                 data: bytes | None = None
                 if payload is not None:
                     data = wire.dumps(payload, tensors if base == self._base("w", 0) else None)
-                    wires = [wire.on_wire(t) for t in tensors]
+                    device = self.wire_device()
+                    wires = [wire.on_wire(t, device) for t in tensors]
                 verdict = (seq, OK, data, [wire.meta(t) for t in tensors])
             except Exception as exc:
                 exc.add_note(
@@ -293,6 +304,8 @@ class Exchange:
         if own_error is not None:
             raise own_error
         if verdict[1] == OK:
+            if base == self._base("w", 0):
+                self._met()
             for tensor in wires:  # every member got the shapes in its verdict
                 self.broadcast(tensor, self.rank)
             self.met += 1
@@ -328,6 +341,8 @@ class Exchange:
             self.gone[main] = Failure(*cast(tuple[int, str, str, str, bool, bool], verdict[2]))
         if verdict[1] == OK:
             self.met += 1
+            if base == self._base("w", 0):
+                self._met()
             return self._result(verdict, main, point)
         protocol.raise_for(verdict, point, self.rank, timeout)
         return None
@@ -358,7 +373,7 @@ class Exchange:
         data = cast("bytes | None", verdict[2])
         tensors = []
         for meta in cast("list[wire.Meta]", verdict[3]):
-            buffer = wire.receive_buffer(meta[0], meta[1], wire.wire_device())
+            buffer = wire.receive_buffer(meta[0], meta[1], self.wire_device())
             self.broadcast(buffer, main)
             tensors.append(wire.off_wire(buffer, meta))
         if data is None:
@@ -371,6 +386,13 @@ class Exchange:
                 f"broadcast at {point.describe()}: {exc!r}. Make sure its type "
                 f"can be imported on every rank."
             ) from exc
+
+    def _met(self) -> None:
+        """Every rank of the world has met at a sync point where all is well:
+        make the process group if it is still to be made."""
+        on_met = self.on_met
+        if on_met is not None:
+            on_met()
 
     # -- a member that gives up, and a main that answers anyway -------------------
 

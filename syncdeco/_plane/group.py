@@ -1,7 +1,8 @@
 """The process group's lifecycle, as syncdeco sees it.
 
 * which group a sync point uses, and the :class:`Exchange` over its store;
-* creating the group from a launcher's environment when none exists;
+* before any group exists, an exchange over the launcher's store (see
+  ``syncdeco._startup``) that makes the group once every rank has met;
 * remembering a destroyed group's rank facts;
 * forgetting everything in a forked child;
 * telling the others, at interpreter exit, that this rank is gone.
@@ -23,15 +24,24 @@ from typing import Any, Final
 import torch
 import torch.distributed as dist
 
+from .. import _startup as startup
 from .._backend import SyncPoint
 from .._env import Launch, detect_launch, local_rank_from_env, local_world_size_from_env, node_key
-from .._errors import SyncError
-from . import exits
+from .._errors import SyncError, SyncTimeoutError
+from . import exits, wire
 from .deathwatch import DeathWatch, identity, watchable
 from .exchange import Exchange, Place
 from .stacks import StackResponder
 
-__all__ = ["announce_exit", "ensure_group", "exchange", "exit_notice", "launched"]
+__all__ = [
+    "announce_exit",
+    "early_exchange",
+    "exchange",
+    "exchange_for",
+    "exit_notice",
+    "launched",
+    "refuse_destroyed",
+]
 
 DISTRIBUTED: Final = dist.is_available()
 
@@ -40,6 +50,9 @@ _lock = threading.Lock()
 # strong reference would keep the group alive after destroy_process_group(),
 # until interpreter teardown, where Gloo's threads abort the process).
 _current: tuple[weakref.ref[Any], Exchange] | None = None
+# The exchange over the launcher's store, while the group it will make does
+# not exist yet (see early_exchange).
+_early: Exchange | None = None
 
 # The last default group this process saw, with its rank and world size
 # there: after destroy_process_group() they are still its rank facts, and a
@@ -74,12 +87,8 @@ def launch_of(env: Mapping[str, str]) -> Launch:
     return launch
 
 
-def ensure_group(backend: str | None, env: Mapping[str, str], point: SyncPoint | None) -> None:
-    """Initialise the default process group from the launcher's environment
-    unless one exists.  Every rank must call it.  Raises ``SyncError`` if
-    this process's group has been destroyed."""
-    if dist.is_initialized():
-        return
+def refuse_destroyed(point: SyncPoint | None) -> None:
+    """Raise ``SyncError`` if this process's group has been destroyed."""
     if last_group is not None:
         where = f"at {point.describe()}" if point is not None else "before a sync point"
         raise SyncError(
@@ -88,20 +97,123 @@ def ensure_group(backend: str | None, env: Mapping[str, str], point: SyncPoint |
             f"point can be reached. Move sync points before the teardown, or "
             f"call init_process_group() again first."
         )
+
+
+def exchange_for(
+    backend: str | None, env: Mapping[str, str], point: SyncPoint | None, timeout: float | None
+) -> Exchange:
+    """The exchange for a sync point: over the default group's store, or,
+    before any group exists, over the launcher's store (reached within
+    ``timeout`` seconds; None: forever), which makes the group (with
+    ``backend``) once every rank has met at a world sync point."""
+    if dist.is_initialized():
+        return exchange(env)
+    refuse_destroyed(point)
+    return early_exchange(backend, env, point, timeout)
+
+
+def early_exchange(
+    backend: str | None, env: Mapping[str, str], point: SyncPoint | None, timeout: float | None
+) -> Exchange:
+    """The exchange over the launcher's store, before the group exists
+    (opened on first call).  Sync traffic needs only the store: the first
+    sync point keeps every promise the later ones keep, and no rank waits in
+    torch's rendezvous, which has a timeout of its own and names nobody."""
+    global _early
+    made = _early
+    if made is not None:
+        return made
     launch = launch_of(env)
     name = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        job = startup.open_store(launch, env, timeout)
+    except startup.StoreUnreachable as exc:
+        raise _unreachable(exc, launch, point, timeout) from exc.cause
     if name == "nccl":
         torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
-    if launch.launcher == "torchrun":
-        dist.init_process_group(name)  # env://, and torchrun's agent store
-    else:
+    with _lock:
+        if _early is None:
+            made = _new_exchange(
+                job.store.clone(),  # a connection of the exchange's own
+                launch.rank,
+                launch.world_size,
+                env,
+                spare=job.store,
+                wire_device=functools.partial(wire.wire_device, name),
+            )
+            made.on_met = functools.partial(_make_group, weakref.ref(made), job, name)
+            _early = made
+        return _early
+
+
+def _make_group(ref: weakref.ref[Exchange], job: startup.JobStore, backend: str) -> None:
+    """Every rank has just met at a world sync point where all is well: make
+    the default group over the job's store (Gloo's rendezvous is quick, as
+    every rank is on its way to it) and carry on with the same exchange."""
+    global _current, _early
+    made = ref()
+    if made is None:
+        return
+    if not dist.is_initialized():  # else the program made one meanwhile: use it
         dist.init_process_group(
-            name,
-            init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
-            rank=launch.rank,
-            world_size=launch.world_size,
+            backend, store=job.group_store(), rank=made.rank, world_size=made.world_size
         )
+    group = dist.distributed_c10d._get_default_group()
+    with _lock:
+        _current = (weakref.ref(group), made)
+        _early = None
+    made.on_met = None
+    made.wire_device = wire.wire_device
     remember_group()
+
+
+def _unreachable(
+    exc: startup.StoreUnreachable, launch: Launch, point: SyncPoint | None, timeout: float | None
+) -> SyncError:
+    """What a rank says when it cannot reach the job's store in time."""
+    where = point.describe() if point is not None else "its first sync point"
+    if exc.store.startswith("rank 0"):
+        return SyncTimeoutError(
+            missing=(0,),
+            point=f"{where} [{exc.store}, and did not let rank {launch.rank} connect: "
+            f"rank 0 has not started yet, or has exited]",
+            timeout=timeout or 0.0,
+            observer=launch.rank,
+            last_seen={0: None},
+        )
+    return SyncError(
+        f"rank {launch.rank} at {where} could not reach the job's store within "
+        f"{exc.waited:g}s: {exc.store}, and did not let it connect ({exc.cause}). "
+        f"The launcher's agent may have exited, or MASTER_ADDR/MASTER_PORT do not "
+        f"point at it."
+    )
+
+
+def _place(env: Mapping[str, str], rank: int) -> Place:
+    local = local_rank_from_env(env)
+    return Place(node_key(env), rank if local is None else local, local_world_size_from_env(env))
+
+
+def _new_exchange(
+    store: Any, rank: int, world_size: int, env: Mapping[str, str], **options: Any
+) -> Exchange:
+    global _responder
+    made = Exchange(store, rank, world_size, _place(env, rank), **options)
+    made.store.set(f"{made.prefix}/pid/{rank}", pickle.dumps(identity()))
+    # Answers a timed-out sync point's question: where is this rank's main
+    # thread?  Its own connection, idle until asked.
+    if _responder is not None:
+        _responder.close()
+    _responder = StackResponder(made.spare.clone(), f"{made.prefix}/stack", rank)
+    _responder.start()
+    threading.Thread(
+        target=watch_node,
+        args=(weakref.ref(made), made.spare.clone()),
+        name="syncdeco-find-node",
+        daemon=True,
+    ).start()
+    exits.note_uncaught()
+    return made
 
 
 def exchange(env: Mapping[str, str]) -> Exchange:
@@ -113,38 +225,20 @@ def exchange(env: Mapping[str, str]) -> Exchange:
         return current[1]
     with _lock:
         if _current is None or _current[0]() is not group:
-            rank = dist.get_rank()
-            local = local_rank_from_env(env)
-            place = Place(
-                node_key(env), rank if local is None else local, local_world_size_from_env(env)
-            )
             torch_store: Any = dist.distributed_c10d._get_default_store()
-            made = Exchange(
+            made = _new_exchange(
                 torch_store.clone(),  # a connection of syncdeco's own
-                rank,
+                dist.get_rank(),
                 dist.get_world_size(),
-                place,
+                env,
                 spare=torch_store,
             )
             _current = (weakref.ref(group), made)
-            made.store.set(f"{made.prefix}/pid/{rank}", pickle.dumps(identity()))
-            # Answers a timed-out sync point's question: where is this
-            # rank's main thread?  Its own connection, idle until asked.
-            global _responder
-            if _responder is not None:
-                _responder.close()
-            _responder = StackResponder(torch_store.clone(), f"{made.prefix}/stack", rank)
-            _responder.start()
-            threading.Thread(
-                target=watch_node,
-                args=(weakref.ref(made), torch_store.clone()),
-                name="syncdeco-find-node",
-                daemon=True,
-            ).start()
             remember_group()
-            exits.note_uncaught()
         return _current[1]
 
+
+# -- the ranks of this host watch each other ------------------------------------
 
 # -- the ranks of this host watch each other ------------------------------------
 
@@ -236,23 +330,37 @@ def report_deaths(made: Exchange, store: Any) -> None:
         made.report_killed(exits.killed_failure(rank), store)
 
 
-def announce_exit(exc: BaseException | None) -> None:
+def announce_exit(exc: BaseException | None, *, at_exit: bool = False) -> None:
     """Tell the others that this rank's process is ending (``exc``: the
     exception that ends it, if any).  A rank waiting for it at a sync point
     (now or later) then raises RankExitedError at once instead of at its
-    timeout.  Runs at interpreter exit (syncdeco registers it on import) and
-    where syncdeco.testing ends a rank; a process killed by a signal, or
-    ended by os._exit(), runs neither."""
+    timeout.  Runs at interpreter exit (syncdeco registers it on import,
+    ``at_exit``) and where syncdeco.testing ends a rank; a process killed by
+    a signal, or ended by os._exit(), runs neither."""
     try:
         current = _current
-        if current is not None:
-            made = current[1]
+        made = current[1] if current is not None else _early
+        if made is not None:
             made.leave(exits.exit_failure(made.rank, exc))
         elif not _forked_child and DISTRIBUTED and dist.is_initialized():
             # No sync point ran here yet, but the others may be waiting at
             # their first: through an exchange over the group's store.  (A
             # forked child's group state is its parent's: it stays silent.)
             exchange(os.environ).leave(exits.exit_failure(dist.get_rank(), exc))
+        elif not _forked_child and DISTRIBUTED and last_group is None:
+            # No group yet: the others may be waiting at their first sync
+            # point, over the launcher's store.  Reached within a couple of
+            # seconds or not at all; never where this rank would host it, and
+            # not from a multiprocessing child of a rank (a DataLoader
+            # worker has its rank's variables), unless syncdeco.testing says
+            # the child is the rank.
+            launch = detect_launch(os.environ)
+            store = startup.store_for_exit_notice(launch, os.environ, child=not at_exit)
+            if launch is not None and store is not None:
+                notice = Exchange(
+                    store, launch.rank, launch.world_size, _place(os.environ, launch.rank)
+                )
+                notice.leave(exits.exit_failure(launch.rank, exc))
     except Exception:
         pass  # exiting anyway: the others fall back on their timeout
 
@@ -260,7 +368,7 @@ def announce_exit(exc: BaseException | None) -> None:
 def exit_notice() -> None:
     """At interpreter exit: ``announce_exit`` with the exception that ended
     the program, if one did."""
-    announce_exit(exits.uncaught())
+    announce_exit(exits.uncaught(), at_exit=True)
 
 
 def launched(env: Mapping[str, str]) -> bool:
@@ -278,8 +386,8 @@ def forget_environment() -> None:
 def _forget_in_child() -> None:
     # A forked child (notebook_launcher, multiprocessing) gets its own
     # variables, and is no member of the parent's group or exchange.
-    global _current, last_group, _forked_child, _watch, _responder
-    _current = last_group = _watch = _responder = None
+    global _current, last_group, _forked_child, _watch, _early, _responder
+    _current = last_group = _watch = _early = _responder = None
     _deaths.clear()
     # The parent's group, if any, looks initialised here too, but is not
     # this process's: it must not announce its exit there.

@@ -73,9 +73,11 @@ def meta(tensor: torch.Tensor) -> Meta:
     )
 
 
-def wire_device() -> torch.device:
+def wire_device(backend: str | None = None) -> torch.device:
+    """Where tensors travel: ``backend`` names the process group's backend
+    (default: the current group's; a name for a group still to be made)."""
     # NCCL moves CUDA tensors only; Gloo moves CPU tensors.
-    if dist.get_backend() == "nccl":
+    if (dist.get_backend() if backend is None else backend) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
@@ -131,8 +133,9 @@ def receive_buffer(shape: Sequence[int], dtype: torch.dtype, device: torch.devic
     return tensor
 
 
-def on_wire(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.detach().resolve_conj().resolve_neg().to(wire_device()).contiguous()
+def on_wire(tensor: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+    device = wire_device() if device is None else device
+    return tensor.detach().resolve_conj().resolve_neg().to(device).contiguous()
 
 
 def off_wire(wire: torch.Tensor, meta: Meta) -> torch.Tensor:
