@@ -542,8 +542,7 @@ class Exchange:
                     if m != failure.rank
                 ]
         if first_hand:
-            mail.post(frames, verdicts)
-            store.set(key, gone)
+            mail.post(frames, verdicts, [(key, gone)])
             return True
         for base, at, verdict in verdicts:
             mail.offer_verdict(base, at, -1, verdict)

@@ -201,11 +201,16 @@ def _new_exchange(
     made = Exchange(store, rank, world_size, _place(env, rank), **options)
     made.store.set(f"{made.prefix}/pid/{rank}", pickle.dumps(identity()))
     # Answers a timed-out sync point's question: where is this rank's main
-    # thread?  Its own connection, idle until asked.
+    # thread?  Its own connection, idle until asked.  Only where the store
+    # outlives the ranks (torchrun's agent hosts it), or on the rank that
+    # hosts it: a connection idle in a wait on rank 0's store makes the store
+    # client log an error when rank 0 ends first, as correct programs do.
     if _responder is not None:
         _responder.close()
-    _responder = StackResponder(made.spare.clone(), f"{made.prefix}/stack", rank)
-    _responder.start()
+        _responder = None
+    if rank == 0 or env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        _responder = StackResponder(made.spare.clone(), f"{made.prefix}/stack", rank)
+        _responder.start()
     threading.Thread(
         target=watch_node,
         args=(weakref.ref(made), made.spare.clone()),

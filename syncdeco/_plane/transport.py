@@ -72,11 +72,12 @@ class Transport(Protocol):
         self,
         frames: Sequence[tuple[str, int, int, bytes]],
         verdicts: Sequence[tuple[str, int, bytes]],
+        extra: Sequence[tuple[str, bytes]] = (),
     ) -> None:
-        """Send ``frames`` (base, seq, rank, frame) and ``verdicts`` (base,
-        seq, verdict) in one request where the store allows: at exit, to a
-        store that may be gone, one send fails quietly where several would
-        make its client log a broken pipe."""
+        """Send ``frames`` (base, seq, rank, frame), ``verdicts`` (base, seq,
+        verdict) and ``extra`` (key, value) in one request where the store
+        allows: at exit, to a store that may be gone, one send fails quietly
+        where several would make its client log a broken pipe."""
 
     def offer_frame(self, base: str, seq: int, rank: int, frame: bytes) -> bool:
         """Like send, on behalf of a rank that is gone; never replaces a
@@ -165,10 +166,12 @@ class Keys:
         self,
         frames: Sequence[tuple[str, int, int, bytes]],
         verdicts: Sequence[tuple[str, int, bytes]],
+        extra: Sequence[tuple[str, bytes]] = (),
     ) -> None:
         keys = [f"{base}/u/{seq}/{rank}" for base, seq, rank, _ in frames]
         keys += [f"{base}/d/{seq}" for base, seq, _ in verdicts]
-        values = [f[3] for f in frames] + [v[2] for v in verdicts]
+        keys += [key for key, _ in extra]
+        values = [f[3] for f in frames] + [v[2] for v in verdicts] + [v for _, v in extra]
         self.store.multi_set(keys, values)
 
     def offer_frame(self, base: str, seq: int, rank: int, frame: bytes) -> bool:
@@ -251,7 +254,10 @@ class Queues:
         self,
         frames: Sequence[tuple[str, int, int, bytes]],
         verdicts: Sequence[tuple[str, int, bytes]],
+        extra: Sequence[tuple[str, bytes]] = (),
     ) -> None:
+        for key, value in extra:
+            self.store.set(key, value)
         for base, seq, rank, frame in frames:
             self.send(base, seq, rank, frame)
         for base, seq, verdict in verdicts:
