@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Wait", "start_watcher"]
 
-_IDLE: Final = 15.0  # seconds between looks when warnings are off or far apart
+_IDLE: Final = 1.0  # seconds between looks (sd.init(warn_after=...) may change the interval)
 
 _log = logging.getLogger("syncdeco")
 
@@ -57,9 +57,6 @@ def start_watcher(exchange: Exchange) -> threading.Thread:
 def _watch(ref: weakref.ref[Exchange]) -> None:
     while True:
         interval = warn_interval()
-        # Wakes a few times per interval (four times a minute by default):
-        # thousands of ranks in one process (a simulation) must not keep the
-        # interpreter busy waking their watchers.
         time.sleep(_IDLE if interval is None else min(_IDLE, interval / 4))
         exchange = ref()
         if exchange is None:
