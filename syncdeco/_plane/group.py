@@ -13,6 +13,7 @@ Whether the sync plane is used at all is decided in ``syncdeco._select``.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import pickle
 import threading
@@ -44,6 +45,7 @@ __all__ = [
 ]
 
 DISTRIBUTED: Final = dist.is_available()
+_log = logging.getLogger("syncdeco")
 
 _lock = threading.Lock()
 # The exchange over the default group's store, and that group (weakly: a
@@ -329,10 +331,16 @@ def _ended(ref: weakref.ref[Exchange], rank: int) -> None:
 
 def report_deaths(made: Exchange, store: Any) -> None:
     """Tell the others of the ranks of this node seen to end (once each:
-    ``report_killed`` settles who reports it first)."""
+    ``report_killed`` settles who reports it first).  A store that cannot be
+    reached (its host was the rank that ended) is left for the sync point to
+    report."""
     while _deaths:
         rank = _deaths.pop()
-        made.report_killed(exits.killed_failure(rank), store)
+        try:
+            made.report_killed(exits.killed_failure(rank), store)
+        except Exception as exc:
+            _log.debug("rank %d could not report rank %d's end: %r", made.rank, rank, exc)
+            return
 
 
 def announce_exit(exc: BaseException | None, *, at_exit: bool = False) -> None:
