@@ -131,15 +131,16 @@ def send(
         for tensor in wires:  # every member got the shapes in its verdict
             exchange.broadcast(tensor, exchange.rank)
         return None
+    key = _key(exchange, world, exchange.rank, seq)
     if world:
         node = _node(exchange)
-        if node.mains is not None:
-            for tensor in wires:
-                dist.broadcast(tensor, exchange.rank, group=node.mains)
         members = node.members
-    return _publish(
-        exchange, _key(exchange, world, exchange.rank, seq), members, wires, metas, mode
-    )
+        try:
+            _across(wires, exchange.rank, node.mains)
+        except BaseException as exc:
+            _fail(exchange, key, members, exc)
+            raise
+    return _publish(exchange, key, members, wires, metas, mode)
 
 
 def receive(
@@ -168,9 +169,8 @@ def receive(
         if node.main == exchange.rank:  # this node's main: from the main, then on
             buffers = [wire.receive_buffer(shape, dtype, _CPU) for shape, dtype, *_ in metas]
             try:
-                for buffer in buffers:
-                    dist.broadcast(buffer, main, group=node.mains)
-            except Exception as exc:
+                _across(buffers, main, node.mains)
+            except BaseException as exc:
                 _fail(exchange, _key(exchange, world, node.main, seq), node.members, exc)
                 raise
             key = _key(exchange, world, exchange.rank, seq)
@@ -208,6 +208,16 @@ def _node(exchange: Any) -> Node:
     mains = dist.new_group(mains_ranks, backend="gloo") if len(mains_ranks) > 1 else None
     node = _nodes[exchange] = Node(main, members if main == exchange.rank else (), mains)
     return node
+
+
+def _across(tensors: Sequence[torch.Tensor], main: int, mains: Any) -> None:
+    """Broadcast ``tensors`` from ``main`` to every node's main, as bytes
+    (Gloo moves no bool, bfloat16 or complex tensors)."""
+    if mains is None:
+        return
+    for tensor in tensors:
+        if tensor.numel():
+            dist.broadcast(tensor.reshape(-1).view(torch.uint8), main, group=mains)
 
 
 # -- shared memory on a node ---------------------------------------------------------
