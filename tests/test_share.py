@@ -217,7 +217,7 @@ def test_results_without_tensors_need_nothing_shared(tmp_path: Path) -> None:
 
 def test_share_needs_broadcast() -> None:
     with pytest.raises(TypeError) as info:
-        sd.on_main_only(share=True)
+        sd.on_main_only(share=True)  # type: ignore[call-overload]
     message = str(info.value)
     assert "on_main_only(share=True) needs broadcast=True" in message
     assert "@on_main_only(broadcast=True, share=True)" in message
