@@ -180,6 +180,40 @@ def test_no_file_is_left_in_dev_shm(tmp_path: Path) -> None:
     assert not [f for f in left if any(f"/syncdeco-{pid}-" in f for pid in pids)]
 
 
+def no_room(tmp: Path, share: bool) -> object:
+    """Rank 0 (the main, and its node's main) cannot write its node's file:
+    its result was sent to the other node's main first."""
+    import torch
+
+    from syncdeco._plane import pernode
+
+    if sd.rank() == 0:
+        pernode._DIR = str(tmp / "missing")  # type: ignore[misc]
+
+    @sd.on_main_only(broadcast=True, share=share)
+    def build() -> torch.Tensor:
+        return torch.ones(5)
+
+    return build().tolist()
+
+
+@pytest.mark.parametrize("share", [False, True], ids=["copy", "share"])
+def test_a_node_main_that_cannot_write_fails_its_node_only(tmp_path: Path, share: bool) -> None:
+    outcomes = run_ranks(no_room, 4, tmp_path, share, nodes=2)
+    main, member, *other_node = outcomes
+    assert isinstance(main.error, FileNotFoundError), main
+    notes = "\n".join(getattr(main.error, "__notes__", []))
+    assert "rank 0 at on_main_only" in notes and "could not hand the result" in notes, notes
+    assert "--shm-size" in notes
+    assert isinstance(member.error, sd.SyncError), member
+    message = str(member.error)
+    assert message.startswith("rank 1 at on_main_only"), message
+    assert "rank 0, the main rank of its node, could not hand on the result" in message
+    assert "FileNotFoundError" in message
+    # the other node got the result from its own main
+    assert [o.unwrap() for o in other_node] == [[1.0] * 5] * 2
+
+
 def async_share(tmp: Path) -> tuple[str | None, str | None]:
     import torch
 

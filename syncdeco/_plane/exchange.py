@@ -283,7 +283,7 @@ class Exchange:
             raise own_error
         if verdict[1] == OK:
             plan = cast(pernode.Plan, verdict[3])
-            shared = pernode.send(self, seq, plan, wires, members, world, timeout)
+            shared = pernode.send(self, seq, plan, wires, members, world, point)
             if shared is None:
                 return unshare(payload)
             return wire.loads(cast(bytes, verdict[2]), _off_wire(shared, plan))

@@ -120,7 +120,7 @@ def send(
     wires: list[torch.Tensor],
     members: Sequence[int],
     world: bool,
-    timeout: float | None,
+    point: SyncPoint,
 ) -> list[torch.Tensor] | None:
     """The main rank's side, after an OK verdict: send the tensors; with
     ``SHARE``, return them as this rank's shared copies."""
@@ -140,7 +140,7 @@ def send(
         except BaseException as exc:
             _fail(exchange, key, members, exc)
             raise
-    return _publish(exchange, key, members, wires, metas, mode)
+    return _publish(exchange, key, members, wires, metas, mode, point)
 
 
 def receive(
@@ -174,7 +174,7 @@ def receive(
                 _fail(exchange, _key(exchange, world, node.main, seq), node.members, exc)
                 raise
             key = _key(exchange, world, exchange.rank, seq)
-            shared = _publish(exchange, key, node.members, buffers, metas, mode)
+            shared = _publish(exchange, key, node.members, buffers, metas, mode, point)
             return buffers if shared is None else shared
         main = node.main
     return _take(exchange, _key(exchange, world, main, seq), main, metas, mode, point, timeout)
@@ -266,6 +266,7 @@ def _publish(
     tensors: Sequence[torch.Tensor],
     metas: Sequence[Meta],
     mode: str,
+    point: SyncPoint,
 ) -> list[torch.Tensor] | None:
     """A node's main: write ``tensors`` into a new file in shared memory and
     tell the node's other ranks where it is; with ``SHARE``, return this
@@ -294,6 +295,13 @@ def _publish(
         shared = _views(path, metas) if mode == SHARE else None
     except BaseException as exc:
         _unlink(path)
+        exc.add_note(
+            f"syncdeco: rank {exchange.rank} at {point.describe()} could not hand the "
+            f"result of @on_main_only(broadcast=True) ({size} bytes of tensors) to the "
+            f"ranks of its node through a file in {_DIR}; they raise SyncError. Check "
+            f"the room there (`df -h {_DIR}`: a Docker container has 64 MB unless it is "
+            f"started with a larger --shm-size)."
+        )
         _fail(exchange, key, members, exc)
         raise
     if members:
