@@ -131,7 +131,10 @@ def print_memory(memory: dict[int, Memory], tensor_mib: int) -> None:
         f"\n# memory on the node for one {tensor_mib} MiB tensor result, every rank holding "
         f"it after reading all of it: the ranks' private (RssAnon) growth summed, plus the "
         f"shared pages they map (RssShmem growth, counted once: the ranks map the same "
-        f"pages); Shmem: the machine's growth, a check (other processes move it too)\n"
+        f"pages); Shmem: the machine's growth, a check (other processes move it too). "
+        f"Growth beyond the tensor the main rank's function returned, which it holds "
+        f"before the call (with share=True its result is the shared copy instead, so "
+        f"once it drops its own the node holds one copy)\n"
     )
     print("| ranks | how | private MiB | shared MiB | node MiB | copies | target | Shmem MiB |")
     print("|---|---|---|---|---|---|---|---|")
