@@ -8,7 +8,13 @@ store.  A rank then either copies them out (``on_main_only(broadcast=True)``:
 every rank its own copy) or maps the file (``share=True``: every rank of the
 node the same memory).  The last rank of the node to have mapped or copied
 the file unlinks it, so the memory goes back to the system when the last
-tensor over it is dropped, and nothing is left in ``/dev/shm``.
+tensor over it is dropped, and nothing is left in ``/dev/shm`` (unless a
+rank of the node is killed between its main's write and its own mapping:
+then ``/dev/shm/syncdeco-<pid>-<token>`` stays until deleted by hand).
+
+``share=True`` shares CPU memory: a result holding a CUDA tensor is refused
+(ValueError on the main rank, PeerFailedError on the others) rather than
+copied through the CPU behind the user's back.
 
 Plans (the verdict's last item says which one the members follow):
 
