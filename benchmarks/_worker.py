@@ -40,6 +40,16 @@ def cases(rank: int, iters: int, big_iters: int, tensor_mib: int) -> list[Case]:
     def tensor_result() -> torch.Tensor:
         return big
 
+    @sd.on_main_only(broadcast=True, share=True)
+    def shared_result() -> torch.Tensor:
+        return big
+
+    def shared_result_read() -> object:
+        # every rank reads every page of its node's shared copy
+        out = shared_result()
+        out.sum()
+        return out
+
     def bol_small() -> object:
         box = [small if rank == 0 else None]
         dist.broadcast_object_list(box, src=0)
@@ -73,6 +83,8 @@ def cases(rank: int, iters: int, big_iters: int, tensor_mib: int) -> list[Case]:
         ("dist.broadcast tensor, new buffer", raw_broadcast_new_buffer, big_iters),
         ("broadcast_object_list tensor", bol_tensor, big_iters),
         ("on_main_only(broadcast) tensor", tensor_result, big_iters),
+        ("on_main_only(broadcast, share) tensor", shared_result, big_iters),
+        ("on_main_only(broadcast, share) tensor, read", shared_result_read, big_iters),
     ]
     try:
         from accelerate import PartialState
@@ -88,6 +100,74 @@ def cases(rank: int, iters: int, big_iters: int, tensor_mib: int) -> list[Case]:
     except ImportError:
         pass
     return out
+
+
+def _status() -> dict[str, float]:
+    """This process's private and shared resident memory, in MiB."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("RssAnon", "RssShmem"):
+                out[key] = int(value.split()[0]) / 1024
+    return out
+
+
+def _shmem() -> float:
+    """Shared memory in use on the machine, in MiB (every process's)."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("Shmem:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def memory(rank: int, tensor_mib: int) -> dict[str, dict[str, float]]:
+    """Memory the node holds for one tensor result, each way of handing it
+    to every rank: the ranks' private growth (summed), the shared pages they
+    map (the same pages on every rank: counted once, the largest growth) and
+    the machine's Shmem growth, with every rank holding its result after
+    reading all of it."""
+    big = torch.ones(tensor_mib * 2**20 // 4)
+
+    @sd.on_main_only(broadcast=True, name="memory copy")
+    def copied() -> torch.Tensor:
+        return big
+
+    @sd.on_main_only(broadcast=True, share=True, name="memory share")
+    def shared() -> torch.Tensor:
+        return big
+
+    def raw() -> torch.Tensor:
+        out = big if rank == 0 else torch.empty_like(big)
+        dist.broadcast(out, src=0)
+        return out
+
+    ways = {
+        "dist.broadcast tensor, new buffer": raw,
+        "on_main_only(broadcast) tensor": copied,
+        "on_main_only(broadcast, share) tensor": shared,
+    }
+    found: dict[str, dict[str, float]] = {}
+    for name, call in ways.items():
+        dist.barrier()
+        before, shm_before = _status(), _shmem()
+        out = call()
+        out.sum()  # every page read: mapped pages count once touched
+        dist.barrier()
+        after, shm_after = _status(), _shmem()
+        grown = {k: after[k] - before[k] for k in before}
+        every: list[dict[str, float]] = [{} for _ in range(dist.get_world_size())]
+        dist.all_gather_object(every, grown)
+        found[name] = {
+            "private": sum(g["RssAnon"] for g in every),
+            "shared": max(g["RssShmem"] for g in every),
+            "machine_shmem": shm_after - shm_before,
+            "copy": float(tensor_mib),
+        }
+        del out
+        dist.barrier()
+    return found
 
 
 def main() -> None:
@@ -124,10 +204,11 @@ def main() -> None:
             for _ in range(n):
                 call()
             samples[name].append((time.perf_counter() - start) / n * 1e6)
+    mem = memory(rank, args.tensor_mib) if args.only is None else {}
     if rank == 0:
         medians = {name: statistics.median(v) for name, v in samples.items()}
         with open(args.out, "w") as f:
-            json.dump({"world_size": dist.get_world_size(), "us": medians}, f)
+            json.dump({"world_size": dist.get_world_size(), "us": medians, "mib": mem}, f)
     with contextlib.suppress(Exception):
         dist.barrier()
     dist.destroy_process_group()

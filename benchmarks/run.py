@@ -9,6 +9,11 @@ prints per-call medians and each ratio next to its target.  The decorator
 cost on the Null backend is measured in this process.  Peers: raw
 torch.distributed always; Accelerate's ``main_process_first`` and Lightning's
 ``rank_zero_only`` when installed (``pip install -e ".[bench]"``).
+
+A tensor result is measured three ways: each rank its own copy
+(``on_main_only(broadcast=True)``), every rank of the node the same shared
+memory (``share=True``; also with every rank then reading all of it), and
+the memory the node holds for it with every rank holding its result.
 """
 
 from __future__ import annotations
@@ -67,10 +72,29 @@ FIGURES = [
         "speed",
         5.0,
     ),
+    (
+        "shared tensor result",
+        "on_main_only(broadcast, share) tensor",
+        "dist.broadcast tensor, new buffer",
+        "speed",
+        3.0,
+    ),
+    (
+        "shared tensor result, every rank reads it",
+        "on_main_only(broadcast, share) tensor, read",
+        "dist.broadcast tensor, new buffer",
+        "speed",
+        1.0,
+    ),
 ]
 
 
-def run_ranks(n: int, args: argparse.Namespace, only: list[str] | None = None) -> dict[str, float]:
+Memory = dict[str, dict[str, float]]
+
+
+def run_ranks(
+    n: int, args: argparse.Namespace, only: list[str] | None = None
+) -> tuple[dict[str, float], Memory]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         cmd = [
@@ -83,8 +107,8 @@ def run_ranks(n: int, args: argparse.Namespace, only: list[str] | None = None) -
             cmd += ["--only", *only]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         subprocess.run(cmd, check=True, env=env, timeout=1800, stdout=subprocess.DEVNULL)
-        result: dict[str, float] = json.loads(out.read_text())["us"]
-        return result
+        result = json.loads(out.read_text())
+        return result["us"], result["mib"]
 
 
 def ratio(us: dict[str, float], mine: str, peer: str, how: str) -> float | None:
@@ -99,6 +123,30 @@ def verdict(value: float | None, how: str, target: float) -> str:
     met = value <= target if how == "time" else value >= target
     sign = "<=" if how == "time" else ">="
     return f"{'met' if met else 'NOT met'} ({sign} {target:g}x)"
+
+
+def print_memory(memory: dict[int, Memory], tensor_mib: int) -> None:
+    """Memory the node holds for one tensor result, per way of handing it on."""
+    print(
+        f"\n# memory on the node for one {tensor_mib} MiB tensor result, every rank holding "
+        f"it after reading all of it: the ranks' private (RssAnon) growth summed, plus the "
+        f"shared pages they map (RssShmem growth, counted once: the ranks map the same "
+        f"pages); Shmem: the machine's growth, a check (other processes move it too). "
+        f"Growth beyond the tensor the main rank's function returned, which it holds "
+        f"before the call (with share=True its result is the shared copy instead, so "
+        f"once it drops its own the node holds one copy)\n"
+    )
+    print("| ranks | how | private MiB | shared MiB | node MiB | copies | target | Shmem MiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for n, ways in memory.items():
+        for how, m in ways.items():
+            node = m["private"] + m["shared"]
+            copies = node / m["copy"]
+            target = ""
+            if "share" in how:
+                target = "met (about 1)" if copies <= 1.25 else "NOT met (about 1)"
+            print(f"| {n} | {how} | {m['private']:.0f} | {m['shared']:.0f} | {node:.0f} "
+                  f"| {copies:.2f} | {target} | {m['machine_shmem']:.0f} |")  # fmt: skip
 
 
 def null_overhead(repeats: int, number: int) -> dict[str, float]:
@@ -165,11 +213,12 @@ def main() -> None:
     )
     print("| ranks | figure | syncdeco | peer | syncdeco µs | peer µs | ratio | target |")
     print("|---|---|---|---|---|---|---|---|")
-    runs = [(n, None) for n in args.sizes]
+    runs: list[tuple[int, list[str] | None]] = [(n, None) for n in args.sizes]
+    memory: dict[int, Memory] = {}
     if args.scale:
         runs.append((args.scale, ["dist.barrier", "barrier_after", "sd.barrier"]))
     for n, only in runs:
-        us = run_ranks(n, args, only)
+        us, memory[n] = run_ranks(n, args, only)
         for figure, mine, peer, how, target in FIGURES:
             if mine not in us:
                 continue
@@ -178,6 +227,8 @@ def main() -> None:
             shown = "-" if value is None else f"{value:.2f}x"
             print(f"| {n} | {figure} | {mine} | {peer} | {us[mine]:.0f} | {peer_us} | {shown} "
                   f"| {verdict(value, how, target)} |")  # fmt: skip
+
+    print_memory(memory, args.tensor_mib)
 
     ns = null_overhead(repeats=3 if args.smoke else 7, number=2000 if args.smoke else 200_000)
     base = ns["wrapt pass-through"]

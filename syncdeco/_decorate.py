@@ -181,7 +181,7 @@ _BARRIER_AFTER: Final = _Face(
 )
 _ON_MAIN_ONLY: Final = _Face(
     "on_main_only",
-    ("broadcast", "default", "local", "name", "timeout"),
+    ("broadcast", "default", "local", "name", "share", "timeout"),
     "@on_main_only(broadcast=True)",
 )
 
@@ -366,19 +366,28 @@ class _OnMainOnly:
     """``on_main_only(...)``: a decorator only (the other ranks skip the
     body, which a ``with`` block cannot do)."""
 
-    __slots__ = ("_broadcast", "_default", "_local", "_name", "_timeout")
+    __slots__ = ("_broadcast", "_default", "_local", "_name", "_share", "_timeout")
 
     def __init__(
-        self, broadcast: bool, default: object, local: bool, name: str | None, timeout: Timeout
+        self,
+        broadcast: bool,
+        default: object,
+        local: bool,
+        name: str | None,
+        timeout: Timeout,
+        share: bool = False,
     ) -> None:
         self._broadcast = broadcast
         self._default = default
         self._local = local
         self._name = name
         self._timeout = timeout
+        self._share = share
 
     def _policy(self, site: Site) -> Policy:
-        return OnMainOnly(site, self._broadcast, self._default, self._local, self._timeout)
+        return OnMainOnly(
+            site, self._broadcast, self._default, self._local, self._timeout, self._share
+        )
 
     def __call__(self, target: Callable[..., Any], /) -> Any:
         return _decorate(target, _ON_MAIN_ONLY, self._name, self._policy)
@@ -406,7 +415,8 @@ class _OnMainOnly:
     def __repr__(self) -> str:
         return (
             f"on_main_only(broadcast={self._broadcast}, default={self._default!r}, "
-            f"local={self._local}, name={self._name!r}, timeout={self._timeout!r})"
+            f"local={self._local}, name={self._name!r}, timeout={self._timeout!r}"
+            + (", share=True)" if self._share else ")")
         )
 
 
@@ -530,6 +540,7 @@ def on_main_only(
     broadcast: Literal[True],
     local: bool = False,
     name: str | None = None,
+    share: bool = False,
     timeout: Timeout = DEFAULT,
 ) -> _Keeps: ...
 @overload
@@ -561,6 +572,7 @@ def on_main_only(
     default: object = None,
     local: bool = False,
     name: str | None = None,
+    share: bool = False,
     timeout: Timeout = DEFAULT,
 ) -> Any:
     """Only the main rank runs the function.
@@ -574,9 +586,21 @@ def on_main_only(
     ``with`` block cannot be skipped on the other ranks.  On an ``async
     def`` function the others wait without blocking the event loop (see
     :func:`barrier_after`).
+
+    The tensors of a broadcast result cross the network once per node:
+    each node's main rank receives them and hands them to the node's other
+    ranks through shared memory.  Each rank still gets its own copy, unless
+    ``share=True`` (with ``broadcast=True``, CPU tensors only): then every
+    rank of a node gets tensors over the same shared memory (the main rank
+    too, instead of the tensors its function returned), so a large result
+    costs one copy per node.  A write through such a tensor is seen by the
+    node's other ranks (order it with a sync point), never by other nodes.
+    The memory goes back to the system when the last rank of the node drops
+    its tensors; nothing is left in ``/dev/shm``.
     """
     _check_bool(_ON_MAIN_ONLY, "broadcast", broadcast)
     _check_bool(_ON_MAIN_ONLY, "local", local)
+    _check_bool(_ON_MAIN_ONLY, "share", share)
     _check_name("on_main_only", name)
     _check_timeout("on_main_only", timeout)
     if broadcast and default is not None:
@@ -585,7 +609,14 @@ def on_main_only(
             "returns the main rank's result, so default is never used; drop one."
         )
 
-    face = _OnMainOnly(broadcast, default, local, name, timeout)
+    if share and not broadcast:
+        raise TypeError(
+            "on_main_only(share=True) needs broadcast=True: share=True gives every rank "
+            "of a node the main rank's broadcast result in the same shared memory, and "
+            "without broadcast=True the other ranks get no result at all. Write "
+            "@on_main_only(broadcast=True, share=True), or drop share=True."
+        )
+    face = _OnMainOnly(broadcast, default, local, name, timeout, share)
     if target is None:
         return face
     return face(target)

@@ -31,6 +31,7 @@ from typing import Any, ClassVar, Final, NamedTuple, TypeAlias, TypeVar, final
 from . import _trace
 from ._backend import Backend, Failure, SyncPoint, Timeout, resolve_timeout
 from ._errors import CompositionError, SyncError
+from ._plane.share import Share, unshare
 
 __all__ = [
     "BarrierAfter",
@@ -503,6 +504,7 @@ class OnMainOnly:
     default: object
     local: bool
     timeout: Timeout
+    share: bool = False  # with broadcast: a node's ranks get the same memory
     kind: ClassVar[str] = "on_main_only"
 
     @property
@@ -519,7 +521,7 @@ class OnMainOnly:
     def _broadcast(self, backend: Backend) -> Steps[tuple[bool, object]]:
         at = _Meet(backend, self.kind, self.site, self.local, self.timeout, prepare=True)
         if not _is_main(backend, self.local):
-            return False, (yield at)  # the main rank's result
+            return False, unshare((yield at))  # the main rank's result
         yield _Prepare(at)
         return True, _region.set(_Region(self.kind, self.local, str(self.site)))
 
@@ -529,7 +531,7 @@ class OnMainOnly:
         _region.reset(state)  # type: ignore[arg-type]
         if not self.broadcast:
             return None
-        payload = None if exc is not None else result
+        payload = None if exc is not None else Share(result) if self.share else result
         return _Meet(backend, self.kind, self.site, self.local, self.timeout, payload, exc)
 
 
@@ -574,6 +576,8 @@ def decorator(policy: Policy) -> str:
     options = []
     if isinstance(policy, OnMainOnly) and policy.broadcast:
         options.append("broadcast=True")
+        if policy.share:
+            options.append("share=True")
     if isinstance(policy, BarrierAfter) and policy.every != 1:
         options.append(f"every={policy.every}")
     if policy.local:
@@ -690,20 +694,33 @@ async def enter_async(policy: Policy, backend: Backend) -> tuple[bool, object]:
 
 def leave(
     policy: Policy, backend: Backend, state: object, exc: BaseException | None, result: object
-) -> None:
-    """``policy.exit``, waiting in this thread if it must."""
+) -> object:
+    """``policy.exit``, waiting in this thread if it must; returns the
+    result the call gives (the body's, or, for ``share=True``, the one in
+    shared memory)."""
     need = policy.exit(backend, state, exc, result)
     if need is not None:
-        _do(need)
+        return _shared(policy, exc, result, _do(need))
+    return result
 
 
 async def leave_async(
     policy: Policy, backend: Backend, state: object, exc: BaseException | None, result: object
-) -> None:
-    """``policy.exit``, waiting in the worker thread if it must."""
+) -> object:
+    """``policy.exit``, waiting in the worker thread if it must; returns
+    what :func:`leave` does."""
     need = policy.exit(backend, state, exc, result)
     if need is not None:
-        await _do_async(need)
+        return _shared(policy, exc, result, await _do_async(need))
+    return result
+
+
+def _shared(policy: Policy, exc: BaseException | None, result: object, synced: object) -> object:
+    # On the main rank of on_main_only(broadcast=True, share=True), the
+    # result the node's ranks share replaces the body's own.
+    if exc is None and isinstance(policy, OnMainOnly) and policy.share:
+        return unshare(synced)
+    return result
 
 
 def run(policies: Sequence[Policy], backend: Backend, body: Callable[[], R]) -> R:
@@ -729,7 +746,7 @@ def run(policies: Sequence[Policy], backend: Backend, body: Callable[[], R]) -> 
     while entered:
         policy, state = entered.pop()
         try:
-            leave(policy, backend, state, exc, result)
+            result = leave(policy, backend, state, exc, result)
         except BaseException as error:
             exc = error
     if exc is not None:
@@ -763,7 +780,7 @@ async def run_async(
     while entered:
         policy, state = entered.pop()
         try:
-            await leave_async(policy, backend, state, exc, result)
+            result = await leave_async(policy, backend, state, exc, result)
         except BaseException as error:
             exc = error
     if exc is not None:

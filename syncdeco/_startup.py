@@ -143,6 +143,15 @@ def open_store(launch: Launch, env: Mapping[str, str], timeout: float | None) ->
     with _lock:
         if _opened is not None:
             return _opened
+        if launch.world_size == 1:
+            # Alone: a store of its own, nobody to find (the launcher's
+            # variables name no store for a job of one rank).
+            tcp = _tcp("127.0.0.1", 0, 1, master=True, seconds=_FOREVER_CHUNK)
+            store = dist.PrefixStore(  # type: ignore[attr-defined]
+                namespace(env), tcp
+            )
+            _opened = JobStore(store, tcp, "127.0.0.1", tcp.port, "rank 0", hosted_here=True)
+            return _opened
         if launch.master_addr is None or launch.master_port is None:
             raise SyncError(
                 f"rank {launch.rank} of {launch.world_size} ({launch.launcher}) has no "

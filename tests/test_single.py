@@ -140,7 +140,7 @@ def test_non_callables_are_refused_naming_the_decorator_and_its_options(
     options = {
         "main_first": "local=, name=, timeout=",
         "barrier_after": "every=, name=, timeout=",
-        "on_main_only": "broadcast=, default=, local=, name=, timeout=",
+        "on_main_only": "broadcast=, default=, local=, name=, share=, timeout=",
     }[face]
     with pytest.raises(TypeError, match="keywords only") as info:
         call()  # type: ignore[operator]

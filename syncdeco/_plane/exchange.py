@@ -36,8 +36,9 @@ import torch.distributed as dist
 
 from .._backend import Failure, SyncPoint
 from .._errors import SyncError, SyncTimeoutError, whereabouts
-from . import protocol, wire
+from . import pernode, protocol, wire
 from .protocol import OK, TIMEOUT, Frame, Verdict
+from .share import unshare
 from .stacks import fetch_stacks
 from .transport import FOREVER_CHUNK, MIN_WAIT, Keys, Late, Transport
 from .watch import Wait, start_watcher
@@ -75,6 +76,10 @@ def _where(rank: int, seen: str | None, place: tuple[str, str] | None) -> str:
 
 def _dumps(obj: object) -> bytes:
     return pickle.dumps(obj, protocol=_HIGHEST)
+
+
+def _off_wire(tensors: list[torch.Tensor], plan: pernode.Plan) -> list[torch.Tensor]:
+    return [wire.off_wire(t, meta) for t, meta in zip(tensors, plan[1], strict=True)]
 
 
 @final
@@ -276,23 +281,18 @@ class Exchange:
         )
         own_error: BaseException | None = None
         wires: list[torch.Tensor] = []
+        world = base == self._base("w", 0)
         if verdict is None:
             try:
-                # On the world scope, tensors travel by broadcast, not pickle;
-                # they are made ready before any member is told a broadcast
-                # follows, so a failure here is an ordinary one.
-                tensors: list[torch.Tensor] = []
+                # Tensors travel apart from the pickle (``pernode``); they
+                # are made ready before any member is told they follow, so a
+                # failure here is an ordinary one.
                 data: bytes | None = None
+                plan: pernode.Plan = (pernode.BCAST, [])
                 if payload is not None:
-                    data = wire.dumps(payload, tensors if base == self._base("w", 0) else None)
-                    device = self.wire_device()
-                    wires = [wire.on_wire(t, device) for t in tensors]
-                verdict = (seq, OK, data, [wire.meta(t) for t in tensors])
+                    data, plan, wires = pernode.prepare(self, payload, world, point)
+                verdict = (seq, OK, data, plan)
             except Exception as exc:
-                exc.add_note(
-                    f"syncdeco: rank {self.rank} could not pickle the result of "
-                    f"{point.describe()} to broadcast it; return something picklable."
-                )
                 own_error = exc
                 verdict = protocol.failed(seq, [(Failure.from_exception(self.rank, exc), None)])
         if verdict[1] != TIMEOUT and self._withdrawn(base, seq, arrived):
@@ -304,12 +304,14 @@ class Exchange:
         if own_error is not None:
             raise own_error
         if verdict[1] == OK:
-            if base == self._base("w", 0):
-                self._met()
-            for tensor in wires:  # every member got the shapes in its verdict
-                self.broadcast(tensor, self.rank)
             self.met += 1
-            return payload
+            if world:
+                self._met()  # the group exists before any tensor moves
+            plan = cast(pernode.Plan, verdict[3])
+            shared = pernode.send(self, seq, plan, wires, members, world, point)
+            if shared is None:
+                return unshare(payload)
+            return wire.loads(cast(bytes, verdict[2]), _off_wire(shared, plan))
         protocol.raise_for(verdict, point, self.rank, timeout)
         return None
 
@@ -341,9 +343,10 @@ class Exchange:
             self.gone[main] = Failure(*cast(tuple[int, str, str, str, bool, bool], verdict[2]))
         if verdict[1] == OK:
             self.met += 1
-            if base == self._base("w", 0):
+            world = base == self._base("w", 0)
+            if world:
                 self._met()
-            return self._result(verdict, main, point)
+            return self._result(verdict, main, point, seq, world, timeout)
         protocol.raise_for(verdict, point, self.rank, timeout)
         return None
 
@@ -369,13 +372,18 @@ class Exchange:
             places={main: place},
         )
 
-    def _result(self, verdict: Verdict, main: int, point: SyncPoint) -> object:
+    def _result(
+        self,
+        verdict: Verdict,
+        main: int,
+        point: SyncPoint,
+        seq: int,
+        world: bool,
+        timeout: float | None,
+    ) -> object:
         data = cast("bytes | None", verdict[2])
-        tensors = []
-        for meta in cast("list[wire.Meta]", verdict[3]):
-            buffer = wire.receive_buffer(meta[0], meta[1], self.wire_device())
-            self.broadcast(buffer, main)
-            tensors.append(wire.off_wire(buffer, meta))
+        plan = cast(pernode.Plan, verdict[3])
+        tensors = _off_wire(pernode.receive(self, seq, plan, main, world, point, timeout), plan)
         if data is None:
             return None
         try:

@@ -12,12 +12,12 @@ Whether the sync plane is used at all is decided in ``syncdeco._select``.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import os
 import pickle
 import threading
-import time
 import weakref
 from collections.abc import Mapping
 from typing import Any, Final
@@ -213,12 +213,14 @@ def _new_exchange(
     if rank == 0 or env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         _responder = StackResponder(made.spare.clone(), f"{made.prefix}/stack", rank)
         _responder.start()
-    threading.Thread(
+    global _finder
+    _finder = threading.Thread(
         target=watch_node,
         args=(weakref.ref(made), made.spare.clone()),
         name="syncdeco-find-node",
         daemon=True,
-    ).start()
+    )
+    _finder.start()
     exits.note_uncaught()
     return made
 
@@ -253,6 +255,9 @@ _watch: DeathWatch | None = None  # the processes of this node's other ranks
 _deaths: list[int] = []  # ranks seen to end, not yet reported (a list: appends are atomic)
 
 
+_stopping = threading.Event()  # set at interpreter exit: the watch threads end
+_finder: threading.Thread | None = None
+
 _FIND_FIRST: Final = 0.01  # seconds between the first looks for the node's ranks
 _FIND_MOST: Final = 5.0  # ... and the longest, while some have not started yet
 
@@ -277,7 +282,7 @@ def watch_node(ref: weakref.ref[Exchange], store: Any) -> None:
     pending: set[int] | None = None  # the node's other ranks not watched yet
     while pending is None or pending:
         made = ref()
-        if made is None or made.left:
+        if made is None or made.left or _stopping.is_set():
             return
         # Every rank of the node has joined once a sync point succeeded
         # here: a rank that has not registered by then never will.
@@ -298,7 +303,7 @@ def watch_node(ref: weakref.ref[Exchange], store: Any) -> None:
         if last:
             return  # that was the last look
         del made
-        time.sleep(pause)
+        _stopping.wait(pause)
         pause = min(2 * pause, _FIND_MOST)
 
 
@@ -322,7 +327,7 @@ def _node_ranks(made: Exchange, store: Any) -> set[int] | None:
 def _ended(ref: weakref.ref[Exchange], rank: int) -> None:
     # In the death watch's thread.
     made = ref()
-    if made is None:
+    if made is None or _stopping.is_set():
         return
     _deaths.append(rank)
     if made.waiting is not None:
@@ -378,6 +383,22 @@ def announce_exit(exc: BaseException | None, *, at_exit: bool = False) -> None:
         pass  # exiting anyway: the others fall back on their timeout
 
 
+def _stop_watching() -> None:
+    """At interpreter exit, before the exit notice: end the threads that may
+    use the store (a daemon thread inside a store call when the interpreter
+    tears down aborts the process: "terminate called without an active
+    exception")."""
+    _stopping.set()
+    if _watch is not None:
+        _watch.close()
+    finder = _finder
+    if finder is not None and finder is not threading.current_thread():
+        finder.join(timeout=2.0)
+
+
+atexit.register(_stop_watching)
+
+
 def exit_notice() -> None:
     """At interpreter exit: ``announce_exit`` with the exception that ended
     the program, if one did."""
@@ -399,8 +420,9 @@ def forget_environment() -> None:
 def _forget_in_child() -> None:
     # A forked child (notebook_launcher, multiprocessing) gets its own
     # variables, and is no member of the parent's group or exchange.
-    global _current, last_group, _forked_child, _watch, _early, _responder
+    global _current, last_group, _forked_child, _watch, _early, _responder, _finder
     _current = last_group = _watch = _early = _responder = None
+    _finder = None
     _deaths.clear()
     # The parent's group, if any, looks initialised here too, but is not
     # this process's: it must not announce its exit there.

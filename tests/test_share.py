@@ -1,0 +1,296 @@
+"""Broadcast results once per node, and ``share=True``: on real Gloo ranks.
+
+A broadcast result's tensors reach each node's main rank, which hands them
+to its node through a file in shared memory (``syncdeco/_plane/pernode.py``).
+Simulated nodes (``nodes=2``) are separate ranks on this machine that the
+launcher's variables place on different nodes: they share nothing.  Events
+are ordered with syncdeco's own sync points, never with sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import glob
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import syncdeco as sd
+from syncdeco.testing import run_ranks
+
+SHM = "/dev/shm" if os.path.isdir("/dev/shm") else None
+
+
+def _result() -> dict[str, Any]:
+    import torch
+
+    a = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    return {
+        "a": a,
+        "again": a,  # the same tensor twice stays one tensor
+        "t": a.t(),  # not contiguous
+        "big": torch.arange(3 * 2**20 + 5, dtype=torch.float64),  # 24 MiB and 40 bytes
+        "half": torch.tensor([1.5, -2.0], dtype=torch.bfloat16),
+        "mask": torch.tensor([True, False, True]),
+        "z": torch.tensor([1 + 2j, 3 - 1j], dtype=torch.complex64),
+        "scalar": torch.tensor(7, dtype=torch.int16),
+        "empty": torch.empty(0, 5),
+        "p": torch.nn.Parameter(torch.ones(2)),
+        "frozen": torch.nn.Parameter(torch.ones(2), requires_grad=False),
+        "grad": torch.ones(3).requires_grad_(),
+        "plain": ["text", 5],
+    }
+
+
+def _check(got: dict[str, Any]) -> None:
+    import torch
+
+    want = _result()
+    for key, value in want.items():
+        if isinstance(value, torch.Tensor):
+            mine = got[key]
+            assert type(mine) is type(value), key
+            assert mine.dtype == value.dtype and mine.shape == value.shape, key
+            assert mine.requires_grad == value.requires_grad, key
+            assert torch.equal(mine.detach(), value.detach()), key
+        else:
+            assert got[key] == value, key
+    assert got["again"] is got["a"]
+
+
+def results(share: bool) -> list[str | None]:
+    """Every kind of tensor arrives intact; returns the file each tensor's
+    memory is mapped from (None: private memory)."""
+    import torch
+
+    @sd.on_main_only(broadcast=True, share=share)
+    def build() -> dict[str, Any]:
+        return _result()
+
+    got = build()
+    _check(got)
+    sd.barrier("checked")  # with share=True, a write here is seen by the node's ranks
+    for value in got.values():
+        if isinstance(value, torch.Tensor) and value.numel():
+            value.detach()[(0,) * value.dim()].fill_(0)  # writable everywhere
+    return [got[k].untyped_storage().filename for k in ("a", "big", "p")]
+
+
+@pytest.mark.parametrize("share", [False, True], ids=["copy", "share"])
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_tensor_results_arrive_intact(tmp_path: Path, share: bool, nodes: int) -> None:
+    files = [o.unwrap() for o in run_ranks(results, 4, share, nodes=nodes)]
+    if not share:
+        assert files == [[None] * 3] * 4  # each rank its own memory
+        return
+    per_node = 4 // nodes
+    for node in range(nodes):
+        mine = files[node * per_node : (node + 1) * per_node]
+        # one file per result on each node, mapped by every rank of that node
+        assert all(f == mine[0] for f in mine), files
+        assert all(name is not None for name in mine[0]), files
+        assert len(set(mine[0])) == 1, files
+    assert len({f[0] for f in files}) == nodes  # nodes share nothing
+
+
+def writes(share: bool, local: bool) -> tuple[list[float], bool]:
+    """Local rank 1 of each node writes into its result; after a barrier
+    every rank reports what it sees, and whether it holds the main's own
+    tensor object."""
+    import torch
+
+    mine = torch.zeros(4)
+
+    @sd.on_main_only(broadcast=True, share=share, local=local)
+    def build() -> torch.Tensor:
+        return mine
+
+    got = build()
+    sd.barrier("built")
+    if sd.local_rank() == 1:
+        got[sd.rank() // 2] = 100.0 + sd.rank()  # a slot per node
+    sd.barrier("written")
+    return got.tolist(), got is mine
+
+
+@pytest.mark.parametrize("local", [False, True], ids=["world", "local"])
+def test_shared_tensors_are_one_memory_per_node(tmp_path: Path, local: bool) -> None:
+    outcomes = [o.unwrap() for o in run_ranks(writes, 4, True, local, nodes=2)]
+    node0, node1 = [101.0, 0.0, 0.0, 0.0], [0.0, 103.0, 0.0, 0.0]
+    # rank 1's write is seen by rank 0 (the main, whose result is the shared
+    # one, not the tensor its function returned), never by the other node
+    assert outcomes == [(node0, False), (node0, False), (node1, False), (node1, False)]
+
+
+def test_copies_are_private(tmp_path: Path) -> None:
+    outcomes = [o.unwrap() for o in run_ranks(writes, 4, False, False, nodes=2)]
+    # the main keeps the very tensor its function returned, as before
+    assert outcomes == [
+        ([0.0] * 4, True),
+        ([101.0, 0.0, 0.0, 0.0], False),
+        ([0.0] * 4, False),
+        ([0.0, 103.0, 0.0, 0.0], False),
+    ]
+
+
+def _mapped() -> list[str]:
+    with open("/proc/self/maps") as f:
+        return [line.split(None, 5)[-1].strip() for line in f if "/syncdeco-" in line]
+
+
+def leftovers(tmp: Path) -> tuple[int, list[str], list[str], list[str], list[str]]:
+    """What is mapped and what is left in /dev/shm, while the result is held
+    and after it is dropped."""
+    import torch
+
+    @sd.on_main_only(broadcast=True, share=True)
+    def build() -> torch.Tensor:
+        return torch.ones(2**20)
+
+    @sd.on_main_only(broadcast=True)
+    def copied() -> torch.Tensor:
+        return torch.ones(2**20)
+
+    got = build()
+    copy = copied()
+    sd.barrier("every rank has its result")
+    held = _mapped()
+    files = sorted(glob.glob(f"{SHM}/syncdeco-{os.getpid()}-*"))
+    (tmp / f"pid{sd.rank()}").write_text(str(os.getpid()))
+    del got, copy
+    gc.collect()
+    return os.getpid(), held, files, _mapped(), sorted(glob.glob(f"{SHM}/syncdeco-*"))
+
+
+@pytest.mark.skipif(SHM is None, reason="no /dev/shm here")
+def test_no_file_is_left_in_dev_shm(tmp_path: Path) -> None:
+    outcomes = [o.unwrap() for o in run_ranks(leftovers, 4, tmp_path, nodes=2)]
+    pids = [pid for pid, *_ in outcomes]
+    for rank, (_, held, files, after, _) in enumerate(outcomes):
+        # mapped while held, already unlinked (every rank of the node had it) ...
+        assert len(held) == 1 and held[0].endswith("(deleted)"), (rank, held)
+        assert files == [], (rank, files)
+        # ... and unmapped once dropped: the memory goes back to the system
+        assert after == [], (rank, after)
+    # nothing of this job is in /dev/shm (other jobs on the machine may be)
+    left = {f for *_, everything in outcomes for f in everything}
+    assert not [f for f in left if any(f"/syncdeco-{pid}-" in f for pid in pids)]
+
+
+def no_room(tmp: Path, share: bool) -> object:
+    """Rank 0 (the main, and its node's main) cannot write its node's file:
+    its result was sent to the other node's main first."""
+    import torch
+
+    from syncdeco._plane import pernode
+
+    if sd.rank() == 0:
+        pernode._DIR = str(tmp / "missing")  # type: ignore[misc]
+
+    @sd.on_main_only(broadcast=True, share=share)
+    def build() -> torch.Tensor:
+        return torch.ones(5)
+
+    return build().tolist()
+
+
+@pytest.mark.parametrize("share", [False, True], ids=["copy", "share"])
+def test_a_node_main_that_cannot_write_fails_its_node_only(tmp_path: Path, share: bool) -> None:
+    outcomes = run_ranks(no_room, 4, tmp_path, share, nodes=2)
+    main, member, *other_node = outcomes
+    assert isinstance(main.error, FileNotFoundError), main
+    notes = "\n".join(getattr(main.error, "__notes__", []))
+    assert "rank 0 at on_main_only" in notes and "could not hand the result" in notes, notes
+    assert "--shm-size" in notes
+    assert isinstance(member.error, sd.SyncError), member
+    message = str(member.error)
+    assert message.startswith("rank 1 at on_main_only"), message
+    assert "rank 0, the main rank of its node, could not hand on the result" in message
+    assert "FileNotFoundError" in message
+    # the other node got the result from its own main
+    assert [o.unwrap() for o in other_node] == [[1.0] * 5] * 2
+
+
+def async_share(tmp: Path) -> tuple[str | None, str | None]:
+    import torch
+
+    @sd.on_main_only(broadcast=True, share=True)
+    async def build() -> torch.Tensor:
+        return torch.arange(6.0)
+
+    async def main() -> torch.Tensor:
+        return await build()
+
+    got = asyncio.run(main())
+    assert got.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    return got.untyped_storage().filename, type(got).__name__
+
+
+def test_async_functions_share_too(tmp_path: Path) -> None:
+    outcomes = [o.unwrap() for o in run_ranks(async_share, 2, tmp_path)]
+    assert outcomes[0] == outcomes[1] and outcomes[0][0] is not None, outcomes
+
+
+def no_tensors() -> object:
+    @sd.on_main_only(broadcast=True, share=True)
+    def build() -> dict[str, int]:
+        return {"rank": sd.rank()}
+
+    return build()
+
+
+def test_results_without_tensors_need_nothing_shared(tmp_path: Path) -> None:
+    assert [o.unwrap() for o in run_ranks(no_tensors, 2)] == [{"rank": 0}] * 2
+
+
+# -- one process ---------------------------------------------------------------
+
+
+def test_share_needs_broadcast() -> None:
+    with pytest.raises(TypeError) as info:
+        sd.on_main_only(share=True)  # type: ignore[call-overload]
+    message = str(info.value)
+    assert "on_main_only(share=True) needs broadcast=True" in message
+    assert "@on_main_only(broadcast=True, share=True)" in message
+
+
+def test_share_must_be_a_bool() -> None:
+    with pytest.raises(TypeError, match=r"on_main_only\(share=1\): share= must be True or False"):
+        sd.on_main_only(broadcast=True, share=1)  # type: ignore[call-overload]
+
+
+def test_alone_the_result_is_the_function_s_own() -> None:
+    import torch
+
+    mine = torch.ones(3)
+
+    @sd.on_main_only(broadcast=True, share=True)
+    def build() -> torch.Tensor:
+        return mine
+
+    with sd.use_backend(sd.NullBackend()):
+        assert build() is mine
+
+
+def cuda_refused() -> None:
+    import torch
+
+    @sd.on_main_only(broadcast=True, share=True)
+    def build() -> torch.Tensor:
+        return torch.ones(2, device="cuda")
+
+    build()
+
+
+def test_cuda_tensors_are_refused_with_share() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    outcomes = run_ranks(cuda_refused, 2)
+    assert isinstance(outcomes[0].error, ValueError)
+    assert "share=True" in str(outcomes[0].error) and "cuda" in str(outcomes[0].error)
+    assert isinstance(outcomes[1].error, sd.PeerFailedError)
