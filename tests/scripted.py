@@ -20,6 +20,7 @@ def run_script(
     tmp_path: Path,
     extra_env: Mapping[str, str] | None = None,
     timeout: float = 120.0,
+    cwd: Path | None = None,
 ) -> str:
     """Run ``args`` to the end and return its output (stdout and stderr);
     fail the test if it exits non-zero or runs past ``timeout`` seconds."""
@@ -27,7 +28,12 @@ def run_script(
     for key in LAUNCHER_VARIABLES:
         env.pop(key, None)
     proc = subprocess.Popen(
-        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+        args,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         # Returns once every process holding stdout has closed it: Fabric's

@@ -27,16 +27,13 @@ it ends, so no rank is left behind.
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from scripted import LAUNCHER_VARIABLES
+from scripted import run_script
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 TIMEOUT = 60.0
@@ -134,36 +131,6 @@ def test_the_docs_have_snippets_that_run() -> None:
     assert all(s.expected for s in SNIPPETS), [s.id for s in SNIPPETS if not s.expected]
 
 
-def _run(args: list[str], cwd: Path, tmp_path: Path) -> str:
-    """Run ``args`` in ``cwd`` as a user would, in a session of its own; its
-    output (stdout and stderr), or a failed test if it fails or hangs."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
-    for key in LAUNCHER_VARIABLES:
-        env.pop(key, None)
-    proc = subprocess.Popen(
-        args,
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        out, _ = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail(f"{args} did not finish within {TIMEOUT}s")
-    finally:
-        try:  # nothing is left behind, even a rank that closed its stdout early
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    text = out.decode(errors="replace")
-    assert proc.returncode == 0, f"{args} exited with {proc.returncode}:\n{text}"
-    return text
-
-
 def _matches(expected: str, line: str) -> bool:
     pattern = ".*".join(re.escape(part) for part in expected.split("..."))
     return re.fullmatch(pattern, line) is not None
@@ -184,7 +151,7 @@ def test_snippet_runs(snippet: Snippet, tmp_path: Path) -> None:
         args = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", snippet.filename]
     else:
         args = [sys.executable, snippet.filename]
-    out = _run(args, work, tmp_path)
+    out = run_script(args, tmp_path, timeout=TIMEOUT, cwd=work)
     lines = [line.rstrip() for line in out.splitlines()]
     missing = [e for e in snippet.expected if not any(_matches(e, line) for line in lines)]
     assert not missing, f"{snippet.id} did not print {missing}; it printed:\n{out}"
