@@ -40,7 +40,8 @@ from . import pernode, protocol, wire
 from .protocol import OK, TIMEOUT, Frame, Verdict
 from .share import unshare
 from .stacks import fetch_stacks
-from .transport import FOREVER_CHUNK, MIN_WAIT, Keys, Late, Transport
+from .tier import POLL, Tier, host_store, join_store, node_frame, read_frame, uses_tiers
+from .transport import FOREVER_CHUNK, MIN_WAIT, Keys, Late, StoreLost, Transport
 from .watch import Wait, start_watcher
 
 __all__ = ["PREFIX", "Exchange", "Place"]
@@ -54,6 +55,8 @@ _HIGHEST: Final = pickle.HIGHEST_PROTOCOL
 _log = logging.getLogger("syncdeco")
 
 Broadcast = Callable[[torch.Tensor, int], object]
+# Who waits for a rank, and where (see Exchange._waiters).
+Waiter = tuple[str, str, int, Sequence[int], int]
 
 
 @final
@@ -78,6 +81,21 @@ def _dumps(obj: object) -> bytes:
     return pickle.dumps(obj, protocol=_HIGHEST)
 
 
+def _member_deadline(deadline: float | None, timeout: float | None, tiers: int) -> float | None:
+    """A member waits a little longer than its main (and the second the main
+    takes to ask the missing ranks where they are), once for each tier
+    above it, so that when another rank is missing it hears so from the
+    main, which knows who, instead of blaming the rank it waits for."""
+    if deadline is None or timeout is None:
+        return deadline
+    return deadline + tiers * (min(max(GRACE, 0.1 * timeout), 10 * GRACE) + STACK_WAIT)
+
+
+def _wall(deadline: float | None) -> float | None:
+    """A monotonic deadline as wall-clock time (frames cross hosts)."""
+    return None if deadline is None else time.time() + (deadline - time.monotonic())
+
+
 def _off_wire(tensors: list[torch.Tensor], plan: pernode.Plan) -> list[torch.Tensor]:
     return [wire.off_wire(t, meta) for t, meta in zip(tensors, plan[1], strict=True)]
 
@@ -100,10 +118,16 @@ class Exchange:
         prefix: str = PREFIX,
         on_met: Callable[[], None] | None = None,
         wire_device: Callable[[], torch.device] = wire.wire_device,
+        tiers: bool = True,
+        host_node: Callable[[], tuple[Any, int]] = host_store,
+        join_node: Callable[[int], Any] = join_store,
     ) -> None:
         """``store``: a connection of this exchange's own; ``spare``:
         another one, used from other threads (an exit notice while a sync
-        point waits on ``store``)."""
+        point waits on ``store``).  ``tiers``: sync through a store per node
+        where the job has several nodes of several ranks (``tier``), each
+        hosted by ``host_node()`` (the store, its port) on the node's main
+        and reached by ``join_node(port)`` from the node's other ranks."""
         self.store = store
         self.spare = spare
         self.rank = rank
@@ -125,6 +149,16 @@ class Exchange:
         self.left = False  # this process has said it is exiting
         self.met = 0  # sync points that succeeded
         self.watcher: threading.Thread | None = None
+        # The node tier (see tier.py): whether this job uses one, the node
+        # store this rank hosts (a node's main), and this rank's node once
+        # the tier is up (from the world sync point after the first that
+        # succeeds: by then every rank has said where it lives).
+        self.tiers = tiers and uses_tiers(world_size, place.local_size)
+        self.host_node, self.join_node = host_node, join_node
+        self.hosted: Any = None
+        self.tier: Tier | None = None
+        self.node_mail: Transport | None = None
+        self.world_met = False
         # Where this rank lives, for local=True: per node (so a local sync
         # waits only for its own node) and, when the launcher does not say
         # how many ranks share a node, for the whole world.  Sets have no
@@ -143,9 +177,15 @@ class Exchange:
         A member of a node needs only its main's rank; the node's main needs
         its members' ranks."""
         if not local or self.world_size == 1:
+            if self.tier is not None:
+                return "w", 0, self.tier.slots  # rank 0's node, and the other nodes' mains
             return "w", 0, tuple(range(1, self.world_size))
         if self.node is None:
-            self.node = self._find_node(deadline, point)
+            if self.tier is not None:
+                tier = self.tier
+                self.node = (tier.main, tier.members if tier.main == self.rank else ())
+            else:
+                self.node = self._find_node(deadline, point)
         main, members = self.node
         return "l", main, members
 
@@ -217,6 +257,17 @@ class Exchange:
             name = "l" if local and self.world_size > 1 else "w"
             seq = self.seq[name] = self.seq[name] + 1
             try:
+                if self.tiers and self.hosted is None and self.place.local_rank == 0:
+                    self._host()  # before this rank's first frame
+                if name == "w" and self.tiers and self.world_met and self.tier is None:
+                    self.tier = self._raise_tier()
+                if name == "w" and self.tier is not None and self.rank != 0:
+                    if self.watcher is None:
+                        self.watcher = start_watcher(self)
+                    if self.rank == self.tier.main:
+                        return self._relay(self.tier, seq, point, failure, deadline, timeout)
+                    if not self.tier.direct():
+                        return self._follow_node(self.tier, seq, point, failure, deadline, timeout)
                 name, main, members = self.scope(local, deadline, point)
                 if main == self.rank and not members:
                     if name == "w":
@@ -225,17 +276,14 @@ class Exchange:
                 if self.watcher is None:
                     self.watcher = start_watcher(self)
                 base = self._base(name, main)
+                # A local sync point travels over the node's store once it is up.
+                mail = self.node_mail if name == "l" and self.node_mail is not None else self.mail
                 if self.rank == main:
                     return self._lead(
-                        base, seq, members, point, failure, payload, deadline, timeout
+                        base, seq, members, point, failure, payload, deadline, timeout, mail
                     )
-                if deadline is not None and timeout is not None:
-                    # A member waits a little longer than the main rank (and
-                    # the second the main takes to ask the missing ranks where
-                    # they are), so that when another rank is missing it hears
-                    # so from the main, which knows who, instead of blaming it.
-                    deadline += min(max(GRACE, 0.1 * timeout), 10 * GRACE) + STACK_WAIT
-                return self._follow(base, seq, main, point, failure, deadline, timeout)
+                deadline = _member_deadline(deadline, timeout, 1)
+                return self._follow(base, seq, main, point, failure, deadline, timeout, mail)
             except dist.DistNetworkError as exc:
                 raise SyncError(
                     f"rank {self.rank} at {point.describe()} lost its connection to the "
@@ -256,32 +304,43 @@ class Exchange:
         payload: object,
         deadline: float | None,
         timeout: float | None,
+        mail: Transport | None = None,
     ) -> object:
+        mail = mail or self.mail
+        world = base == self._base("w", 0)
         arrived: dict[int, Frame] = {}
-        gone = [m for m in members if m in self.gone]
+        # A rank that is gone never comes: answer at once (the world's main
+        # hears of any rank's exit, through its node's main with tiers).
+        gone = [r for r in self.gone if r != self.rank and (world or r in members)]
         missing: list[int] = []
+        told: dict[int, str | None] = {}  # where nodes' mains last saw their missing
         if gone:
-            # A member that is gone never comes: answer at once.
             arrived = {m: protocol.exit_frame(seq, self.gone[m]) for m in gone}
         else:
             self.waiting = Wait(
                 time.monotonic(), point.describe(), True, self.rank, members, base, seq
             )
-            frames, missing = self.mail.collect(base, seq, members, deadline)
+            frames, missing = mail.collect(base, seq, members, deadline)
             now = time.time()
-            for member, sent in frames.items():
-                frame = arrived[member] = Frame(*pickle.loads(sent))
-                if frame.kind == "exit":
-                    self.gone[member] = Failure(*frame.failure)  # type: ignore[misc]
-                elif frame.kind != "absent":
-                    self.seen[member] = (frame.where, now)
+            for sent in frames.values():
+                # A rank's frame, or with tiers, a node's (its ranks' frames).
+                got, absent, seen = read_frame(sent)
+                missing += absent
+                told.update(seen)
+                for frame in got:
+                    arrived[frame.rank] = frame
+                    if frame.kind == "exit":
+                        self.gone[frame.rank] = Failure(*frame.failure)  # type: ignore[misc]
+                    elif frame.kind != "absent":
+                        self.seen[frame.rank] = (frame.where, now)
         stacks = self.stacks(missing) if missing and not self.gone.keys() & arrived.keys() else None
+        last_seen = self.last_seen(missing)
+        last_seen.update((r, where) for r, where in told.items() if where is not None)
         verdict = protocol.judge(
-            seq, point, self.rank, failure, arrived, missing, self.last_seen(missing), stacks
+            seq, point, self.rank, failure, arrived, missing, last_seen, stacks
         )
         own_error: BaseException | None = None
         wires: list[torch.Tensor] = []
-        world = base == self._base("w", 0)
         if verdict is None:
             try:
                 # Tensors travel apart from the pickle (``pernode``); they
@@ -298,9 +357,9 @@ class Exchange:
         if verdict[1] != TIMEOUT and self._withdrawn(base, seq, arrived):
             verdict, wires, own_error = (seq, TIMEOUT, (self.rank,), None), [], None  # too late
 
-        self.mail.answer(base, seq, members, _dumps(verdict))
+        mail.answer(base, seq, members, _dumps(verdict))
         if seq > 1 and not gone and not missing:
-            self.mail.drop_verdict(base, seq - 1)
+            mail.drop_verdict(base, seq - 1)
         if own_error is not None:
             raise own_error
         if verdict[1] == OK:
@@ -324,42 +383,62 @@ class Exchange:
         failure: Failure | None,
         deadline: float | None,
         timeout: float | None,
+        mail: Transport | None = None,
     ) -> object:
+        mail = mail or self.mail
         if main in self.gone:
             verdict: Verdict = protocol.failed(seq, [(self.gone[main], None)])
             protocol.raise_for(verdict, point, self.rank, timeout)
-        give_up = None if deadline is None else time.time() + (deadline - time.monotonic())
-        frame = Frame.of(seq, self.rank, point, failure, give_up)
-        self.mail.send(base, seq, self.rank, _dumps(tuple(frame)))
+        frame = Frame.of(seq, self.rank, point, failure, _wall(deadline))
+        mail.send(base, seq, self.rank, _dumps(tuple(frame)))
         self.waiting = Wait(time.monotonic(), point.describe(), False, main, (), base, seq)
         try:
-            verdict = pickle.loads(self.mail.receive(base, seq, self.rank, deadline))
+            verdict = pickle.loads(mail.receive(base, seq, self.rank, deadline))
         except Late:
-            verdict = self._give_up(base, seq, main, point, timeout)
-        self.mail.drop_frame(base, seq, self.rank)
+            verdict = self._give_up(base, seq, main, point, timeout, mail)
+        mail.drop_frame(base, seq, self.rank)
+        return self._heard(verdict, main, point, seq, base == self._base("w", 0), timeout)
+
+    def _heard(
+        self,
+        verdict: Verdict,
+        main: int,
+        point: SyncPoint,
+        seq: int,
+        world: bool,
+        timeout: float | None,
+    ) -> object:
+        """A member has its verdict from ``main``: remember what it says, and
+        return the result or raise."""
         self.seen[main] = (point.describe(), time.time())
         gone = protocol.gone_in(verdict)
-        if gone == main:
-            self.gone[main] = Failure(*cast(tuple[int, str, str, str, bool, bool], verdict[2]))
+        if gone is not None and (gone == main or (self.tier is not None and world)):
+            self.gone[gone] = Failure(*cast(tuple[int, str, str, str, bool, bool], verdict[2]))
         if verdict[1] == OK:
             self.met += 1
-            world = base == self._base("w", 0)
             if world:
                 self._met()
-            return self._result(verdict, main, point, seq, world, timeout)
+            return self._result(verdict, 0 if world else main, point, seq, world, timeout)
         protocol.raise_for(verdict, point, self.rank, timeout)
         return None
 
     def _give_up(
-        self, base: str, seq: int, main: int, point: SyncPoint, timeout: float | None
+        self,
+        base: str,
+        seq: int,
+        main: int,
+        point: SyncPoint,
+        timeout: float | None,
+        mail: Transport | None = None,
     ) -> Verdict:
         """Out of time: give up, unless the verdict has just come or the
         main rank has already committed to answering (then it is on its
         way, and the ranks must agree on it)."""
-        if self.mail.has_verdict(base, seq, self.rank) or (
+        mail = mail or self.mail
+        if mail.has_verdict(base, seq, self.rank) or (
             self._claim(base, seq, self.rank, b"withdrawn") == b"answered"
         ):
-            return cast(Verdict, pickle.loads(self.mail.receive(base, seq, self.rank, None)))
+            return cast(Verdict, pickle.loads(mail.receive(base, seq, self.rank, None)))
         # Its frame stays: a main that comes late reads it, and its withdrawal.
         (place, stack) = self.stacks([main])[main]
         raise SyncTimeoutError(
@@ -397,10 +476,222 @@ class Exchange:
 
     def _met(self) -> None:
         """Every rank of the world has met at a sync point where all is well:
-        make the process group if it is still to be made."""
+        make the process group if it is still to be made; with tiers, the
+        next world sync point goes through the nodes' stores."""
+        self.world_met = True
         on_met = self.on_met
         if on_met is not None:
             on_met()
+
+    # -- the node tier (see tier.py) ----------------------------------------------
+
+    def _host(self) -> None:
+        """A node's main, before its first frame: host the node's store and
+        say where it is (and, on rank 0, which node is the main's)."""
+        store, port = self.hosted = self.host_node()
+        prefix, place = self.prefix, self.place
+        keys = [f"{prefix}/nodestore/{place.node}"]
+        values = [str(port).encode()]
+        if self.rank == 0:
+            keys.append(f"{prefix}/mainnode")
+            values.append(pickle.dumps((place.node, place.local_size)))
+        self.store.multi_set(keys, values)
+        self.store.append(f"{prefix}/mains", f"{self.rank},")
+        del store
+
+    def _raise_tier(self) -> Tier:
+        """This rank's node, from the facts every rank wrote before its first
+        frame (all there: every rank met at a world sync point since)."""
+        prefix, place = self.prefix, self.place
+        size = cast(int, place.local_size)
+        keys = [f"{prefix}/node/{place.node}/{lr}" for lr in range(size)]
+        keys += [f"{prefix}/nodestore/{place.node}", f"{prefix}/mains", f"{prefix}/mainnode"]
+        *ranks, port, mains, main_node = self.store.multi_get(keys)
+        node = [int(r) for r in ranks]
+        node0, size0 = pickle.loads(main_node)
+        zero = [
+            int(r)
+            for r in self.store.multi_get([f"{prefix}/node/{node0}/{lr}" for lr in range(size0)])
+        ]
+        heads = {int(r) for r in bytes(mains).decode().split(",") if r}
+        slots = tuple(sorted((heads | set(zero)) - {0}))
+        main, members = node[0], tuple(node[1:])
+        if self.rank == main:
+            hosted = self.hosted[0]
+            store, spare = hosted, hosted.clone()
+        else:
+            try:
+                store = self.join_node(int(port))
+                spare = store.clone()
+            except Exception as exc:  # its main is gone: the job's store says so
+                _log.debug("rank %d could not reach its node's store: %r", self.rank, exc)
+                store = spare = None
+        tier = Tier(store, spare, main, members, slots)
+        if store is not None:
+            self.node_mail = type(self.mail)(store)  # type: ignore[call-arg]
+        return tier
+
+    def _relay(
+        self,
+        tier: Tier,
+        seq: int,
+        point: SyncPoint,
+        failure: Failure | None,
+        deadline: float | None,
+        timeout: float | None,
+    ) -> object:
+        """A node's main (not rank 0's node) at a world sync point: gather its
+        node's frames, send rank 0 one frame for the node, and relay the
+        verdict to the node."""
+        nmail = cast(Transport, self.node_mail)
+        nbase, wbase, members = self._base("w", self.rank), self._base("w", 0), tier.members
+        mine = _member_deadline(deadline, timeout, 1)
+        frames = [Frame.of(seq, self.rank, point, failure, _wall(mine))]
+        gone = [m for m in members if m in self.gone]
+        missing: list[int] = []
+        early: bytes | None = None  # the verdict, when it came before the node did
+        if gone:
+            frames += [protocol.exit_frame(seq, self.gone[m]) for m in gone]
+        else:
+            # Done a little before rank 0's deadline, so that rank 0 hears
+            # which of this node's ranks are missing, not that the node is.
+            until = (
+                None if deadline is None or timeout is None else deadline - min(GRACE, timeout / 4)
+            )
+            self.waiting = Wait(
+                time.monotonic(),
+                point.describe(),
+                True,
+                self.rank,
+                members,
+                nbase,
+                seq,
+                type(nmail)(tier.spare),  # type: ignore[call-arg]
+            )
+            sent, missing, early = self._gather(nmail, nbase, wbase, seq, members, until)
+            now = time.time()
+            for data in sent.values():
+                frame = Frame(*pickle.loads(data))
+                frames.append(frame)
+                if frame.kind == "exit":
+                    self.gone[frame.rank] = Failure(*frame.failure)  # type: ignore[misc]
+                elif frame.kind != "absent":
+                    self.seen[frame.rank] = (frame.where, now)
+        if early is None:
+            self.mail.send(
+                wbase, seq, self.rank, node_frame(frames, missing, self.last_seen(missing))
+            )
+            self.waiting = Wait(time.monotonic(), point.describe(), False, 0, (), wbase, seq)
+            try:
+                early = self.mail.receive(wbase, seq, self.rank, mine)
+            except Late:
+                try:
+                    early = _dumps(self._give_up(wbase, seq, 0, point, timeout))
+                except SyncTimeoutError as exc:
+                    # Rank 0 never answered: the node hears the same.
+                    stacks = {r: (exc.places.get(r, ""), st) for r, st in exc.stacks.items()}
+                    late = (seq, TIMEOUT, (0,), self.last_seen([0]), stacks)
+                    nmail.answer(nbase, seq, members, _dumps(late))
+                    raise
+            self.mail.drop_frame(wbase, seq, self.rank)
+        nmail.answer(nbase, seq, members, early)
+        if seq > 1 and not gone and not missing:
+            nmail.drop_verdict(nbase, seq - 1)
+        return self._heard(pickle.loads(early), 0, point, seq, True, timeout)
+
+    def _gather(
+        self,
+        nmail: Transport,
+        nbase: str,
+        wbase: str,
+        seq: int,
+        members: Sequence[int],
+        deadline: float | None,
+    ) -> tuple[dict[int, bytes], list[int], bytes | None]:
+        """A node's main: its ranks' frames, until ``deadline``, looking at
+        the job's store every POLL seconds meanwhile: (frames, missing, the
+        verdict if it came first, from a failure elsewhere)."""
+        frames: dict[int, bytes] = {}
+        left = list(members)
+        while True:
+            now = time.monotonic()
+            last = deadline is not None and deadline - now <= POLL
+            got, left = nmail.collect(nbase, seq, left, deadline if last else now + POLL)
+            frames.update(got)
+            if not left or last:
+                return frames, left, None
+            if self.mail.has_verdict(wbase, seq, self.rank):
+                return frames, left, self.mail.receive(wbase, seq, self.rank, None)
+
+    def _follow_node(
+        self,
+        tier: Tier,
+        seq: int,
+        point: SyncPoint,
+        failure: Failure | None,
+        deadline: float | None,
+        timeout: float | None,
+    ) -> object:
+        """A rank of a node (not rank 0's) at a world sync point: through its
+        node's main; over the job's store if the node's store is gone."""
+        main, wbase, nbase = tier.main, self._base("w", 0), self._base("w", tier.main)
+        if main in self.gone:
+            protocol.raise_for(
+                protocol.failed(seq, [(self.gone[main], None)]), point, self.rank, timeout
+            )
+        mine = _member_deadline(deadline, timeout, 2)
+        frame = _dumps(tuple(Frame.of(seq, self.rank, point, failure, _wall(mine))))
+        data: bytes | None = None
+        nmail = self.node_mail
+        if nmail is not None and tier.store is not None:
+            self.waiting = Wait(
+                time.monotonic(),
+                point.describe(),
+                False,
+                main,
+                (),
+                nbase,
+                seq,
+                type(nmail)(tier.spare),  # type: ignore[call-arg]
+            )
+            try:
+                nmail.send(nbase, seq, self.rank, frame)
+                data = self._await_relay(nmail, nbase, wbase, seq, mine)
+                if data is not None:
+                    nmail.drop_frame(nbase, seq, self.rank)
+            except (StoreLost, dist.DistNetworkError) as exc:
+                _log.debug("rank %d lost its node's store: %r", self.rank, exc)
+                tier.store = None  # its node's main is gone: the job's store says so
+                self.node_mail = None
+        if data is None:
+            try:
+                if tier.store is None:
+                    data = self.mail.receive(wbase, seq, self.rank, mine)
+                else:
+                    raise Late
+            except Late:
+                data = _dumps(self._give_up(wbase, seq, main, point, timeout))
+        return self._heard(pickle.loads(data), main, point, seq, True, timeout)
+
+    def _await_relay(
+        self, nmail: Transport, nbase: str, wbase: str, seq: int, deadline: float | None
+    ) -> bytes | None:
+        """The verdict, relayed by the node's main (None: out of time).  The
+        node's first rank after its main also looks at the job's store every
+        POLL seconds, and relays a verdict it finds there to the node."""
+        sentinel = self.place.local_rank == 1
+        while True:
+            now = time.monotonic()
+            last = not sentinel or (deadline is not None and deadline - now <= POLL)
+            try:
+                return nmail.receive(nbase, seq, self.rank, deadline if last else now + POLL)
+            except Late:
+                if last:
+                    return None
+            if self.mail.has_verdict(wbase, seq, self.rank):
+                data = self.mail.receive(wbase, seq, self.rank, None)
+                nmail.answer(nbase, seq, (), data)
+                return data
 
     # -- a member that gives up, and a main that answers anyway -------------------
 
@@ -455,13 +746,10 @@ class Exchange:
         if wait.lead:
             # Through the spare connection: the waiting thread holds the
             # exchange's own for its whole wait.
-            here = (
-                set()
-                if self.spare is None
-                else set(
-                    type(self.mail)(self.spare).arrived(wait.base, wait.seq, wait.members)  # type: ignore[call-arg]
-                )
-            )
+            look = wait.mail
+            if look is None and self.spare is not None:
+                look = type(self.mail)(self.spare)  # type: ignore[call-arg]
+            here = set() if look is None else set(look.arrived(wait.base, wait.seq, wait.members))
             missing = [r for r in wait.members if r not in here]
             seen = self.last_seen(missing)
             places = {} if self.spare is None else self.stacks(missing, self.spare)
@@ -502,7 +790,7 @@ class Exchange:
         elif self.spare is not None:
             # A thread is inside a sync point, blocked on this exchange's
             # connection (the store client holds it for the whole wait).
-            self._say_exit(failure, self.spare, self.seq, first_hand=True)
+            self._say_exit(failure, self.spare, self.seq, first_hand=True, spare=True)
 
     def report_killed(self, failure: Failure, store: Any) -> bool:
         """Report the exit of a rank on this node whose process ended
@@ -512,28 +800,42 @@ class Exchange:
         return self._say_exit(failure, store, self.seq, first_hand=False)
 
     def _say_exit(
-        self, failure: Failure, store: Any, seqs: Mapping[str, int], *, first_hand: bool
+        self,
+        failure: Failure,
+        store: Any,
+        seqs: Mapping[str, int],
+        *,
+        first_hand: bool,
+        spare: bool = False,
     ) -> bool:
         """Write ``failure`` (an exit) where the ranks that wait for its rank
         look: its frame (or, for a main, the verdict) at the next sync point
         of each scope, and stand-ins for the other members' frames, so that
         a main waiting for every frame (a slow member among them) wakes at
-        once.  First hand, in one request with no reply.  Second hand, at
-        this rank's current sync point and the next, never replacing what
-        is there, and only if nobody did it before: a compare-and-set on
-        one key per rank settles that."""
+        once.  First hand, in one request per store with no reply.  Second
+        hand, at this rank's current sync point and the next, never
+        replacing what is there, and only if nobody did it before: a
+        compare-and-set on one key per rank settles that.  ``store``: the
+        job's store; the node's store, with tiers, is this exchange's own
+        connection to it, or its spare (``spare``, or second hand)."""
         gone = _dumps(astuple(failure))
         key = f"{self.prefix}/gone/{failure.rank}"
         if not first_hand and bytes(store.compare_set(key, "", gone)) != gone:
             return False
-        mail = type(self.mail)(store)  # type: ignore[call-arg]
-        scopes = [("w", 0, range(1, self.world_size))]
-        node = self._node_main(store)
-        if node is not None:
-            scopes.append(("l", node, range(0)))  # a member does not know the others
-        frames: list[tuple[str, int, int, bytes]] = []
-        verdicts: list[tuple[str, int, bytes]] = []
-        for scope, main, members in scopes:
+        tier = self.tier
+        node = None
+        if tier is not None and (first_hand or failure.rank != tier.main):
+            # (A node's main that died took its node's store with it.)
+            node = tier.spare if spare or not first_hand else tier.store
+        posts: dict[int, tuple[Transport, list[Any], list[Any]]] = {}
+        for on, scope, main, members, slot in self._waiters(failure.rank):
+            conn = store if on == "job" else node
+            if conn is None:
+                continue  # the node's store is gone with its main
+            mail, frames, verdicts = posts.setdefault(
+                id(conn),
+                (type(self.mail)(conn), [], []),  # type: ignore[call-arg]
+            )
             base = self._base(scope, main)
             seq = seqs[scope]
             for at in (seq + 1,) if first_hand else range(max(seq, 1), seq + 2):
@@ -541,25 +843,52 @@ class Exchange:
                     verdicts.append((base, at, _dumps(protocol.failed(at, [(failure, None)]))))
                     continue
                 frame = _dumps(tuple(protocol.exit_frame(at, failure)))
-                if not first_hand and not mail.offer_frame(base, at, failure.rank, frame):
-                    continue  # it did reach that sync point itself
-                frames.append((base, at, failure.rank, frame))
+                if first_hand:
+                    frames.append((base, at, slot, frame))
+                elif not mail.offer_frame(base, at, slot, frame):
+                    continue  # it did reach that sync point itself (or its node's main did)
                 frames += [
                     (base, at, m, _dumps(tuple(protocol.stand_in(at, m, failure.rank))))
                     for m in members
-                    if m != failure.rank
+                    if m not in (slot, main)
                 ]
-        if first_hand:
-            mail.post(frames, verdicts, [(key, gone)])
-            return True
-        for base, at, verdict in verdicts:
-            mail.offer_verdict(base, at, -1, verdict)
-        for base, at, rank, frame in frames:
-            if rank != failure.rank:
+        for n, (mail, frames, verdicts) in enumerate(posts.values()):
+            if first_hand:
+                mail.post(frames, verdicts, [(key, gone)] if n == 0 else [])
+                continue
+            for base, at, verdict in verdicts:
+                mail.offer_verdict(base, at, -1, verdict)
+            for base, at, rank, frame in frames:  # stand-ins
                 mail.offer_frame(base, at, rank, frame)
         return True
 
-    def _node_main(self, store: Any) -> int | None:
+    def _waiters(self, rank: int) -> list[Waiter]:
+        """Who waits for ``rank`` (this rank, or one of its node), and where:
+        (store: "job" or "node", scope, that scope's main, the members whose
+        frames it waits for, the key ``rank``'s frame goes under)."""
+        tier = self.tier
+        if tier is None:
+            out: list[Waiter] = [("job", "w", 0, range(1, self.world_size), rank)]
+            node = self._node_main()
+            if node is not None:
+                out.append(("job", "l", node, range(0), rank))  # a member does not know the others
+            return out
+        node_ranks = (tier.main, *tier.members)
+        local = ("node", "l", tier.main, node_ranks, rank)
+        if rank == 0 or rank in tier.slots:
+            out = [("job", "w", 0, tier.slots, rank), local]
+            if rank == tier.main and rank != 0:
+                out.append(("node", "w", rank, node_ranks, rank))
+            return out
+        # A rank of a node that meets rank 0 through its node's main: rank 0
+        # waits for the node's frame, and the node's main for the rank's.
+        return [
+            ("job", "w", 0, tier.slots, tier.main),
+            ("node", "w", tier.main, node_ranks, rank),
+            local,
+        ]
+
+    def _node_main(self) -> int | None:
         """The rank of this node's main, if this rank knows it (a rank that
         never met its node at a sync point does not)."""
         if self.node is not None:

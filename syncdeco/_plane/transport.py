@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from .._errors import SyncError
 
-__all__ = ["Keys", "Late", "Queues", "Transport"]
+__all__ = ["Keys", "Late", "Queues", "StoreLost", "Transport"]
 
 FOREVER_CHUNK: Final = 3600.0  # one store wait, when a sync point waits forever
 MIN_WAIT: Final = 0.001
@@ -37,6 +37,10 @@ MIN_WAIT: Final = 0.001
 
 class Late(Exception):
     """A store wait ran out of time (internal)."""
+
+
+class StoreLost(SyncError):
+    """The store went away while this rank waited on it."""
 
 
 class Transport(Protocol):
@@ -100,7 +104,7 @@ def _timed_out(exc: dist.DistStoreError, deadline: float | None) -> bool:
     """Whether a store error is a wait that ran out (True: past ``deadline``;
     False: wait again); anything else means the store is gone."""
     if "timeout" not in str(exc).lower():
-        raise SyncError(
+        raise StoreLost(
             f"syncdeco lost the process group's store while waiting: {exc}. "
             f"Rank 0 or the launcher may have exited."
         ) from exc

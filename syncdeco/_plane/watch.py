@@ -14,7 +14,7 @@ import time
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final, final
+from typing import TYPE_CHECKING, Any, Final, final
 
 from .._backend import warn_interval
 
@@ -40,6 +40,7 @@ class Wait:
     members: Sequence[int]
     base: str
     seq: int
+    mail: Any = None  # the transport to look with, if not over the exchange's spare connection
     logged: float = field(init=False)
 
     def __post_init__(self) -> None:

@@ -1,0 +1,242 @@
+"""The node tier (``syncdeco._plane.tier``): 32 simulated ranks in nodes of
+4, each a thread with its own connections, over a real TCPStore (the job's)
+and real node stores hosted by each node's main, driving the product's own
+``Exchange``.  Real processes on two torchrun "nodes" are in
+``test_torchrun.py``; this is the protocol at a size real processes on two
+cores cannot reach."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from syncdeco import (
+    PeerFailedError,
+    RankExitedError,
+    SyncMismatchError,
+    SyncTimeoutError,
+)
+from syncdeco._backend import Failure, SyncPoint
+from syncdeco._plane.exchange import Exchange, Place
+from syncdeco._plane.transport import Keys
+
+# This machine's resolver stalls a new connection 5 s now and then (a reverse
+# lookup of 127.0.0.1 that no name server answers): give up after 1 s.
+os.environ.setdefault("RES_OPTIONS", "timeout:1 attempts:1")
+
+WORLD = 32
+NODE = 4
+TIMEOUT = 60.0  # a sync point that should succeed
+
+
+class Counted:
+    """A store connection that counts the requests made through it."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.calls = 0
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.store, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            return method(*args, **kwargs)
+
+        return call
+
+    def clone(self) -> Counted:
+        return Counted(self.store.clone())
+
+
+class Job:
+    """WORLD ranks as threads, each with its own exchange over one job store."""
+
+    def __init__(self, world: int = WORLD, node: int = NODE) -> None:
+        self.server = dist.TCPStore(  # type: ignore[attr-defined]
+            "127.0.0.1", 0, is_master=True, wait_for_workers=False, use_libuv=True
+        )
+        port = self.server.port
+        self.stores = [
+            Counted(
+                dist.TCPStore(  # type: ignore[attr-defined]
+                    "127.0.0.1",
+                    port,
+                    is_master=False,
+                    wait_for_workers=False,
+                    timeout=timedelta(seconds=30),
+                )
+            )
+            for _ in range(world)
+        ]
+        self.world = world
+        self.exchanges = [
+            Exchange(
+                self.stores[r],
+                r,
+                world,
+                Place(f"n{r // node}", r % node, node),
+                spare=self.stores[r].clone(),
+                broadcast=_no_tensors,
+                wire_device=lambda: torch.device("cpu"),
+                transport=Keys,
+                prefix="tier-test",
+            )
+            for r in range(world)
+        ]
+
+    def run(
+        self, body: Callable[[int, Exchange], object], ranks: range | None = None
+    ) -> dict[int, object]:
+        """``body(rank, exchange)`` on a thread per rank: what each returned
+        or raised."""
+        out: dict[int, object] = {}
+
+        def one(rank: int) -> None:
+            try:
+                out[rank] = body(rank, self.exchanges[rank])
+            except BaseException as exc:
+                out[rank] = exc
+
+        threads = [
+            threading.Thread(target=one, args=(r,), daemon=True)
+            for r in (ranks if ranks is not None else range(self.world))
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+            assert not t.is_alive(), "a simulated rank did not finish in 120 s"
+        return out
+
+    def barriers(self, n: int, name: str = "step") -> None:
+        """``n`` world sync points that all succeed."""
+
+        def body(rank: int, ex: Exchange) -> object:
+            for _ in range(n):
+                ex.sync(point(ex, name), False, None, None, TIMEOUT)
+            return "ok"
+
+        assert set(self.run(body).values()) == {"ok"}
+
+
+def _no_tensors(tensor: Any, src: int) -> object:
+    raise AssertionError("these sync points carry no tensors")
+
+
+def point(ex: Exchange, name: str, local: bool = False) -> SyncPoint:
+    return SyncPoint("barrier", name, ex.seq["l" if local else "w"] + 1, "tests/test_tier.py")
+
+
+@pytest.fixture
+def job() -> Job:
+    made = Job()
+    made.barriers(1, "start")  # the first world sync point: flat
+    made.barriers(1, "up")  # the next: the tier comes up (connections to the node stores)
+    return made
+
+
+def test_after_the_first_sync_point_node_traffic_leaves_the_job_store(job: Job) -> None:
+    before = sum(s.calls for s in job.stores)
+    job.barriers(5)
+    per_sync = (sum(s.calls for s in job.stores) - before) / 5
+    ex = job.exchanges
+    assert all(e.tier is not None for e in ex)
+    assert ex[5].tier is not None and ex[5].tier.main == 4 and ex[5].tier.members == (5, 6, 7)
+    # The ranks of node 0 and the other nodes' mains meet rank 0 on the job
+    # store; the other ranks go through their node's store.
+    assert ex[0].tier is not None and ex[0].tier.slots == (1, 2, 3, *range(4, WORLD, NODE))
+    members_off_job = [r for r in range(WORLD) if r >= NODE and r % NODE]
+    for r in members_off_job:
+        assert job.stores[r].calls <= 12  # its few startup requests, none per sync point
+    # The flat design costs about 5 requests a rank a sync point on the job's store.
+    assert per_sync < 5 * (WORLD // NODE + NODE)
+
+
+def test_a_failure_on_a_node_reaches_every_rank(job: Job) -> None:
+    def body(rank: int, ex: Exchange) -> object:
+        failure = None
+        if rank == 13:
+            failure = Failure.from_exception(13, ValueError("bad shard 13"))
+        return ex.sync(point(ex, "load"), False, failure, None, TIMEOUT)
+
+    out = job.run(body)
+    assert out[13] is None  # its own failure: it re-raises its own error
+    for r, got in out.items():
+        if r != 13:
+            assert isinstance(got, PeerFailedError), (r, got)
+            assert got.rank == 13 and "bad shard 13" in str(got)
+
+
+def test_a_mismatch_on_a_node_reaches_every_rank(job: Job) -> None:
+    def body(rank: int, ex: Exchange) -> object:
+        return ex.sync(point(ex, "other" if rank == 22 else "save"), False, None, None, TIMEOUT)
+
+    out = job.run(body)
+    for r, got in out.items():
+        assert isinstance(got, SyncMismatchError), (r, got)
+        assert "other" in str(got) and "save" in str(got)
+
+
+@pytest.mark.parametrize("late", [9, 8, 0], ids=["member", "node-main", "rank-0"])
+def test_a_missing_rank_is_named_by_every_rank(job: Job, late: int) -> None:
+    """Rank ``late`` never comes: every other rank raises SyncTimeoutError
+    naming it (a member of node 2, node 2's main, or rank 0)."""
+    came = [r for r in range(WORLD) if r != late]
+
+    def body(rank: int, ex: Exchange) -> object:
+        return ex.sync(point(ex, "late"), False, None, None, 1.0)
+
+    start = time.monotonic()
+    out = job.run(body, came)  # type: ignore[arg-type]
+    took = time.monotonic() - start
+    for r in came:
+        got = out[r]
+        assert isinstance(got, SyncTimeoutError), (r, got)
+        assert got.missing == (late,), (r, got.missing)
+    assert took < 60  # bounded (speed is not asserted: the machine is shared)
+
+
+@pytest.mark.parametrize("leaver", [10, 8, 1], ids=["member", "node-main", "rank-0-node"])
+def test_a_rank_that_exits_is_named_at_once(job: Job, leaver: int) -> None:
+    """A rank's process ends (its exit notice, as at interpreter exit) while
+    the others wait with no timeout: every rank raises RankExitedError."""
+    job.exchanges[leaver].leave(Failure(leaver, "SystemExit", "0", "", True, False))
+    came = [r for r in range(WORLD) if r != leaver]
+
+    def body(rank: int, ex: Exchange) -> object:
+        return ex.sync(point(ex, "after"), False, None, None, None)
+
+    out = job.run(body, came)  # type: ignore[arg-type]
+    for r in came:
+        got = out[r]
+        assert isinstance(got, RankExitedError), (r, got)
+        assert got.rank == leaver
+
+
+def test_local_sync_points_stay_on_the_node(job: Job) -> None:
+    before = [s.calls for s in job.stores]
+
+    def body(rank: int, ex: Exchange) -> object:
+        return [ex.sync(point(ex, "node", True), True, None, None, TIMEOUT) for _ in range(3)]
+
+    out = job.run(body)
+    assert all(v == [None] * 3 for v in out.values()), out
+    assert [s.calls for s in job.stores] == before  # not one request to the job's store
+
+
+def test_a_result_reaches_every_node(job: Job) -> None:
+    def body(rank: int, ex: Exchange) -> object:
+        payload = {"vocab": 32000} if rank == 0 else None
+        return ex.sync(point(ex, "tokenizer"), False, None, payload, TIMEOUT)
+
+    out = job.run(body)
+    assert all(v == {"vocab": 32000} for v in out.values()), out
