@@ -7,11 +7,18 @@ cores cannot reach."""
 
 from __future__ import annotations
 
+import json
 import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -240,3 +247,91 @@ def test_a_result_reaches_every_node(job: Job) -> None:
 
     out = job.run(body)
     assert all(v == {"vocab": 32000} for v in out.values()), out
+
+
+# -- real processes: two torchrun agents as two nodes of two ranks ---------------------
+
+TIERS = Path(__file__).parent / "scripts" / "tiers.py"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("victim", [3, 2], ids=["node-member", "node-main"])
+def test_two_torchrun_nodes_sync_through_their_stores(tmp_path: Path, victim: int) -> None:
+    """Every promise holds through the node tier, and a rank SIGKILLed
+    there (a node's member, or a node's main, which takes its node's store
+    with it) is named by every survivor within 5 s under a slow monitor."""
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    agents = [
+        subprocess.Popen(
+            [
+                sys.executable, "-m", "torch.distributed.run",
+                "--nnodes", "2", "--nproc-per-node", "2", "--node-rank", str(node),
+                "--master-addr", "127.0.0.1", "--master-port", str(port),
+                "--monitor-interval", "600",
+                str(TIERS), str(tmp_path), str(victim),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # so that it can be killed with its workers
+        )
+        for node in (0, 1)
+    ]  # fmt: skip
+    # The agents notice their workers ended only at their next look (a
+    # minute): stop reading once every survivor has spoken.
+    lines: list[str] = []
+    survivors = [r for r in range(4) if r != victim]
+    deadline = time.monotonic() + 180
+    try:
+        with selectors.DefaultSelector() as sel:
+            for agent in agents:
+                assert agent.stdout is not None
+                sel.register(agent.stdout, selectors.EVENT_READ)
+            while sum(ln.startswith("[rank ") and " named " in ln for ln in lines) < 3:
+                left = deadline - time.monotonic()
+                events = sel.select(left) if left > 0 else []
+                if not events:
+                    pytest.fail("the survivors did not name the killed rank:\n" + "".join(lines))
+                for key, _ in events:
+                    line = key.fileobj.readline()  # type: ignore[union-attr]
+                    if not line:
+                        sel.unregister(key.fileobj)
+                        if not sel.get_map():
+                            pytest.fail("torchrun ended first:\n" + "".join(lines))
+                        continue
+                    lines.append(line.decode(errors="replace"))
+    finally:
+        for agent in agents:
+            os.killpg(agent.pid, signal.SIGKILL)
+            agent.wait()
+    log = "".join(lines)
+    facts = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
+    # Node 1 (ranks 2 and 3) meets rank 0 through rank 2, its main.
+    assert [f["tier"] for f in facts] == [
+        [0, [1], [1, 2]],
+        [0, [1], [1, 2]],
+        [2, [3], [1, 2]],
+        [2, [3], [1, 2]],
+    ], log
+    assert all(f["result"] == {"size": 32000} for f in facts), log
+    assert [f["node_first"] for f in facts] == [True, False, True, False], log
+    assert [f["failure"] for f in facts] == [
+        ["PeerFailedError", 3],
+        ["PeerFailedError", 3],
+        ["PeerFailedError", 3],
+        ["own", "shard 3 is corrupt"],
+    ], log
+    for rank in survivors:
+        (line,) = [ln for ln in log.splitlines() if ln.startswith(f"[rank {rank}] named ")]
+        assert line.startswith(f"[rank {rank}] named rank {victim} within "), log
+        took = float(line.split(" within ", 1)[1].split("s:", 1)[0])
+        assert took < 5, log
+        assert "its process ended without running Python's exit handlers" in line, log
