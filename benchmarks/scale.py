@@ -8,6 +8,8 @@ its own ``syncdeco._plane.exchange.Exchange`` (the product code, not a copy),
 ranks spread round robin over a few worker processes, against one real
 TCPStore server (libuv) hosted in a process of its own so that its CPU time
 can be read.  Nodes of 8 ranks: ``Place(node=f"n{rank // 8}", rank % 8, 8)``.
+The worker processes lengthen the GIL's switch interval (``SWITCH_INTERVAL``):
+with CPython's 5 ms, a thousand threads a process starve each other.
 Two transports in the same run, in interleaved rounds:
 
 * ``Queues``: the flat star up to 0.1 (a queue per member; the main pops
@@ -60,6 +62,22 @@ NO_REPLY: Final = frozenset({"set", "multi_set", "queue_push", "set_timeout"})
 PLAN: Final = [(16, 6, 20, 10), (128, 4, 10, 6), (1024, 2, 4, 3), (4096, 2, 3, 2)]
 SMOKE_PLAN: Final = [(16, 1, 2, 2)]
 WAIT_WINDOW: Final = 5.0
+
+# The GIL's switch interval in the worker processes (CPython's default: 5 ms).
+# A thread that wants the GIL waits for it in slices of this interval; at the
+# end of each slice it wakes and asks the holder to let go, and the holder
+# then waits until another thread has taken it.  With a thousand simulated
+# ranks a process (and a watcher thread for each of their exchanges), every
+# burst of ranks woken at once (a verdict, the watchers' once-a-second look)
+# leaves hundreds of threads waiting: they wake 200 times a second each, the
+# thread that holds the GIL is made to let go after a few bytecodes, the
+# worker processes spend their time in the kernel, and the more threads wait
+# the slower each hand-over gets.  At 4096 ranks a sync point then took 40 s
+# to minutes, with the store server idle.  A thread that blocks on the store
+# lets go of the GIL at once and wakes the next waiting thread anyway; the
+# interval only makes a thread that computes let go sooner, which no
+# simulated rank needs.  A real rank is a process of its own: no such crowd.
+SWITCH_INTERVAL: Final = 1.0
 
 
 # -- what a rank's store is ------------------------------------------------------
@@ -311,6 +329,7 @@ def _all_there(probe: Any, ex: Any, deadline: float) -> None:
 def _work(index: int, procs: int, port: int, server: int, ranks: int, conn: Connection) -> None:
     _raise_nofile()
     threading.stack_size(512 * 1024)
+    sys.setswitchinterval(SWITCH_INTERVAL)
     worker = _Worker(index, procs, port, server)
     try:
         conn.send(("ok", worker.connect(range(index, ranks, procs))))
