@@ -47,7 +47,6 @@ except ValueError as exc:
     facts["failure"] = ["own", str(exc)]
 
 
-
 @sd.main_first(local=True)
 def fill_node_cache() -> bool:
     return sd.is_main(local=True)
