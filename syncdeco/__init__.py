@@ -38,7 +38,7 @@ from ._errors import (
 )
 from ._save import atomic_save
 from ._select import get_backend, init, use_backend
-from ._trace import trace
+from ._tracing import trace
 
 if TYPE_CHECKING:
     from ._plane.backend import TorchBackend

@@ -27,7 +27,7 @@ import pickle
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Final, cast, final
 
@@ -35,12 +35,23 @@ import torch
 import torch.distributed as dist
 
 from .._backend import Failure, SyncPoint
-from .._errors import SyncError, SyncTimeoutError, whereabouts
+from .._errors import SyncError, SyncTimeoutError
 from . import pernode, protocol, wire
+from .exits import say_exit
 from .protocol import OK, TIMEOUT, Frame, Verdict
 from .share import unshare
 from .stacks import fetch_stacks
-from .tier import POLL, Tier, host_store, join_store, node_frame, read_frame, uses_tiers
+from .tier import (
+    POLL,
+    Tier,
+    announce,
+    host_store,
+    join_store,
+    node_frame,
+    raise_tier,
+    read_frame,
+    uses_tiers,
+)
 from .transport import FOREVER_CHUNK, MIN_WAIT, Keys, Late, StoreLost, Transport
 from .watch import Wait, start_watcher
 
@@ -55,8 +66,6 @@ _HIGHEST: Final = pickle.HIGHEST_PROTOCOL
 _log = logging.getLogger("syncdeco")
 
 Broadcast = Callable[[torch.Tensor, int], object]
-# Who waits for a rank, and where (see Exchange._waiters).
-Waiter = tuple[str, str, int, Sequence[int], int]
 
 
 @final
@@ -68,13 +77,6 @@ class Place:
     node: str
     local_rank: int
     local_size: int | None
-
-
-def _where(rank: int, seen: str | None, place: tuple[str, str] | None) -> str:
-    """A missing rank for a log line: where it was last seen and where it is."""
-    if place is None:
-        return whereabouts(rank, seen)
-    return f"{whereabouts(rank, seen)}, which {place[0]}; its stack:\n{place[1]}"
 
 
 def _dumps(obj: object) -> bytes:
@@ -149,6 +151,7 @@ class Exchange:
         self.left = False  # this process has said it is exiting
         self.met = 0  # sync points that succeeded
         self.watcher: threading.Thread | None = None
+        self.stale: dict[str, tuple[Transport, int]] = {}  # verdicts to delete, per scope
         # The node tier (see tier.py): whether this job uses one, the node
         # store this rank hosts (a node's main), and this rank's node once
         # the tier is up (from the world sync point after the first that
@@ -156,6 +159,7 @@ class Exchange:
         self.tiers = tiers and uses_tiers(world_size, place.local_size)
         self.host_node, self.join_node = host_node, join_node
         self.hosted: Any = None
+        self.announced = False
         self.tier: Tier | None = None
         self.node_mail: Transport | None = None
         self.world_met = False
@@ -228,7 +232,13 @@ class Exchange:
                         observer=self.rank,
                     ) from None
 
-    def _base(self, scope: str, main: int) -> str:
+    def local_store(self) -> Any:
+        """The store for this node's own traffic: the node's, once the tier
+        is up, else the job's."""
+        tier = self.tier
+        return tier.store if tier is not None and tier.store is not None else self.store
+
+    def base(self, scope: str, main: int) -> str:
         return f"{self.prefix}/{scope}/{main}"
 
     # -- a sync point ---------------------------------------------------------
@@ -257,10 +267,10 @@ class Exchange:
             name = "l" if local and self.world_size > 1 else "w"
             seq = self.seq[name] = self.seq[name] + 1
             try:
-                if self.tiers and self.hosted is None and self.place.local_rank == 0:
-                    self._host()  # before this rank's first frame
+                if self.tiers and not self.announced:
+                    announce(self)  # before this rank's first frame
                 if name == "w" and self.tiers and self.world_met and self.tier is None:
-                    self.tier = self._raise_tier()
+                    self.tier = raise_tier(self, point)
                 if name == "w" and self.tier is not None and self.rank != 0:
                     if self.watcher is None:
                         self.watcher = start_watcher(self)
@@ -275,7 +285,7 @@ class Exchange:
                     return payload  # alone in its scope (members know only their main)
                 if self.watcher is None:
                     self.watcher = start_watcher(self)
-                base = self._base(name, main)
+                base = self.base(name, main)
                 # A local sync point travels over the node's store once it is up.
                 mail = self.node_mail if name == "l" and self.node_mail is not None else self.mail
                 if self.rank == main:
@@ -307,13 +317,16 @@ class Exchange:
         mail: Transport | None = None,
     ) -> object:
         mail = mail or self.mail
-        world = base == self._base("w", 0)
+        world = base == self.base("w", 0)
         arrived: dict[int, Frame] = {}
         # A rank that is gone never comes: answer at once (the world's main
         # hears of any rank's exit, through its node's main with tiers).
         gone = [r for r in self.gone if r != self.rank and (world or r in members)]
         missing: list[int] = []
         told: dict[int, str | None] = {}  # where nodes' mains last saw their missing
+        stale = self.stale.pop(base, None)
+        if stale is not None:
+            stale[0].drop_verdict(base, stale[1])
         if gone:
             arrived = {m: protocol.exit_frame(seq, self.gone[m]) for m in gone}
         else:
@@ -359,7 +372,10 @@ class Exchange:
 
         mail.answer(base, seq, members, _dumps(verdict))
         if seq > 1 and not gone and not missing:
-            mail.drop_verdict(base, seq - 1)
+            # Every member has read the previous verdict: it goes at this
+            # scope's next sync point, where the round trip hides in the wait
+            # (here, it would wait behind every member's read of this one).
+            self.stale[base] = (mail, seq - 1)
         if own_error is not None:
             raise own_error
         if verdict[1] == OK:
@@ -397,7 +413,7 @@ class Exchange:
         except Late:
             verdict = self._give_up(base, seq, main, point, timeout, mail)
         mail.drop_frame(base, seq, self.rank)
-        return self._heard(verdict, main, point, seq, base == self._base("w", 0), timeout)
+        return self._heard(verdict, main, point, seq, base == self.base("w", 0), timeout)
 
     def _heard(
         self,
@@ -485,52 +501,6 @@ class Exchange:
 
     # -- the node tier (see tier.py) ----------------------------------------------
 
-    def _host(self) -> None:
-        """A node's main, before its first frame: host the node's store and
-        say where it is (and, on rank 0, which node is the main's)."""
-        store, port = self.hosted = self.host_node()
-        prefix, place = self.prefix, self.place
-        keys = [f"{prefix}/nodestore/{place.node}"]
-        values = [str(port).encode()]
-        if self.rank == 0:
-            keys.append(f"{prefix}/mainnode")
-            values.append(pickle.dumps((place.node, place.local_size)))
-        self.store.multi_set(keys, values)
-        self.store.append(f"{prefix}/mains", f"{self.rank},")
-        del store
-
-    def _raise_tier(self) -> Tier:
-        """This rank's node, from the facts every rank wrote before its first
-        frame (all there: every rank met at a world sync point since)."""
-        prefix, place = self.prefix, self.place
-        size = cast(int, place.local_size)
-        keys = [f"{prefix}/node/{place.node}/{lr}" for lr in range(size)]
-        keys += [f"{prefix}/nodestore/{place.node}", f"{prefix}/mains", f"{prefix}/mainnode"]
-        *ranks, port, mains, main_node = self.store.multi_get(keys)
-        node = [int(r) for r in ranks]
-        node0, size0 = pickle.loads(main_node)
-        zero = [
-            int(r)
-            for r in self.store.multi_get([f"{prefix}/node/{node0}/{lr}" for lr in range(size0)])
-        ]
-        heads = {int(r) for r in bytes(mains).decode().split(",") if r}
-        slots = tuple(sorted((heads | set(zero)) - {0}))
-        main, members = node[0], tuple(node[1:])
-        if self.rank == main:
-            hosted = self.hosted[0]
-            store, spare = hosted, hosted.clone()
-        else:
-            try:
-                store = self.join_node(int(port))
-                spare = store.clone()
-            except Exception as exc:  # its main is gone: the job's store says so
-                _log.debug("rank %d could not reach its node's store: %r", self.rank, exc)
-                store = spare = None
-        tier = Tier(store, spare, main, members, slots)
-        if store is not None:
-            self.node_mail = type(self.mail)(store)  # type: ignore[call-arg]
-        return tier
-
     def _relay(
         self,
         tier: Tier,
@@ -543,8 +513,8 @@ class Exchange:
         """A node's main (not rank 0's node) at a world sync point: gather its
         node's frames, send rank 0 one frame for the node, and relay the
         verdict to the node."""
-        nmail = cast(Transport, self.node_mail)
-        nbase, wbase, members = self._base("w", self.rank), self._base("w", 0), tier.members
+        nmail = self.node_mail  # None: a node of one rank
+        nbase, wbase, members = self.base("w", self.rank), self.base("w", 0), tier.members
         mine = _member_deadline(deadline, timeout, 1)
         frames = [Frame.of(seq, self.rank, point, failure, _wall(mine))]
         gone = [m for m in members if m in self.gone]
@@ -552,7 +522,7 @@ class Exchange:
         early: bytes | None = None  # the verdict, when it came before the node did
         if gone:
             frames += [protocol.exit_frame(seq, self.gone[m]) for m in gone]
-        else:
+        elif nmail is not None:
             # Done a little before rank 0's deadline, so that rank 0 hears
             # which of this node's ranks are missing, not that the node is.
             until = (
@@ -591,12 +561,14 @@ class Exchange:
                     # Rank 0 never answered: the node hears the same.
                     stacks = {r: (exc.places.get(r, ""), st) for r, st in exc.stacks.items()}
                     late = (seq, TIMEOUT, (0,), self.last_seen([0]), stacks)
-                    nmail.answer(nbase, seq, members, _dumps(late))
+                    if nmail is not None:
+                        nmail.answer(nbase, seq, members, _dumps(late))
                     raise
             self.mail.drop_frame(wbase, seq, self.rank)
-        nmail.answer(nbase, seq, members, early)
-        if seq > 1 and not gone and not missing:
-            nmail.drop_verdict(nbase, seq - 1)
+        if nmail is not None:
+            nmail.answer(nbase, seq, members, early)
+            if seq > 1 and not gone and not missing:
+                nmail.drop_verdict(nbase, seq - 1)
         return self._heard(pickle.loads(early), 0, point, seq, True, timeout)
 
     def _gather(
@@ -634,7 +606,7 @@ class Exchange:
     ) -> object:
         """A rank of a node (not rank 0's) at a world sync point: through its
         node's main; over the job's store if the node's store is gone."""
-        main, wbase, nbase = tier.main, self._base("w", 0), self._base("w", tier.main)
+        main, wbase, nbase = tier.main, self.base("w", 0), self.base("w", tier.main)
         if main in self.gone:
             protocol.raise_for(
                 protocol.failed(seq, [(self.gone[main], None)]), point, self.rank, timeout
@@ -741,39 +713,6 @@ class Exchange:
             r: (report.where(), report.stack or str(report.reason)) for r, report in reports.items()
         }
 
-    def warn(self, wait: Wait, waited: float) -> None:
-        """Log who this rank has been waiting for (the watcher calls it)."""
-        if wait.lead:
-            # Through the spare connection: the waiting thread holds the
-            # exchange's own for its whole wait.
-            look = wait.mail
-            if look is None and self.spare is not None:
-                look = type(self.mail)(self.spare)  # type: ignore[call-arg]
-            here = set() if look is None else set(look.arrived(wait.base, wait.seq, wait.members))
-            missing = [r for r in wait.members if r not in here]
-            seen = self.last_seen(missing)
-            places = {} if self.spare is None else self.stacks(missing, self.spare)
-            _log.warning(
-                "rank %d has waited %.0fs at %s: arrived %s; missing %s",
-                self.rank,
-                waited,
-                wait.point,
-                ", ".join(map(str, sorted(here))) or "none",
-                "; ".join(_where(r, seen[r], places.get(r)) for r in missing) or "none",
-                extra={"rank": self.rank},
-            )
-        else:
-            seen = self.last_seen([wait.main])
-            places = {} if self.spare is None else self.stacks([wait.main], self.spare)
-            _log.warning(
-                "rank %d has waited %.0fs at %s for the main rank %s",
-                self.rank,
-                waited,
-                wait.point,
-                _where(wait.main, seen[wait.main], places.get(wait.main)),
-                extra={"rank": self.rank},
-            )
-
     # -- exits -----------------------------------------------------------------
 
     def leave(self, failure: Failure) -> None:
@@ -784,111 +723,22 @@ class Exchange:
         self.left = True
         if self.lock.acquire(blocking=False):
             try:
-                self._say_exit(failure, self.store, self.seq, first_hand=True)
+                say_exit(self, failure, self.store, self.seq, first_hand=True)
             finally:
                 self.lock.release()
         elif self.spare is not None:
             # A thread is inside a sync point, blocked on this exchange's
             # connection (the store client holds it for the whole wait).
-            self._say_exit(failure, self.spare, self.seq, first_hand=True, spare=True)
+            say_exit(self, failure, self.spare, self.seq, first_hand=True, spare=True)
 
     def report_killed(self, failure: Failure, store: Any) -> bool:
         """Report the exit of a rank on this node whose process ended
         without saying so itself; False if it had (or another rank reported
         it first).  The ranks are in step, so the next sync point that rank
         would have joined is this rank's current one or the one after."""
-        return self._say_exit(failure, store, self.seq, first_hand=False)
+        return say_exit(self, failure, store, self.seq, first_hand=False)
 
-    def _say_exit(
-        self,
-        failure: Failure,
-        store: Any,
-        seqs: Mapping[str, int],
-        *,
-        first_hand: bool,
-        spare: bool = False,
-    ) -> bool:
-        """Write ``failure`` (an exit) where the ranks that wait for its rank
-        look: its frame (or, for a main, the verdict) at the next sync point
-        of each scope, and stand-ins for the other members' frames, so that
-        a main waiting for every frame (a slow member among them) wakes at
-        once.  First hand, in one request per store with no reply.  Second
-        hand, at this rank's current sync point and the next, never
-        replacing what is there, and only if nobody did it before: a
-        compare-and-set on one key per rank settles that.  ``store``: the
-        job's store; the node's store, with tiers, is this exchange's own
-        connection to it, or its spare (``spare``, or second hand)."""
-        gone = _dumps(astuple(failure))
-        key = f"{self.prefix}/gone/{failure.rank}"
-        if not first_hand and bytes(store.compare_set(key, "", gone)) != gone:
-            return False
-        tier = self.tier
-        node = None
-        if tier is not None and (first_hand or failure.rank != tier.main):
-            # (A node's main that died took its node's store with it.)
-            node = tier.spare if spare or not first_hand else tier.store
-        posts: dict[int, tuple[Transport, list[Any], list[Any]]] = {}
-        for on, scope, main, members, slot in self._waiters(failure.rank):
-            conn = store if on == "job" else node
-            if conn is None:
-                continue  # the node's store is gone with its main
-            mail, frames, verdicts = posts.setdefault(
-                id(conn),
-                (type(self.mail)(conn), [], []),  # type: ignore[call-arg]
-            )
-            base = self._base(scope, main)
-            seq = seqs[scope]
-            for at in (seq + 1,) if first_hand else range(max(seq, 1), seq + 2):
-                if failure.rank == main:
-                    verdicts.append((base, at, _dumps(protocol.failed(at, [(failure, None)]))))
-                    continue
-                frame = _dumps(tuple(protocol.exit_frame(at, failure)))
-                if first_hand:
-                    frames.append((base, at, slot, frame))
-                elif not mail.offer_frame(base, at, slot, frame):
-                    continue  # it did reach that sync point itself (or its node's main did)
-                frames += [
-                    (base, at, m, _dumps(tuple(protocol.stand_in(at, m, failure.rank))))
-                    for m in members
-                    if m not in (slot, main)
-                ]
-        for n, (mail, frames, verdicts) in enumerate(posts.values()):
-            if first_hand:
-                mail.post(frames, verdicts, [(key, gone)] if n == 0 else [])
-                continue
-            for base, at, verdict in verdicts:
-                mail.offer_verdict(base, at, -1, verdict)
-            for base, at, rank, frame in frames:  # stand-ins
-                mail.offer_frame(base, at, rank, frame)
-        return True
-
-    def _waiters(self, rank: int) -> list[Waiter]:
-        """Who waits for ``rank`` (this rank, or one of its node), and where:
-        (store: "job" or "node", scope, that scope's main, the members whose
-        frames it waits for, the key ``rank``'s frame goes under)."""
-        tier = self.tier
-        if tier is None:
-            out: list[Waiter] = [("job", "w", 0, range(1, self.world_size), rank)]
-            node = self._node_main()
-            if node is not None:
-                out.append(("job", "l", node, range(0), rank))  # a member does not know the others
-            return out
-        node_ranks = (tier.main, *tier.members)
-        local = ("node", "l", tier.main, node_ranks, rank)
-        if rank == 0 or rank in tier.slots:
-            out = [("job", "w", 0, tier.slots, rank), local]
-            if rank == tier.main and rank != 0:
-                out.append(("node", "w", rank, node_ranks, rank))
-            return out
-        # A rank of a node that meets rank 0 through its node's main: rank 0
-        # waits for the node's frame, and the node's main for the rank's.
-        return [
-            ("job", "w", 0, tier.slots, tier.main),
-            ("node", "w", tier.main, node_ranks, rank),
-            local,
-        ]
-
-    def _node_main(self) -> int | None:
+    def node_main(self) -> int | None:
         """The rank of this node's main, if this rank knows it (a rank that
         never met its node at a sync point does not)."""
         if self.node is not None:

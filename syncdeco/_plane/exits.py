@@ -1,4 +1,7 @@
-"""What a rank's exit says: the exception that ended the program, if any.
+"""What a rank's exit says, and where it is written.
+
+The exception that ended the program, if any; and the keys where the ranks
+that wait for the exiting rank look (:func:`say_exit`).
 
 syncdeco wraps ``sys.excepthook`` once to note the exception that ends the
 program: ``sys.last_value`` alone misleads, since pytest and IPython set it
@@ -7,14 +10,31 @@ for exceptions they caught.
 
 from __future__ import annotations
 
+import pickle
 import sys
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import astuple, replace
 from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
 from .._backend import Failure
+from . import protocol
+from .transport import Transport
 
-__all__ = ["exit_failure", "killed_failure", "note_uncaught", "uncaught"]
+if TYPE_CHECKING:
+    from .exchange import Exchange
+
+__all__ = [
+    "exit_failure",
+    "killed_failure",
+    "note_uncaught",
+    "say_exit",
+    "uncaught",
+    "waiters",
+]
+
+# Who waits for a rank, and where (see waiters).
+Waiter = tuple[str, str, int, Sequence[int], int]
 
 _uncaught: BaseException | None = None  # what ended the program, seen by the hook
 _hook: Callable[..., None] | None = None
@@ -55,3 +75,101 @@ def exit_failure(rank: int, exc: BaseException | None) -> Failure:
     if exc is None:
         return Failure(rank, "", "", "", exited=True)
     return replace(Failure.from_exception(rank, exc), exited=True)
+
+
+def dumps(obj: object) -> bytes:
+    return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+# -- writing an exit where the others wait ---------------------------------------------
+
+
+def say_exit(
+    ex: Exchange,
+    failure: Failure,
+    store: Any,
+    seqs: Mapping[str, int],
+    *,
+    first_hand: bool,
+    spare: bool = False,
+) -> bool:
+    """Write ``failure`` (an exit) where the ranks that wait for its rank
+    look: its frame (or, for a main, the verdict) at the next sync point
+    of each scope, and stand-ins for the other members' frames, so that
+    a main waiting for every frame (a slow member among them) wakes at
+    once.  First hand, in one request per store with no reply.  Second
+    hand, at this rank's current sync point and the next, never
+    replacing what is there, and only if nobody did it before: a
+    compare-and-set on one key per rank settles that.  ``store``: the
+    job's store; the node's store, with tiers, is this exchange's own
+    connection to it, or its spare (``spare``, or second hand)."""
+    gone = dumps(astuple(failure))
+    key = f"{ex.prefix}/gone/{failure.rank}"
+    if not first_hand and bytes(store.compare_set(key, "", gone)) != gone:
+        return False
+    tier = ex.tier
+    node = None
+    if tier is not None and (first_hand or failure.rank != tier.main):
+        # (A node's main that died took its node's store with it.)
+        node = tier.spare if spare or not first_hand else tier.store
+    posts: dict[int, tuple[Transport, list[Any], list[Any]]] = {}
+    for on, scope, main, members, slot in waiters(ex, failure.rank):
+        conn = store if on == "job" else node
+        if conn is None:
+            continue  # the node's store is gone with its main
+        mail, frames, verdicts = posts.setdefault(
+            id(conn),
+            (type(ex.mail)(conn), [], []),  # type: ignore[call-arg]
+        )
+        base = ex.base(scope, main)
+        seq = seqs[scope]
+        for at in (seq + 1,) if first_hand else range(max(seq, 1), seq + 2):
+            if failure.rank == main:
+                verdicts.append((base, at, dumps(protocol.failed(at, [(failure, None)]))))
+                continue
+            frame = dumps(tuple(protocol.exit_frame(at, failure)))
+            if first_hand:
+                frames.append((base, at, slot, frame))
+            elif not mail.offer_frame(base, at, slot, frame):
+                continue  # it did reach that sync point itself (or its node's main did)
+            frames += [
+                (base, at, m, dumps(tuple(protocol.stand_in(at, m, failure.rank))))
+                for m in members
+                if m not in (slot, main)
+            ]
+    for n, (mail, frames, verdicts) in enumerate(posts.values()):
+        if first_hand:
+            mail.post(frames, verdicts, [(key, gone)] if n == 0 else [])
+            continue
+        for base, at, verdict in verdicts:
+            mail.offer_verdict(base, at, -1, verdict)
+        for base, at, rank, frame in frames:  # stand-ins
+            mail.offer_frame(base, at, rank, frame)
+    return True
+
+
+def waiters(ex: Exchange, rank: int) -> list[Waiter]:
+    """Who waits for ``rank`` (this rank, or one of its node), and where:
+    (store: "job" or "node", scope, that scope's main, the members whose
+    frames it waits for, the key ``rank``'s frame goes under)."""
+    tier = ex.tier
+    if tier is None:
+        out: list[Waiter] = [("job", "w", 0, range(1, ex.world_size), rank)]
+        node = ex.node_main()
+        if node is not None:
+            out.append(("job", "l", node, range(0), rank))  # a member does not know the others
+        return out
+    node_ranks = (tier.main, *tier.members)
+    local = ("node", "l", tier.main, node_ranks, rank)
+    if rank == 0 or rank in tier.slots:
+        out = [("job", "w", 0, tier.slots, rank), local]
+        if rank == tier.main and rank != 0:
+            out.append(("node", "w", rank, node_ranks, rank))
+        return out
+    # A rank of a node that meets rank 0 through its node's main: rank 0
+    # waits for the node's frame, and the node's main for the rank's.
+    return [
+        ("job", "w", 0, tier.slots, tier.main),
+        ("node", "w", tier.main, node_ranks, rank),
+        local,
+    ]

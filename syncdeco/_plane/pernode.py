@@ -326,7 +326,7 @@ def _publish(
         _fail(exchange, key, members, exc)
         raise
     if members:
-        exchange.store.set(key, pickle.dumps((path, len(members))))
+        exchange.local_store().set(key, pickle.dumps((path, len(members))))
     else:
         _unlink(path)  # mapped here, by nobody else: it lives as long as the mapping
     return shared
@@ -336,7 +336,7 @@ def _fail(exchange: Any, key: str, members: Sequence[int], exc: BaseException) -
     """Tell the node's other ranks that its main cannot hand the result on."""
     if members:
         try:
-            exchange.store.set(key, _FAILED + f"{type(exc).__name__}: {exc}".encode())
+            exchange.local_store().set(key, _FAILED + f"{type(exc).__name__}: {exc}".encode())
         except Exception:
             pass  # they give up at their timeout
 
@@ -355,7 +355,7 @@ def _take(
     offsets, size = _layout(metas)
     if size == 0:
         return [torch.empty(shape, dtype=dtype) for shape, dtype, *_ in metas]
-    store = exchange.store
+    store = exchange.local_store()
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         left = FOREVER_CHUNK if deadline is None else deadline - time.monotonic()

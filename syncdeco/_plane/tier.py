@@ -30,25 +30,35 @@ failure elsewhere reaches a node whose main has not come yet.
 
 from __future__ import annotations
 
+import logging
 import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Final, final
+from typing import TYPE_CHECKING, Any, Final, cast, final
 
 import torch.distributed as dist
 
+from .._backend import SyncPoint
+from .._errors import SyncError
 from .protocol import Frame
+
+if TYPE_CHECKING:
+    from .exchange import Exchange
 
 __all__ = [
     "POLL",
     "Tier",
+    "announce",
     "host_store",
     "join_store",
     "node_frame",
+    "raise_tier",
     "read_frame",
     "uses_tiers",
 ]
+
+_log = logging.getLogger("syncdeco")
 
 POLL: Final = 2.0  # seconds between a waiting node's looks at the job's store
 JOIN_TIMEOUT: Final = 30.0  # seconds to connect to the node's store (its main is up)
@@ -73,9 +83,11 @@ class Tier:
 
 
 def uses_tiers(world_size: int, local_size: int | None) -> bool:
-    """Whether a job syncs through a store per node: its launcher says how
-    many ranks a node runs, and there are several nodes of several ranks."""
-    return local_size is not None and 1 < local_size < world_size
+    """Whether a job may sync through a store per node: its launcher says
+    how many ranks this node runs, and there are other nodes.  (Whether it
+    does is settled at the second world sync point, on facts every rank
+    reads alike: rank 0 must be its node's main, on a node of several.)"""
+    return local_size is not None and local_size < world_size
 
 
 def host_store() -> tuple[Any, int]:
@@ -121,3 +133,78 @@ def read_frame(data: bytes) -> tuple[list[Frame], list[int], dict[int, str | Non
     if obj[0] == NODE:
         return [Frame(*f) for f in obj[1]], list(obj[2]), dict(obj[3])
     return [Frame(*obj)], [], {}
+
+
+# -- bringing the tier up -----------------------------------------------------------
+
+
+def announce(ex: Exchange) -> None:
+    """Before this rank's first frame: a node's main hosts the node's
+    store and says where it is; rank 0 says where it lives."""
+    ex.announced = True
+    prefix, place = ex.prefix, ex.place
+    keys: list[str] = []
+    values: list[bytes] = []
+    if place.local_rank == 0 and (place.local_size or 0) > 1:
+        _, port = ex.hosted = ex.host_node()
+        keys.append(f"{prefix}/nodestore/{place.node}")
+        values.append(str(port).encode())
+    if ex.rank == 0:
+        keys.append(f"{prefix}/mainnode")
+        values.append(pickle.dumps((place.node, place.local_size, place.local_rank)))
+    if keys:
+        ex.store.multi_set(keys, values)
+    if place.local_rank == 0:
+        ex.store.append(f"{prefix}/mains", f"{ex.rank},")
+
+
+def raise_tier(ex: Exchange, point: SyncPoint) -> Tier | None:
+    """This rank's node, from the facts every rank wrote before its first
+    frame (all there: every rank met at a world sync point since).  None,
+    and one store from now on, where rank 0 is not its node's main."""
+    prefix, place = ex.prefix, ex.place
+    size = cast(int, place.local_size)
+    keys = [f"{prefix}/node/{place.node}/{lr}" for lr in range(size)]
+    if size > 1:
+        keys.append(f"{prefix}/nodestore/{place.node}")
+    keys += [f"{prefix}/mains", f"{prefix}/mainnode"]
+    if not ex.store.check(keys):
+        here = [k for k in keys if ex.store.check([k])]
+        raise SyncError(
+            f"rank {ex.rank} at {point.describe()}: the ranks of its node "
+            f"({place.node}) did not all say where they live before meeting: "
+            f"{len(keys) - len(here)} of {', '.join(keys)} are missing. The "
+            f"launcher's LOCAL_RANK and LOCAL_WORLD_SIZE (or OMPI_COMM_WORLD_LOCAL_"
+            f"RANK/SIZE) must number each node's ranks 0 to n-1 on every node."
+        )
+    *ranks, mains, main_node = ex.store.multi_get(keys)
+    port = ranks.pop() if size > 1 else None
+    node = [int(r) for r in ranks]
+    node0, size0, local0 = pickle.loads(main_node)
+    if local0 != 0 or size0 is None or size0 < 2:
+        ex.tiers = False  # every rank reads the same facts: all keep to one store
+        return None
+    zero = [
+        int(r) for r in ex.store.multi_get([f"{prefix}/node/{node0}/{lr}" for lr in range(size0)])
+    ]
+    heads = {int(r) for r in bytes(mains).decode().split(",") if r}
+    slots = tuple(sorted((heads | set(zero)) - {0}))
+    main, members = node[0], tuple(node[1:])
+    store: Any = None
+    spare: Any = None
+    if not members:
+        pass  # a node of one rank: nobody to relay to
+    elif ex.rank == main:
+        hosted = ex.hosted[0]
+        store, spare = hosted, hosted.clone()
+    else:
+        try:
+            store = ex.join_node(int(cast(bytes, port)))
+            spare = store.clone()
+        except Exception as exc:  # its main is gone: the job's store says so
+            _log.debug("rank %d could not reach its node's store: %r", ex.rank, exc)
+            store = spare = None
+    tier = Tier(store, spare, main, members, slots)
+    if store is not None:
+        ex.node_mail = type(ex.mail)(store)  # type: ignore[call-arg]
+    return tier

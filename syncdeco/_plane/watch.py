@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, final
 
 from .._backend import warn_interval
+from .._errors import whereabouts
 
 if TYPE_CHECKING:
     from .exchange import Exchange
 
-__all__ = ["Wait", "start_watcher"]
+__all__ = ["Wait", "start_watcher", "warn"]
 
 _IDLE: Final = 1.0  # seconds between looks (sd.init(warn_after=...) may change the interval)
 
@@ -67,7 +68,48 @@ def _watch(ref: weakref.ref[Exchange]) -> None:
         if wait is not None and interval is not None and now - wait.logged >= interval:
             wait.logged = now
             try:
-                exchange.warn(wait, now - wait.since)
+                warn(exchange, wait, now - wait.since)
             except Exception as exc:  # the watcher must never take the job down
                 _log.debug("syncdeco's watcher could not report: %r", exc)
         del exchange, wait  # hold no exchange while asleep, so it can be collected
+
+
+def warn(ex: Exchange, wait: Wait, waited: float) -> None:
+    """Log who this rank has been waiting for (the watcher calls it)."""
+    if wait.lead:
+        # Through the spare connection: the waiting thread holds the
+        # exchange's own for its whole wait.
+        look = wait.mail
+        if look is None and ex.spare is not None:
+            look = type(ex.mail)(ex.spare)  # type: ignore[call-arg]
+        here = set() if look is None else set(look.arrived(wait.base, wait.seq, wait.members))
+        missing = [r for r in wait.members if r not in here]
+        seen = ex.last_seen(missing)
+        places = {} if ex.spare is None else ex.stacks(missing, ex.spare)
+        _log.warning(
+            "rank %d has waited %.0fs at %s: arrived %s; missing %s",
+            ex.rank,
+            waited,
+            wait.point,
+            ", ".join(map(str, sorted(here))) or "none",
+            "; ".join(_where(r, seen[r], places.get(r)) for r in missing) or "none",
+            extra={"rank": ex.rank},
+        )
+    else:
+        seen = ex.last_seen([wait.main])
+        places = {} if ex.spare is None else ex.stacks([wait.main], ex.spare)
+        _log.warning(
+            "rank %d has waited %.0fs at %s for the main rank %s",
+            ex.rank,
+            waited,
+            wait.point,
+            _where(wait.main, seen[wait.main], places.get(wait.main)),
+            extra={"rank": ex.rank},
+        )
+
+
+def _where(rank: int, seen: str | None, place: tuple[str, str] | None) -> str:
+    """A missing rank for a log line: where it was last seen and where it is."""
+    if place is None:
+        return whereabouts(rank, seen)
+    return f"{whereabouts(rank, seen)}, which {place[0]}; its stack:\n{place[1]}"
