@@ -636,6 +636,7 @@ class Exchange:
                 tier.store = None  # its node's main is gone: the job's store says so
                 self.node_mail = None
         if data is None:
+            self.waiting = Wait(time.monotonic(), point.describe(), False, main, (), wbase, seq)
             try:
                 if tier.store is None:
                     data = self.mail.receive(wbase, seq, self.rank, mine)

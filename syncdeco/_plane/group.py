@@ -298,7 +298,8 @@ def watch_node(ref: weakref.ref[Exchange], store: Any) -> None:
                 for rank, pid in watchable(identity(), found_at).items():
                     watch.watch(rank, pid)
                 pending -= set(here)
-        except Exception:
+        except Exception as exc:
+            _log.debug("rank %d stopped looking for its node's ranks: %r", made.rank, exc)
             return  # the store has gone: nothing to report to
         if last:
             return  # that was the last look
@@ -330,7 +331,8 @@ def _ended(ref: weakref.ref[Exchange], rank: int) -> None:
     if made is None or _stopping.is_set():
         return
     _deaths.append(rank)
-    if made.waiting is not None:
+    _log.debug("rank %d saw rank %d's process end", made.rank, rank)
+    if made.waiting is not None or made.lock.locked():  # inside a sync point
         report_deaths(made, made.spare or made.store)
 
 
@@ -342,7 +344,8 @@ def report_deaths(made: Exchange, store: Any) -> None:
     while _deaths:
         rank = _deaths.pop()
         try:
-            made.report_killed(exits.killed_failure(rank), store)
+            told = made.report_killed(exits.killed_failure(rank), store)
+            _log.debug("rank %d reported rank %d's end: %s", made.rank, rank, told)
         except Exception as exc:
             _log.debug("rank %d could not report rank %d's end: %r", made.rank, rank, exc)
             return
