@@ -1,6 +1,6 @@
 """The sync plane at scale: simulated ranks against a real TCPStore.
 
-    python benchmarks/scale.py            # 16, 128, 1024 and 4096 ranks (about 10 minutes)
+    python benchmarks/scale.py            # 16, 128, 1024 and 4096 ranks (3 minutes on 2 cores)
     python benchmarks/scale.py --smoke    # 16 ranks, 2 sync points a design (seconds)
 
 Each simulated rank is a thread with its own TCPStore client connection and
