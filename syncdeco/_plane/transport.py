@@ -4,10 +4,11 @@ Two transports, both over a store and nothing else:
 
 * :class:`Keys` (the one syncdeco uses): each member ``set``\\ s its frame
   under a key of its own for this sync point; the main waits for all of
-  them in one request and reads them in one ``multi_get``; it answers with
-  one verdict key that every member waits on.  The main makes a constant
-  number of requests however many members there are, and nothing is popped
-  one at a time.
+  them and reads them in one ``multi_get`` (which waits for its keys
+  first, with the connection's timeout set to the deadline); it answers
+  with one verdict key that every member reads with ``get`` (the same).
+  The main makes a constant number of requests however many members there
+  are, and nothing is popped one at a time.
 * :class:`Queues` (syncdeco before 0.2): a queue per member and direction;
   the main pops each member's frame in turn and pushes one verdict per
   member.  Kept so that ``benchmarks/scale.py`` can measure the two side
@@ -128,7 +129,9 @@ class Keys:
         keys = [f"{base}/u/{seq}/{m}" for m in members]
         while True:
             try:
-                self.store.wait(keys, _timeout(_left(deadline)))
+                # multi_get waits for its keys itself, with the connection's
+                # timeout: one wait less than wait() and then multi_get().
+                self.store.set_timeout(_timeout(_left(deadline)))
                 return dict(zip(members, self.store.multi_get(keys), strict=True)), []
             except dist.DistStoreError as exc:
                 if _timed_out(exc, deadline):
@@ -151,7 +154,7 @@ class Keys:
             if left <= 0 and not self.store.check([key]):
                 raise Late
             try:
-                self.store.wait([key], _timeout(left))
+                self.store.set_timeout(_timeout(left))  # get waits for its key itself
                 return bytes(self.store.get(key))
             except dist.DistStoreError as exc:
                 if _timed_out(exc, deadline):
