@@ -98,6 +98,7 @@ class Counted:
         self.store = store
         self.requests = 0
         self.replies = 0
+        self.checks = 0  # looks whether a key is there (Nodes: a waiting node's looks)
         self.times: list[float] | None = None  # call times, while a phase records them
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
@@ -110,6 +111,8 @@ class Counted:
             if name == "queue_pop" and (kwargs.get("block", args[1] if len(args) > 1 else True)):
                 n = 2
             self.requests += n
+            if name == "check":
+                self.checks += 1
             if replied:
                 self.replies += n
             if self.times is not None:
@@ -119,7 +122,7 @@ class Counted:
         return call
 
     def reset(self) -> None:
-        self.requests = self.replies = 0
+        self.requests = self.replies = self.checks = 0
 
 
 def _raise_nofile() -> None:
@@ -290,6 +293,7 @@ class _Worker:
             "main": times.get(0),
             "members": members,
             "requests": sum(self.counted[r].requests for r in exchanges),
+            "checks": sum(self.counted[r].checks for r in exchanges),
             "node_requests": sum(c.requests for c in self.node_counted.values()),
             "main_replies": self.counted[0].replies if 0 in exchanges else None,
         }
@@ -431,6 +435,7 @@ class Cell:
     cpu: list[float] = field(default_factory=list)  # server seconds a sync point, per phase
     node_cpu: list[float] = field(default_factory=list)  # ... each node store's
     requests: list[float] = field(default_factory=list)
+    checks: list[float] = field(default_factory=list)  # of those, looks for a key
     node_requests: list[float] = field(default_factory=list)  # each node store's
     trips: list[float] = field(default_factory=list)
     wait_rate: float | None = None  # requests a second by all waiting ranks
@@ -509,6 +514,7 @@ class Driver:
         cell.members += [x for r in results for x in r["members"]]
         cell.cpu.append(cpu / n)
         cell.requests.append(sum(r["requests"] for r in results) / n)
+        cell.checks.append(sum(r["checks"] for r in results) / n)
         if design == "Nodes":
             nodes = world // NODE
             cell.node_cpu.append(node_cpu / n / nodes)
@@ -564,6 +570,7 @@ def _ratio(a: float, b: float) -> str:
 
 
 DESIGNS: Final = ("Queues", "Keys", "Nodes")
+POLL_NOTE: Final = "4 s or more (at most two a node every 4 s, while waiting)"
 LABEL: Final = {
     "Queues": "Queues (flat star, <= 0.1)",
     "Keys": "Keys (batched flat star)",
@@ -597,6 +604,11 @@ def report(cells: dict[tuple[int, str], Cell], sizes: Sequence[int], procs: int)
                 f"| {_n(_med(c.node_requests)) if node else '-'} |"
             )
     lines += [
+        "",
+        "Of the Nodes requests to the job's store, looks for a verdict by nodes whose sync "
+        f"point had waited {POLL_NOTE}: "
+        + ", ".join(f"{_n(_med(cells[(w, 'Nodes')].checks))} at {w} ranks" for w in sizes)
+        + " (a real sync point that takes milliseconds makes none).",
         "",
         "How many times more the flat stars cost than Nodes (Queues / Nodes, Keys / Nodes):",
         "",

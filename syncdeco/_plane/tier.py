@@ -22,10 +22,10 @@ nodes run several ranks each syncs in two levels::
 A node's main that dies takes its store with it: its ranks, cut off, wait
 for the verdict on the job's store instead, where the exit is reported
 (by the main itself, or by a rank of its node that saw its process end).
-While a node waits, one of its ranks looks at the job's store for a verdict
-once every :data:`POLL` seconds (the node's main while it waits for its
-ranks, and its first other rank while that waits for the relay), so that a
-failure elsewhere reaches a node whose main has not come yet.
+While a node waits, two of its ranks look at the job's store for a verdict
+once every :data:`POLL` seconds each (the node's main while it waits for
+its ranks, and its first other rank while that waits for the relay), so
+that a failure elsewhere reaches a node whose main has not come yet.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ __all__ = [
 
 _log = logging.getLogger("syncdeco")
 
-POLL: Final = 2.0  # seconds between a waiting node's looks at the job's store
+POLL: Final = 4.0  # seconds between a waiting node's looks at the job's store
 JOIN_TIMEOUT: Final = 30.0  # seconds to connect to the node's store (its main is up)
 NODE: Final = "node"  # the first item of a node frame
 
