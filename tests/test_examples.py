@@ -140,7 +140,12 @@ def test_ddp_checkpoint_resumes_on_two_gloo_ranks(tmp_path: Path) -> None:
     import torch
 
     ckpt = tmp_path / "ckpt"
-    out = _torchrun(2, "ddp_checkpoint.py", tmp_path, "--dir", str(ckpt), "--steps", "20")
+    # The first run also writes the trace that the next test reads (one
+    # torchrun job less: each starts three processes that import torch); the
+    # second runs without one.
+    trace = tmp_path / "trace.json"
+    args = ("--dir", str(ckpt), "--steps", "20", "--trace", str(trace))
+    out = _torchrun(2, "ddp_checkpoint.py", tmp_path, *args)
     assert _saved_steps(out, 2) == [10, 20]
     assert not _said(out, 1, 2, "saved checkpoint.*")  # only the main rank saves
     for rank in (0, 1):
@@ -163,6 +168,7 @@ def test_ddp_checkpoint_resumes_on_two_gloo_ranks(tmp_path: Path) -> None:
     assert state["step"] == 40
     assert set(state) == {"step", "model", "optimizer"}
     assert not list(ckpt.glob(".*.tmp"))  # atomic_save left no temporary file behind
+    _check_trace(trace, tmp_path)
 
 
 def test_ddp_checkpoint_resume_is_exact_on_the_null_backend(tmp_path: Path) -> None:
@@ -179,10 +185,9 @@ def test_ddp_checkpoint_resume_is_exact_on_the_null_backend(tmp_path: Path) -> N
     assert _said_once(out, 0, 1, rf"finished at step 40, {PARAMS}")[1] == after_resume
 
 
-def test_ddp_checkpoint_trace_is_a_chrome_trace_with_every_sync_point(tmp_path: Path) -> None:
-    trace = tmp_path / "trace.json"
-    args = ("--dir", str(tmp_path / "ckpt"), "--steps", "20", "--trace", str(trace))
-    _torchrun(2, "ddp_checkpoint.py", tmp_path, *args)
+def _check_trace(trace: Path, tmp_path: Path) -> None:
+    """The ``--trace`` of a 20-step run on two ranks is a Chrome trace with
+    every sync point, and ``python -m syncdeco summary`` and ``plot`` read it."""
     # Loaded back: a Chrome trace-event object, each event with the fields its phase needs.
     document = json.loads(trace.read_text())
     assert isinstance(document["traceEvents"], list) and document["displayTimeUnit"] == "ms"

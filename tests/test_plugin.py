@@ -158,10 +158,34 @@ def _pytest(directory: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _section(out: str, test: str) -> str:
+    """The failure report of ``test`` in pytest's output: from its
+    ``___ test ___`` header to the next header or the short summary."""
+    lines = out.splitlines(keepends=True)
+    start = next(i for i, line in enumerate(lines) if line.strip("_ \n") == test)
+    end = next(
+        (
+            i
+            for i in range(start + 1, len(lines))
+            if lines[i].startswith(("____", "====")) and lines[i].rstrip().endswith(("_", "="))
+        ),
+        len(lines),
+    )
+    return "".join(lines[start:end])
+
+
 def test_marker_runs_tests_on_ranks_and_reports_each_rank(tmp_path: Path) -> None:
+    # One pytest run for both files, the user's tests and a hanging one: a
+    # second run would start pytest and a forkserver that imports torch again.
+    pids = tmp_path / "pids"
+    pids.mkdir()
     (tmp_path / "test_user.py").write_text(textwrap.dedent(USER_TESTS))
+    (tmp_path / "test_hang.py").write_text(textwrap.dedent(HANGING_TEST.format(pids=str(pids))))
     result = _pytest(tmp_path)
     out = result.stdout + result.stderr
+    assert result.returncode == 1, out
+    hang = _section(out, "test_rank_one_hangs")
+    out = out.replace(hang, "")  # the user's tests, and the summary
     assert "PASSED test_user.py::test_main_first_then_others" in out, out
     assert "PASSED test_user.py::test_world_sizes[2]" in out, out
     assert "PASSED test_user.py::test_world_sizes[4]" in out, out
@@ -190,27 +214,19 @@ def test_marker_runs_tests_on_ranks_and_reports_each_rank(tmp_path: Path) -> Non
         "3 of 3 ranks failed (rank 1 AssertionError, rank 0 RankExitedError, "
         "rank 2 RankExitedError)"
     ) in out, out
-    assert "6 passed" in out and "6 failed" in out and "1 skipped" in out, out
+    assert "6 passed" in out and "7 failed" in out and "1 skipped" in out, out
     assert "1 xfailed" in out, out
     summary = out.split("short test summary info")[1]
     assert "test_rank_one_fails - Failed: 1 of 2 ranks failed (rank 1 AssertionError)\n" in summary
     assert "rank one is unhappy" not in summary, out  # tracebacks stay in FAILURES
-
-
-def test_hung_rank_fails_the_test_and_leaves_no_process(tmp_path: Path) -> None:
-    pids = tmp_path / "pids"
-    pids.mkdir()
-    (tmp_path / "test_hang.py").write_text(textwrap.dedent(HANGING_TEST.format(pids=str(pids))))
-    result = _pytest(tmp_path)
-    out = result.stdout + result.stderr
-    assert result.returncode == 1, out
-    assert "rank(s) [1] of 2 died or did not finish within 3" in out, out
-    assert "threading.Event().wait()" in out or "in wait" in out, out  # where it hung
-    assert "During handling" not in out and out.count("--- rank 1 of 2 ---") == 1, out
-    assert "--- rank 0 returned None ---" in out, out
-    summary = out.split("short test summary info")[1]
-    assert "died or did not finish within 3s\n" in summary, out
-    assert "Current thread" not in summary, out
+    # the hanging test: named, where it hung, and no process left behind
+    assert "rank(s) [1] of 2 died or did not finish within 3" in hang, hang
+    assert "threading.Event().wait()" in hang or "in wait" in hang, hang  # where it hung
+    assert "During handling" not in hang and hang.count("--- rank 1 of 2 ---") == 1, hang
+    assert "--- rank 0 returned None ---" in hang, hang
+    (line,) = [ln for ln in summary.splitlines() if "test_hang.py::test_rank_one_hangs" in ln]
+    assert line.endswith("died or did not finish within 3s"), summary
+    assert "Current thread" not in summary, summary
     for path in pids.iterdir():
         with pytest.raises(ProcessLookupError):
             os.kill(int(path.read_text()), 0)

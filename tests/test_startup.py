@@ -46,6 +46,44 @@ LAUNCHES = ["torchrun", "torchrun-agent", "torchrun-by-hand", "slurm", "ompi"]
 # ... those where rank 0 hosts the store
 RANK0_HOSTS = {"torchrun-by-hand", "slurm", "ompi"}
 
+# syncdeco's first sync point takes one of two paths (syncdeco/_startup.py):
+# a launcher's agent hosts the store (torchrun's agent store), or rank 0
+# hosts it (SLURM, Open MPI, torchrun's variables set by hand); the three
+# launches of the second path differ only in the variables read, which the
+# bare harness runs below (and tests/test_env.py) cover.  Each run here
+# starts three Python processes that import torch (seconds each on 2
+# cores), so a scenario runs under the real torchrun and under each path,
+# not under every launch: every launch still starts real processes in some
+# scenario, and every way of ending runs under both paths.
+AGENT_AND_RANK0 = {
+    "late": ["torchrun", "slurm"],
+    "main_exits": ["torchrun", "torchrun-by-hand"],
+    "kill": ["torchrun-agent", "slurm"],
+    "tensor": ["torchrun", "ompi"],
+}
+EXITS = [
+    ("exit", "torchrun"),
+    ("composition", "torchrun"),
+    # torchrun's agent stops the others when a rank fails: the agent's
+    # path for an uncaught exception is tested with this test's own store
+    ("raise", "torchrun-agent"),
+    ("exit", "ompi"),
+    ("raise", "slurm"),
+    ("composition", "torchrun-by-hand"),
+]
+
+
+def test_every_launch_and_every_way_of_ending_is_run() -> None:
+    # The matrix above is cut to the two paths; it must not lose a launch, or
+    # a way of ending on either path, when it is edited.
+    used = {launch for launches in AGENT_AND_RANK0.values() for launch in launches}
+    assert used | {launch for _, launch in EXITS} == set(LAUNCHES)
+    for launches in AGENT_AND_RANK0.values():
+        assert {launch in RANK0_HOSTS for launch in launches} == {True, False}, launches
+    for how in ("exit", "raise", "composition"):
+        paths = {launch in RANK0_HOSTS for way, launch in EXITS if way == how}
+        assert paths == {True, False}, how
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -165,7 +203,7 @@ def _ok(results: list[tuple[int, str]]) -> str:
     return log
 
 
-@pytest.mark.parametrize("launch", LAUNCHES)
+@pytest.mark.parametrize("launch", AGENT_AND_RANK0["late"])
 def test_a_late_rank_is_named_at_the_first_sync_points_timeout(launch: str, tmp_path: Path) -> None:
     timeout = 4.0  # a member may come up to this much later than the main
     log = _ok(run(launch, "late", 3, tmp_path, arg=str(timeout)))
@@ -186,13 +224,10 @@ def test_a_late_rank_is_named_at_the_first_sync_points_timeout(launch: str, tmp_
     assert "too late" in late["message"], late
 
 
-@pytest.mark.parametrize("launch", LAUNCHES)
-@pytest.mark.parametrize("how", ["exit", "raise", "composition"])
+@pytest.mark.parametrize(("how", "launch"), EXITS)
 def test_a_member_that_ends_before_the_first_sync_point_is_named(
     launch: str, how: str, tmp_path: Path
 ) -> None:
-    if launch == "torchrun" and how == "raise":
-        pytest.skip("torchrun stops the others itself when a rank fails")
     results = run(launch, "exits", 3, tmp_path, arg=f"1:{how}")
     log = "\n".join(out for _, out in results)
     if launch != "torchrun":
@@ -207,7 +242,7 @@ def test_a_member_that_ends_before_the_first_sync_point_is_named(
         assert not got["group_after"], (rank, got)
 
 
-@pytest.mark.parametrize("launch", LAUNCHES)
+@pytest.mark.parametrize("launch", AGENT_AND_RANK0["main_exits"])
 def test_a_main_that_ends_before_the_first_sync_point(launch: str, tmp_path: Path) -> None:
     # Where the launcher's agent hosts the store, the main's exit notice is
     # read there: RankExitedError in about a second.  Where rank 0 hosts it,
@@ -231,7 +266,7 @@ def test_a_main_that_ends_before_the_first_sync_point(launch: str, tmp_path: Pat
             assert got["elapsed"] <= 2.0 + SLACK, (rank, got)
 
 
-@pytest.mark.parametrize("launch", ["torchrun-agent", "slurm"])
+@pytest.mark.parametrize("launch", AGENT_AND_RANK0["kill"])
 def test_a_rank_killed_before_the_group_exists_is_named_at_the_timeout(
     launch: str, tmp_path: Path
 ) -> None:
@@ -249,7 +284,7 @@ def test_a_rank_killed_before_the_group_exists_is_named_at_the_timeout(
         assert got["elapsed"] <= 5.0 + SLACK, (rank, got)
 
 
-@pytest.mark.parametrize("launch", ["torchrun", "slurm", "ompi"])
+@pytest.mark.parametrize("launch", AGENT_AND_RANK0["tensor"])
 def test_the_group_exists_after_the_first_sync_point_and_carries_tensors(
     launch: str, tmp_path: Path
 ) -> None:
