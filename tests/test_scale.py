@@ -1,4 +1,4 @@
-"""The scale benchmark's smoke run: 16 simulated ranks, both transports,
+"""The scale benchmark's smoke run: 16 simulated ranks, the three designs,
 to show the command works end to end.  It asserts no speed."""
 
 from __future__ import annotations
@@ -21,9 +21,14 @@ def test_scale_smoke_run(tmp_path: Path) -> None:
         timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    for design in ("Queues (flat star, <= 0.1)", "Keys (batched, 0.2)"):
+    for design in (
+        "Queues (flat star, <= 0.1)",
+        "Keys (batched flat star)",
+        "Nodes (a store per node, 0.2)",
+    ):
         assert f"| 16 | {design} |" in result.stdout
-    assert "Queues / Keys" in result.stdout
+    assert "How many times more the flat stars cost than Nodes" in result.stdout
+    assert "Waiting ranks' steady load on the job's store" in result.stdout
     assert "Targets (issue 10)" in result.stdout
     image = matplotlib.image.imread(png)  # decoded, not just its header
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
