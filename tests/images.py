@@ -5,9 +5,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from syncdeco._trace import _BODY, _FAILED, _OTHERS, _PALETTE
+
+
+def _rgb(colour: str) -> tuple[int, int, int]:
+    return (int(colour[1:3], 16), int(colour[3:5], 16), int(colour[5:7], 16))
+
+
 # The bar colours of syncdeco._trace.plot: in a decorated function, waiting
-# at a sync point, a sync point that failed.
-BARS_RGB = ((0x4C, 0x72, 0xB0), (0xDD, 0x84, 0x52), (0xC4, 0x4E, 0x52))
+# at each sync point (one colour each, and one for the rest), a failure.
+BARS_RGB = tuple(_rgb(c) for c in (_BODY, *_PALETTE, _OTHERS, _FAILED))
 
 
 def assert_timeline_png(path: Path, ranks: int) -> None:
