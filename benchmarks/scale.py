@@ -638,8 +638,8 @@ def targets(cells: dict[tuple[int, str], Cell], sizes: Sequence[int], waited: in
     nodes = waited // NODE
     lines = [f"Targets (issue 10), at {top} simulated ranks, Nodes against Queues:", ""]
 
-    def say(ok: bool, text: str) -> None:
-        lines.append(f"- {'MET' if ok else 'NOT MET'}: {text}")
+    def say(ok: bool, text: str, why: str = "") -> None:
+        lines.append(f"- {'MET' if ok else 'NOT MET'}: {text}{'' if ok else why}")
 
     say(
         cpu_n <= cpu_q / 10,
@@ -647,12 +647,18 @@ def targets(cells: dict[tuple[int, str], Cell], sizes: Sequence[int], waited: in
         f"a sync point: Nodes {_ms(cpu_n)} ms against Queues {_ms(cpu_q)} ms "
         f"({_ratio(cpu_q, cpu_n)} less; Keys {_ms(_med(cells[(top, 'Keys')].cpu))} ms). "
         f"Each node's store: {_ms(_med(n.node_cpu))} ms.",
+        f" The job's store gets "
+        f"{_ratio(_med(q.requests), _med(n.requests))} fewer requests, but each costs it "
+        f"more (one bigger frame per node, fewer requests to batch per wake-up), and "
+        f"nodes whose simulated sync point waits 4 s or more look at it (above).",
     )
     say(
         collect <= 0.005,
         f"rank 0 collects every frame, all ranks waiting, in at most 5 ms: "
         f"Nodes {_ms(collect)} ms (Queues {_ms(_med(q.collect))} ms, "
         f"Keys {_ms(_med(cells[(top, 'Keys')].collect))} ms).",
+        f" Rank 0 still unpickles and judges every rank's frame "
+        f"({top // NODE} node frames of {NODE}).",
     )
     nw = cells[(waited, "Nodes")]
     rate = nw.wait_rate if nw.wait_rate is not None else float("nan")
