@@ -22,6 +22,7 @@ member its gone main, for every later sync point.  Nobody polls.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import pickle
 import threading
@@ -342,10 +343,7 @@ class Exchange:
                 told.update(seen)
                 for frame in got:
                     arrived[frame.rank] = frame
-                    if frame.kind == "exit":
-                        self.gone[frame.rank] = Failure(*frame.failure)  # type: ignore[misc]
-                    elif frame.kind != "absent":
-                        self.seen[frame.rank] = (frame.where, now)
+                    self._note(frame, now)
         stacks = self.stacks(missing) if missing and not self.gone.keys() & arrived.keys() else None
         last_seen = self.last_seen(missing)
         last_seen.update((r, where) for r, where in told.items() if where is not None)
@@ -414,6 +412,14 @@ class Exchange:
             verdict = self._give_up(base, seq, main, point, timeout, mail)
         mail.drop_frame(base, seq, self.rank)
         return self._heard(verdict, main, point, seq, base == self.base("w", 0), timeout)
+
+    def _note(self, frame: Frame, now: float) -> None:
+        """Remember what a member's frame says of its rank: that it is gone,
+        or where it was seen (a stand-in says neither)."""
+        if frame.kind == "exit":
+            self.gone[frame.rank] = Failure(*frame.failure)  # type: ignore[misc]
+        elif frame.kind != "absent":
+            self.seen[frame.rank] = (frame.where, now)
 
     def _heard(
         self,
@@ -543,10 +549,7 @@ class Exchange:
             for data in sent.values():
                 frame = Frame(*pickle.loads(data))
                 frames.append(frame)
-                if frame.kind == "exit":
-                    self.gone[frame.rank] = Failure(*frame.failure)  # type: ignore[misc]
-                elif frame.kind != "absent":
-                    self.seen[frame.rank] = (frame.where, now)
+                self._note(frame, now)
         if early is None:
             self.mail.send(
                 wbase, seq, self.rank, node_frame(frames, missing, self.last_seen(missing))
@@ -592,8 +595,9 @@ class Exchange:
             frames.update(got)
             if not left or last:
                 return frames, left, None
-            if self.mail.has_verdict(wbase, seq, self.rank):
-                return frames, left, self.mail.receive(wbase, seq, self.rank, None)
+            verdict = self._verdict_on_job_store(wbase, seq)
+            if verdict is not None:
+                return frames, left, verdict
 
     def _follow_node(
         self,
@@ -635,15 +639,13 @@ class Exchange:
                 _log.debug("rank %d lost its node's store: %r", self.rank, exc)
                 tier.store = None  # its node's main is gone: the job's store says so
                 self.node_mail = None
-        if data is None:
+        if data is None and tier.store is None:
+            # Cut off from its node: rank 0's verdict, on the job's store.
             self.waiting = Wait(time.monotonic(), point.describe(), False, main, (), wbase, seq)
-            try:
-                if tier.store is None:
-                    data = self.mail.receive(wbase, seq, self.rank, mine)
-                else:
-                    raise Late
-            except Late:
-                data = _dumps(self._give_up(wbase, seq, main, point, timeout))
+            with contextlib.suppress(Late):
+                data = self.mail.receive(wbase, seq, self.rank, mine)
+        if data is None:
+            data = _dumps(self._give_up(wbase, seq, main, point, timeout))
         return self._heard(pickle.loads(data), main, point, seq, True, timeout)
 
     def _await_relay(
@@ -661,10 +663,17 @@ class Exchange:
             except Late:
                 if last:
                     return None
-            if self.mail.has_verdict(wbase, seq, self.rank):
-                data = self.mail.receive(wbase, seq, self.rank, None)
+            data = self._verdict_on_job_store(wbase, seq)
+            if data is not None:
                 nmail.answer(nbase, seq, (), data)
                 return data
+
+    def _verdict_on_job_store(self, wbase: str, seq: int) -> bytes | None:
+        """A waiting node's look (every POLL seconds): rank 0's verdict, if
+        it came while the node waits (a failure elsewhere)."""
+        if self.mail.has_verdict(wbase, seq, self.rank):
+            return self.mail.receive(wbase, seq, self.rank, None)
+        return None
 
     # -- a member that gives up, and a main that answers anyway -------------------
 

@@ -19,4 +19,6 @@ try:
     sd.barrier("end of epoch", timeout=None)
 except sd.RankKilledError as exc:
     took = time.time() - float((tmp / "killed-at").read_text())
-    print(f"[rank {sd.rank()}] named rank {exc.rank} within {took:.2f}s: {exc}", flush=True)
+    # One write per line: two ranks' prints ran together in one line once.
+    line = f"[rank {sd.rank()}] named rank {exc.rank} within {took:.2f}s: {exc}\n"
+    print(line, end="", flush=True)
