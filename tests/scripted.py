@@ -1,12 +1,15 @@
 """Run a script (a torchrun job, an example) as a user would, in its own
-session, so that a timeout kills it with every rank it started."""
+session, so that a timeout kills it with every rank it started; or start
+jobs that never end by themselves and read them until they have said enough."""
 
 from __future__ import annotations
 
 import os
+import selectors
 import signal
 import subprocess
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -51,3 +54,61 @@ def run_script(
     text = out.decode(errors="replace")
     assert proc.returncode == 0, text
     return text
+
+
+def start_script(args: list[str], extra_env: Mapping[str, str] | None = None) -> subprocess.Popen:
+    """Start ``args`` in a session of its own (see :func:`read_until`)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(extra_env or {})}
+    for key in LAUNCHER_VARIABLES:
+        env.pop(key, None)
+    return subprocess.Popen(
+        args,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # so that it can be killed with every rank it started
+    )
+
+
+def read_until(
+    procs: Sequence[subprocess.Popen], enough: Callable[[list[str]], bool], timeout: float
+) -> list[str]:
+    """The lines ``procs`` print, read until ``enough(lines)``; then every
+    process they started is killed.  Fails the test at ``timeout`` seconds,
+    or if they all end first.
+
+    Each pipe is read with os.read, not readline: two ranks that print at the
+    same instant can arrive in one chunk, and a line left in a file object's
+    buffer is one that select() never reports."""
+    lines: list[str] = []
+    partial = {p.pid: b"" for p in procs}
+    deadline = time.monotonic() + timeout
+    try:
+        with selectors.DefaultSelector() as sel:
+            for proc in procs:
+                assert proc.stdout is not None
+                sel.register(proc.stdout.fileno(), selectors.EVENT_READ, proc.pid)
+            while not enough(lines):
+                left = deadline - time.monotonic()
+                events = sel.select(left) if left > 0 else []
+                if not events:
+                    pytest.fail(f"not said within {timeout}s; the output:\n" + "".join(lines))
+                for key, _ in events:
+                    chunk = os.read(key.fd, 65536)
+                    if not chunk:
+                        sel.unregister(key.fd)
+                        if not sel.get_map():
+                            pytest.fail("ended before saying it; the output:\n" + "".join(lines))
+                        continue
+                    *done, partial[key.data] = (partial[key.data] + chunk).split(b"\n")
+                    lines += [ln.decode(errors="replace") + "\n" for ln in done]
+    finally:
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+    return lines

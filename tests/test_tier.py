@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import selectors
-import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -24,6 +21,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from scripted import read_until, start_script
 
 from syncdeco import (
     PeerFailedError,
@@ -266,54 +264,24 @@ def test_two_torchrun_nodes_sync_through_their_stores(tmp_path: Path, victim: in
     there (a node's member, or a node's main, which takes its node's store
     with it) is named by every survivor within 5 s under a slow monitor."""
     port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
     agents = [
-        subprocess.Popen(
-            [
-                sys.executable, "-m", "torch.distributed.run",
-                "--nnodes", "2", "--nproc-per-node", "2", "--node-rank", str(node),
-                "--master-addr", "127.0.0.1", "--master-port", str(port),
-                "--monitor-interval", "600",
-                str(TIERS), str(tmp_path), str(victim),
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # so that it can be killed with its workers
-        )
+        start_script([
+            sys.executable, "-m", "torch.distributed.run",
+            "--nnodes", "2", "--nproc-per-node", "2", "--node-rank", str(node),
+            "--master-addr", "127.0.0.1", "--master-port", str(port),
+            "--monitor-interval", "600",
+            str(TIERS), str(tmp_path), str(victim),
+        ])
         for node in (0, 1)
     ]  # fmt: skip
-    # The agents notice their workers ended only at their next look (a
-    # minute): stop reading once every survivor has spoken.
-    lines: list[str] = []
+    # The agents notice their workers ended only at their next look (ten
+    # minutes): stop reading once every survivor has spoken.
     survivors = [r for r in range(4) if r != victim]
-    deadline = time.monotonic() + 180
-    unnamed = False  # a survivor did not name the kill in time (see below)
-    try:
-        with selectors.DefaultSelector() as sel:
-            for agent in agents:
-                assert agent.stdout is not None
-                sel.register(agent.stdout, selectors.EVENT_READ)
-            while sum(ln.startswith("[rank ") and " named " in ln for ln in lines) < 3:
-                left = deadline - time.monotonic()
-                events = sel.select(left) if left > 0 else []
-                if not events:
-                    unnamed = True
-                    break
-                for key, _ in events:
-                    line = key.fileobj.readline()  # type: ignore[union-attr]
-                    if not line:
-                        sel.unregister(key.fileobj)
-                        if not sel.get_map():
-                            pytest.fail("torchrun ended first:\n" + "".join(lines))
-                        continue
-                    lines.append(line.decode(errors="replace"))
-    finally:
-        for agent in agents:
-            os.killpg(agent.pid, signal.SIGKILL)
-            agent.wait()
+
+    def named(lines: list[str]) -> bool:
+        return sum(ln.startswith("[rank ") and " named " in ln for ln in lines) >= 3
+
+    lines = read_until(agents, named, 180)
     log = "".join(lines)
     facts = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
     # Node 1 (ranks 2 and 3) meets rank 0 through rank 2, its main.
@@ -331,12 +299,6 @@ def test_two_torchrun_nodes_sync_through_their_stores(tmp_path: Path, victim: in
         ["PeerFailedError", 3],
         ["own", "shard 3 is corrupt"],
     ], log
-    if unnamed:
-        # Seen in about 1 run in 3 on the 2-core machine (a node member once,
-        # a node main once): one survivor never named the kill while the
-        # others did within 0.03 s. Cause not found yet; the rest of this test
-        # is checked above, and this stays visible as an expected failure.
-        pytest.xfail("intermittent: a survivor did not name the killed rank:\n" + log)
     for rank in survivors:
         (line,) = [ln for ln in log.splitlines() if ln.startswith(f"[rank {rank}] named ")]
         assert line.startswith(f"[rank {rank}] named rank {victim} within "), log

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import selectors
 import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from scripted import read_until, start_script
 
 SCRIPT = Path(__file__).parent / "scripts" / "two_nodes.py"
 KILLED = Path(__file__).parent / "scripts" / "killed.py"
@@ -73,39 +72,18 @@ def test_a_killed_rank_is_named_within_5s_under_a_slow_monitor(tmp_path: Path) -
     # torchrun looks at its workers once a minute here, so it does not tear
     # the job down in time: the survivors, waiting with timeout=None, must
     # hear of the kill from syncdeco.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    agent = subprocess.Popen(
-        [
-            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "3",
-            "--monitor-interval", "60", "--master-port", str(_free_port()),
-            str(KILLED), str(tmp_path),
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )  # fmt: skip
+    agent = start_script([
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "3",
+        "--monitor-interval", "60", "--master-port", str(_free_port()),
+        str(KILLED), str(tmp_path),
+    ])  # fmt: skip
     # The agent itself notices its workers ended only at its next look (a
     # minute): stop reading once both survivors have spoken.
-    lines: list[str] = []
-    deadline = time.monotonic() + 120
-    try:
-        assert agent.stdout is not None
-        with selectors.DefaultSelector() as sel:
-            sel.register(agent.stdout, selectors.EVENT_READ)
-            while sum(ln.startswith(("[rank 0] named", "[rank 2] named")) for ln in lines) < 2:
-                left = deadline - time.monotonic()
-                if left <= 0 or not sel.select(left):
-                    pytest.fail(f"the survivors did not name the killed rank: {lines}")
-                line = agent.stdout.readline()
-                if not line:
-                    pytest.fail(f"torchrun ended first: {lines}")
-                lines.append(line.decode(errors="replace"))
-    finally:
-        os.killpg(agent.pid, signal.SIGKILL)
-        agent.wait()
+    lines = read_until(
+        [agent],
+        lambda lines: sum(ln.startswith(("[rank 0] named", "[rank 2] named")) for ln in lines) >= 2,
+        120,
+    )
     log = "".join(lines)
     for rank in (0, 2):
         (line,) = [ln for ln in log.splitlines() if ln.startswith(f"[rank {rank}] named rank 1")]
