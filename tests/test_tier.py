@@ -31,6 +31,7 @@ from syncdeco import (
 )
 from syncdeco._backend import Failure, SyncPoint
 from syncdeco._plane.exchange import Exchange, Place
+from syncdeco._plane.protocol import Agreed, Frame
 from syncdeco._plane.transport import Keys
 
 # This machine's resolver stalls a new connection 5 s now and then (a reverse
@@ -181,14 +182,38 @@ def test_a_failure_on_a_node_reaches_every_rank(job: Job) -> None:
             assert got.rank == 13 and "bad shard 13" in str(got)
 
 
-def test_a_mismatch_on_a_node_reaches_every_rank(job: Job) -> None:
+@pytest.mark.parametrize("odd", [22, 20], ids=["member", "node-main"])
+def test_a_mismatch_on_a_node_reaches_every_rank(job: Job, odd: int) -> None:
+    """Rank ``odd`` (a member of node 5, or its main) reaches another sync
+    point: every rank hears who was where, rank by rank (a node's ranks
+    travel to rank 0 in groups)."""
+
     def body(rank: int, ex: Exchange) -> object:
-        return ex.sync(point(ex, "other" if rank == 22 else "save"), False, None, None, TIMEOUT)
+        return ex.sync(point(ex, "other" if rank == odd else "save"), False, None, None, TIMEOUT)
 
     out = job.run(body)
     for r, got in out.items():
         assert isinstance(got, SyncMismatchError), (r, got)
-        assert "other" in str(got) and "save" in str(got)
+        where = {desc.split("'")[1]: ranks for desc, ranks in got.points.items()}
+        assert where == {"save": tuple(x for x in range(WORLD) if x != odd), "other": (odd,)}
+
+
+def test_rank_0_asks_the_ranks_of_a_node_near_their_deadline(job: Job) -> None:
+    """A rank that reached its deadline withdraws; rank 0, answering that
+    late, asks each rank near its deadline, whether its frame came alone or
+    in its node's group."""
+    ex = job.exchanges[0]
+    base, seq, now = ex.base("w", 0), 99, time.time()
+    p = point(ex, "late")
+    frames = [Frame.of(seq, r, p, None, now + 600 if r == 9 else now) for r in (8, 9, 10, 11)]
+    group = Agreed.of(frames)
+    alone = {1: Frame.of(seq, 1, p, None, now + 600)}
+    assert not ex._withdrawn(base, seq, alone, [group])  # nobody withdrew: all told "answered"
+    asked = [r for r in range(WORLD) if job.stores[0].check([f"{base}/claim/{seq}/{r}"])]
+    assert asked == [8, 10, 11]  # not rank 1 nor 9, whose deadlines are far
+    ex.store.compare_set(f"{base}/claim/{seq + 1}/10", "", b"withdrawn")  # rank 10 gave up
+    frames = [f._replace(seq=seq + 1) for f in frames]
+    assert ex._withdrawn(base, seq + 1, alone, [Agreed.of(frames)])
 
 
 @pytest.mark.parametrize("late", [9, 8, 0], ids=["member", "node-main", "rank-0"])

@@ -325,6 +325,7 @@ class Exchange:
         gone = [r for r in self.gone if r != self.rank and (world or r in members)]
         missing: list[int] = []
         told: dict[int, str | None] = {}  # where nodes' mains last saw their missing
+        agreed: list[protocol.Agreed] = []  # with tiers: nodes' ranks that came, in groups
         stale = self.stale.pop(base, None)
         if stale is not None:
             stale[0].drop_verdict(base, stale[1])
@@ -338,17 +339,20 @@ class Exchange:
             now = time.time()
             for sent in frames.values():
                 # A rank's frame, or with tiers, a node's (its ranks' frames).
-                got, absent, seen = read_frame(sent)
+                got, absent, seen, groups = read_frame(sent)
                 missing += absent
                 told.update(seen)
                 for frame in got:
                     arrived[frame.rank] = frame
                     self._note(frame, now)
+                for group in groups:
+                    agreed.append(group)
+                    self.seen.update(dict.fromkeys(group.ranks, (group.where, now)))
         stacks = self.stacks(missing) if missing and not self.gone.keys() & arrived.keys() else None
         last_seen = self.last_seen(missing)
         last_seen.update((r, where) for r, where in told.items() if where is not None)
         verdict = protocol.judge(
-            seq, point, self.rank, failure, arrived, missing, last_seen, stacks
+            seq, point, self.rank, failure, arrived, missing, last_seen, stacks, agreed
         )
         own_error: BaseException | None = None
         wires: list[torch.Tensor] = []
@@ -365,7 +369,7 @@ class Exchange:
             except Exception as exc:
                 own_error = exc
                 verdict = protocol.failed(seq, [(Failure.from_exception(self.rank, exc), None)])
-        if verdict[1] != TIMEOUT and self._withdrawn(base, seq, arrived):
+        if verdict[1] != TIMEOUT and self._withdrawn(base, seq, arrived, agreed):
             verdict, wires, own_error = (seq, TIMEOUT, (self.rank,), None), [], None  # too late
 
         mail.answer(base, seq, members, _dumps(verdict))
@@ -683,17 +687,30 @@ class Exchange:
         member claims b"withdrawn"); returns whichever claim came first."""
         return bytes(self.store.compare_set(f"{base}/claim/{seq}/{member}", "", claim))
 
-    def _withdrawn(self, base: str, seq: int, arrived: Mapping[int, Frame]) -> bool:
+    def _withdrawn(
+        self,
+        base: str,
+        seq: int,
+        arrived: Mapping[int, Frame],
+        agreed: Sequence[protocol.Agreed] = (),
+    ) -> bool:
         """Whether a member gave up waiting before this rank could answer.
 
         Only members whose own deadline is near (by the wall clock, with a
         margin for clocks that differ between hosts) are asked, so a sync
         point that completes in time costs nothing extra."""
-        now = time.time()
+        near = time.time() + WITHDRAW_MARGIN  # a member that gives up before then is asked
+        asked = [m for m, f in arrived.items() if f.give_up is not None and f.give_up <= near]
+        for group in agreed:
+            if group.first_give_up is not None and group.first_give_up <= near:
+                asked += [
+                    m
+                    for m, give_up in zip(group.ranks, group.give_ups, strict=True)
+                    if give_up is not None and give_up <= near
+                ]
         withdrawn = False
-        for member, frame in arrived.items():
-            if frame.give_up is not None and now >= frame.give_up - WITHDRAW_MARGIN:
-                withdrawn |= self._claim(base, seq, member, b"answered") == b"withdrawn"
+        for member in asked:
+            withdrawn |= self._claim(base, seq, member, b"answered") == b"withdrawn"
         return withdrawn
 
     # -- where the others are ----------------------------------------------------

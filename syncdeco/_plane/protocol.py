@@ -10,6 +10,10 @@ A frame is what a member sends its scope's main at a sync point::
 
     (seq, rank, kind, name, call, failure, where, give_up)
 
+With the node tier, ranks whose frames agree (the same sync point, no
+failure) travel as one :class:`Agreed` group instead, so that rank 0 reads a
+node in a few steps, not one frame per rank.
+
 ``failure`` is a :class:`Failure` as a tuple or None, ``where`` the sync
 point's description, ``give_up`` the wall-clock time the member stops
 waiting (None: never).  A verdict is ``(seq, code, detail, extra)``.
@@ -36,7 +40,9 @@ __all__ = [
     "MISMATCH",
     "OK",
     "TIMEOUT",
+    "Agreed",
     "Frame",
+    "agrees",
     "exit_frame",
     "failed",
     "gone_in",
@@ -75,6 +81,33 @@ class Frame(NamedTuple):
         )
 
 
+class Agreed(NamedTuple):
+    """Ranks whose frames say the same: this sync point (``point``: its
+    frames' seq, kind, name and call), seen at ``where``, with no failure;
+    each rank's ``give_up`` in the order of ``ranks``, and the earliest."""
+
+    point: tuple[int, str, str, int]
+    where: str
+    ranks: tuple[int, ...]
+    give_ups: tuple[float | None, ...]
+    first_give_up: float | None
+
+    @classmethod
+    def of(cls, frames: Sequence[Frame]) -> Agreed:
+        """``frames``, which agree (see :func:`agrees`), as one group."""
+        f = frames[0]
+        give_ups = tuple(g.give_up for g in frames)
+        first = min((g for g in give_ups if g is not None), default=None)
+        return cls(
+            (f.seq, f.kind, f.name, f.call), f.where, tuple(g.rank for g in frames), give_ups, first
+        )
+
+
+def agrees(frame: Frame, point: tuple[int, str, str, int]) -> bool:
+    """Whether ``frame`` says nothing but that its rank is at ``point``."""
+    return frame.failure is None and (frame.seq, frame.kind, frame.name, frame.call) == point
+
+
 def exit_frame(seq: int, failure: Failure) -> Frame:
     """The frame a gone rank is represented by (its process ended)."""
     return Frame(seq, failure.rank, "exit", "", 0, astuple(failure), "its exit", None)
@@ -104,13 +137,15 @@ def judge(
     missing: Sequence[int],
     last_seen: Mapping[int, str | None],
     stacks: Mapping[int, tuple[str, str]] | None = None,
+    agreed: Sequence[Agreed] = (),
 ) -> Verdict | None:
     """The verdict of a sync point whose main is ``main``, or None when it
     succeeds (the caller adds the result).  In order of precedence: a rank
     that is gone explains the others' absence; then missing ranks; then a
     failure (a rank that raised reports it at whatever sync point it is at:
     its error is the cause, not the mismatch); then a mismatch.  ``stacks``:
-    where each missing rank is, (place, stack), for the TIMEOUT verdict."""
+    where each missing rank is, (place, stack), for the TIMEOUT verdict.
+    ``agreed``: the ranks that came, beside ``arrived``, in groups."""
     failures = [] if failure is None else [(failure, point.describe())]
     failures += [
         (Failure(*cast(tuple[int, str, str, str, bool, bool], f.failure)), f.where)
@@ -125,12 +160,17 @@ def judge(
     if failures:
         return failed(seq, failures)
     mine = (seq, point.kind, point.name, point.count)
-    if any((f.seq, f.kind, f.name, f.call) != mine for f in arrived.values()):
+    if any((f.seq, f.kind, f.name, f.call) != mine for f in arrived.values()) or any(
+        group.point != mine for group in agreed
+    ):
         where: dict[str, list[int]] = {point.describe(): [main]}
-        for rank, f in arrived.items():
-            desc = f.where if f.seq == seq else f"{f.where} [its sync #{f.seq}, this is #{seq}]"
-            where.setdefault(desc, []).append(rank)
-        return (seq, MISMATCH, {k: tuple(v) for k, v in where.items()}, None)
+        came: list[tuple[int, str, tuple[int, ...]]]
+        came = [(f.seq, f.where, (rank,)) for rank, f in arrived.items()]
+        came += [(group.point[0], group.where, group.ranks) for group in agreed]
+        for at, place, ranks in came:
+            desc = place if at == seq else f"{place} [its sync #{at}, this is #{seq}]"
+            where.setdefault(desc, []).extend(ranks)
+        return (seq, MISMATCH, {k: tuple(sorted(v)) for k, v in where.items()}, None)
     return None
 
 

@@ -41,7 +41,7 @@ import torch.distributed as dist
 
 from .._backend import SyncPoint
 from .._errors import SyncError
-from .protocol import Frame
+from .protocol import Agreed, Frame, agrees
 
 if TYPE_CHECKING:
     from .exchange import Exchange
@@ -118,21 +118,34 @@ def join_store(port: int) -> Any:
 def node_frame(
     frames: Sequence[Frame], missing: Sequence[int], seen: Mapping[int, str | None]
 ) -> bytes:
-    """What a node's main sends rank 0: its node's frames, the ranks that did
-    not come in time, and where it last saw them."""
+    """What a node's main sends rank 0: its node's frames (the main's own
+    first), the ranks that did not come in time, and where it last saw
+    them.  The frames that agree with the main's own (the same sync point,
+    no failure: at nearly every sync point, all of them) travel as one
+    group per place they were seen at; the others as they are."""
+    point = (frames[0].seq, frames[0].kind, frames[0].name, frames[0].call)
+    odd: list[tuple[object, ...]] = []
+    same: dict[str, list[Frame]] = {}
+    for frame in frames:
+        if agrees(frame, point):
+            same.setdefault(frame.where, []).append(frame)
+        else:
+            odd.append(tuple(frame))
+    groups = [tuple(Agreed.of(group)) for group in same.values()]
     return pickle.dumps(
-        (NODE, [tuple(f) for f in frames], tuple(missing), dict(seen)),
-        protocol=pickle.HIGHEST_PROTOCOL,
+        (NODE, odd, tuple(missing), dict(seen), groups), protocol=pickle.HIGHEST_PROTOCOL
     )
 
 
-def read_frame(data: bytes) -> tuple[list[Frame], list[int], dict[int, str | None]]:
-    """A frame on the job's store: (frames, missing ranks, where those were
-    last seen); a rank's own frame, or a node's."""
+def read_frame(
+    data: bytes,
+) -> tuple[list[Frame], list[int], dict[int, str | None], list[Agreed]]:
+    """A frame on the job's store, a rank's own or a node's: (frames, missing
+    ranks, where those were last seen, groups of ranks whose frames agree)."""
     obj = pickle.loads(data)
     if obj[0] == NODE:
-        return [Frame(*f) for f in obj[1]], list(obj[2]), dict(obj[3])
-    return [Frame(*obj)], [], {}
+        return [Frame(*f) for f in obj[1]], list(obj[2]), dict(obj[3]), [Agreed(*g) for g in obj[4]]
+    return [Frame(*obj)], [], {}, []
 
 
 # -- bringing the tier up -----------------------------------------------------------
