@@ -657,8 +657,10 @@ def targets(cells: dict[tuple[int, str], Cell], sizes: Sequence[int], waited: in
         f"rank 0 collects every frame, all ranks waiting, in at most 5 ms: "
         f"Nodes {_ms(collect)} ms (Queues {_ms(_med(q.collect))} ms, "
         f"Keys {_ms(_med(cells[(top, 'Keys')].collect))} ms).",
-        f" Rank 0 still unpickles and judges every rank's frame "
-        f"({top // NODE} node frames of {NODE}).",
+        f" Rank 0 reads {top // NODE} node frames (their agreeing ranks in groups: "
+        f"about 2 ms of Python alone), after a wait and a read of the store and "
+        f"before answering; here its thread may also wait for its process's GIL "
+        f"behind the simulated ranks the verdict wakes (not broken down).",
     )
     nw = cells[(waited, "Nodes")]
     rate = nw.wait_rate if nw.wait_rate is not None else float("nan")

@@ -329,7 +329,7 @@ def _ended(ref: weakref.ref[Exchange], rank: int) -> None:
     # In the death watch's thread.
     made = ref()
     if made is None or made.left or _stopping.is_set():
-        return  # (a rank that said it is leaving holds the lock to say so)
+        return  # a rank that said it is leaving reports nothing more (its node's others do)
     _deaths.append(rank)
     _log.debug("rank %d saw rank %d's process end", made.rank, rank)
     if made.waiting is not None or made.lock.locked():  # inside a sync point
