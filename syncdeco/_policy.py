@@ -147,6 +147,11 @@ def _sync(
     seconds: float | None,
 ) -> object:
     """Wait at ``point`` (blocks: in async code it runs in the worker thread)."""
+    worker = _worker
+    if worker is not None and worker.pending and threading.current_thread() is not worker.thread:
+        # Reached in the program's own thread: after the async sync points
+        # this rank reached before it (a cancelled task's may still wait).
+        worker.drain()
     recorder = _trace.active
     if recorder is None:
         return backend.sync(point, local=local, failure=failure, payload=payload, timeout=seconds)
@@ -338,38 +343,56 @@ class _Worker:
 
     A task cancelled while its sync point waits gets ``CancelledError`` at
     once; the sync point itself still completes here, so this rank stays in
-    step with the others (its next sync point runs after it).  A daemon, so
-    that a wait left behind never holds up the interpreter's exit (syncdeco's
-    exit notice still reaches the other ranks)."""
+    step with the others: its next sync point runs after it, here or, when
+    reached in the program's own thread, once :meth:`drain` returns.  A
+    daemon, so that a wait left behind never holds up the interpreter's
+    exit (syncdeco's exit notice still reaches the other ranks)."""
 
-    __slots__ = ("jobs",)
+    __slots__ = ("idle", "jobs", "pending", "thread")
 
     def __init__(self) -> None:
         self.jobs: queue.SimpleQueue[
             tuple[contextvars.Context, Callable[[], object], Any, Any, _What]
         ] = queue.SimpleQueue()
-        thread = threading.Thread(
-            target=_serve, args=(self.jobs,), name="syncdeco-async", daemon=True
+        self.pending = 0  # jobs submitted and not yet run to their end
+        self.idle = threading.Condition(threading.Lock())
+        self.thread = threading.Thread(
+            target=_serve, args=(self,), name="syncdeco-async", daemon=True
         )
-        thread.start()
+        self.thread.start()
 
     def submit(self, call: Callable[[], object], what: _What, loop: Any, future: Any) -> None:
         """Run ``call``; settle ``future`` (an asyncio future of ``loop``) with
         its outcome, or log its error if there is no future."""
+        with self.idle:
+            self.pending += 1
         self.jobs.put((contextvars.copy_context(), call, loop, future, what))
 
+    def done(self) -> None:
+        """A job has run to its end."""
+        with self.idle:
+            self.pending -= 1
+            if not self.pending:
+                self.idle.notify_all()
 
-def _serve(
-    jobs: queue.SimpleQueue[tuple[contextvars.Context, Callable[[], object], Any, Any, _What]],
-) -> None:
+    def drain(self) -> None:
+        """Wait until every job submitted so far has run (each sync point
+        ends by its own timeout, or when the others hear this rank exit)."""
+        with self.idle:
+            self.idle.wait_for(lambda: not self.pending)
+
+
+def _serve(worker: _Worker) -> None:
     while True:
-        context, call, loop, future, what = jobs.get()
+        context, call, loop, future, what = worker.jobs.get()
         error: BaseException | None = None
         value: object = None
         try:
             value = context.run(call)
         except BaseException as exc:
             error = exc
+        finally:
+            worker.done()
         if future is None:
             _orphaned(what, error)
         else:

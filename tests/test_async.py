@@ -212,6 +212,67 @@ def test_a_task_cancelled_at_a_sync_point_leaves_the_ranks_in_step(
     assert outcomes[other]["ran body"]
 
 
+def blocking_after_cancelled(tmp: Path) -> dict[str, Any]:
+    """Rank 0 reaches two async sync points, A and B, whose tasks are
+    cancelled while they wait (A waits for rank 1, B is queued behind it),
+    then the blocking sync point C in its own thread. Rank 1 reaches A, B
+    and C in order, once a file says rank 0 is about to reach C."""
+    me, reaching_c = sd.rank(), tmp / "reaching-c"
+
+    @sd.barrier_after(name="A")
+    async def a() -> str:
+        return "A"
+
+    @sd.barrier_after(name="B")
+    async def b() -> str:
+        return "B"
+
+    async def cancelled(call: Callable[[], Awaitable[str]]) -> str:
+        reached = asyncio.Event()
+
+        async def wait() -> str:
+            reached.set()
+            return await call()  # runs up to the wait without yielding
+
+        task = asyncio.create_task(wait())
+        await reached.wait()  # resumes once the task awaits the sync point
+        task.cancel()
+        try:
+            return await task
+        except asyncio.CancelledError:
+            return "CancelledError"
+
+    async def main() -> dict[str, Any]:
+        if me == 0:
+            got = {"A": await cancelled(a), "B": await cancelled(b)}
+        else:
+            await _until(reaching_c)
+            got = {"A": await a(), "B": await b()}
+        return got
+
+    outcome = asyncio.run(main())
+    if me == 0:
+        reaching_c.write_text("")
+    try:
+        sd.barrier("C")
+        outcome["C"] = "C"
+    except sd.SyncError as exc:
+        outcome["C"] = type(exc).__name__
+    return outcome
+
+
+def test_a_blocking_sync_point_waits_for_the_async_ones_reached_before_it(
+    tmp_path: Path,
+) -> None:
+    """A sync point reached in the program's own thread comes after the
+    async sync points this rank reached earlier, even those whose tasks
+    were cancelled and still wait in the background (otherwise it would
+    take their place and meet the other ranks' earlier sync point)."""
+    outcomes = [o.unwrap() for o in run_ranks(blocking_after_cancelled, 2, tmp_path)]
+    assert outcomes[0] == {"A": "CancelledError", "B": "CancelledError", "C": "C"}
+    assert outcomes[1] == {"A": "A", "B": "B", "C": "C"}
+
+
 def cancelled_in_body(tmp: Path, case: str, raiser: int, early: bool) -> dict[str, Any]:
     """``raiser``'s task is cancelled before its sync point: inside the body,
     or (``early``) as soon as the task first yields, which on a main rank
