@@ -103,12 +103,17 @@ def read_until(
                     *done, partial[key.data] = (partial[key.data] + chunk).split(b"\n")
                     lines += [ln.decode(errors="replace") + "\n" for ln in done]
     finally:
-        for proc in procs:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
-            if proc.stdout is not None:
-                proc.stdout.close()
+        kill_all(procs)
     return lines
+
+
+def kill_all(procs: Sequence[subprocess.Popen]) -> None:
+    """Kill each of ``procs`` with every process of its session, and reap it."""
+    for proc in procs:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()

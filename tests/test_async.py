@@ -141,6 +141,24 @@ def test_other_tasks_run_while_a_rank_waits(
 # -- cancellation ---------------------------------------------------------------------
 
 
+async def _cancelled_while_waiting(call: Callable[[], Awaitable[str]]) -> str:
+    """Run ``call()`` in a task, cancel it once it waits at its sync point,
+    and return what the task ended with."""
+    reached = asyncio.Event()
+
+    async def wait() -> str:
+        reached.set()
+        return await call()  # runs up to the wait without yielding
+
+    task = asyncio.create_task(wait())
+    await reached.wait()  # resumes once the task awaits the sync point
+    task.cancel()
+    try:
+        return await task
+    except asyncio.CancelledError:
+        return "CancelledError"
+
+
 def cancelled_while_waiting(tmp: Path, case: str, waiter: int) -> dict[str, Any]:
     """``waiter``'s task is cancelled while it waits at the sync point; the
     other rank's body ends once it has been (a file says so).  Then both
@@ -168,19 +186,7 @@ def cancelled_while_waiting(tmp: Path, case: str, waiter: int) -> dict[str, Any]
     async def main() -> dict[str, Any]:
         outcome: dict[str, Any] = {}
         if me == waiter:
-            reached = asyncio.Event()
-
-            async def wait() -> str:
-                reached.set()
-                return await call()  # runs up to the wait without yielding
-
-            task = asyncio.create_task(wait())
-            await reached.wait()  # resumes once the task awaits the sync point
-            task.cancel()
-            try:
-                outcome["result"] = await task
-            except asyncio.CancelledError:
-                outcome["result"] = "CancelledError"
+            outcome["result"] = await _cancelled_while_waiting(call)
             cancelled.write_text("")
         else:
             outcome["result"] = await call()
@@ -227,24 +233,9 @@ def blocking_after_cancelled(tmp: Path) -> dict[str, Any]:
     async def b() -> str:
         return "B"
 
-    async def cancelled(call: Callable[[], Awaitable[str]]) -> str:
-        reached = asyncio.Event()
-
-        async def wait() -> str:
-            reached.set()
-            return await call()  # runs up to the wait without yielding
-
-        task = asyncio.create_task(wait())
-        await reached.wait()  # resumes once the task awaits the sync point
-        task.cancel()
-        try:
-            return await task
-        except asyncio.CancelledError:
-            return "CancelledError"
-
     async def main() -> dict[str, Any]:
         if me == 0:
-            got = {"A": await cancelled(a), "B": await cancelled(b)}
+            got = {"A": await _cancelled_while_waiting(a), "B": await _cancelled_while_waiting(b)}
         else:
             await _until(reaching_c)
             got = {"A": await a(), "B": await b()}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
+from scripted import kill_all
 
 import syncdeco as sd
 from syncdeco.testing import launcher_env, run_ranks
@@ -69,12 +69,7 @@ def _run(
     except subprocess.TimeoutExpired:
         pytest.fail(f"{scenario}: ranks did not finish within 120s: {outputs}")
     finally:
-        for proc in procs:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
+        kill_all(procs)
     return outputs
 
 
