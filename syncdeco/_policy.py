@@ -376,8 +376,9 @@ class _Worker:
                 self.idle.notify_all()
 
     def drain(self) -> None:
-        """Wait until every job submitted so far has run (each sync point
-        ends by its own timeout, or when the others hear this rank exit)."""
+        """Wait until no job is left to run: those submitted so far, and any
+        submitted meanwhile (each sync point ends by its own timeout, or
+        when the others hear this rank exit)."""
         with self.idle:
             self.idle.wait_for(lambda: not self.pending)
 
