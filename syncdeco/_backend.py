@@ -72,6 +72,8 @@ class Failure:
     traceback: str
     exited: bool = False  # the rank's process ended; exc_type is "" if no exception did it
     killed: bool = False  # ... without running Python's exit handlers (a signal, os._exit())
+    lost_host: str = ""  # ... with its node, lost (power, a cut link): the host's name
+    lost_ranks: tuple[int, ...] = ()  # ... and the ranks that ran there
 
     @classmethod
     def from_exception(cls, rank: int, exc: BaseException) -> Failure:

@@ -16,6 +16,7 @@ __all__ = [
     "PeerFailedError",
     "RankExitedError",
     "RankKilledError",
+    "RankLostError",
     "SyncError",
     "SyncMismatchError",
     "SyncTimeoutError",
@@ -148,6 +149,62 @@ class RankKilledError(RankExitedError):
             f"out-of-memory killer, a crash (SIGSEGV), or os._exit() does. Its exit "
             f"status (in the launcher's log) and the kernel log (dmesg: 'Out of "
             f"memory: Killed process') say which."
+        )
+
+
+@final
+class RankLostError(RankKilledError):
+    """Another rank was lost with its whole host: nothing has been heard
+    from that host for several seconds (power loss, a kernel panic, a cut
+    link, a GPU that took the machine down), so its ranks cannot say they
+    are gone and the kernel sends no reset.  ``host`` is the lost host's
+    name (or the store's address, when the job's store went with it) and
+    ``ranks`` the ranks that ran there.  Every rank waiting at a sync point
+    raises it within about 10 s of the loss, whatever the timeout."""
+
+    __module__ = "syncdeco"
+
+    def __init__(
+        self,
+        *,
+        rank: int,
+        host: str,
+        ranks: Sequence[int],
+        point: str,
+        observer: int,
+        store: bool = False,
+    ) -> None:
+        self.host = host
+        self.ranks = tuple(ranks)
+        self.store = store
+        super().__init__(
+            rank=rank,
+            exc_type="",
+            message="",
+            remote_traceback="",
+            point=point,
+            observer=observer,
+        )
+        self._kwargs = dict(
+            rank=rank, host=host, ranks=self.ranks, point=point, observer=observer, store=store
+        )
+
+    def _describe(self) -> str:
+        ranks = ", ".join(map(str, self.ranks or (self.rank,)))
+        what = (
+            f"the job's store at {self.host} stopped answering (no reply to TCP keepalive "
+            f"probes): its host is down or cut off from this one, and rank {self.rank}, "
+            f"which ran there, with it"
+            if self.store
+            else f"host {self.host} was lost with rank{'s' if ',' in ranks else ''} {ranks} "
+            f"(nothing heard from it for several seconds: power loss, a kernel panic, a cut "
+            f"link or a crashed machine)"
+        )
+        return (
+            f"rank {self.rank} is lost (seen by rank {self.observer} at {self.point}): "
+            f"{what}. The job cannot go on without it: end it and restart from the last "
+            f"checkpoint once the host is back or replaced (torchrun --max-restarts, or "
+            f"the scheduler's requeue, does so by itself)."
         )
 
 

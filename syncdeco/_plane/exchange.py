@@ -36,9 +36,10 @@ import torch
 import torch.distributed as dist
 
 from .._backend import Failure, SyncPoint
-from .._errors import SyncError, SyncTimeoutError
+from .._errors import RankLostError, SyncError, SyncTimeoutError
 from . import pernode, protocol, wire
-from .exits import say_exit
+from .exits import say_exit, waiters_elsewhere
+from .keepalive import endpoint
 from .protocol import OK, TIMEOUT, Frame, Verdict
 from .share import unshare
 from .stacks import fetch_stacks
@@ -92,6 +93,13 @@ def _member_deadline(deadline: float | None, timeout: float | None, tiers: int) 
     if deadline is None or timeout is None:
         return deadline
     return deadline + tiers * (min(max(GRACE, 0.1 * timeout), 10 * GRACE) + STACK_WAIT)
+
+
+def _silent(exc: BaseException) -> bool:
+    """Whether a store connection failed because its peer went silent (the
+    kernel gave up on it: keepalive or unacknowledged data), rather than
+    because the store's process ended (its host then resets the connection)."""
+    return "timed out" in str(exc).lower()
 
 
 def _wall(deadline: float | None) -> float | None:
@@ -276,7 +284,12 @@ class Exchange:
                     if self.watcher is None:
                         self.watcher = start_watcher(self)
                     if self.rank == self.tier.main:
-                        return self._relay(self.tier, seq, point, failure, deadline, timeout)
+                        try:
+                            return self._relay(self.tier, seq, point, failure, deadline, timeout)
+                        except dist.DistNetworkError as exc:
+                            if _silent(exc):  # the node's ranks wait for the relay: tell them
+                                self._relay_store_lost(self.tier, seq)
+                            raise
                     if not self.tier.direct():
                         return self._follow_node(self.tier, seq, point, failure, deadline, timeout)
                 name, main, members = self.scope(local, deadline, point)
@@ -296,6 +309,8 @@ class Exchange:
                 deadline = _member_deadline(deadline, timeout, 1)
                 return self._follow(base, seq, main, point, failure, deadline, timeout, mail)
             except dist.DistNetworkError as exc:
+                if _silent(exc):
+                    raise self._store_lost(point) from exc
                 raise SyncError(
                     f"rank {self.rank} at {point.describe()} lost its connection to the "
                     f"process group's store ({exc}): the store's host (rank 0, or the "
@@ -304,6 +319,31 @@ class Exchange:
                 ) from exc
             finally:
                 self.waiting = None
+
+    def _store_lost(self, point: SyncPoint) -> RankLostError:
+        """The job's store's host stopped answering (its connection timed
+        out: see keepalive.py): the host is lost, and rank 0 with it (it
+        hosts the store, or runs beside the agent that does)."""
+        at = endpoint(self.store)
+        return RankLostError(
+            rank=0,
+            host="?" if at is None else f"{at[0]}:{at[1]}",
+            ranks=(0,),
+            point=point.describe(),
+            observer=self.rank,
+            store=True,
+        )
+
+    def _relay_store_lost(self, tier: Tier, seq: int) -> None:
+        """A node's main lost the job's store: its node hears it (relayed)."""
+        nmail = self.node_mail
+        if nmail is None:
+            return
+        at = endpoint(self.store)
+        lost = Failure(0, "", "", "", True, True, "?" if at is None else f"{at[0]}:{at[1]}", (0,))
+        verdict = protocol.failed(seq, [(lost, None)])
+        with contextlib.suppress(Exception):
+            nmail.answer(self.base("w", self.rank), seq, tier.members, _dumps(verdict))
 
     def _lead(
         self,
@@ -439,7 +479,7 @@ class Exchange:
         self.seen[main] = (point.describe(), time.time())
         gone = protocol.gone_in(verdict)
         if gone is not None and (gone == main or (self.tier is not None and world)):
-            self.gone[gone] = Failure(*cast(tuple[int, str, str, str, bool, bool], verdict[2]))
+            self.gone[gone] = protocol.unpack(cast(tuple[object, ...], verdict[2]))
         if verdict[1] == OK:
             self.met += 1
             if world:
@@ -758,12 +798,17 @@ class Exchange:
             # connection (the store client holds it for the whole wait).
             say_exit(self, failure, self.spare, self.seq, first_hand=True, spare=True)
 
-    def report_killed(self, failure: Failure, store: Any) -> bool:
+    def report_killed(
+        self, failure: Failure, store: Any, *, elsewhere: Sequence[int] | None = None
+    ) -> bool:
         """Report the exit of a rank on this node whose process ended
         without saying so itself; False if it had (or another rank reported
         it first).  The ranks are in step, so the next sync point that rank
-        would have joined is this rank's current one or the one after."""
-        return say_exit(self, failure, store, self.seq, first_hand=False)
+        would have joined is this rank's current one or the one after.
+        ``elsewhere``: the rank is on another node, whose ranks these are
+        (its node was lost, or its pulse saw it end)."""
+        where = None if elsewhere is None else waiters_elsewhere(self, failure.rank, elsewhere)
+        return say_exit(self, failure, store, self.seq, first_hand=False, where=where)
 
     def node_main(self) -> int | None:
         """The rank of this node's main, if this rank knows it (a rank that

@@ -31,6 +31,7 @@ __all__ = [
     "say_exit",
     "uncaught",
     "waiters",
+    "waiters_elsewhere",
 ]
 
 # Who waits for a rank, and where (see waiters).
@@ -92,6 +93,7 @@ def say_exit(
     *,
     first_hand: bool,
     spare: bool = False,
+    where: Sequence[Waiter] | None = None,
 ) -> bool:
     """Write ``failure`` (an exit) where the ranks that wait for its rank
     look: its frame (or, for a main, the verdict) at the next sync point
@@ -102,7 +104,9 @@ def say_exit(
     replacing what is there, and only if nobody did it before: a
     compare-and-set on one key per rank settles that.  ``store``: the
     job's store; the node's store, with tiers, is this exchange's own
-    connection to it, or its spare (``spare``, or second hand)."""
+    connection to it, or its spare (``spare``, or second hand).
+    ``where``: who waits for that rank, where :func:`waiters` would not
+    know (a rank of another node: see :func:`waiters_elsewhere`)."""
     gone = dumps(astuple(failure))
     key = f"{ex.prefix}/gone/{failure.rank}"
     if not first_hand and bytes(store.compare_set(key, "", gone)) != gone:
@@ -113,7 +117,7 @@ def say_exit(
         # (A node's main that died took its node's store with it.)
         node = tier.spare if spare or not first_hand else tier.store
     posts: dict[int, tuple[Transport, list[Any], list[Any]]] = {}
-    for on, scope, main, members, slot in waiters(ex, failure.rank):
+    for on, scope, main, members, slot in waiters(ex, failure.rank) if where is None else where:
         conn = store if on == "job" else node
         if conn is None:
             continue  # the node's store is gone with its main
@@ -173,3 +177,17 @@ def waiters(ex: Exchange, rank: int) -> list[Waiter]:
         ("node", "w", tier.main, node_ranks, rank),
         local,
     ]
+
+
+def waiters_elsewhere(ex: Exchange, rank: int, node: Sequence[int]) -> list[Waiter]:
+    """Who waits, on the job's store, for ``rank`` of another node whose
+    ranks are ``node``: rank 0 at world sync points, for its frame, or for
+    its node main's where the node tier is up; and every rank, for rank
+    0's verdict, where ``rank`` is rank 0.  (What waits on that node's own
+    store went with it.)"""
+    tier = ex.tier
+    members: Sequence[int] = range(1, ex.world_size) if tier is None else tier.slots
+    slot = rank
+    if tier is not None and rank not in tier.slots and rank != 0:
+        slot = min((r for r in node if r in tier.slots), default=rank)
+    return [("job", "w", 0, members, slot)]

@@ -26,12 +26,14 @@ import torch
 import torch.distributed as dist
 
 from .. import _startup as startup
-from .._backend import SyncPoint
+from .._backend import Failure, SyncPoint
 from .._env import Launch, detect_launch, local_rank_from_env, local_world_size_from_env, node_key
 from .._errors import SyncError, SyncTimeoutError
-from . import exits, wire
+from . import exits, pulse, wire
 from .deathwatch import DeathWatch, identity, watchable
 from .exchange import Exchange, Place
+from .keepalive import endpoint, keep_alive
+from .nodewatch import NodeWatch
 from .stacks import StackResponder
 
 __all__ = [
@@ -222,7 +224,36 @@ def _new_exchange(
     )
     _finder.start()
     exits.note_uncaught()
+    _watch_nodes(made, env)
     return made
+
+
+def _watch_nodes(made: Exchange, env: Mapping[str, str]) -> None:
+    """Make this rank's connections to the job's store notice the loss of
+    its host (``keepalive``); in a job that spans several nodes, start this
+    node's pulse and, on a node's main, the watch of the other nodes (see
+    ``nodewatch``)."""
+    global _pulse, _nodewatch
+    at = endpoint(made.store)
+    if at is None:
+        return  # not a TCP store: nothing to tune, nowhere to renew a lease
+    keep_alive(*at)
+    place = made.place
+    spans = place.local_size is not None and place.local_size < made.world_size
+    if not spans or place.local_rank != 0:
+        return
+    ns = startup.namespace(env)
+    try:
+        _pulse = pulse.start(*at, ns, place.node, made.rank, os.environ)
+        report = functools.partial(_lost, weakref.ref(made))
+        watch = NodeWatch(*at, ns, place.node, made.rank, report)
+    except Exception as exc:
+        _log.debug("rank %d could not start watching the other nodes: %r", made.rank, exc)
+        return
+    if _nodewatch is not None:
+        _nodewatch.close()
+    _nodewatch = watch
+    watch.start()
 
 
 def exchange(env: Mapping[str, str]) -> Exchange:
@@ -252,7 +283,11 @@ def exchange(env: Mapping[str, str]) -> Exchange:
 # -- the ranks of this host watch each other ------------------------------------
 
 _watch: DeathWatch | None = None  # the processes of this node's other ranks
-_deaths: list[int] = []  # ranks seen to end, not yet reported (a list: appends are atomic)
+# Ranks seen to end, not yet reported (a list: appends are atomic): their
+# exit, and, for a rank of another node, that node's ranks.
+_deaths: list[tuple[Failure, tuple[int, ...] | None]] = []
+_pulse: pulse.Pulse | None = None  # this node's pulse, on a node's main
+_nodewatch: NodeWatch | None = None  # the watch of the other nodes' leases
 
 
 _stopping = threading.Event()  # set at interpreter exit: the watch threads end
@@ -295,8 +330,11 @@ def watch_node(ref: weakref.ref[Exchange], store: Any) -> None:
                 here = [r for r, k in zip(sorted(pending), keys, strict=True) if store.check([k])]
                 found = store.multi_get([f"{made.prefix}/pid/{r}" for r in here]) if here else []
                 found_at = {r: pickle.loads(v) for r, v in zip(here, found, strict=True)}
-                for rank, pid in watchable(identity(), found_at).items():
+                near = watchable(identity(), found_at)
+                for rank, pid in near.items():
                     watch.watch(rank, pid)
+                if _pulse is not None:
+                    _pulse.serve(near)
                 pending -= set(here)
         except Exception as exc:
             _log.debug("rank %d stopped looking for its node's ranks: %r", made.rank, exc)
@@ -330,8 +368,19 @@ def _ended(ref: weakref.ref[Exchange], rank: int) -> None:
     made = ref()
     if made is None or made.left or _stopping.is_set():
         return  # a rank that said it is leaving reports nothing more (its node's others do)
-    _deaths.append(rank)
+    _deaths.append((exits.killed_failure(rank), None))
     _log.debug("rank %d saw rank %d's process end", made.rank, rank)
+    if made.waiting is not None or made.lock.locked():  # inside a sync point
+        report_deaths(made, made.spare or made.store)
+
+
+def _lost(ref: weakref.ref[Exchange], failures: list[Failure]) -> None:
+    # In the node watch's thread: ranks of other nodes that ended, or whose
+    # node was lost.
+    made = ref()
+    if made is None or made.left or _stopping.is_set():
+        return
+    _deaths.extend((f, f.lost_ranks or (f.rank,)) for f in failures)
     if made.waiting is not None or made.lock.locked():  # inside a sync point
         report_deaths(made, made.spare or made.store)
 
@@ -342,9 +391,10 @@ def report_deaths(made: Exchange, store: Any) -> None:
     reached (its host was the rank that ended) is left for the sync point to
     report."""
     while _deaths:
-        rank = _deaths.pop()
+        failure, elsewhere = _deaths.pop()
+        rank = failure.rank
         try:
-            told = made.report_killed(exits.killed_failure(rank), store)
+            told = made.report_killed(failure, store, elsewhere=elsewhere)
             _log.debug("rank %d reported rank %d's end: %s", made.rank, rank, told)
         except Exception as exc:
             _log.debug("rank %d could not report rank %d's end: %r", made.rank, rank, exc)
@@ -394,6 +444,8 @@ def _stop_watching() -> None:
     _stopping.set()
     if _watch is not None:
         _watch.close()
+    if _nodewatch is not None:
+        _nodewatch.close()
     finder = _finder
     if finder is not None and finder is not threading.current_thread():
         finder.join(timeout=2.0)
@@ -424,8 +476,9 @@ def _forget_in_child() -> None:
     # A forked child (notebook_launcher, multiprocessing) gets its own
     # variables, and is no member of the parent's group or exchange.
     global _current, last_group, _forked_child, _watch, _early, _responder, _finder
+    global _pulse, _nodewatch
     _current = last_group = _watch = _early = _responder = None
-    _finder = None
+    _finder = _pulse = _nodewatch = None
     _deaths.clear()
     # The parent's group, if any, looks initialised here too, but is not
     # this process's: it must not announce its exit there.

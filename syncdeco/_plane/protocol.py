@@ -30,6 +30,7 @@ from .._errors import (
     PeerFailedError,
     RankExitedError,
     RankKilledError,
+    RankLostError,
     SyncError,
     SyncMismatchError,
     SyncTimeoutError,
@@ -147,11 +148,7 @@ def judge(
     where each missing rank is, (place, stack), for the TIMEOUT verdict.
     ``agreed``: the ranks that came, beside ``arrived``, in groups."""
     failures = [] if failure is None else [(failure, point.describe())]
-    failures += [
-        (Failure(*cast(tuple[int, str, str, str, bool, bool], f.failure)), f.where)
-        for f in arrived.values()
-        if f.failure is not None
-    ]
+    failures += [(unpack(f.failure), f.where) for f in arrived.values() if f.failure is not None]
     exits = [f for f in failures if f[0].exited]
     if exits:
         return failed(seq, exits)
@@ -174,12 +171,28 @@ def judge(
     return None
 
 
+def unpack(failure: tuple[object, ...]) -> Failure:
+    """A :class:`Failure` from the tuple it travels as."""
+    rank, exc_type, message, tb, exited, killed, *lost = failure
+    host, ranks = (*lost, "", ())[:2]
+    return Failure(
+        cast(int, rank),
+        cast(str, exc_type),
+        cast(str, message),
+        cast(str, tb),
+        cast(bool, exited),
+        cast(bool, killed),
+        cast(str, host),
+        tuple(cast("tuple[int, ...]", ranks)),
+    )
+
+
 def gone_in(verdict: Verdict) -> int | None:
     """The rank whose exit this verdict reports, if it does."""
     if verdict[1] == FAILED:
-        detail = cast(tuple[int, str, str, str, bool, bool], verdict[2])
-        if detail[4]:
-            return detail[0]
+        failure = unpack(cast(tuple[object, ...], verdict[2]))
+        if failure.exited:
+            return failure.rank
     return None
 
 
@@ -193,20 +206,33 @@ def raise_for(
     this rank's own failure (the caller re-raises its own exception)."""
     code, detail = verdict[1], verdict[2]
     if code == FAILED:
-        rank, exc_type, message, tb, exited, killed = cast(
-            tuple[int, str, str, str, bool, bool], detail
-        )
-        if rank == observer:
+        failure = unpack(cast(tuple[object, ...], detail))
+        if failure.rank == observer:
             return
-        kind = RankKilledError if killed else RankExitedError if exited else PeerFailedError
+        raised_at = cast("str | None", verdict[3])
+        if failure.lost_host:
+            raise RankLostError(
+                rank=failure.rank,
+                host=failure.lost_host,
+                ranks=failure.lost_ranks,
+                point=point.describe(),
+                observer=observer,
+            )
+        kind = (
+            RankKilledError
+            if failure.killed
+            else RankExitedError
+            if failure.exited
+            else PeerFailedError
+        )
         raise kind(
-            rank=rank,
-            exc_type=exc_type,
-            message=message,
-            remote_traceback=tb,
+            rank=failure.rank,
+            exc_type=failure.exc_type,
+            message=failure.message,
+            remote_traceback=failure.traceback,
             point=point.describe(),
             observer=observer,
-            raised_at=cast("str | None", verdict[3]),
+            raised_at=raised_at,
         )
     if code == MISMATCH:
         raise SyncMismatchError(points=detail, observer=observer)  # type: ignore[arg-type]
