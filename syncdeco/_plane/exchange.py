@@ -39,7 +39,7 @@ from .._backend import Failure, SyncPoint
 from .._errors import RankLostError, SyncError, SyncTimeoutError
 from . import pernode, protocol, wire
 from .exits import say_exit, waiters_elsewhere
-from .keepalive import endpoint
+from .keepalive import endpoint, silent
 from .protocol import OK, TIMEOUT, Frame, Verdict
 from .share import unshare
 from .stacks import fetch_stacks
@@ -49,6 +49,7 @@ from .tier import (
     announce,
     host_store,
     join_store,
+    members_key,
     node_frame,
     raise_tier,
     read_frame,
@@ -95,11 +96,25 @@ def _member_deadline(deadline: float | None, timeout: float | None, tiers: int) 
     return deadline + tiers * (min(max(GRACE, 0.1 * timeout), 10 * GRACE) + STACK_WAIT)
 
 
-def _silent(exc: BaseException) -> bool:
-    """Whether a store connection failed because its peer went silent (the
-    kernel gave up on it: keepalive or unacknowledged data), rather than
-    because the store's process ended (its host then resets the connection)."""
-    return "timed out" in str(exc).lower()
+def _silent(exc: BaseException, store: Any) -> bool:
+    """Whether a connection to the job's store failed because its host went
+    silent (the kernel gave up on it: see keepalive.py), rather than because
+    the store's process ended on a host that is still up."""
+    if "timed out" in str(exc).lower():
+        return True
+    at = endpoint(store)
+    return at is not None and silent(*at)
+
+
+def _relaying(nmail: Transport, nbase: str, seq: int | None = None) -> int | None:
+    """The world sync point a node's main is waiting at on the job's store,
+    as it tells its node (``seq``: say it; one key, on the node's store)."""
+    store = cast(Any, nmail).store
+    key = f"{nbase}/relaying"
+    if seq is not None:
+        store.set(key, str(seq))
+        return seq
+    return int(store.get(key)) if store.check([key]) else None
 
 
 def _wall(deadline: float | None) -> float | None:
@@ -287,7 +302,7 @@ class Exchange:
                         try:
                             return self._relay(self.tier, seq, point, failure, deadline, timeout)
                         except dist.DistNetworkError as exc:
-                            if _silent(exc):  # the node's ranks wait for the relay: tell them
+                            if _silent(exc, self.store):  # its node waits for the relay
                                 self._relay_store_lost(self.tier, seq)
                             raise
                     if not self.tier.direct():
@@ -309,7 +324,7 @@ class Exchange:
                 deadline = _member_deadline(deadline, timeout, 1)
                 return self._follow(base, seq, main, point, failure, deadline, timeout, mail)
             except dist.DistNetworkError as exc:
-                if _silent(exc):
+                if _silent(exc, self.store):
                     raise self._store_lost(point) from exc
                 raise SyncError(
                     f"rank {self.rank} at {point.describe()} lost its connection to the "
@@ -324,26 +339,29 @@ class Exchange:
         """The job's store's host stopped answering (its connection timed
         out: see keepalive.py): the host is lost, and rank 0 with it (it
         hosts the store, or runs beside the agent that does)."""
-        at = endpoint(self.store)
+        lost = self._store_loss()
         return RankLostError(
             rank=0,
-            host="?" if at is None else f"{at[0]}:{at[1]}",
-            ranks=(0,),
+            host=lost.lost_host,
+            ranks=lost.lost_ranks,
             point=point.describe(),
             observer=self.rank,
             store=True,
         )
+
+    def _store_loss(self) -> Failure:
+        at = endpoint(self.store)
+        host = "?" if at is None else f"{at[0]}:{at[1]}"
+        return Failure(0, protocol.STORE_LOST, "", "", True, True, host, (0,))
 
     def _relay_store_lost(self, tier: Tier, seq: int) -> None:
         """A node's main lost the job's store: its node hears it (relayed)."""
         nmail = self.node_mail
         if nmail is None:
             return
-        at = endpoint(self.store)
-        lost = Failure(0, "", "", "", True, True, "?" if at is None else f"{at[0]}:{at[1]}", (0,))
-        verdict = protocol.failed(seq, [(lost, None)])
+        verdict = _dumps(protocol.failed(seq, [(self._store_loss(), None)]))
         with contextlib.suppress(Exception):
-            nmail.answer(self.base("w", self.rank), seq, tier.members, _dumps(verdict))
+            nmail.answer(self.base("w", self.rank), seq, tier.members, verdict)
 
     def _lead(
         self,
@@ -388,6 +406,8 @@ class Exchange:
                 for group in groups:
                     agreed.append(group)
                     self.seen.update(dict.fromkeys(group.ranks, (group.where, now)))
+            if missing and world and self.tier is not None:
+                missing = self._with_nodes(missing)
         stacks = self.stacks(missing) if missing and not self.gone.keys() & arrived.keys() else None
         last_seen = self.last_seen(missing)
         last_seen.update((r, where) for r, where in told.items() if where is not None)
@@ -431,6 +451,18 @@ class Exchange:
             return wire.loads(cast(bytes, verdict[2]), _off_wire(shared, plan))
         protocol.raise_for(verdict, point, self.rank, timeout)
         return None
+
+    def _with_nodes(self, missing: list[int]) -> list[int]:
+        """``missing``, with the ranks of each node whose main is missing
+        (they wait for it, or went with it), as that main wrote them when
+        the tier came up (see tier.raise_tier).  Rare: a timeout's path."""
+        keys = {m: members_key(self.prefix, m) for m in missing}
+        here = [m for m, key in keys.items() if self.store.check([key])]
+        out = dict.fromkeys(missing)
+        if here:
+            for value in self.store.multi_get([keys[m] for m in here]):
+                out.update(dict.fromkeys(int(r) for r in bytes(value).decode().split(",") if r))
+        return list(out)
 
     def _follow(
         self,
@@ -595,6 +627,8 @@ class Exchange:
                 frames.append(frame)
                 self._note(frame, now)
         if early is None:
+            if nmail is not None:
+                _relaying(nmail, nbase, seq)  # the node's sentinel need not look any more
             self.mail.send(
                 wbase, seq, self.rank, node_frame(frames, missing, self.last_seen(missing))
             )
@@ -697,7 +731,10 @@ class Exchange:
     ) -> bytes | None:
         """The verdict, relayed by the node's main (None: out of time).  The
         node's first rank after its main also looks at the job's store every
-        POLL seconds, and relays a verdict it finds there to the node."""
+        POLL seconds, and relays a verdict it finds there to the node, until
+        the main comes (a look at a store whose host was lost blocks for
+        seconds, while the main, waiting there already, hears of the loss
+        and relays it)."""
         sentinel = self.place.local_rank == 1
         while True:
             now = time.monotonic()
@@ -707,7 +744,14 @@ class Exchange:
             except Late:
                 if last:
                     return None
-            data = self._verdict_on_job_store(wbase, seq)
+            if _relaying(nmail, nbase) == seq:
+                continue  # the main waits on the job's store itself, and will relay
+            try:
+                data = self._verdict_on_job_store(wbase, seq)
+            except dist.DistNetworkError as exc:
+                if not _silent(exc, self.store):
+                    raise
+                data = _dumps(protocol.failed(seq, [(self._store_loss(), None)]))
             if data is not None:
                 nmail.answer(nbase, seq, (), data)
                 return data

@@ -32,7 +32,7 @@ from .._errors import SyncError, SyncTimeoutError
 from . import exits, pulse, wire
 from .deathwatch import DeathWatch, identity, watchable
 from .exchange import Exchange, Place
-from .keepalive import endpoint, keep_alive
+from .keepalive import StoreWatch, endpoint, keep_alive
 from .nodewatch import NodeWatch
 from .stacks import StackResponder
 
@@ -234,9 +234,15 @@ def _watch_nodes(made: Exchange, env: Mapping[str, str]) -> None:
     node's pulse and, on a node's main, the watch of the other nodes (see
     ``nodewatch``)."""
     global _pulse, _nodewatch
+    global _storewatch
     at = endpoint(made.store)
     if at is None:
         return  # not a TCP store: nothing to tune, nowhere to renew a lease
+    if _storewatch is None or (_storewatch.host, _storewatch.port) != at:
+        try:
+            _storewatch = StoreWatch(*at, made.store)
+        except Exception as exc:
+            _log.debug("rank %d could not watch the store's host: %r", made.rank, exc)
     keep_alive(*at)
     place = made.place
     spans = place.local_size is not None and place.local_size < made.world_size
@@ -288,6 +294,7 @@ _watch: DeathWatch | None = None  # the processes of this node's other ranks
 _deaths: list[tuple[Failure, tuple[int, ...] | None]] = []
 _pulse: pulse.Pulse | None = None  # this node's pulse, on a node's main
 _nodewatch: NodeWatch | None = None  # the watch of the other nodes' leases
+_storewatch: StoreWatch | None = None  # the watch of the job's store's host
 
 
 _stopping = threading.Event()  # set at interpreter exit: the watch threads end
@@ -476,9 +483,9 @@ def _forget_in_child() -> None:
     # A forked child (notebook_launcher, multiprocessing) gets its own
     # variables, and is no member of the parent's group or exchange.
     global _current, last_group, _forked_child, _watch, _early, _responder, _finder
-    global _pulse, _nodewatch
+    global _pulse, _nodewatch, _storewatch
     _current = last_group = _watch = _early = _responder = None
-    _finder = _pulse = _nodewatch = None
+    _finder = _pulse = _nodewatch = _storewatch = None
     _deaths.clear()
     # The parent's group, if any, looks initialised here too, but is not
     # this process's: it must not announce its exit there.

@@ -19,7 +19,17 @@ connection of this process to the job's store,
   goes through soon after it heals instead of up to 6 s later.
 
 The store call then raises ``DistNetworkError`` ("Connection timed out"),
-which the exchange turns into an error naming the store's host.  A link
+which the exchange turns into an error naming the store's host.
+
+A request sent after the host was lost is unacknowledged data, which the
+kernel gives up on only :data:`UNACKED` seconds after it was sent (a sync
+point whose timeout expires sends one: torch's client tells the store to
+stop waiting).  So that no store call outlives the loss by that much, a
+:class:`StoreWatch` keeps one idle connection of its own (a canary: idle,
+so keepalive probes it) and a thread blocked in ``poll()`` on it, which
+needs no GIL; when the kernel drops the canary for silence, the thread
+shuts down every connection of this process to the store, and every store
+call blocked on one fails at once.  A link
 that drops every packet for 3 s does not drop the connection: 3 s of lost
 probes are at most 4 of the 5, and 3 s is under :data:`UNACKED`.
 
@@ -32,16 +42,23 @@ the duplicate's are the original's.
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
+import select
 import socket
+import threading
+import time
 from typing import Any, Final
 
-__all__ = ["endpoint", "keep_alive"]
+__all__ = ["StoreWatch", "endpoint", "keep_alive", "silent"]
 
 IDLE: Final = 2  # seconds of silence before the first probe
 INTERVAL: Final = 1  # seconds between probes
 PROBES: Final = 5  # unanswered probes that drop the connection
-UNACKED: Final = 8  # seconds a request may go unacknowledged
+UNACKED: Final = 7  # seconds a request may go unacknowledged
+_log = logging.getLogger("syncdeco")
+_silenced: set[tuple[str, int]] = set()  # stores whose host a StoreWatch found silent
 _THIN_LINEAR_TIMEOUTS: Final = getattr(socket, "TCP_THIN_LINEAR_TIMEOUTS", 16)  # Linux
 
 
@@ -72,12 +89,23 @@ def keep_alive(host: str, port: int) -> int:
     module's docstring); returns how many were found.  Connections made
     later need another call.  Best effort: where ``/proc`` or an option is
     missing, what can be set is."""
-    peers = _addresses(host)
     tuned = 0
+    for sock in _connections(host, port):
+        with sock:
+            _tune(sock)
+            tuned += 1
+    return tuned
+
+
+def _connections(host: str, port: int) -> list[socket.socket]:
+    """Duplicates of this process's TCP connections to ``host:port`` (the
+    caller closes them)."""
+    peers = _addresses(host)
     try:
         fds = os.listdir("/proc/self/fd")
     except OSError:
-        return 0
+        return []
+    found: list[socket.socket] = []
     for name in fds:
         fd = int(name)
         try:
@@ -86,21 +114,108 @@ def keep_alive(host: str, port: int) -> int:
             dup = socket.socket(fileno=os.dup(fd))
         except OSError:
             continue
-        with dup:
-            try:
-                if dup.type != socket.SOCK_STREAM or dup.family not in (
-                    socket.AF_INET,
-                    socket.AF_INET6,
-                ):
-                    continue
-                peer = dup.getpeername()
-            except OSError:
-                continue  # not connected (a listening socket, say)
+        try:
+            if dup.type != socket.SOCK_STREAM or dup.family not in (
+                socket.AF_INET,
+                socket.AF_INET6,
+            ):
+                raise OSError
+            peer = dup.getpeername()  # raises where it is not connected
             if peer[1] != port or not {peer[0], _unmapped(peer[0])} & peers:
-                continue
-            _tune(dup)
-            tuned += 1
-    return tuned
+                raise OSError
+        except OSError:
+            dup.close()
+            continue
+        found.append(dup)
+    return found
+
+
+class StoreWatch:
+    """Notices the loss of the store's host and fails every store call of
+    this process that waits on it (see the module's docstring).  ``clone``
+    is a store connected to it, whose ``clone()`` makes the canary."""
+
+    __slots__ = ("_canary", "_sock", "host", "lost_at", "port", "thread")
+
+    def __init__(self, host: str, port: int, clone: Any) -> None:
+        self.host, self.port = host, port
+        self.lost_at: float | None = None  # time.monotonic() when it was found lost
+        before = _socket_inodes()
+        self._canary = clone.clone()  # a connection of its own, kept idle
+        keep_alive(host, port)
+        self._sock: socket.socket | None = None
+        for sock in _connections(host, port):
+            if self._sock is None and _inode(sock) not in before:
+                self._sock = sock
+            else:
+                sock.close()
+        self.thread = threading.Thread(target=self._watch, name="syncdeco-storewatch", daemon=True)
+        if self._sock is not None:
+            self.thread.start()
+
+    def _watch(self) -> None:
+        sock = self._sock
+        assert sock is not None
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLERR | select.POLLHUP | select.POLLIN)
+        try:
+            while True:
+                if not poller.poll():
+                    continue
+                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if error == errno.ETIMEDOUT:
+                    self.lost_at = time.monotonic()
+                    _silenced.add((self.host, self.port))
+                    _log.debug("syncdeco: the store's host %s went silent", self.host)
+                    self._cut()
+                return  # ended (the store's process closed it, or it was lost)
+        except OSError:
+            return
+        finally:
+            sock.close()
+
+    def _cut(self) -> None:
+        """Shut down every connection of this process to the store: each
+        store call blocked on one fails now."""
+        for other in _connections(self.host, self.port):
+            with other, contextlib.suppress(OSError):
+                other.shutdown(socket.SHUT_RDWR)
+
+
+def _socket_inodes() -> set[str]:
+    try:
+        fds = os.listdir("/proc/self/fd")
+    except OSError:
+        return set()
+    inodes: set[str] = set()
+    for name in fds:
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/self/fd/{name}")
+            if link.startswith("socket:"):
+                inodes.add(link)
+    return inodes
+
+
+def _inode(sock: socket.socket) -> str:
+    # A duplicate names the same socket: its link in /proc is the original's.
+    try:
+        return os.readlink(f"/proc/self/fd/{sock.fileno()}")
+    except OSError:
+        return ""
+
+
+def silent(host: str, port: int, *, wait: float = 1.0) -> bool:
+    """Whether ``host`` is silent: a new connection to ``host:port`` gets
+    no answer within ``wait`` seconds.  Asked after a connection to the
+    store failed, to tell a lost host (silent) from a store whose process
+    ended on a host that is up (it refuses the connection at once)."""
+    try:
+        with socket.create_connection((host, port), timeout=wait):
+            return False
+    except ConnectionRefusedError:
+        return False
+    except OSError:
+        return True  # timed out, or no route to the host
 
 
 def _unmapped(address: str) -> str:

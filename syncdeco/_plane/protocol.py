@@ -57,6 +57,10 @@ FAILED: Final = 1
 MISMATCH: Final = 2
 TIMEOUT: Final = 3
 
+# A lost rank's exc_type where the job's store was lost with it (its
+# lost_host is then the store's address).
+STORE_LOST: Final = "<the job's store>"
+
 Verdict = tuple[object, ...]
 
 
@@ -217,6 +221,7 @@ def raise_for(
                 ranks=failure.lost_ranks,
                 point=point.describe(),
                 observer=observer,
+                store=failure.exc_type == STORE_LOST,
             )
         kind = (
             RankKilledError

@@ -52,6 +52,7 @@ __all__ = [
     "announce",
     "host_store",
     "join_store",
+    "members_key",
     "node_frame",
     "raise_tier",
     "read_frame",
@@ -113,6 +114,11 @@ def join_store(port: int) -> Any:
         wait_for_workers=False,
         timeout=timedelta(seconds=JOIN_TIMEOUT),
     )
+
+
+def members_key(prefix: str, main: int) -> str:
+    """Where a node's main writes its node's other ranks, once the tier is up."""
+    return f"{prefix}/members/{main}"
 
 
 def node_frame(
@@ -210,6 +216,8 @@ def raise_tier(ex: Exchange, point: SyncPoint) -> Tier | None:
     elif ex.rank == main:
         hosted = ex.hosted[0]
         store, spare = hosted, hosted.clone()
+        # For a timeout that finds this node's main missing: its ranks too.
+        ex.store.set(members_key(prefix, main), ",".join(map(str, members)))
     else:
         try:
             store = ex.join_node(int(cast(bytes, port)))
