@@ -49,7 +49,6 @@ from .tier import (
     announce,
     host_store,
     join_store,
-    members_key,
     node_frame,
     raise_tier,
     read_frame,
@@ -147,13 +146,16 @@ class Exchange:
         tiers: bool = True,
         host_node: Callable[[], tuple[Any, int]] = host_store,
         join_node: Callable[[int], Any] = join_store,
+        overdue: Callable[[int], tuple[int, ...]] = lambda rank: (),
     ) -> None:
         """``store``: a connection of this exchange's own; ``spare``:
         another one, used from other threads (an exit notice while a sync
         point waits on ``store``).  ``tiers``: sync through a store per node
         where the job has several nodes of several ranks (``tier``), each
         hosted by ``host_node()`` (the store, its port) on the node's main
-        and reached by ``join_node(port)`` from the node's other ranks."""
+        and reached by ``join_node(port)`` from the node's other ranks.
+        ``overdue(rank)``: the ranks of ``rank``'s node when its lease is
+        overdue (see nodewatch.py), for a timeout's message."""
         self.store = store
         self.spare = spare
         self.rank = rank
@@ -182,6 +184,7 @@ class Exchange:
         # succeeds: by then every rank has said where it lives).
         self.tiers = tiers and uses_tiers(world_size, place.local_size)
         self.host_node, self.join_node = host_node, join_node
+        self.overdue = overdue
         self.hosted: Any = None
         self.announced = False
         self.tier: Tier | None = None
@@ -406,9 +409,9 @@ class Exchange:
                 for group in groups:
                     agreed.append(group)
                     self.seen.update(dict.fromkeys(group.ranks, (group.where, now)))
-            if missing and world and self.tier is not None:
-                missing = self._with_nodes(missing)
         stacks = self.stacks(missing) if missing and not self.gone.keys() & arrived.keys() else None
+        if stacks is not None and world:
+            missing = self._with_nodes(missing, stacks)
         last_seen = self.last_seen(missing)
         last_seen.update((r, where) for r, where in told.items() if where is not None)
         verdict = protocol.judge(
@@ -452,16 +455,17 @@ class Exchange:
         protocol.raise_for(verdict, point, self.rank, timeout)
         return None
 
-    def _with_nodes(self, missing: list[int]) -> list[int]:
+    def _with_nodes(self, missing: list[int], stacks: dict[int, tuple[str, str]]) -> list[int]:
         """``missing``, with the ranks of each node whose main is missing
-        (they wait for it, or went with it), as that main wrote them when
-        the tier came up (see tier.raise_tier).  Rare: a timeout's path."""
-        keys = {m: members_key(self.prefix, m) for m in missing}
-        here = [m for m, key in keys.items() if self.store.check([key])]
+        and whose lease is overdue (the node is silent: its ranks went with
+        it, or will be named lost within seconds); ``stacks`` gets theirs.
+        Rare: a timeout's path."""
         out = dict.fromkeys(missing)
-        if here:
-            for value in self.store.multi_get([keys[m] for m in here]):
-                out.update(dict.fromkeys(int(r) for r in bytes(value).decode().split(",") if r))
+        for rank in missing:
+            out.update(dict.fromkeys(self.overdue(rank)))
+        extra = [r for r in out if r not in stacks]
+        if extra:
+            stacks.update(self.stacks(extra))
         return list(out)
 
     def _follow(

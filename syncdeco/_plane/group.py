@@ -202,7 +202,7 @@ def _new_exchange(
     store: Any, rank: int, world_size: int, env: Mapping[str, str], **options: Any
 ) -> Exchange:
     global _responder
-    made = Exchange(store, rank, world_size, _place(env, rank), **options)
+    made = Exchange(store, rank, world_size, _place(env, rank), overdue=_overdue, **options)
     made.store.set(f"{made.prefix}/pid/{rank}", pickle.dumps(identity()))
     # Answers a timed-out sync point's question: where is this rank's main
     # thread?  Its own connection, idle until asked.  Only where the store
@@ -379,6 +379,11 @@ def _ended(ref: weakref.ref[Exchange], rank: int) -> None:
     _log.debug("rank %d saw rank %d's process end", made.rank, rank)
     if made.waiting is not None or made.lock.locked():  # inside a sync point
         report_deaths(made, made.spare or made.store)
+
+
+def _overdue(rank: int) -> tuple[int, ...]:
+    watch = _nodewatch
+    return () if watch is None else watch.overdue(rank)
 
 
 def _lost(ref: weakref.ref[Exchange], failures: list[Failure]) -> None:

@@ -128,6 +128,12 @@ class Leases:
                 lost.append(node)
         return lost
 
+    def still(self, node: str, now: float) -> float | None:
+        """For how long ``node``'s lease has stood still, as of ``now``
+        (None: not judged)."""
+        seen = self._since.get(node)
+        return None if seen is None else now - seen[1]
+
     def forget(self, node: str) -> None:
         """Stop judging ``node`` (it was reported lost)."""
         self._since.pop(node, None)

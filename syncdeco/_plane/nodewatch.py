@@ -40,6 +40,7 @@ __all__ = ["NodeWatch", "lost_failure"]
 
 _log = logging.getLogger("syncdeco")
 
+_OVERDUE: Final = lease.PERIOD + 1.0  # seconds a lease may stand still in the normal course
 _EARLY: Final = 10  # looks that each read the list of nodes (while pulses start)
 _RELIST: Final = 5  # looks between two readings of it after those
 _CONNECT: Final = 30.0  # seconds to reach the job's store
@@ -62,7 +63,17 @@ class NodeWatch:
     """A watcher of the other nodes' leases: one daemon thread, with a store
     connection of its own, until :meth:`close` or the end of the process."""
 
-    __slots__ = ("__weakref__", "_node", "_rank", "_report", "_stop", "_store", "thread")
+    __slots__ = (
+        "__weakref__",
+        "_lock",
+        "_node",
+        "_rank",
+        "_report",
+        "_state",
+        "_stop",
+        "_store",
+        "thread",
+    )
 
     def __init__(
         self,
@@ -89,6 +100,8 @@ class NodeWatch:
         self._rank = rank
         self._report = report
         self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._state = _State()
         self.thread = threading.Thread(
             target=_run, args=(weakref.ref(self),), name="syncdeco-nodewatch", daemon=True
         )
@@ -99,11 +112,24 @@ class NodeWatch:
     def close(self) -> None:
         self._stop.set()
 
+    def overdue(self, rank: int) -> tuple[int, ...]:
+        """The ranks of ``rank``'s node where its lease is overdue (it has
+        stood still for longer than a renewal takes: the node may be lost,
+        and is judged so within seconds), else ()."""
+        with self._lock:
+            state, now = self._state, time.monotonic()
+            for node, (_, ranks) in state.ranks.items():
+                if rank in ranks:
+                    still = state.leases.still(node, now)
+                    late = node in state.lost or (still is not None and still > _OVERDUE)
+                    return ranks if late else ()
+        return ()
+
     # In the watcher's thread:
 
-    def _look(self, state: _State) -> bool:
+    def _look(self) -> bool:
         """One look; False once this rank need not watch."""
-        store = self._store
+        store, state = self._store, self._state
         if state.looks < _EARLY or state.looks % _RELIST == 0:
             listing = bytes(store.compare_set(LIST, "", "")).decode()  # no wait, one request
             mains = dict(entry.rsplit(" ", 1) for entry in listing.split("\n") if entry)
@@ -119,35 +145,39 @@ class NodeWatch:
         now = time.monotonic()
         running: dict[str, bytes] = {}
         failures: list[Failure] = []
-        for node, value in zip(nodes, values, strict=True):
-            reading = lease.read(value)
-            if reading.ended:
+        with self._lock:
+            for node, value in zip(nodes, values, strict=True):
+                reading = lease.read(value)
+                state.ranks[node] = (reading.host, reading.ranks)
+                if reading.ended:
+                    state.over.add(node)
+                    failures += [ended_failure(r) for r in reading.ranks]
+                else:
+                    running[node] = value
+            for node in state.leases.look(now, running):
+                reading = lease.read(running[node])
                 state.over.add(node)
-                failures += [ended_failure(r) for r in reading.ranks]
-            else:
-                running[node] = value
-        for node in state.leases.look(now, running):
-            reading = lease.read(running[node])
-            state.over.add(node)
-            _log.debug("syncdeco: node %s (%s) lost", node, reading.host)
-            failures += [lost_failure(r, reading.host, reading.ranks) for r in reading.ranks]
+                state.lost.add(node)
+                _log.debug("syncdeco: node %s (%s) lost", node, reading.host)
+                failures += [lost_failure(r, reading.host, reading.ranks) for r in reading.ranks]
         if failures:
             self._report(failures)
         return True
 
 
 class _State:
-    __slots__ = ("leases", "looks", "nodes", "over")
+    __slots__ = ("leases", "looks", "lost", "nodes", "over", "ranks")
 
     def __init__(self) -> None:
         self.leases = lease.Leases()
         self.looks = 0
         self.nodes: list[str] = []
         self.over: set[str] = set()  # nodes reported (lost, or their ranks ended)
+        self.lost: set[str] = set()  # ... lost
+        self.ranks: dict[str, tuple[str, tuple[int, ...]]] = {}  # node -> (host, ranks)
 
 
 def _run(ref: weakref.ref[NodeWatch]) -> None:
-    state = _State()
     while True:
         watch = ref()
         if watch is None:
@@ -160,7 +190,7 @@ def _run(ref: weakref.ref[NodeWatch]) -> None:
         if watch is None:
             return
         try:
-            if not watch._look(state):
+            if not watch._look():
                 return
         except Exception as exc:  # the store is gone: its loss is the sync points' to report
             _log.debug("syncdeco: the node watch stopped: %r", exc)

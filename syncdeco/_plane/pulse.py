@@ -36,7 +36,8 @@ from typing import IO, Any, Final
 __all__ = ["LAUNCHER_VARIABLES", "Pulse", "lease_key", "start"]
 
 LIST: Final = "pulses"  # the key listing every node that has a pulse: "node main-rank" lines
-CONNECT_TIMEOUT: Final = 30.0  # seconds the pulse waits to reach the job's store
+CONNECT_TIMEOUT: Final = 30.0  # seconds the pulse tries to reach the job's store
+_ATTEMPT: Final = 1.0  # seconds of one try (between them, it looks whether its main lives)
 
 # The variables that would make syncdeco take the pulse for a rank.
 LAUNCHER_VARIABLES: Final = (
@@ -113,7 +114,9 @@ def start(
 
 
 def _serve(argv: Sequence[str], stdin: IO[bytes]) -> int:
+    import select
     import socket
+    import time
 
     import torch.distributed as dist
 
@@ -123,15 +126,26 @@ def _serve(argv: Sequence[str], stdin: IO[bytes]) -> int:
     host, port, namespace, node, main, parent = argv
     store_port, main_rank, parent_pid = int(port), int(main), int(parent)
     try:
-        tcp = dist.TCPStore(  # type: ignore[attr-defined]
-            host,
-            store_port,
-            is_master=False,
-            wait_for_workers=False,
-            timeout=timedelta(seconds=CONNECT_TIMEOUT),
-        )
-    except Exception:
-        return 1  # the job's store is gone already: nothing to renew
+        parent_fd = os.pidfd_open(parent_pid)
+    except OSError:
+        return 1  # no pidfds here (or the main has ended already): nothing to serve
+    deadline = time.monotonic() + CONNECT_TIMEOUT
+    while True:
+        if select.select([parent_fd], [], [], 0)[0]:
+            return 0  # the main ended before the pulse could start serving
+        try:
+            tcp = dist.TCPStore(  # type: ignore[attr-defined]
+                host,
+                store_port,
+                is_master=False,
+                wait_for_workers=False,
+                timeout=timedelta(seconds=_ATTEMPT),
+            )
+            break
+        except Exception:
+            if time.monotonic() > deadline:
+                return 1  # the job's store is gone: nothing to renew
+    os.close(parent_fd)
     keepalive.keep_alive(host, store_port)
     store: Any = dist.PrefixStore(namespace, tcp)  # type: ignore[attr-defined]
     name = socket.gethostname()
