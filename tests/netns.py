@@ -181,8 +181,11 @@ class Cluster:
     def _up(self) -> None:
         remove_stale()
         self.workdir.mkdir(parents=True, exist_ok=True)
-        hosts = "127.0.0.1 localhost\n" + "".join(
-            f"{self.addr(i)} {self.hosts[i]}\n" for i in range(self.size)
+        # The v4-mapped v6 names too: torch's store looks up the name of a
+        # client that reached its IPv6 socket by an IPv4 address.
+        hosts = "127.0.0.1 localhost\n::1 localhost\n" + "".join(
+            f"{self.addr(i)} {self.hosts[i]}\n::ffff:{self.addr(i)} {self.hosts[i]}\n"
+            for i in range(self.size)
         )
         self._netns_add(self.switch)
         _ip("-n", self.switch, "link", "add", "br0", "type", "bridge")

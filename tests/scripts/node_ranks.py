@@ -1,11 +1,13 @@
 """One rank of a job on the network-namespace cluster of test_multinode.py
 (tests/netns.py), under torchrun or SLURM variables.
 
-    node_ranks.py OUT [--timeout SECONDS|none] [--gil RANK SECONDS]
+    node_ranks.py OUT [--timeout SECONDS|none] [--busy RANK ...] [--gil RANK SECONDS]
 
 Every rank passes two sync points, writes ``OUT/ready-<rank>.json`` (its
 pid, host name, node address, launcher's node id), then waits at
-``sd.barrier("wait", timeout=...)`` (``none``: no timeout, the default).
+``sd.barrier("wait", timeout=...)`` (``none``: no timeout, the default);
+except the ``--busy`` ranks, which stay busy (in Python, their threads
+running) and never come: the test loses them while the others wait.
 What that barrier did goes to ``OUT/result-<rank>.json``: ``"passed"``, or
 ``"raised"`` with the error's type, message, the ranks it names and the
 wall-clock time (``time.time()``) it was raised, so that a test measures
@@ -15,12 +17,17 @@ more at ``sd.barrier("after")`` and writes ``OUT/done-<rank>.json``.
 ``--gil RANK SECONDS``: rank RANK, once ``OUT/go`` exists, holds the GIL for
 SECONDS in a C call (libc ``sleep`` through ``ctypes.PyDLL``, which keeps
 the GIL) before it comes to the barrier: none of its threads runs meanwhile.
+
+SIGUSR1 writes every thread's stack to ``OUT/stacks-<pid>.txt``: where a
+survivor waits when the test gives up.
 """
 
 import argparse
 import ctypes
+import faulthandler
 import json
 import os
+import signal
 import socket
 import time
 from pathlib import Path
@@ -30,6 +37,7 @@ import syncdeco as sd
 parser = argparse.ArgumentParser()
 parser.add_argument("out", type=Path)
 parser.add_argument("--timeout", default="none")
+parser.add_argument("--busy", nargs="+", type=int, default=[], metavar="RANK")
 parser.add_argument("--gil", nargs=2, type=int, metavar=("RANK", "SECONDS"))
 args = parser.parse_args()
 out: Path = args.out
@@ -50,6 +58,9 @@ def node_address() -> str:
         s.connect((os.environ["MASTER_ADDR"], 9))
         return str(s.getsockname()[0])
 
+
+stacks = open(out / f"stacks-{os.getpid()}.txt", "w")  # open till the end
+faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
 
 sd.barrier("warm-up")
 sd.barrier("warm-up 2")
@@ -75,6 +86,12 @@ if args.gil is not None and args.gil[0] == rank:
     write(f"gil-{rank}.json", {"from": time.time()})
     ctypes.PyDLL(None).sleep(args.gil[1])  # a C call that keeps the GIL
     write(f"gil-{rank}.json", {"to": time.time()})
+
+if rank in args.busy:
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:  # "computing" until the test loses this rank
+        time.sleep(0.05)
+    raise SystemExit(f"rank {rank}: busy for 600 s and never lost")
 
 try:
     sd.barrier("wait", timeout=timeout)
