@@ -22,6 +22,7 @@ import json
 import re
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -50,12 +51,27 @@ xfail_no_detection = pytest.mark.xfail(
 )
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[netns.Cluster]:
-    """Three nodes for the module's tests, one test at a time."""
+def _skip_without_namespaces() -> None:
     why = netns.unavailable()
     if why is not None:
         pytest.skip(f"multi-node tests need network namespaces: {why}")
+
+
+@pytest.fixture(scope="module")
+def cluster(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[netns.Cluster]:
+    """Three nodes for the module's tests, one test at a time.
+
+    The false-alarm job (a minute of waiting, on a cluster of its own) starts
+    first, when its test is to run in this process, and runs while the other
+    tests do: the module then takes a minute less."""
+    _skip_without_namespaces()
+    if not hasattr(request.config, "workerinput") and any(
+        item.name == test_no_false_alarm_for_a_held_gil_a_stopped_rank_or_a_short_cut.__name__
+        for item in request.session.items
+    ):  # not under pytest-xdist, where each worker would start one
+        request.getfixturevalue("false_alarms")
     with netns.Cluster(nodes=3, workdir=tmp_path_factory.mktemp("cluster")) as made:
         yield made
 
@@ -362,30 +378,74 @@ def test_a_killed_member_under_slurm_is_named_within_5s(c: netns.Cluster, tmp_pa
 # -- false alarms ------------------------------------------------------------------------
 
 
+class FalseAlarms:
+    """The false-alarm job, on a cluster of its own (its faults cut node 0),
+    with a thread that makes the faults once every rank is ready."""
+
+    def __init__(self, where: Path) -> None:
+        self.cluster = netns.Cluster(nodes=3, workdir=where / "cluster")
+        self.out = where / "job"
+        self.out.mkdir()
+        self.failed: BaseException | None = None
+        self.closing = threading.Event()
+        self.thread = threading.Thread(target=self._faults, daemon=True)
+
+    def __enter__(self) -> FalseAlarms:
+        self.cluster.__enter__()
+        self.job = slurm(self.cluster, self.out, (0, 1, 2), 2, "--gil", "3", str(GIL_HELD))
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.closing.set()
+        try:
+            self.cluster.close()  # the thread's waits end with the processes
+        finally:
+            self.thread.join(10)
+
+    def _faults(self) -> None:
+        """Rank 3 holds the GIL, rank 4 is stopped, node 0 drops every
+        packet, all from the same instant; each fault ends on its own time."""
+        try:
+            ready = self.job.ready()
+            (self.out / "go").write_text("")
+            stopped = int(ready[4]["pid"])
+            start = time.monotonic()
+            self.cluster.stop(stopped)
+            try:
+                self.cluster.cut(0)
+                self.closing.wait(PACKETS_DROPPED)  # the faults' lengths, not an ordering
+                self.cluster.heal(0)
+                self.closing.wait(max(0.0, STOPPED - (time.monotonic() - start)))
+            finally:
+                self.cluster.cont(stopped)
+        except BaseException as exc:  # pytest.fail too: the test reports it
+            self.failed = exc
+
+
+@pytest.fixture(scope="module")
+def false_alarms(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FalseAlarms]:
+    _skip_without_namespaces()
+    with FalseAlarms(tmp_path_factory.mktemp("false-alarms")) as made:
+        yield made
+
+
 def test_no_false_alarm_for_a_held_gil_a_stopped_rank_or_a_short_cut(
-    c: netns.Cluster, tmp_path: Path
+    false_alarms: FalseAlarms,
 ) -> None:
     """Three nodes of two ranks under SLURM variables, all at a sync point
     with no timeout, while at once: rank 3 holds the GIL for 60 s in a C call,
     rank 4 (node 2's first rank) is SIGSTOPped for 30 s, and node 0 (the
     store's host) drops every packet for 3 s.  Nobody is declared lost: when
     all three are over, every rank passes the sync point and the next one."""
-    job = slurm(c, tmp_path, (0, 1, 2), 2, "--gil", "3", str(GIL_HELD))
-    ready = job.ready()
-    (tmp_path / "go").write_text("")
-    stopped = int(ready[4]["pid"])
-    start = time.monotonic()
-    c.stop(stopped)
-    try:
-        c.cut(0)
-        time.sleep(PACKETS_DROPPED)  # the fault's length, not an ordering
-        c.heal(0)
-        time.sleep(max(0.0, STOPPED - (time.monotonic() - start)))
-    finally:
-        c.cont(stopped)
-    results = job.wait_for("done", range(6), GIL_HELD + 60)
+    fa = false_alarms
+    fa.thread.join(STARTUP + STOPPED + 10)
+    assert not fa.thread.is_alive(), "the faults did not end"
+    if fa.failed is not None:
+        raise fa.failed
+    results = fa.job.wait_for("done", range(6), GIL_HELD + 60)
     assert len(results) == 6
-    outcomes = {r: job.facts("result", r) for r in range(6)}
+    outcomes = {r: fa.job.facts("result", r) for r in range(6)}
     assert all(f is not None and f["outcome"] == "passed" for f in outcomes.values()), outcomes
-    held = job.facts("gil", 3)
+    held = fa.job.facts("gil", 3)
     assert held is not None and "to" in held, "rank 3 did not hold the GIL"
