@@ -37,6 +37,9 @@ test process that was itself SIGKILLed is removed by the next cluster made.
 
 Needs root and ``ip`` (iproute2) and ``unshare`` (util-linux);
 :func:`unavailable` says why a cluster cannot be made here.
+
+By hand: ``python tests/netns.py --nodes 2`` makes a cluster, prints how to
+run a command on each node, and tears it all down at Enter or Ctrl-C.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ import shutil
 import signal
 import subprocess
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -174,9 +178,10 @@ class Cluster:
     ) -> None:
         try:
             self.close()
-        except Exception:
+        except Exception as problem:
             if exc is None:
                 raise  # the test passed: what was left behind fails it
+            warnings.warn(f"{problem} (after: {exc!r})", RuntimeWarning, stacklevel=2)
 
     def _up(self) -> None:
         remove_stale()
@@ -432,3 +437,30 @@ def remove_stale() -> None:
         _ip("netns", "del", ns, check=False)
         shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
         shutil.rmtree(Path("/tmp") / ns.rsplit("-", 1)[0], ignore_errors=True)
+
+
+def _main() -> None:
+    import argparse
+    import shlex
+
+    parser = argparse.ArgumentParser(description="A cluster of namespaces, until Enter.")
+    parser.add_argument("--nodes", type=int, default=2)
+    nodes = parser.parse_args().nodes
+    why = unavailable()
+    if why is not None:
+        raise SystemExit(why)
+    with Cluster(nodes=nodes) as c:
+        for i in range(nodes):
+            run = f"ip netns exec {c.namespaces[i]} unshare --uts -- sh -c "
+            run += shlex.quote('hostname "$0" && exec "$@"') + f" {c.hosts[i]} COMMAND..."
+            print(f"node {i}: {c.hosts[i]} {c.addr(i)}\n  {run}")
+        print(f"cut node i:  ip -n {c.switch} link set p<i> down   (heal: up)")
+        print("Enter (or Ctrl-C) tears it all down, with every process on it.")
+        try:
+            input()
+        except (KeyboardInterrupt, EOFError):
+            pass
+
+
+if __name__ == "__main__":
+    _main()

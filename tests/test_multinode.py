@@ -9,11 +9,13 @@ elsewhere they are skipped, saying why.
 
 To run one by hand (as root), e.g. a lost torchrun node::
 
-    cd <repo> && PYTHONPATH=$PWD:$PWD/tests python -m pytest \\
-        tests/test_multinode.py -k torchrun_node -p no:cacheprovider -q --runxfail
+    cd <repo> && PYTHONPATH=$PWD python -m pytest tests/test_multinode.py \\
+        -k lost_torchrun_node --runxfail -q
 
-each rank's output is in the failure's message, and in pytest's tmp
-directory (``.../cluster0/node<i>-<n>.log``).
+``--runxfail`` shows the failure an xfail hides: the survivors' stacks and
+every process's output.  The files stay in pytest's tmp directory
+(``/tmp/pytest-of-root/pytest-current/``: ``cluster0/node<i>-<n>.log``, and
+each test's ``ready-``, ``result-``, ``done-<rank>.json``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -449,3 +452,23 @@ def test_no_false_alarm_for_a_held_gil_a_stopped_rank_or_a_short_cut(
     assert all(f is not None and f["outcome"] == "passed" for f in outcomes.values()), outcomes
     held = fa.job.facts("gil", 3)
     assert held is not None and "to" in held, "rank 3 did not hold the GIL"
+
+
+def test_a_cluster_whose_test_process_died_is_removed() -> None:
+    """A test process SIGKILLed inside a cluster cannot tear it down: the
+    next cluster made removes it, with its processes."""
+    _skip_without_namespaces()
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid no process has now
+    stale = f"{netns.PREFIX}{dead.pid}-0-n0"
+    netns._ip("netns", "add", stale)
+    sleeper = subprocess.Popen(["ip", "netns", "exec", stale, "sleep", "300"])
+    try:
+        _until(lambda: sleeper.pid in netns._namespace_pids(stale), 10, "the sleep")
+        with netns.Cluster(nodes=1):
+            assert stale not in netns.list_namespaces()
+        assert sleeper.wait(5) == -signal.SIGKILL
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        netns._ip("netns", "del", stale, check=False)
