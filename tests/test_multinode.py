@@ -329,7 +329,6 @@ def _until(ready, timeout: float, what: str) -> None:
 # -- lost nodes (issue 17, item 5) -------------------------------------------------------
 
 
-@xfail_no_detection
 def test_a_lost_torchrun_node_is_named_by_every_survivor(c: netns.Cluster, tmp_path: Path) -> None:
     """Two torchrun nodes of two ranks, all waiting with no timeout; node 1
     is lost: ranks 0 and 1 name ranks 2 and 3 within 10 s."""
@@ -338,7 +337,6 @@ def test_a_lost_torchrun_node_is_named_by_every_survivor(c: netns.Cluster, tmp_p
     job.named([0, 1], [2, 3], since=c.lose(1))
 
 
-@xfail_no_detection
 def test_the_store_host_lost_under_slurm_is_named(c: netns.Cluster, tmp_path: Path) -> None:
     """SLURM variables, two nodes of two ranks, no timeout; node 0 (rank 0,
     the host of the job's store) is lost: ranks 2 and 3 name ranks 0 and 1
@@ -348,7 +346,6 @@ def test_the_store_host_lost_under_slurm_is_named(c: netns.Cluster, tmp_path: Pa
     job.named([2, 3], [0, 1], since=c.lose(0))
 
 
-@xfail_no_detection
 def test_the_store_host_lost_under_slurm_with_a_timeout(c: netns.Cluster, tmp_path: Path) -> None:
     """As above with ``timeout=5`` at the sync point: the survivors raise
     within 10 s of the loss (a store that does not answer must not stretch
@@ -359,7 +356,6 @@ def test_the_store_host_lost_under_slurm_with_a_timeout(c: netns.Cluster, tmp_pa
     job.named([2, 3], [], since=since)
 
 
-@xfail_no_detection
 def test_a_rank_alone_on_its_lost_host_is_named(c: netns.Cluster, tmp_path: Path) -> None:
     """Three torchrun nodes of one rank each; node 2 is lost: ranks 0 and 1
     name rank 2 within 10 s."""

@@ -204,6 +204,7 @@ def _new_exchange(
     global _responder
     made = Exchange(store, rank, world_size, _place(env, rank), overdue=_overdue, **options)
     made.store.set(f"{made.prefix}/pid/{rank}", pickle.dumps(identity()))
+    _start_pulse(made, env)  # forked: before this function starts any thread
     # Answers a timed-out sync point's question: where is this rank's main
     # thread?  Its own connection, idle until asked.  Only where the store
     # outlives the ranks (torchrun's agent hosts it), or on the rank that
@@ -228,13 +229,32 @@ def _new_exchange(
     return made
 
 
+def _spans(made: Exchange) -> bool:
+    """Whether this rank's job spans several nodes, as its launcher says."""
+    size = made.place.local_size
+    return size is not None and size < made.world_size
+
+
+def _start_pulse(made: Exchange, env: Mapping[str, str]) -> None:
+    """On a node's main, in a job that spans several nodes: this node's
+    pulse (see ``pulse``), fed the pids of the node's ranks by watch_node."""
+    global _pulse
+    at = endpoint(made.store)
+    if at is None or not _spans(made) or made.place.local_rank != 0:
+        return
+    if _pulse is not None:
+        _pulse.close()
+    try:
+        _pulse = pulse.start(*at, startup.namespace(env), made.place.node, made.rank)
+    except OSError as exc:
+        _log.debug("rank %d could not start its node's pulse: %r", made.rank, exc)
+
+
 def _watch_nodes(made: Exchange, env: Mapping[str, str]) -> None:
     """Make this rank's connections to the job's store notice the loss of
-    its host (``keepalive``); in a job that spans several nodes, start this
-    node's pulse and, on a node's main, the watch of the other nodes (see
-    ``nodewatch``)."""
-    global _pulse, _nodewatch
-    global _storewatch
+    its host (``keepalive``); in a job that spans several nodes, on a node's
+    main, watch the other nodes (see ``nodewatch``)."""
+    global _nodewatch, _storewatch
     at = endpoint(made.store)
     if at is None:
         return  # not a TCP store: nothing to tune, nowhere to renew a lease
@@ -245,12 +265,10 @@ def _watch_nodes(made: Exchange, env: Mapping[str, str]) -> None:
             _log.debug("rank %d could not watch the store's host: %r", made.rank, exc)
     keep_alive(*at)
     place = made.place
-    spans = place.local_size is not None and place.local_size < made.world_size
-    if not spans or place.local_rank != 0:
+    if not _spans(made) or place.local_rank != 0:
         return
     ns = startup.namespace(env)
     try:
-        _pulse = pulse.start(*at, ns, place.node, made.rank, os.environ)
         report = functools.partial(_lost, weakref.ref(made))
         watch = NodeWatch(*at, ns, place.node, made.rank, report)
     except Exception as exc:

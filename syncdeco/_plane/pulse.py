@@ -16,8 +16,8 @@ The main rank of each node of a job that spans several starts one
 
 It is a process so that nothing a rank does (a C call that holds the GIL
 for minutes, SIGSTOP, a debugger) can silence it: only the loss of its node
-does, or the end of every rank it serves.  It runs without the launcher's
-variables, so that syncdeco in it never takes it for a rank.
+does, or the end of every rank it serves.  It is forked from the node's
+main, so it costs no second import of torch.
 
 Costs: one store request per renewal (2/3 of a request per node and second)
 and one Python process per node.
@@ -25,35 +25,18 @@ and one Python process per node.
 
 from __future__ import annotations
 
+import contextlib
 import os
-import subprocess
-import sys
 import threading
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import IO, Any, Final
 
-__all__ = ["LAUNCHER_VARIABLES", "Pulse", "lease_key", "start"]
+__all__ = ["Pulse", "lease_key", "start"]
 
 LIST: Final = "pulses"  # the key listing every node that has a pulse: "node main-rank" lines
 CONNECT_TIMEOUT: Final = 30.0  # seconds the pulse tries to reach the job's store
 _ATTEMPT: Final = 1.0  # seconds of one try (between them, it looks whether its main lives)
-
-# The variables that would make syncdeco take the pulse for a rank.
-LAUNCHER_VARIABLES: Final = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "LOCAL_WORLD_SIZE",
-    "GROUP_RANK",
-    "OMPI_COMM_WORLD_RANK",
-    "OMPI_COMM_WORLD_SIZE",
-    "OMPI_COMM_WORLD_LOCAL_RANK",
-    "OMPI_COMM_WORLD_LOCAL_SIZE",
-    "SLURM_PROCID",
-    "SLURM_NTASKS",
-    "SLURM_LOCALID",
-)
 
 
 def lease_key(node: str) -> str:
@@ -63,10 +46,11 @@ def lease_key(node: str) -> str:
 class Pulse:
     """The handle a node's main keeps on its node's pulse."""
 
-    __slots__ = ("_lock", "_proc", "_sent")
+    __slots__ = ("_lock", "_pipe", "_sent", "pid")
 
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
-        self._proc = proc
+    def __init__(self, pid: int, pipe: IO[bytes]) -> None:
+        self.pid = pid
+        self._pipe = pipe
         self._lock = threading.Lock()
         self._sent: set[int] = set()
 
@@ -74,40 +58,61 @@ class Pulse:
         """Have the pulse watch these ranks (rank -> pid on this host) too."""
         with self._lock:
             new = {r: p for r, p in ranks.items() if r not in self._sent}
-            stdin = self._proc.stdin
-            if not new or stdin is None or stdin.closed:
+            if not new or self._pipe.closed:
                 return
             try:
-                stdin.write("".join(f"{r} {p}\n" for r, p in new.items()).encode())
-                stdin.flush()
+                self._pipe.write("".join(f"{r} {p}\n" for r, p in new.items()).encode())
+                self._pipe.flush()
             except (OSError, ValueError):
                 return  # the pulse has ended (its store is gone)
             self._sent |= set(new)
 
-    @property
-    def pid(self) -> int:
-        return self._proc.pid
+    def close(self) -> None:
+        """Stop feeding it (it serves the ranks it knows until they end)."""
+        with self._lock, contextlib.suppress(OSError):
+            self._pipe.close()
 
 
-def start(
-    store_host: str, store_port: int, namespace: str, node: str, rank: int, env: Mapping[str, str]
-) -> Pulse:
+def start(store_host: str, store_port: int, namespace: str, node: str, rank: int) -> Pulse:
     """Start this node's pulse, serving this process as ``rank`` (the node's
-    main).  Keys go under ``namespace`` on the job's TCP store."""
-    clean = {k: v for k, v in env.items() if k not in LAUNCHER_VARIABLES}
-    clean["OMP_NUM_THREADS"] = "1"
-    argv = [sys.executable, "-m", "syncdeco._plane.pulse"]
-    argv += [store_host, str(store_port), namespace, node, str(rank), str(os.getpid())]
-    proc = subprocess.Popen(
-        argv,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,  # torch's client logs; the pulse has nothing to say
-        env=clean,
-        start_new_session=False,
-        close_fds=True,
-    )
-    return Pulse(proc)
+    main); keys go under ``namespace`` on the job's TCP store.
+
+    The pulse is forked, not spawned, so that it starts at once, without
+    importing torch again; call it before this process starts threads of
+    its own.  In the child only the pipe from its main stays open (so that
+    the main's connections close when the main ends), and it leaves with
+    ``os._exit``: none of the main's exit handlers run there."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the pulse
+        code = 1
+        try:
+            _only(read)
+            argv = [store_host, str(store_port), namespace, node, str(rank), str(os.getppid())]
+            code = _serve(argv, os.fdopen(read, "rb"))
+        finally:
+            os._exit(code)
+    os.close(read)
+    threading.Thread(target=_reap, args=(pid,), name="syncdeco-pulse-reap", daemon=True).start()
+    return Pulse(pid, os.fdopen(write, "wb"))
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
+def _only(keep: int) -> None:
+    """Close every descriptor but ``keep``; standard output and error go
+    to /dev/null (torch's client logs there; the pulse has nothing to say)."""
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd != keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 # -- in the pulse's own process ------------------------------------------------------
@@ -169,7 +174,7 @@ def _serve(argv: Sequence[str], stdin: IO[bytes]) -> int:
         watch.watch(rank, pid)
 
     def read_stdin() -> None:
-        for line in stdin:
+        for line in stdin:  # "rank pid" lines
             parts = line.split()
             if len(parts) == 2:
                 add(int(parts[0]), int(parts[1]))
@@ -195,7 +200,3 @@ def _serve(argv: Sequence[str], stdin: IO[bytes]) -> int:
         return 1  # the job's store is gone (its host lost, or the job over)
     finally:
         watch.close()
-
-
-if __name__ == "__main__":
-    sys.exit(_serve(sys.argv[1:], sys.stdin.buffer))
