@@ -191,20 +191,19 @@ class RankLostError(RankKilledError):
 
     def _describe(self) -> str:
         ranks = ", ".join(map(str, self.ranks or (self.rank,)))
+        plural = "s" if "," in ranks else ""
         what = (
             f"the job's store at {self.host} stopped answering (no reply to TCP keepalive "
-            f"probes): its host is down or cut off from this one, and rank {self.rank}, "
-            f"which ran there, with it"
+            f"probes): its host is down or cut off from this one, with rank{plural} {ranks}"
             if self.store
-            else f"host {self.host} was lost with rank{'s' if ',' in ranks else ''} {ranks} "
-            f"(nothing heard from it for several seconds: power loss, a kernel panic, a cut "
-            f"link or a crashed machine)"
+            else f"host {self.host} was lost with rank{plural} {ranks} (nothing heard from it "
+            f"for several seconds: power loss, a kernel panic, a cut link or a crashed machine)"
         )
         return (
-            f"rank {self.rank} is lost (seen by rank {self.observer} at {self.point}): "
-            f"{what}. The job cannot go on without it: end it and restart from the last "
-            f"checkpoint once the host is back or replaced (torchrun --max-restarts, or "
-            f"the scheduler's requeue, does so by itself)."
+            f"rank{plural} {ranks} lost (seen by rank {self.observer} at {self.point}): "
+            f"{what}. The job cannot go on without {'them' if plural else 'it'}: end it and "
+            f"restart from the last checkpoint once the host is back or replaced (torchrun "
+            f"--max-restarts, or the scheduler's requeue, does so by itself)."
         )
 
 

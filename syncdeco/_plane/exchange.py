@@ -353,9 +353,13 @@ class Exchange:
         )
 
     def _store_loss(self) -> Failure:
+        """The loss of the store's host, as it travels: with rank 0's node
+        (the store's host under SLURM and Open MPI, and where torchrun's
+        agent usually hosts it), where the tier knows that node."""
         at = endpoint(self.store)
         host = "?" if at is None else f"{at[0]}:{at[1]}"
-        return Failure(0, protocol.STORE_LOST, "", "", True, True, host, (0,))
+        ranks = (0,) if self.tier is None else self.tier.zero
+        return Failure(0, protocol.STORE_LOST, "", "", True, True, host, ranks)
 
     def _relay_store_lost(self, tier: Tier, seq: int) -> None:
         """A node's main lost the job's store: its node hears it (relayed)."""

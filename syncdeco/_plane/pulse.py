@@ -172,6 +172,7 @@ def _serve(argv: Sequence[str], stdin: IO[bytes]) -> int:
             ranks[rank] = pid
             living.add(rank)
         watch.watch(rank, pid)
+        changed.set()  # renew now: the lease names every rank it serves
 
     def read_stdin() -> None:
         for line in stdin:  # "rank pid" lines

@@ -76,6 +76,7 @@ class Tier:
     main: int  # the node's main rank
     members: tuple[int, ...]  # the node's other ranks
     slots: tuple[int, ...]  # whom rank 0 waits for on the job's store
+    zero: tuple[int, ...] = (0,)  # the ranks of rank 0's node
 
     def direct(self) -> bool:
         """Whether this rank meets rank 0 on the job's store (rank 0's own
@@ -225,7 +226,7 @@ def raise_tier(ex: Exchange, point: SyncPoint) -> Tier | None:
         except Exception as exc:  # its main is gone: the job's store says so
             _log.debug("rank %d could not reach its node's store: %r", ex.rank, exc)
             store = spare = None
-    tier = Tier(store, spare, main, members, slots)
+    tier = Tier(store, spare, main, members, slots, tuple(sorted(zero)))
     if store is not None:
         ex.node_mail = type(ex.mail)(store)  # type: ignore[call-arg]
     return tier
