@@ -40,6 +40,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
+from ._env import format_tasks_per_node
+
 __all__ = ["HungRanksError", "Outcome", "launcher_env", "run_ranks"]
 
 Launcher = Literal["torchrun", "slurm", "ompi"]
@@ -173,12 +175,16 @@ def launcher_env(launcher: Launcher, rank: int, world_size: int, per_node: int) 
             "TORCHELASTIC_USE_AGENT_STORE": "True",
         }
     if launcher == "slurm":
+        tasks = format_tasks_per_node([per_node] * (world_size // per_node))
         return {
             "SLURM_PROCID": str(rank),
             "SLURM_NTASKS": str(world_size),
             "SLURM_LOCALID": str(local),
             "SLURM_NODEID": str(node),
             "SLURM_STEP_ID": "0",
+            # what srun sets: the step's tasks on each node ("2(x2)")
+            "SLURM_STEP_TASKS_PER_NODE": tasks,
+            "SLURM_TASKS_PER_NODE": tasks,
         }
     if launcher == "ompi":
         return {
