@@ -106,14 +106,12 @@ def run_ranks(
     """
     if world_size < 1 or world_size % nodes:
         raise ValueError(f"{world_size} ranks do not split into {nodes} equal nodes")
-    import torch.distributed as dist
+    from ._loopback import host_on_loopback  # imports torch
 
     store: Any = None
     if init or launcher == "torchrun":
-        # torch re-exports TCPStore without declaring it, hence the ignores
-        store = dist.TCPStore(  # type: ignore[attr-defined]
-            "127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False
-        )
+        # as torchrun's agent hosts it, but on loopback: only these ranks connect
+        store = host_on_loopback(world_size=world_size, seconds=300.0)
         port = store.port
     else:
         port = _free_port()  # rank 0 hosts the store there
