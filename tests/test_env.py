@@ -12,7 +12,7 @@ from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import syncdeco as sd
@@ -248,6 +248,7 @@ def test_malformed_tasks_per_node_are_refused_with_the_variable_named(
     assert "Launch through srun" in message
 
 
+@settings(deadline=None)  # milliseconds each, but the machine may be loaded
 @given(st.lists(st.integers(min_value=1, max_value=300), min_size=1, max_size=40))
 def test_tasks_per_node_formatted_then_read_are_the_same(counts: list[int]) -> None:
     text = format_tasks_per_node(counts)
