@@ -231,6 +231,7 @@ def local_world_size_from_env(env: Mapping[str, str]) -> int | None:
 # -- SLURM's tasks per node ----------------------------------------------------------
 
 _TASKS_PER_NODE_VARS: Final = ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE")
+_MOST_NODES: Final = 1 << 20  # a bound on what a value may expand to
 _RUN: Final = re.compile(r"([1-9][0-9]*)(?:\(x([1-9][0-9]*)\))?")
 
 
@@ -250,7 +251,14 @@ def parse_tasks_per_node(value: str, *, var: str = "SLURM_TASKS_PER_NODE") -> tu
                 f"{item!r} is neither. Launch through srun, or, where you set it by "
                 f"hand, write it so or unset it."
             )
-        counts += [int(run[1])] * int(run[2] or 1)
+        repeat = int(run[2] or 1)
+        if len(counts) + repeat > _MOST_NODES:
+            raise LaunchEnvError(
+                f"{var}={value!r} counts the tasks of more than {_MOST_NODES} nodes, "
+                f"more than SLURM runs in one job step. Launch through srun, or, where "
+                f"you set it by hand, fix it or unset it."
+            )
+        counts += [int(run[1])] * repeat
     return tuple(counts)
 
 

@@ -214,6 +214,12 @@ def test_tasks_per_node_are_read_as_slurm_writes_them(value: str, counts: tuple[
     assert parse_tasks_per_node(value) == counts
 
 
+def test_tasks_per_node_for_more_nodes_than_a_step_has_are_refused() -> None:
+    with pytest.raises(sd.LaunchEnvError, match=r"counts the tasks of more than 1048576 nodes"):
+        parse_tasks_per_node("4(x1048576),4", var="SLURM_TASKS_PER_NODE")
+    assert len(parse_tasks_per_node("4(x1048576)")) == 1 << 20
+
+
 @pytest.mark.parametrize(
     "value, item",
     [
