@@ -182,7 +182,8 @@ def raise_tier(ex: Exchange, point: SyncPoint) -> Tier | None:
             f"({place.node}) did not all say where they live before meeting: "
             f"{len(keys) - len(here)} of {', '.join(keys)} are missing. The "
             f"launcher's LOCAL_RANK and LOCAL_WORLD_SIZE (or OMPI_COMM_WORLD_LOCAL_"
-            f"RANK/SIZE) must number each node's ranks 0 to n-1 on every node."
+            f"RANK/SIZE, or SLURM_LOCALID and SLURM_STEP_TASKS_PER_NODE at "
+            f"SLURM_NODEID) must number each node's ranks 0 to n-1 on every node."
         )
     *ranks, mains, main_node = ex.store.multi_get(keys)
     port = ranks.pop() if size > 1 else None
