@@ -7,10 +7,11 @@ that is wrong.
 
 from __future__ import annotations
 
+import re
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import final
+from typing import Final, final
 
 from ._errors import SyncError
 
@@ -18,9 +19,11 @@ __all__ = [
     "Launch",
     "LaunchEnvError",
     "detect_launch",
+    "format_tasks_per_node",
     "local_rank_from_env",
     "local_world_size_from_env",
     "node_key",
+    "parse_tasks_per_node",
 ]
 
 
@@ -124,6 +127,8 @@ def _local_rank(env: Mapping[str, str], var: str, *, world_size: int | None = No
     value = _int(env, var, launcher, minimum=0)
     if local_size_var is not None and local_size_var in env:
         bound_var, bound = local_size_var, _local_size(env, local_size_var, launcher)
+    elif var == "SLURM_LOCALID" and (slurm := _slurm_node_size(env)) is not None:
+        bound_var, bound = slurm
     elif world_size is not None:
         bound_var, bound = size_var, world_size
     else:
@@ -207,14 +212,101 @@ def _in_srun_step(env: Mapping[str, str]) -> bool:
 
 
 def local_world_size_from_env(env: Mapping[str, str]) -> int | None:
-    """How many ranks run on this node, as the launcher said, or None."""
+    """How many ranks run on this node, as the launcher said, or None.
+
+    Under SLURM (its variables alone describe the ranks, in an srun step):
+    the count that ``SLURM_STEP_TASKS_PER_NODE`` (or ``SLURM_TASKS_PER_NODE``)
+    gives node ``SLURM_NODEID``.  Raises :class:`LaunchEnvError` naming the
+    variable when one is malformed."""
     for var, launcher in (
         ("LOCAL_WORLD_SIZE", "torchrun"),
         ("OMPI_COMM_WORLD_LOCAL_SIZE", "Open MPI"),
     ):
         if var in env:
             return _local_size(env, var, launcher)
-    return None
+    slurm = _slurm_node_size(env)
+    return None if slurm is None else slurm[1]
+
+
+# -- SLURM's tasks per node ----------------------------------------------------------
+
+_TASKS_PER_NODE_VARS: Final = ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE")
+_MOST_NODES: Final = 1 << 20  # a bound on what a value may expand to
+_RUN: Final = re.compile(r"([1-9][0-9]*)(?:\(x([1-9][0-9]*)\))?")
+
+
+def parse_tasks_per_node(value: str, *, var: str = "SLURM_TASKS_PER_NODE") -> tuple[int, ...]:
+    """SLURM's tasks per node, one count per node in node order:
+    ``"4(x2),3"`` is ``(4, 4, 3)``.  Counts are separated by commas, and a run
+    of ``M`` nodes of ``N`` tasks is written ``N(xM)``; every count is at
+    least 1.  Raises :class:`LaunchEnvError` naming ``var`` otherwise."""
+    counts: list[int] = []
+    for item in value.strip().split(","):
+        run = _RUN.fullmatch(item)
+        if run is None:
+            raise LaunchEnvError(
+                f"{var}={value!r} is not a list of tasks per node: srun sets it to "
+                f"counts of at least 1 separated by commas, a run of M nodes of N tasks "
+                f"written N(xM) (e.g. '4(x2),3': two nodes of 4 tasks, then one of 3); "
+                f"{item!r} is neither. Launch through srun, or, where you set it by "
+                f"hand, write it so or unset it."
+            )
+        repeat = int(run[2] or 1)
+        if len(counts) + repeat > _MOST_NODES:
+            raise LaunchEnvError(
+                f"{var}={value!r} counts the tasks of more than {_MOST_NODES} nodes, "
+                f"more than SLURM runs in one job step. Launch through srun, or, where "
+                f"you set it by hand, fix it or unset it."
+            )
+        counts += [int(run[1])] * repeat
+    return tuple(counts)
+
+
+def format_tasks_per_node(counts: Sequence[int]) -> str:
+    """``counts`` (one per node, each at least 1) as SLURM writes them, runs
+    of equal counts folded: ``(4, 4, 3)`` is ``"4(x2),3"``."""
+    if not counts or min(counts) < 1:
+        raise ValueError(f"a step runs at least one task on each of at least one node: {counts}")
+    items: list[str] = []
+    i = 0
+    while i < len(counts):
+        j = i
+        while j < len(counts) and counts[j] == counts[i]:
+            j += 1
+        items.append(str(counts[i]) if j - i == 1 else f"{counts[i]}(x{j - i})")
+        i = j
+    return ",".join(items)
+
+
+def _slurm_node_size(env: Mapping[str, str]) -> tuple[str, int] | None:
+    """(where it was read, for messages; the count) of this node's tasks
+    under SLURM, or None where SLURM's variables do not describe the ranks:
+    outside an srun step, or where another launcher's (or hand-set RANK)
+    take precedence, as a program that starts its own ranks inside each
+    SLURM task sets them."""
+    var = next((v for v in _TASKS_PER_NODE_VARS if v in env), None)
+    if var is None or "SLURM_NODEID" not in env or not _in_srun_step(env):
+        return None
+    if any(v in env for v in ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_RANK")):
+        return None
+    counts = parse_tasks_per_node(env[var], var=var)
+    node = _int(env, "SLURM_NODEID", "SLURM", minimum=0)
+    if node >= len(counts):
+        raise LaunchEnvError(
+            f"SLURM_NODEID={node} is not a node of {var}={env[var]!r}, which counts "
+            f"the tasks of {len(counts)} node(s): srun numbers a step's nodes from 0 to "
+            f"{len(counts) - 1}. Launch through srun, or, where you set them by hand, "
+            f"list one count per node."
+        )
+    if "SLURM_NTASKS" in env:
+        tasks = _int(env, "SLURM_NTASKS", "SLURM")
+        if sum(counts) != tasks:
+            raise LaunchEnvError(
+                f"{var}={env[var]!r} counts {sum(counts)} tasks, but SLURM_NTASKS={tasks}: "
+                f"srun sets both for the same job step. Launch through srun, or, where "
+                f"you set them by hand, make the counts add up to SLURM_NTASKS."
+            )
+    return f"{var}[SLURM_NODEID={node}]", counts[node]
 
 
 def local_rank_from_env(env: Mapping[str, str]) -> int | None:

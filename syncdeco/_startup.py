@@ -39,6 +39,7 @@ import torch.distributed as dist
 
 from ._env import Launch
 from ._errors import SyncError
+from ._loopback import LOOPBACK, host_on_loopback
 
 __all__ = [
     "EXIT_NOTICE_WAIT",
@@ -146,11 +147,12 @@ def open_store(launch: Launch, env: Mapping[str, str], timeout: float | None) ->
         if launch.world_size == 1:
             # Alone: a store of its own, nobody to find (the launcher's
             # variables name no store for a job of one rank).
-            tcp = _tcp("127.0.0.1", 0, 1, master=True, seconds=_FOREVER_CHUNK)
+            # On loopback: nothing else is meant to connect (see _loopback).
+            tcp = host_on_loopback(world_size=1, seconds=_FOREVER_CHUNK)
             store = dist.PrefixStore(  # type: ignore[attr-defined]
                 namespace(env), tcp
             )
-            _opened = JobStore(store, tcp, "127.0.0.1", tcp.port, "rank 0", hosted_here=True)
+            _opened = JobStore(store, tcp, LOOPBACK, tcp.port, "rank 0", hosted_here=True)
             return _opened
         if launch.master_addr is None or launch.master_port is None:
             raise SyncError(

@@ -40,6 +40,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
+from ._env import format_tasks_per_node
+
 __all__ = ["HungRanksError", "Outcome", "launcher_env", "run_ranks"]
 
 Launcher = Literal["torchrun", "slurm", "ompi"]
@@ -104,14 +106,12 @@ def run_ranks(
     """
     if world_size < 1 or world_size % nodes:
         raise ValueError(f"{world_size} ranks do not split into {nodes} equal nodes")
-    import torch.distributed as dist
+    from ._loopback import host_on_loopback  # imports torch
 
     store: Any = None
     if init or launcher == "torchrun":
-        # torch re-exports TCPStore without declaring it, hence the ignores
-        store = dist.TCPStore(  # type: ignore[attr-defined]
-            "127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False
-        )
+        # as torchrun's agent hosts it, but on loopback: only these ranks connect
+        store = host_on_loopback(world_size=world_size, seconds=300.0)
         port = store.port
     else:
         port = _free_port()  # rank 0 hosts the store there
@@ -173,12 +173,16 @@ def launcher_env(launcher: Launcher, rank: int, world_size: int, per_node: int) 
             "TORCHELASTIC_USE_AGENT_STORE": "True",
         }
     if launcher == "slurm":
+        tasks = format_tasks_per_node([per_node] * (world_size // per_node))
         return {
             "SLURM_PROCID": str(rank),
             "SLURM_NTASKS": str(world_size),
             "SLURM_LOCALID": str(local),
             "SLURM_NODEID": str(node),
             "SLURM_STEP_ID": "0",
+            # what srun sets: the step's tasks on each node ("2(x2)")
+            "SLURM_STEP_TASKS_PER_NODE": tasks,
+            "SLURM_TASKS_PER_NODE": tasks,
         }
     if launcher == "ompi":
         return {

@@ -5,16 +5,25 @@ variable or option named and what to do, before any process group exists;
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import syncdeco as sd
 from syncdeco._backend import resolve_timeout
-from syncdeco._env import detect_launch, local_rank_from_env, local_world_size_from_env
+from syncdeco._env import (
+    detect_launch,
+    format_tasks_per_node,
+    local_rank_from_env,
+    local_world_size_from_env,
+    parse_tasks_per_node,
+)
 
 LAUNCHER_VARIABLES = (
     "RANK",
@@ -33,6 +42,9 @@ LAUNCHER_VARIABLES = (
     "SLURM_LOCALID",
     "SLURM_STEP_ID",
     "SLURM_STEPID",
+    "SLURM_NODEID",
+    "SLURM_TASKS_PER_NODE",
+    "SLURM_STEP_TASKS_PER_NODE",
 )
 
 ADDR = {"MASTER_ADDR": "n0", "MASTER_PORT": "29500"}
@@ -180,6 +192,178 @@ def test_the_last_local_rank_of_a_node_is_accepted(env: dict[str, str], local: i
     launch = detect_launch(env)
     assert launch is not None and launch.local_rank == local
     assert local_rank_from_env(env) == local
+
+
+# -- SLURM's tasks per node ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value, counts",
+    [
+        ("1", (1,)),
+        ("4", (4,)),
+        ("4(x2)", (4, 4)),
+        ("4(x2),3", (4, 4, 3)),
+        ("3,4(x2)", (3, 4, 4)),
+        ("2(x3),1,8(x1),2", (2, 2, 2, 1, 8, 2)),
+        ("16(x128)", (16,) * 128),
+        (" 4(x2),3\n", (4, 4, 3)),  # around the value, as a shell may leave it
+    ],
+)
+def test_tasks_per_node_are_read_as_slurm_writes_them(value: str, counts: tuple[int, ...]) -> None:
+    assert parse_tasks_per_node(value) == counts
+
+
+def test_tasks_per_node_for_more_nodes_than_a_step_has_are_refused() -> None:
+    with pytest.raises(sd.LaunchEnvError, match=r"counts the tasks of more than 1048576 nodes"):
+        parse_tasks_per_node("4(x1048576),4", var="SLURM_TASKS_PER_NODE")
+    assert len(parse_tasks_per_node("4(x1048576)")) == 1 << 20
+
+
+@pytest.mark.parametrize(
+    "value, item",
+    [
+        ("", "''"),
+        ("4,", "''"),
+        (",4", "''"),
+        ("4(x2),,3", "''"),
+        ("0", "'0'"),
+        ("4,0", "'0'"),
+        ("4(x0)", "'4(x0)'"),
+        ("04", "'04'"),
+        ("-1", "'-1'"),
+        ("4(2)", "'4(2)'"),
+        ("4(x2", "'4(x2'"),
+        ("4x2", "'4x2'"),
+        ("4 (x2)", "'4 (x2)'"),
+        ("4(x2)(x3)", "'4(x2)(x3)'"),
+        ("four", "'four'"),
+        ("4;3", "'4;3'"),
+        ("٤", "'٤'"),  # a digit to int(), not to srun
+    ],
+)
+def test_malformed_tasks_per_node_are_refused_with_the_variable_named(
+    value: str, item: str
+) -> None:
+    with pytest.raises(sd.LaunchEnvError) as info:
+        parse_tasks_per_node(value, var="SLURM_STEP_TASKS_PER_NODE")
+    message = str(info.value)
+    head = f"SLURM_STEP_TASKS_PER_NODE={value!r} is not a list of tasks per node"
+    assert message.startswith(head), message
+    assert f"{item} is neither" in message and "'4(x2),3'" in message  # what was expected
+    assert "Launch through srun" in message
+
+
+@settings(deadline=None)  # milliseconds each, but the machine may be loaded
+@given(st.lists(st.integers(min_value=1, max_value=300), min_size=1, max_size=40))
+def test_tasks_per_node_formatted_then_read_are_the_same(counts: list[int]) -> None:
+    text = format_tasks_per_node(counts)
+    assert parse_tasks_per_node(text) == tuple(counts)
+    # folded as SLURM folds them: no two neighbouring items repeat a count
+    items = [item.split("(")[0] for item in text.split(",")]
+    assert all(a != b for a, b in itertools.pairwise(items))
+
+
+SLURM_STEP = {"SLURM_PROCID": "5", "SLURM_NTASKS": "11", **SRUN, **ADDR}
+
+
+@pytest.mark.parametrize(
+    "env, size",
+    [
+        ({**SLURM_STEP, "SLURM_NODEID": "0", "SLURM_STEP_TASKS_PER_NODE": "4(x2),3"}, 4),
+        ({**SLURM_STEP, "SLURM_NODEID": "2", "SLURM_STEP_TASKS_PER_NODE": "4(x2),3"}, 3),
+        ({**SLURM_STEP, "SLURM_NODEID": "2", "SLURM_TASKS_PER_NODE": "4(x2),3"}, 3),
+        (  # the step's own layout wins over the job's
+            {
+                **SLURM_STEP,
+                "SLURM_NODEID": "1",
+                "SLURM_STEP_TASKS_PER_NODE": "3,8",
+                "SLURM_TASKS_PER_NODE": "4(x2),3",
+            },
+            8,
+        ),
+        # no node id, or no srun step (an sbatch script): SLURM says nothing
+        ({**SLURM_STEP, "SLURM_STEP_TASKS_PER_NODE": "4(x2),3"}, None),
+        (
+            {"SLURM_NODEID": "0", "SLURM_TASKS_PER_NODE": "4(x2),3", "SLURM_STEP_ID": "batch"},
+            None,
+        ),
+        # ranks another launcher (or the program, with RANK) describes: theirs
+        (
+            {
+                "RANK": "0",
+                "WORLD_SIZE": "8",
+                **ADDR,
+                **SRUN,
+                "SLURM_NODEID": "0",
+                "SLURM_TASKS_PER_NODE": "1(x2)",
+            },
+            None,
+        ),
+        (
+            {
+                "RANK": "0",
+                "WORLD_SIZE": "8",
+                "LOCAL_WORLD_SIZE": "4",
+                **ADDR,
+                **SRUN,
+                "SLURM_NODEID": "0",
+                "SLURM_TASKS_PER_NODE": "1(x2)",
+            },
+            4,
+        ),
+    ],
+)
+def test_a_slurm_node_runs_the_tasks_srun_gave_it(env: dict[str, str], size: int | None) -> None:
+    assert local_world_size_from_env(env) == size
+
+
+@pytest.mark.parametrize(
+    "env, refusal",
+    [
+        (
+            {**SLURM_STEP, "SLURM_NODEID": "3", "SLURM_STEP_TASKS_PER_NODE": "4(x2),3"},
+            "SLURM_NODEID=3 is not a node of SLURM_STEP_TASKS_PER_NODE='4(x2),3', which "
+            "counts the tasks of 3 node(s): srun numbers a step's nodes from 0 to 2",
+        ),
+        (
+            {**SLURM_STEP, "SLURM_NODEID": "-1", "SLURM_STEP_TASKS_PER_NODE": "4(x2),3"},
+            "SLURM_NODEID='-1' must be at least 0",
+        ),
+        (
+            {**SLURM_STEP, "SLURM_NODEID": "0", "SLURM_STEP_TASKS_PER_NODE": "4(x3),3"},
+            "SLURM_STEP_TASKS_PER_NODE='4(x3),3' counts 15 tasks, but SLURM_NTASKS=11",
+        ),
+        (
+            {**SLURM_STEP, "SLURM_NODEID": "0", "SLURM_TASKS_PER_NODE": "4(x2),3)"},
+            "SLURM_TASKS_PER_NODE='4(x2),3)' is not a list of tasks per node",
+        ),
+    ],
+)
+def test_slurm_node_facts_that_disagree_are_refused(env: dict[str, str], refusal: str) -> None:
+    with pytest.raises(sd.LaunchEnvError) as info:
+        local_world_size_from_env(env)
+    assert str(info.value).startswith(refusal), str(info.value)
+
+
+def test_a_slurm_local_rank_beyond_its_node_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {
+        **SLURM_STEP,
+        "SLURM_NODEID": "2",
+        "SLURM_LOCALID": "3",
+        "SLURM_STEP_TASKS_PER_NODE": "4(x2),3",
+    }
+    refusal = (
+        "SLURM_LOCALID=3 is not below SLURM_STEP_TASKS_PER_NODE[SLURM_NODEID=2]=3: SLURM "
+        "numbers the ranks on a node from 0 to 2"
+    )
+    with pytest.raises(sd.LaunchEnvError) as info:
+        detect_launch(env)
+    assert str(info.value).startswith(refusal), str(info.value)
+    _launch_with(monkeypatch, env)
+    with pytest.raises(sd.LaunchEnvError, match=r"^SLURM_LOCALID=3 is not below"):
+        sd.local_rank()
+    assert local_rank_from_env({**env, "SLURM_LOCALID": "2"}) == 2
 
 
 # -- timeouts ------------------------------------------------------------------------

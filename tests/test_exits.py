@@ -151,6 +151,30 @@ def test_a_correct_program_whose_store_host_ends_first_exits_quietly(tmp_path: P
         assert out[rank] == f"exit status 0\n[rank {rank}] exiting after rank 0\n", out
 
 
+def test_under_slurm_a_stuck_rank_is_located_and_a_clean_end_is_quiet(tmp_path: Path) -> None:
+    # Four ranks on two nodes under SLURM's variables (rank 0 hosts the
+    # store, each node's main a store of its own): every rank answers a stack
+    # request, so every rank that times out names the function rank 3 is
+    # busy in; then rank 0 ends first, and no rank's store client logs.
+    out = _run("stuck_then_main_ends_first", 4, 2, tmp_path, launcher="slurm")
+    for rank in (0, 1, 2):
+        status, *lines = out[rank].splitlines()
+        assert status == "exit status 0", out
+        (at,) = [i for i, ln in enumerate(lines) if ln.startswith(f"[rank {rank}] tier ")]
+        assert lines[at].startswith(
+            f"[rank {rank}] tier True; missing [3]; rank 3 is in load_batch ("
+        ), out
+        assert "exits.py:" in lines[at], out
+        assert lines[at].endswith("its stack shows load_batch: True"), out
+        # Before it, only torch's own warning of a store wait that timed out
+        # (a node's main gathering its node until its deadline); after it,
+        # the clean end: nothing but what the program says.
+        assert all("[c10d] waitForInput" in ln for ln in lines[:at]), out
+        after = [] if rank == 0 else [f"[rank {rank}] exiting after rank 0"]
+        assert lines[at + 1 :] == after, out
+    assert out[3] == "exit status 0\n[rank 3] exiting after rank 0\n", out
+
+
 def test_a_main_waiting_for_a_slow_member_hears_of_an_exit(tmp_path: Path) -> None:
     out = _run("blocked_on_a_slow_member", 3, 3, tmp_path)
     for rank in (0, 1):

@@ -358,6 +358,36 @@ def test_a_rank_at_syncdeco_code_of_its_own_says_so(server: Any) -> None:
     assert report.reason is not None and "no stack responder" in report.reason
 
 
+def test_the_store_host_ends_every_responder_before_its_store_goes(server: Any) -> None:
+    # Ranks 1 and 2 wait on the host's store; rank 3 said it started and
+    # was killed since (it never stops); rank 4 starts once the job ended.
+    host = connect(server)
+    responders = {r: StackResponder(connect(server), "end", r) for r in (1, 2)}
+    for responder in responders.values():
+        responder.start()
+        assert responder.wait_ready(START)
+    host.append("end/started", "3,")
+    began = time.monotonic()
+    assert _stacks.end_responders(host, "end", skip=(0,), timeout=0.5) == [3]
+    assert time.monotonic() - began < 5.0
+    for responder in responders.values():
+        # Each made its last store call (the "off" mark) before the host
+        # returned: none is left in a wait on the store.
+        assert not responder.running
+    assert host.check(["end/1/off", "end/2/off"]) and not host.check(["end/3/off"])
+    # Skipped ranks are not waited for: the killed rank, once known, costs nothing.
+    began = time.monotonic()
+    assert _stacks.end_responders(host, "end", skip=(0, 3)) == []
+    assert time.monotonic() - began < 0.4
+    late = StackResponder(connect(server), "end", 4)
+    late.start()
+    assert late.wait_ready(START)
+    deadline = time.monotonic() + 30
+    while late.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not late.running and host.check(["end/4/off"])  # it saw `end` as it started
+
+
 class Counting:
     """A store connection that counts the requests made through it."""
 
@@ -383,15 +413,17 @@ def test_an_idle_responder_makes_no_store_requests(server: Any) -> None:
     try:
         assert responder.wait_ready(START)
         assert fetch_stacks(ring, "idle", [0], timeout=5.0)[0].answered
-        # One round: the wait that woke, the bell deleted, the counter read,
-        # the stack, the replies, the served mark, and the next wait (which
-        # may come just after the asker has its answer).
+        # Starting: its last request served, an old "off" mark deleted, who
+        # it is, that it started, whether the store's host has ended it.  One
+        # round: the wait that woke, the bell deleted, whether it was ended,
+        # the counter read, the stack, the replies, the served mark, and the
+        # next wait (which may come just after the asker has its answer).
         deadline = time.monotonic() + 30
-        while len(store.calls) < 9 and time.monotonic() < deadline:
+        while len(store.calls) < 13 and time.monotonic() < deadline:
             time.sleep(0.01)
         answered = list(store.calls)
-        assert answered[:3] == ["check", "set", "wait"]
-        assert answered[3:] == ["delete_key", "add", "set", "multi_set", "set", "wait"]
+        assert answered[:6] == ["check", "delete_key", "set", "append", "check", "wait"]
+        assert answered[6:] == ["delete_key", "check", "add", "set", "multi_set", "set", "wait"]
         time.sleep(1.0)  # a window to look at, not an ordering
         assert store.calls == answered  # blocked in one wait: no polling
     finally:

@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from scripted import read_until, start_script
+from scripts.listeners import listening
 
 from syncdeco import (
     PeerFailedError,
@@ -32,6 +33,7 @@ from syncdeco import (
 from syncdeco._backend import Failure, SyncPoint
 from syncdeco._plane.exchange import Exchange, Place
 from syncdeco._plane.protocol import Agreed, Frame
+from syncdeco._plane.tier import host_store, join_store
 from syncdeco._plane.transport import Keys
 
 # This machine's resolver stalls a new connection 5 s now and then (a reverse
@@ -330,3 +332,20 @@ def test_two_torchrun_nodes_sync_through_their_stores(tmp_path: Path, victim: in
         took = float(line.split(" within ", 1)[1].split("s:", 1)[0])
         assert took < 5, log
         assert "its process ended without running Python's exit handlers" in line, log
+
+
+# -- what a node's store listens on ------------------------------------------------------
+
+
+def test_a_nodes_store_listens_on_loopback_only() -> None:
+    # Only its node connects, and what it carries is unpickled: no other
+    # host may reach it (a c10d TCPStore server alone binds every interface).
+    store, port = host_store()
+    try:
+        assert [(a, p) for a, p in listening() if p == port] == [("127.0.0.1", port)]
+        member = join_store(port)
+        member.set("k", b"v")
+        assert store.get("k") == b"v"
+    finally:
+        del store
+    assert port not in [p for _, p in listening()]  # the server closed its socket

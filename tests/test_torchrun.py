@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import pytest
 from scripted import read_until, start_script
+
+from syncdeco._loopback import LOOPBACK
 
 SCRIPT = Path(__file__).parent / "scripts" / "two_nodes.py"
 KILLED = Path(__file__).parent / "scripts" / "killed.py"
@@ -66,6 +69,19 @@ def test_local_main_first_on_two_torchrun_nodes(tmp_path: Path) -> None:
     assert [f["is_main"] for f in facts] == [True, False, False, False]
     # each node's LOCAL_RANK 0 went first; the others found its cache
     assert [f["saw_cache"] for f in facts] == [False, True, False, True]
+    # No rank listens on every interface.  syncdeco's own ports (each node's
+    # store, hosted by its main) are on loopback; every other port is a
+    # process group's, where a group plain torch makes listens too.
+    for f in facts:
+        ours = {(LOOPBACK, port) for port in f["syncdeco_ports"]}
+        before = {tuple(x) for x in f["listening"]}
+        after = {tuple(x) for x in f["listening_with_a_torch_group"]}
+        assert not [x for x in after if ipaddress.ip_address(x[0]).is_unspecified], facts
+        assert len(ours) == (1 if f["is_local_main"] else 0) and ours <= before, facts
+        torch_own = after - before  # plain torch's group
+        assert torch_own and before <= after, facts
+        assert {a for a, _ in before - ours} <= {a for a, _ in torch_own}, facts
+        assert len(before - ours) == len(torch_own), facts  # one group each
 
 
 def test_a_killed_rank_is_named_within_5s_under_a_slow_monitor(tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ from .deathwatch import DeathWatch, identity, watchable
 from .exchange import Exchange, Place
 from .keepalive import StoreWatch, endpoint, keep_alive
 from .nodewatch import NodeWatch
-from .stacks import StackResponder
+from .stacks import StackResponder, end_responders
 
 __all__ = [
     "announce_exit",
@@ -65,6 +65,9 @@ _early: Exchange | None = None
 last_group: tuple[weakref.ref[Any], int, int] | None = None
 _forked_child = False  # forked from a process with a group (see _forget_in_child)
 _responder: StackResponder | None = None
+# The exchange over the job's store where this process hosts it (rank 0,
+# unless torchrun's agent does): its other ranks' responders end with it.
+_store_host: weakref.ref[Exchange] | None = None
 
 # Whether the environment describes a multi-rank job, read once per process
 # (a launcher sets it before the process starts); init() and reset() forget it.
@@ -206,16 +209,19 @@ def _new_exchange(
     made.store.set(f"{made.prefix}/pid/{rank}", pickle.dumps(identity()))
     _start_pulse(made, env)  # forked: before this function starts any thread
     # Answers a timed-out sync point's question: where is this rank's main
-    # thread?  Its own connection, idle until asked.  Only where the store
-    # outlives the ranks (torchrun's agent hosts it), or on the rank that
-    # hosts it: a connection idle in a wait on rank 0's store makes the store
-    # client log an error when rank 0 ends first, as correct programs do.
+    # thread?  Its own connection, idle until asked, on every rank.  A
+    # connection idle in a wait on rank 0's store would make the store client
+    # log an error when rank 0 ends first, as correct programs do: so where
+    # rank 0 hosts the store (not torchrun's agent, which outlives the ranks),
+    # rank 0 stops every responder at its exit, before its store goes.
+    global _store_host
     if _responder is not None:
         _responder.close()
         _responder = None
-    if rank == 0 or env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        _responder = StackResponder(made.spare.clone(), f"{made.prefix}/stack", rank)
-        _responder.start()
+    _responder = StackResponder(made.spare.clone(), f"{made.prefix}/stack", rank)
+    _responder.start()
+    hosts = rank == 0 and world_size > 1 and env.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    _store_host = weakref.ref(made) if hosts else None
     global _finder
     _finder = threading.Thread(
         target=watch_node,
@@ -484,6 +490,28 @@ def _stop_watching() -> None:
 atexit.register(_stop_watching)
 
 
+def _end_responders() -> None:
+    """At interpreter exit, on the rank that hosts the job's store: stop the
+    other ranks' stack responders (2 s at most) before the store ends with
+    this process, so that none is left in a wait on it (see
+    ``stacks.end_responders``)."""
+    ref = _store_host
+    made = ref() if ref is not None else None
+    if made is None or made.spare is None:
+        return
+    try:
+        late = end_responders(
+            made.spare.clone(), f"{made.prefix}/stack", skip={made.rank, *made.gone}
+        )
+        if late:
+            _log.debug("the stack responders of ranks %s did not stop in time", late)
+    except Exception as exc:
+        _log.debug("rank %d could not stop the others' stack responders: %r", made.rank, exc)
+
+
+atexit.register(_end_responders)
+
+
 def exit_notice() -> None:
     """At interpreter exit: ``announce_exit`` with the exception that ended
     the program, if one did."""
@@ -505,9 +533,9 @@ def forget_environment() -> None:
 def _forget_in_child() -> None:
     # A forked child (notebook_launcher, multiprocessing) gets its own
     # variables, and is no member of the parent's group or exchange.
-    global _current, last_group, _forked_child, _watch, _early, _responder, _finder
+    global _current, last_group, _forked_child, _watch, _early, _responder, _finder, _store_host
     global _pulse, _nodewatch, _storewatch
-    _current = last_group = _watch = _early = _responder = None
+    _current = last_group = _watch = _early = _responder = _store_host = None
     _finder = _pulse = _nodewatch = _storewatch = None
     _deaths.clear()
     # The parent's group, if any, looks initialised here too, but is not

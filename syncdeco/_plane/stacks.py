@@ -24,12 +24,24 @@ The protocol, per answering rank ``r`` (keys under ``{prefix}/{r}/``):
   when the responder starts, so a rank that does not answer can still be
   named and looked at with ``py-spy``.
 
+Every rank runs a responder.  Where a rank hosts the store (rank 0 under
+SLURM or mpirun), the others' responders wait on a store that ends with
+rank 0's process, and a store client blocked in a wait when its server goes
+logs an error with a C++ stack, though a correct program's rank 0 often
+ends first.  So the host, at its exit, ends them first
+(:func:`end_responders`): it sets ``{prefix}/end``, then rings the bell of
+each rank listed in ``{prefix}/started`` (each responder appends its rank
+as it starts); a responder checks ``end`` as it starts and after deleting
+its bell at each wake (so a ring is never lost), and then makes one last
+store call, a set of its ``off`` key, which the host waits for (2 s at
+most).
+
 A responder deletes its bell at each wake and a round's keys at the first
-wake at least 30 s later; what stays per rank is three small keys (``asked``,
-``served``, ``who``) and the last round's replies.  A rank that asks through one shared key
-instead (one bell for all) would wake every responder of the job for one
-missing rank, and make the answers of different ranks race for it: there is
-one bell per rank.
+wake at least 30 s later; what stays per rank is four small keys
+(``asked``, ``served``, ``who``, ``off``) and the last round's replies.  A
+rank that asks through one shared key instead (one bell for all) would wake
+every responder of the job for one missing rank, and make the answers of
+different ranks race for it: there is one bell per rank.
 
 Steady state: a responder's wait has no timeout that fires (a wait that times
 out makes torch's store client log two "waitForInput ... likely a timeout"
@@ -74,6 +86,7 @@ from typing import Any, Final, final
 __all__ = [
     "StackReport",
     "StackResponder",
+    "end_responders",
     "fetch_stacks",
     "innermost_user_frame",
     "main_thread_stack",
@@ -324,14 +337,18 @@ def _answer(limit: int) -> dict[str, object]:
 
 @final
 class _Keys:
-    __slots__ = ("asked", "base", "bell", "served", "who")
+    __slots__ = ("asked", "base", "bell", "end", "off", "rank", "served", "started", "who")
 
     def __init__(self, prefix: str, rank: int) -> None:
+        self.rank = rank
         self.base = f"{prefix}/{rank}"
         self.asked = f"{self.base}/asked"
         self.bell = f"{self.base}/bell"
         self.served = f"{self.base}/served"
         self.who = f"{self.base}/who"
+        self.off = f"{self.base}/off"  # set as its responder's last store call
+        self.started = f"{prefix}/started"  # "r," appended by each responder that starts
+        self.end = f"{prefix}/end"  # set by the store's host before its store ends
 
     def reply(self, n: int) -> str:
         return f"{self.base}/reply/{n}"
@@ -484,15 +501,56 @@ def _end_all() -> None:
             thread.join(max(0.0, deadline - time.monotonic()))
 
 
+def end_responders(
+    store: Any, prefix: str, *, skip: Iterable[int] = (), timeout: float = _EXIT_WAIT
+) -> list[int]:
+    """On the process that hosts the store the responders wait on (rank 0
+    under SLURM, Open MPI, or RANK/WORLD_SIZE set by hand), before its store
+    ends with it: stop every other responder on it, and wait (``timeout``
+    seconds at most, in all) until each has made its last store call.
+
+    A store client blocked in a wait when its server goes logs an error with
+    a C++ stack, and a correct program's rank 0 often ends first: so the
+    host ends the responders while its store is still up.  It sets ``end``,
+    then rings the bell of each responder that said it started; a responder
+    sees ``end`` at its next wake (or as it starts), makes one last set
+    (``off``) and stops.  ``skip``: ranks not to wait for (this process's
+    own, ranks known to have exited).  Returns the ranks that did not stop
+    in time (killed, or holding the GIL): they may log when the store goes.
+    """
+    store.set(f"{prefix}/end", b"1")
+    skipped = set(skip)
+    started: set[int] = set()
+    if store.check([f"{prefix}/started"]):
+        text = bytes(store.get(f"{prefix}/started")).decode()
+        started = {int(r) for r in text.split(",") if r}
+    pending = [_Keys(prefix, r) for r in sorted(started - skipped)]
+    if not pending:
+        return []
+    store.multi_set([k.bell for k in pending], [b"end"] * len(pending))
+    deadline = time.monotonic() + timeout
+    pause = _FIRST_LOOK
+    while not store.check([k.off for k in pending]):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return [k.rank for k in pending if not store.check([k.off])]
+        time.sleep(min(pause, left))
+        pause = min(pause * 2, _MOST_BETWEEN_LOOKS)
+    return []
+
+
 def _respond(
     store: Any, keys: _Keys, limit: int, closed: threading.Event, ready: threading.Event
 ) -> None:
     rounds: list[tuple[float, list[str]]] = []  # when written, and the keys
     try:
         served = int(store.get(keys.served)) if store.check([keys.served]) else 0
+        store.delete_key(keys.off)  # a responder of this rank before this one said it
         store.set(keys.who, _whoami())
+        store.append(keys.started, f"{keys.rank},")  # after `end` is set: then seen below
         ready.set()
-        while not closed.is_set():
+        ended = store.check([keys.end])
+        while not (ended or closed.is_set()):
             try:
                 store.wait([keys.bell], _FOREVER)
             except Exception as exc:
@@ -500,8 +558,12 @@ def _respond(
                     continue  # a day without a request
                 raise
             if closed.is_set():
-                return  # no more store calls: the interpreter may be exiting
+                break  # one store call more, then none: the interpreter may be exiting
             store.delete_key(keys.bell)  # before reading the counter: no request is lost
+            # After the bell is deleted: the host rings it after setting `end`.
+            ended = store.check([keys.end])
+            if ended:
+                break
             asked = int(store.add(keys.asked, 0))
             if asked > served:
                 served = _serve(store, keys, limit, served, asked, rounds)
@@ -511,6 +573,11 @@ def _respond(
                     store.delete_key(key)
     except Exception as exc:  # the store is gone (its host exited): stop quietly
         _log.debug("syncdeco's stack responder stopped: %r", exc)
+        return
+    # Its last store call, a set (no reply to wait for): the store's host,
+    # ending, waits for it before its store ends (see end_responders).
+    with contextlib.suppress(Exception):
+        store.set(keys.off, b"")
 
 
 def _serve(

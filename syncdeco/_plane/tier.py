@@ -41,6 +41,7 @@ import torch.distributed as dist
 
 from .._backend import SyncPoint
 from .._errors import SyncError
+from .._loopback import LOOPBACK, host_on_loopback
 from .protocol import Agreed, Frame, agrees
 
 if TYPE_CHECKING:
@@ -93,23 +94,16 @@ def uses_tiers(world_size: int, local_size: int | None) -> bool:
 
 
 def host_store() -> tuple[Any, int]:
-    """A store for this node, hosted here: (the store, its port)."""
-    # torch re-exports TCPStore without declaring it
-    store = dist.TCPStore(  # type: ignore[attr-defined]
-        "127.0.0.1",
-        0,
-        is_master=True,
-        wait_for_workers=False,
-        use_libuv=True,
-        timeout=timedelta(seconds=JOIN_TIMEOUT),
-    )
+    """A store for this node, hosted here on loopback (only its node
+    connects): (the store, its port)."""
+    store = host_on_loopback(world_size=None, seconds=JOIN_TIMEOUT)
     return store, int(store.port)
 
 
 def join_store(port: int) -> Any:
     """A connection to this node's store, hosted by the node's main."""
     return dist.TCPStore(  # type: ignore[attr-defined]
-        "127.0.0.1",
+        LOOPBACK,
         port,
         is_master=False,
         wait_for_workers=False,
@@ -195,7 +189,8 @@ def raise_tier(ex: Exchange, point: SyncPoint) -> Tier | None:
             f"({place.node}) did not all say where they live before meeting: "
             f"{len(keys) - len(here)} of {', '.join(keys)} are missing. The "
             f"launcher's LOCAL_RANK and LOCAL_WORLD_SIZE (or OMPI_COMM_WORLD_LOCAL_"
-            f"RANK/SIZE) must number each node's ranks 0 to n-1 on every node."
+            f"RANK/SIZE, or SLURM_LOCALID and SLURM_STEP_TASKS_PER_NODE at "
+            f"SLURM_NODEID) must number each node's ranks 0 to n-1 on every node."
         )
     *ranks, mains, main_node = ex.store.multi_get(keys)
     port = ranks.pop() if size > 1 else None

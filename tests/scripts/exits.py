@@ -20,6 +20,10 @@ Scenarios:
   point).
 - ``daemon_thread_waits``: rank 1 exits while a daemon thread of it waits at
   a sync point.
+- ``stuck_then_main_ends_first``: four ranks on two nodes (SLURM's
+  variables: the node tier is up from the second world sync point); rank 3
+  is busy in a user function while the others time out, then rank 0 (which
+  hosts the store) ends first and the others after it.
 """
 
 from __future__ import annotations
@@ -117,15 +121,30 @@ def main(scenario: str, tmp: Path) -> None:
         pid = int(_wait_for(tmp / "rank1.pid"))
         _until(f"rank 1 (pid {pid}) to exit", lambda: not _alive(pid))
         say("rank 1 has exited")
+    elif scenario == "stuck_then_main_ends_first":
+        meet("tier up")
+        from syncdeco._plane import group
+
+        tier = group._current[1].tier if group._current is not None else None
+        if sd.rank() == 3:
+            load_batch(tmp)
+        else:
+            try:
+                sd.barrier("end of epoch", timeout=3)
+            except sd.SyncTimeoutError as exc:
+                located = "in load_batch" in exc.stacks.get(3, "")
+                say(
+                    f"tier {tier is not None}; missing {list(exc.missing)}; rank 3 "
+                    f"{exc.places.get(3)}; its stack shows load_batch: {located}"
+                )
+            finally:
+                (tmp / f"rank{sd.rank()}-gave-up").write_text("")
+        if _rank_0_ends_first(tmp):
+            say("exiting after rank 0")
     elif scenario in ("main_ends_first", "store_host_gone"):
         meet("local start", local=True)  # both scopes in use
-        if sd.rank() == 0:
-            (tmp / "rank0.pid.tmp").write_text(str(os.getpid()))
-            os.replace(tmp / "rank0.pid.tmp", tmp / "rank0.pid")
+        if not _rank_0_ends_first(tmp):
             return
-        pid = int(_wait_for(tmp / "rank0.pid"))
-        # rank 0 and its store are gone before this rank goes on
-        _until(f"rank 0 (pid {pid}) to exit", lambda: not _alive(pid))
         if scenario == "store_host_gone":
             try:
                 meet("next")
@@ -133,6 +152,31 @@ def main(scenario: str, tmp: Path) -> None:
                 say(f"{type(exc).__name__}: {exc}")
         else:
             say("exiting after rank 0")
+
+
+def load_batch(tmp: Path) -> None:
+    """A user function rank 3 is busy in (a slow filesystem, a data loader)
+    until the others have given up on it, with a deadline of its own.  No
+    helper of this file in the loop: the innermost frame of user code must
+    be this function whenever its stack is taken."""
+    deadline = time.monotonic() + 60
+    while not all((tmp / f"rank{r}-gave-up").exists() for r in (0, 1, 2)):
+        if time.monotonic() > deadline:
+            raise TimeoutError("ranks 0, 1 and 2 never gave up on rank 3")
+        time.sleep(0.002)
+
+
+def _rank_0_ends_first(tmp: Path) -> bool:
+    """Rank 0 returns at once (False); the others wait until its process
+    (and the store it hosts) has ended, then return True."""
+    if sd.rank() == 0:
+        (tmp / "rank0.pid.tmp").write_text(str(os.getpid()))
+        os.replace(tmp / "rank0.pid.tmp", tmp / "rank0.pid")
+        return False
+    pid = int(_wait_for(tmp / "rank0.pid"))
+    # rank 0 and its store are gone before this rank goes on
+    _until(f"rank 0 (pid {pid}) to exit", lambda: not _alive(pid))
+    return True
 
 
 def _until(what: str, done: Callable[[], bool], within: float = 60.0) -> None:

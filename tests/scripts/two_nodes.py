@@ -1,6 +1,8 @@
 """Run by test_torchrun.py under two torchrun agents (--nnodes 2, two
 processes each) on loopback.  Shows that main_first(local=True) lets LOCAL_RANK
-0 of each node go first and waits only within the node."""
+0 of each node go first and waits only within the node.  Then each rank
+lists the TCP ports it listens on (syncdeco's own stores, and torch's process
+group), and the same again once plain torch has made a second group."""
 
 import json
 import os
@@ -8,7 +10,11 @@ import sys
 import time
 from pathlib import Path
 
+import torch.distributed as dist
+from listeners import listening
+
 import syncdeco as sd
+from syncdeco._plane import group
 
 out = Path(sys.argv[1])
 node = os.environ["GROUP_RANK"]
@@ -45,4 +51,14 @@ facts = {
     "is_main": sd.is_main(),
     "saw_cache": saw,
 }
+# Every store is up (each node's main hosts its node's): where this process
+# listens, which of those ports are syncdeco's own, and where a process
+# group plain torch makes listens.
+made = group._current[1] if group._current is not None else None
+hosted = made.hosted if made is not None else None
+facts["listening"] = listening()
+facts["syncdeco_ports"] = [] if hosted is None else [hosted[1]]
+torch_group = dist.new_group(backend="gloo")
+dist.barrier(group=torch_group)
+facts["listening_with_a_torch_group"] = listening()
 (out / f"rank{sd.rank()}.json").write_text(json.dumps(facts))
