@@ -208,9 +208,15 @@ def silent(host: str, port: int, *, wait: float = 1.0) -> bool:
     """Whether ``host`` is silent: a new connection to ``host:port`` gets
     no answer within ``wait`` seconds.  Asked after a connection to the
     store failed, to tell a lost host (silent) from a store whose process
-    ended on a host that is up (it refuses the connection at once)."""
+    ended on a host that is up (it refuses the connection at once).
+    True at once where a :class:`StoreWatch` found it silent."""
+    if (host, port) in _silenced:
+        return True
     try:
-        with socket.create_connection((host, port), timeout=wait):
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.settimeout(wait)
+            probe.connect(address)  # one address, one try: ``wait`` at most
             return False
     except ConnectionRefusedError:
         return False
