@@ -186,3 +186,21 @@ def test_no_page_shows_a_path_of_this_machine() -> None:
     for page in docs_output.PAGES:
         text = page.read_text()
         assert root not in text and "/tmp/pytest-" not in text, f"{page.name} shows {root}"
+
+
+def test_the_site_ships_no_build_helper() -> None:
+    # mkdocs copies every file of docs/ into the site; a build helper (the
+    # griffe extension, its bytecode) must be listed in exclude_docs.
+    config = (docs_output.ROOT / "mkdocs.yml").read_text()
+    block = re.search(r"^exclude_docs: \|\n((?:  .*\n)+)", config, re.MULTILINE)
+    assert block, "mkdocs.yml has no exclude_docs block"
+    excluded = [line.strip() for line in block[1].splitlines()]
+    assert "__pycache__/" in excluded
+    shipped = {".md", ".png", ".svg", ".css"}
+    helpers = [
+        p.relative_to(DOCS).as_posix()
+        for p in DOCS.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts and p.suffix not in shipped
+    ]
+    assert helpers, "docs/griffe_syncdeco.py was expected"
+    assert not [h for h in helpers if h not in excluded], (helpers, excluded)
