@@ -32,6 +32,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import docs_output
 import pytest
 from scripted import run_script
 
@@ -155,3 +156,51 @@ def test_snippet_runs(snippet: Snippet, tmp_path: Path) -> None:
     lines = [line.rstrip() for line in out.splitlines()]
     missing = [e for e in snippet.expected if not any(_matches(e, line) for line in lines)]
     assert not missing, f"{snippet.id} did not print {missing}; it printed:\n{out}"
+
+
+def test_every_output_block_is_checked_by_the_test_that_runs_its_source() -> None:
+    blocks = docs_output.output_blocks()
+    unknown = [f"{b.where}: {b.mark}" for b in blocks if b.mark not in docs_output.SOURCES]
+    assert not unknown, f"output blocks whose source no test runs: {unknown}"
+    for source, how in docs_output.SOURCES.items():
+        assert any(b.mark == source for b in blocks), f"no block shows {source}'s output"
+        path, name = how.checked_by.split("::")
+        code = (docs_output.ROOT / path).read_text()
+        # the test that runs it exists and hands its output to check()
+        assert f"def {name}(" in code, how.checked_by
+        assert f'docs_output.check("{source}", ' in code, f"{path} never checks {source}"
+
+
+def test_code_blocks_are_the_files_they_name() -> None:
+    blocks = docs_output.marked_blocks(docs_output.CODE_MARK, "python")
+    assert blocks, "no <!-- code: PATH --> block"
+    for block in blocks:
+        shown = "".join(line + "\n" for line in block.lines)
+        assert shown == (docs_output.ROOT / block.mark).read_text(), (
+            f"{block.where} no longer shows {block.mark} as it is: copy it again"
+        )
+
+
+def test_no_page_shows_a_path_of_this_machine() -> None:
+    root = str(docs_output.ROOT)
+    for page in docs_output.PAGES:
+        text = page.read_text()
+        assert root not in text and "/tmp/pytest-" not in text, f"{page.name} shows {root}"
+
+
+def test_the_site_ships_no_build_helper() -> None:
+    # mkdocs copies every file of docs/ into the site; a build helper (the
+    # griffe extension, its bytecode) must be listed in exclude_docs.
+    config = (docs_output.ROOT / "mkdocs.yml").read_text()
+    block = re.search(r"^exclude_docs: \|\n((?:  .*\n)+)", config, re.MULTILINE)
+    assert block, "mkdocs.yml has no exclude_docs block"
+    excluded = [line.strip() for line in block[1].splitlines()]
+    assert "__pycache__/" in excluded
+    shipped = {".md", ".png", ".svg", ".css"}
+    helpers = [
+        p.relative_to(DOCS).as_posix()
+        for p in DOCS.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts and p.suffix not in shipped
+    ]
+    assert helpers, "docs/griffe_syncdeco.py was expected"
+    assert not [h for h in helpers if h not in excluded], (helpers, excluded)

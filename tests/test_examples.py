@@ -8,6 +8,7 @@ import re
 import sys
 from pathlib import Path
 
+import docs_output
 import pytest
 from images import assert_timeline_png
 from scripted import run_script
@@ -65,6 +66,8 @@ def test_quickstart_on_four_gloo_ranks(tmp_path: Path) -> None:
 
 def test_when_things_go_wrong_on_two_gloo_ranks(tmp_path: Path) -> None:
     out = _torchrun(2, "when_things_go_wrong.py", tmp_path)
+    # docs/errors.md shows what it prints, line for line
+    docs_output.check("examples/when_things_go_wrong.py", out)
     assert "[rank 1] PeerFailedError: rank 0 raised ConnectionError: HTTP 503" in out
     assert "[rank 0] SyncTimeoutError: rank 0 waited 1s at barrier 'end of epoch'" in out
     assert "rank(s) 1 (last seen at main_first" in out
@@ -209,6 +212,7 @@ def _check_trace(trace: Path, tmp_path: Path) -> None:
     summary = _run([sys.executable, "-m", "syncdeco", "summary", str(trace)], tmp_path)
     assert "syncdeco trace: 2 ranks, 3 sync points" in summary
     assert "barrier_after:__main__.train_step" in summary
+    docs_output.check("summary of examples/ddp_checkpoint.py", summary)  # docs/observability.md
     pytest.importorskip("matplotlib")
     png = tmp_path / "timeline.png"
     _run([sys.executable, "-m", "syncdeco", "plot", str(trace), "-o", str(png)], tmp_path)

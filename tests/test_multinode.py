@@ -10,10 +10,10 @@ elsewhere they are skipped, saying why.
 To run one by hand (as root), e.g. a lost torchrun node::
 
     cd <repo> && PYTHONPATH=$PWD python -m pytest tests/test_multinode.py \\
-        -k lost_torchrun_node --runxfail -q
+        -k lost_torchrun_node -q
 
-``--runxfail`` shows the failure an xfail hides: the survivors' stacks and
-every process's output.  The files stay in pytest's tmp directory
+A test that fails shows the survivors' stacks and every process's output.
+The files stay in pytest's tmp directory
 (``/tmp/pytest-of-root/pytest-current/``: ``cluster0/node<i>-<n>.log``, and
 each test's ``ready-``, ``result-``, ``done-<rank>.json``).
 """
@@ -31,6 +31,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import docs_output
 import netns
 import pytest
 
@@ -45,13 +46,7 @@ PACKETS_DROPPED = 3
 
 class StillWaiting(AssertionError):
     """Survivors still waited at the sync point when the test gave up: no
-    rank heard of the loss.  The loss tests expect exactly this failure
-    until node-loss detection exists; any other failure is a real one."""
-
-
-xfail_no_detection = pytest.mark.xfail(
-    strict=True, raises=StillWaiting, reason="node-loss detection: issue 17"
-)
+    rank heard of the loss."""
 
 
 def _skip_without_namespaces() -> None:
@@ -334,7 +329,15 @@ def test_a_lost_torchrun_node_is_named_by_every_survivor(c: netns.Cluster, tmp_p
     is lost: ranks 0 and 1 name ranks 2 and 3 within 10 s."""
     job = torchrun(c, tmp_path, (0, 1), 2, "--busy", "2", "3")
     job.ready()
-    job.named([0, 1], [2, 3], since=c.lose(1))
+    since = c.lose(1)
+    job.named([0, 1], [2, 3], since=since)
+    said = ""
+    for rank in (0, 1):
+        f = job.facts("result", rank)
+        assert f is not None and f["type"] == "RankLostError", f
+        took = float(f["time"]) - since  # type: ignore[arg-type]
+        said += f"[rank {rank}] RankLostError {took:.1f}s after the loss: {f['message']}\n"
+    docs_output.check("tests/scripts/node_ranks.py (a lost node)", said)  # docs/errors.md
 
 
 def test_the_store_host_lost_under_slurm_is_named(c: netns.Cluster, tmp_path: Path) -> None:

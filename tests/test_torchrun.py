@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import docs_output
 import pytest
 from scripted import read_until, start_script
 
@@ -95,14 +96,13 @@ def test_a_killed_rank_is_named_within_5s_under_a_slow_monitor(tmp_path: Path) -
     ])  # fmt: skip
     # The agent itself notices its workers ended only at its next look (a
     # minute): stop reading once both survivors have spoken.
-    lines = read_until(
-        [agent],
-        lambda lines: sum(ln.startswith(("[rank 0] named", "[rank 2] named")) for ln in lines) >= 2,
-        120,
-    )
+    said = ("[rank 0] RankKilledError", "[rank 2] RankKilledError")
+    lines = read_until([agent], lambda lines: sum(ln.startswith(said) for ln in lines) >= 2, 120)
     log = "".join(lines)
     for rank in (0, 2):
-        (line,) = [ln for ln in log.splitlines() if ln.startswith(f"[rank {rank}] named rank 1")]
-        took = float(line.split(" within ", 1)[1].split("s:", 1)[0])
+        (line,) = [ln for ln in log.splitlines() if ln.startswith(f"[rank {rank}] RankKilledError")]
+        took = float(line.split()[3].removesuffix("s"))
         assert took < 5, log
+        assert ": rank 1 exited without reaching this sync point" in line, log
         assert "its process ended without running Python's exit handlers" in line, log
+    docs_output.check("tests/scripts/killed.py", log)  # docs/errors.md shows it

@@ -1,6 +1,11 @@
-"""Run by test_torchrun.py under torchrun with a slow monitor: rank 1 is
-SIGKILLed (as by the out-of-memory killer) while the others wait for it at
-a sync point with no timeout."""
+"""Rank 1 is killed (SIGKILL, as by the out-of-memory killer) while the
+others wait for it at a sync point with no timeout.
+
+    torchrun --nproc-per-node 3 --monitor-interval 60 killed.py DIR
+
+torchrun looks at its workers once a minute here, so it does not stop the
+survivors before they have heard of the kill from syncdeco.
+"""
 
 import os
 import signal
@@ -10,15 +15,15 @@ from pathlib import Path
 
 import syncdeco as sd
 
-tmp = Path(sys.argv[1])
+killed_at = Path(sys.argv[1]) / "killed-at"
 sd.barrier("warm up")
 if sd.rank() == 1:
-    (tmp / "killed-at").write_text(repr(time.time()))
+    killed_at.write_text(repr(time.time()))
     os.kill(os.getpid(), signal.SIGKILL)
 try:
     sd.barrier("end of epoch", timeout=None)
 except sd.RankKilledError as exc:
-    took = time.time() - float((tmp / "killed-at").read_text())
-    # One write per line: two ranks' prints ran together in one line once.
-    line = f"[rank {sd.rank()}] named rank {exc.rank} within {took:.2f}s: {exc}\n"
-    print(line, end="", flush=True)
+    took = time.time() - float(killed_at.read_text())
+    # one write per line, so that two ranks' lines never run together
+    said = f"{type(exc).__name__} {took:.2f}s after the kill: {exc}"
+    print(f"[rank {sd.rank()}] {said}\n", end="", flush=True)
