@@ -33,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from scale import Counted, _raise_nofile, _serve, _server_cpu  # noqa: E402
+from scale import Counted, _raise_nofile, _serve, _server_cpu
 
 CONNECT = timedelta(seconds=120)
 NAMESPACE = "syncdeco-job/bench/"
@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=float, default=20.0, help="seconds measured")
     args = parser.parse_args(argv)
     _raise_nofile()
+    import torch.distributed as dist
+
     from syncdeco._plane import lease
     from syncdeco._plane.nodewatch import NodeWatch
 
@@ -89,7 +91,17 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.1)
         failures: list[Any] = []
         watches = [
-            NodeWatch("127.0.0.1", port, NAMESPACE, f"n{n}", 8 * n, failures.extend)
+            NodeWatch(
+                dist.PrefixStore(  # type: ignore[attr-defined]
+                    NAMESPACE,
+                    dist.TCPStore(
+                        "127.0.0.1", port, is_master=False, wait_for_workers=False, timeout=CONNECT
+                    ),
+                ),
+                f"n{n}",
+                8 * n,
+                failures.extend,
+            )
             for n in (0, 1)
         ]
         for w in watches:

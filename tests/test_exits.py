@@ -172,7 +172,12 @@ def test_under_slurm_a_stuck_rank_is_located_and_a_clean_end_is_quiet(tmp_path: 
         assert all("[c10d] waitForInput" in ln for ln in lines[:at]), out
         after = [] if rank == 0 else [f"[rank {rank}] exiting after rank 0"]
         assert lines[at + 1 :] == after, out
-    assert out[3] == "exit status 0\n[rank 3] exiting after rank 0\n", out
+    # Rank 3 came late: its wait for its node's relay may outlast one of the
+    # node's 4 s store waits, which torch logs; then only the clean end.
+    status, *lines = out[3].splitlines()
+    assert status == "exit status 0", out
+    assert lines[-1:] == ["[rank 3] exiting after rank 0"], out
+    assert all("[c10d] waitForInput" in ln for ln in lines[:-1]), out
 
 
 def test_a_main_waiting_for_a_slow_member_hears_of_an_exit(tmp_path: Path) -> None:

@@ -105,15 +105,22 @@ def _silent(exc: BaseException, store: Any) -> bool:
     return at is not None and silent(*at)
 
 
-def _relaying(nmail: Transport, nbase: str, seq: int | None = None) -> int | None:
-    """The world sync point a node's main is waiting at on the job's store,
-    as it tells its node (``seq``: say it; one key, on the node's store)."""
+def _relaying(nmail: Transport, nbase: str) -> tuple[int, float | None] | None:
+    """The world sync point a node's main waits at on the job's store, and
+    until when (wall clock; None: forever), as it told its node."""
     store = cast(Any, nmail).store
     key = f"{nbase}/relaying"
-    if seq is not None:
-        store.set(key, str(seq))
-        return seq
-    return int(store.get(key)) if store.check([key]) else None
+    if not store.check([key]):
+        return None
+    seq, until = bytes(store.get(key)).decode().split(" ")
+    return int(seq), None if until == "-" else float(until)
+
+
+def _say_relaying(nmail: Transport, nbase: str, seq: int, until: float | None) -> None:
+    """A node's main tells its node it waits on the job's store (one key,
+    on the node's store), so that the node's sentinel need not look."""
+    store = cast(Any, nmail).store
+    store.set(f"{nbase}/relaying", f"{seq} {'-' if until is None else repr(until)}")
 
 
 def _wall(deadline: float | None) -> float | None:
@@ -636,7 +643,7 @@ class Exchange:
                 self._note(frame, now)
         if early is None:
             if nmail is not None:
-                _relaying(nmail, nbase, seq)  # the node's sentinel need not look any more
+                _say_relaying(nmail, nbase, seq, _wall(mine))  # the sentinel need not look
             self.mail.send(
                 wbase, seq, self.rank, node_frame(frames, missing, self.last_seen(missing))
             )
@@ -752,8 +759,10 @@ class Exchange:
             except Late:
                 if last:
                     return None
-            if _relaying(nmail, nbase) == seq:
-                continue  # the main waits on the job's store itself, and will relay
+            relaying = _relaying(nmail, nbase)
+            if relaying is not None and relaying[0] == seq:
+                if relaying[1] is None or time.time() < relaying[1]:
+                    continue  # the main waits on the job's store itself, and will relay
             try:
                 data = self._verdict_on_job_store(wbase, seq)
             except dist.DistNetworkError as exc:

@@ -32,7 +32,7 @@ from .._errors import SyncError, SyncTimeoutError
 from . import exits, pulse, wire
 from .deathwatch import DeathWatch, identity, watchable
 from .exchange import Exchange, Place
-from .keepalive import StoreWatch, endpoint, keep_alive
+from .keepalive import StoreWatch, endpoint, keep_alive, underlying
 from .nodewatch import NodeWatch
 from .stacks import StackResponder, end_responders
 
@@ -275,8 +275,11 @@ def _watch_nodes(made: Exchange, env: Mapping[str, str]) -> None:
         return
     ns = startup.namespace(env)
     try:
+        # A connection of its own (a clone: a new client would make torch log).
+        store = dist.PrefixStore(ns, underlying(made.store).clone())  # type: ignore[attr-defined]
+        keep_alive(*at)
         report = functools.partial(_lost, weakref.ref(made))
-        watch = NodeWatch(*at, ns, place.node, made.rank, report)
+        watch = NodeWatch(store, place.node, made.rank, report)
     except Exception as exc:
         _log.debug("rank %d could not start watching the other nodes: %r", made.rank, exc)
         return

@@ -51,7 +51,7 @@ import threading
 import time
 from typing import Any, Final
 
-__all__ = ["StoreWatch", "endpoint", "keep_alive", "silent"]
+__all__ = ["StoreWatch", "endpoint", "keep_alive", "silent", "underlying"]
 
 IDLE: Final = 2  # seconds of silence before the first probe
 INTERVAL: Final = 1  # seconds between probes
@@ -62,14 +62,20 @@ _silenced: set[tuple[str, int]] = set()  # stores whose host a StoreWatch found 
 _THIN_LINEAR_TIMEOUTS: Final = getattr(socket, "TCP_THIN_LINEAR_TIMEOUTS", 16)  # Linux
 
 
+def underlying(store: Any) -> Any:
+    """The store under ``store``'s prefix stores."""
+    for _ in range(8):
+        below = getattr(store, "underlying_store", None)
+        if below is None:
+            break
+        store = below
+    return store
+
+
 def endpoint(store: Any) -> tuple[str, int] | None:
     """The (host, port) of the TCP store under ``store`` (prefix stores
     unwrapped), or None for another kind of store."""
-    for _ in range(8):
-        underlying = getattr(store, "underlying_store", None)
-        if underlying is None:
-            break
-        store = underlying
+    store = underlying(store)
     host, port = getattr(store, "host", None), getattr(store, "port", None)
     if isinstance(host, str) and isinstance(port, int) and port > 0:
         return host, port

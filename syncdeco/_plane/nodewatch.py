@@ -26,14 +26,10 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable
-from datetime import timedelta
 from typing import Any, Final
-
-import torch.distributed as dist
 
 from .._backend import Failure
 from . import lease
-from .keepalive import keep_alive
 from .pulse import LIST, lease_key
 
 __all__ = ["NodeWatch", "lost_failure"]
@@ -43,7 +39,6 @@ _log = logging.getLogger("syncdeco")
 _OVERDUE: Final = lease.PERIOD + 1.0  # seconds a lease may stand still in the normal course
 _EARLY: Final = 10  # looks that each read the list of nodes (while pulses start)
 _RELIST: Final = 5  # looks between two readings of it after those
-_CONNECT: Final = 30.0  # seconds to reach the job's store
 
 
 def lost_failure(rank: int, host: str, ranks: Iterable[int]) -> Failure:
@@ -77,25 +72,15 @@ class NodeWatch:
 
     def __init__(
         self,
-        store_host: str,
-        store_port: int,
-        namespace: str,
+        store: Any,
         node: str,
         rank: int,
         report: Callable[[list[Failure]], None],
     ) -> None:
         """Watch the other nodes from ``node`` (its main is ``rank``), over
-        a connection of its own to the job's TCP store, under ``namespace``;
-        ``report`` is called in the watcher's thread."""
-        tcp = dist.TCPStore(  # type: ignore[attr-defined]
-            store_host,
-            store_port,
-            is_master=False,
-            wait_for_workers=False,
-            timeout=timedelta(seconds=_CONNECT),
-        )
-        keep_alive(store_host, store_port)
-        self._store: Any = dist.PrefixStore(namespace, tcp)  # type: ignore[attr-defined]
+        ``store``, a connection of its own to the job's store under the
+        pulses' namespace; ``report`` is called in the watcher's thread."""
+        self._store = store
         self._node = node
         self._rank = rank
         self._report = report
