@@ -66,7 +66,8 @@ _log = logging.getLogger("syncdeco")
 class Site:
     """Where a sync point lives: its name and its place in the source.
 
-    Call counters (for ``every=``) are kept per site."""
+    Call counters (for ``every=``) are kept per site (and per place in a
+    stack: see :class:`BarrierAfter`)."""
 
     name: str
     location: str
@@ -91,7 +92,7 @@ class _Counts:
     def __init__(self) -> None:
         self.prepared = False  # backend.prepare() has returned once (async code)
         self.syncs: dict[tuple[str, str, bool], int] = {}
-        self.calls: dict[Site, int] = {}
+        self.calls: dict[tuple[Site, int], int] = {}  # per BarrierAfter site and nth
 
 
 _counts: weakref.WeakKeyDictionary[Backend, _Counts] = weakref.WeakKeyDictionary()
@@ -562,11 +563,16 @@ class OnMainOnly:
 @final
 @dataclass(frozen=True, slots=True)
 class BarrierAfter:
-    """Every rank runs the body, then all ranks meet (on every Nth call)."""
+    """Every rank runs the body, then all ranks meet (on every Nth call).
+
+    Calls are counted per site and per ``nth``: which ``barrier_after`` of
+    that site it is in its stack (0 innermost, set by :func:`compose`), so
+    each decorator of a stack counts the calls it sees."""
 
     site: Site
     every: int
     timeout: Timeout
+    nth: int = 0
     kind: ClassVar[str] = "barrier_after"
 
     @property
@@ -579,8 +585,9 @@ class BarrierAfter:
 
     def enter(self, backend: Backend) -> Entered:
         calls = _counts_for(backend).calls
-        n = calls.get(self.site, 0) + 1
-        calls[self.site] = n
+        key = (self.site, self.nth)
+        n = calls.get(key, 0) + 1
+        calls[key] = n
         return True, n % self.every == 0
 
     def exit(
@@ -615,13 +622,23 @@ def compose(policies: Sequence[Policy], target: str) -> tuple[Policy, ...]:
 
     ``main_first`` right over ``on_main_only(broadcast=True)`` on the same
     ranks adds nothing: the broadcast already has the others wait for the
-    main rank's result, and they never run the body, so it is dropped."""
+    main rank's result, and they never run the body, so it is dropped.
+    Each ``barrier_after`` gets its place among those of its site (its
+    ``nth``, counted from the innermost), so that it counts its own calls."""
     kept = [
         p
         for i, p in enumerate(policies)
         if not (i + 1 < len(policies) and _adds_nothing(p, policies[i + 1]))
     ]
     _refuse_deadlocks(kept, target)
+    seen: dict[Site, int] = {}
+    for i in reversed(range(len(kept))):
+        policy = kept[i]
+        if isinstance(policy, BarrierAfter):
+            nth = seen.get(policy.site, 0)
+            seen[policy.site] = nth + 1
+            if policy.nth != nth:
+                kept[i] = replace(policy, nth=nth)
     return tuple(kept)
 
 

@@ -376,18 +376,34 @@ def test_stacks_that_work_are_accepted(
     assert f() == "result" and events == ["body"]  # one process: a plain call
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="two barrier_after on one function share its call counter (_policy.py "
-    "BarrierAfter counts calls per Site), so the outer every=10 never fires",
-)
-def test_two_barrier_afters_on_one_function_count_their_own_calls() -> None:
+@pytest.mark.parametrize("outer, inner", [(4, 2), (2, 4), (10, 1), (3, 3)])
+def test_each_barrier_after_of_a_stack_counts_its_own_calls(outer: int, inner: int) -> None:
     events: list[str] = []
-    f = _stack(sd.barrier_after(every=10), sd.barrier_after)
+    f = _stack(sd.barrier_after(every=outer), sd.barrier_after(every=inner))
     with sd.use_backend(_RankOfTwo(0, events)):
-        for _ in range(20):
+        for call in range(1, 13):
+            before = len(events)
             f()
-    assert events.count(BA) == 20 + 2  # every call, and every 10th once more
+            assert len(events) - before == (call % inner == 0) + (call % outer == 0), call
+    assert set(events) == {BA}
+    # with the Null backend in between: no meet and no count
+    f()
+    with sd.use_backend(_RankOfTwo(0, events)):
+        events.clear()
+        f()  # call 13 of each
+        assert events == [BA] * (13 % inner == 0) + [BA] * (13 % outer == 0)
+
+
+def test_barrier_after_calls_are_counted_per_stack_not_per_name() -> None:
+    events: list[str] = []
+    a = sd.barrier_after(every=2, name="step")(lambda: None)
+    b = sd.barrier_after(every=2, name="step")(lambda: None)
+    with sd.use_backend(_RankOfTwo(0, events)):
+        a()
+        b()
+        assert events == []  # one call each so far
+        a()
+        assert events == [BA]
 
 
 def test_main_first_over_a_broadcast_adds_nothing() -> None:
