@@ -7,6 +7,7 @@ of policies around the call.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import sys
@@ -101,8 +102,10 @@ class _Stack:
                 if recorder is None:
                     outcome = wrapped(*args, **kwargs), None
                 else:
-                    name = self.policies[0].site.name
-                    outcome = recorder.body(name, lambda: wrapped(*args, **kwargs)), None
+                    # (a partial, not a lambda: a closure would cost every call
+                    # its cells, on the Null backend's path too)
+                    body = functools.partial(wrapped, *args, **kwargs)
+                    outcome = recorder.body(self.policies[0].site.name, body), None
             except BaseException as exc:
                 outcome = None, exc
             outcome = advance(steps, outcome)
@@ -130,9 +133,8 @@ class _Stack:
                 if recorder is None:
                     outcome = await wrapped(*args, **kwargs), None
                 else:
-                    name = self.policies[0].site.name
-                    body = lambda: wrapped(*args, **kwargs)  # noqa: E731
-                    outcome = await recorder.body_async(name, body), None
+                    body = functools.partial(wrapped, *args, **kwargs)
+                    outcome = await recorder.body_async(self.policies[0].site.name, body), None
             except BaseException as exc:
                 outcome = None, exc
             outcome = await advance_async(steps, outcome)

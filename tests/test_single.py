@@ -755,6 +755,54 @@ def test_no_environment_means_null(monkeypatch: pytest.MonkeyPatch) -> None:
     assert isinstance(sd.get_backend(), sd.NullBackend)
 
 
+_LATER_GROUP = """
+import os, sys
+from datetime import timedelta
+import torch.distributed as dist
+import syncdeco as sd
+
+@sd.barrier_after
+def step():
+    return sd.get_backend()
+
+assert isinstance(step(), sd.NullBackend)  # the default path, now known plain
+assert isinstance(step(), sd.NullBackend)
+from syncdeco import _select
+assert _select._plain is not _select._NotPlain  # told by the cached check from now on
+store = dist.HashStore()
+dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=timedelta(seconds=60))
+assert type(step()).__name__ == "TorchBackend"  # a group made later is seen at once
+dist.destroy_process_group()
+backend = sd.get_backend()  # its group is gone: a sync point says so, rank facts stay
+assert type(backend).__name__ == "TorchBackend" and sd.world_size() == 1, backend
+try:
+    sd.barrier("after")
+except sd.SyncError as exc:
+    print("raised:", exc)
+else:
+    sys.exit("a barrier after destroy_process_group() did not raise")
+"""
+
+
+def test_the_default_path_follows_a_group_made_after_it_was_found_plain() -> None:
+    # In a child: a process group leaves its mark on this process (the last
+    # group's rank facts) that other tests must not see.
+    import subprocess
+    import sys
+
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS")
+    }
+    env["OMP_NUM_THREADS"] = "1"
+    result = subprocess.run(
+        [sys.executable, "-c", _LATER_GROUP], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "raised:" in result.stdout, result.stdout
+
+
 # -- errors ----------------------------------------------------------------------------
 
 
