@@ -406,6 +406,87 @@ def test_barrier_after_calls_are_counted_per_stack_not_per_name() -> None:
         assert events == [BA]
 
 
+class _Scripted:
+    """Rank 0 of two: records each sync point with the failure it reports,
+    and raises ``error`` (a SyncError) at every sync point if given."""
+
+    def __init__(self, error: sd.SyncError | None = None) -> None:
+        self.error = error
+        self.log: list[tuple[str, str | None]] = []
+
+    def rank(self) -> int:
+        return 0
+
+    def world_size(self) -> int:
+        return 2
+
+    def local_rank(self) -> int:
+        return 0
+
+    def sync(self, point: sd.SyncPoint, **kw: Any) -> object:
+        failure = kw["failure"]
+        self.log.append((point.kind, failure.exc_type if failure else None))
+        if self.error is not None:
+            raise self.error
+        return None
+
+
+def _through_each_face(body_raises: bool, backend: _Scripted) -> list[object]:
+    """The same barrier_after around the same body, as a function, a
+    coroutine, a with block and an async with block: what each raised or
+    returned, and the notes on it."""
+
+    def body() -> str:
+        if body_raises:
+            raise ValueError("bad shard")
+        return "done"
+
+    async def body_async() -> str:
+        return body()
+
+    def in_with() -> str:
+        with sd.barrier_after():
+            return body()
+
+    async def in_async_with() -> str:
+        async with sd.barrier_after():
+            return body()
+
+    faces: list[Callable[[], object]] = [
+        sd.barrier_after(body),
+        lambda: asyncio.run(sd.barrier_after(body_async)()),
+        in_with,
+        lambda: asyncio.run(in_async_with()),
+    ]
+    seen: list[object] = []
+    with sd.use_backend(backend):
+        for face in faces:
+            try:
+                seen.append(face())
+            except Exception as exc:
+                seen.append((type(exc).__name__, str(exc), getattr(exc, "__notes__", [])))
+    return seen
+
+
+@pytest.mark.parametrize("body_raises", [False, True])
+@pytest.mark.parametrize("sync_raises", [False, True])
+def test_functions_coroutines_and_with_blocks_share_one_skeleton(
+    body_raises: bool, sync_raises: bool
+) -> None:
+    error = sd.SyncError("rank 1 is gone") if sync_raises else None
+    backend = _Scripted(error)
+    seen = _through_each_face(body_raises, backend)
+    assert all(outcome == seen[0] for outcome in seen), seen
+    assert backend.log == [("barrier_after", "ValueError" if body_raises else None)] * 4
+    if body_raises:  # the body's error goes on; a failure to report it is a note
+        notes = ["syncdeco: while telling the other ranks about this error: rank 1 is gone"]
+        assert seen[0] == ("ValueError", "bad shard", notes if sync_raises else [])
+    elif sync_raises:
+        assert seen[0] == ("SyncError", "rank 1 is gone", [])
+    else:
+        assert seen[0] == "done"
+
+
 def test_main_first_over_a_broadcast_adds_nothing() -> None:
     @sd.barrier_after
     @sd.main_first
