@@ -76,8 +76,8 @@ class _Stack:
 
     :meth:`call` and :meth:`call_async` are wrapt's wrappers: they drive
     :func:`~syncdeco._policy.around`, run the body where it says, and raise
-    what the call raised themselves, so a user's traceback shows one frame
-    of syncdeco between the call and the function."""
+    what the call raised themselves, so that no other frame of syncdeco
+    lies between the user's call and the raise."""
 
     __slots__ = ("policies",)
 
@@ -336,7 +336,9 @@ class _Scoped:
         policy = self._policy(_caller_site(self._name, 1))
         backend = get_backend()
         steps = around((policy,), backend)
-        _entered(advance(steps, None))
+        error = _not_entered(advance(steps, None))
+        if error is not None:
+            raise error
         self._entries.append((steps, backend.__class__ is NullBackend))
 
     def __exit__(
@@ -346,7 +348,10 @@ class _Scoped:
         tb: TracebackType | None,
     ) -> Literal[False]:
         steps, _ = self._entries.pop()
-        return _left(advance(steps, (None, exc)), exc)
+        error = _raised_leaving(advance(steps, (None, exc)), exc)
+        if error is not None:
+            raise error
+        return False  # the block's own exception, if any, goes on
 
     async def __aenter__(self) -> None:
         policy = self._policy(_caller_site(self._name, 1))
@@ -354,7 +359,9 @@ class _Scoped:
         steps = around((policy,), backend)
         null = backend.__class__ is NullBackend
         # The Null backend never waits: no thread hop.
-        _entered(advance(steps, None) if null else await advance_async(steps, None))
+        error = _not_entered(advance(steps, None) if null else await advance_async(steps, None))
+        if error is not None:
+            raise error
         self._entries.append((steps, null))
 
     async def __aexit__(
@@ -365,25 +372,31 @@ class _Scoped:
     ) -> Literal[False]:
         steps, null = self._entries.pop()
         outcome = (None, exc)
-        return _left(advance(steps, outcome) if null else await advance_async(steps, outcome), exc)
+        left = advance(steps, outcome) if null else await advance_async(steps, outcome)
+        error = _raised_leaving(left, exc)
+        if error is not None:
+            raise error
+        return False
 
 
-def _entered(outcome: Outcome | None) -> None:
-    """A with block's steps reached its body (None), or raise why not."""
-    if outcome is not None:
-        error = outcome[1]
-        assert error is not None, "a with block cannot be skipped"
-        raise error
+# (These return the exception for the face to raise itself: no frame of
+# syncdeco beyond the face lies between the user's code and the raise.)
 
 
-def _left(outcome: Outcome | None, exc: BaseException | None) -> Literal[False]:
-    """Raise what leaving a with block raised, unless it is the block's own
-    exception ``exc``, which goes on (False: not suppressed)."""
+def _not_entered(outcome: Outcome | None) -> BaseException | None:
+    """Why a with block's steps did not reach its body (None: they did)."""
+    if outcome is None:
+        return None
+    assert outcome[1] is not None, "a with block cannot be skipped"
+    return outcome[1]
+
+
+def _raised_leaving(outcome: Outcome | None, exc: BaseException | None) -> BaseException | None:
+    """What leaving a with block raised, unless it is the block's own
+    exception ``exc``, which goes on by itself."""
     assert outcome is not None, "a with block's steps end when it is left"
     error = outcome[1]
-    if error is not None and error is not exc:
-        raise error
-    return False
+    return None if error is exc else error
 
 
 @final
