@@ -6,7 +6,11 @@
 For each world size it starts the ranks with torchrun on this machine, runs
 every case and its peer in interleaved rounds (benchmarks/_worker.py), and
 prints per-call medians and each ratio next to its target.  The decorator
-cost on the Null backend is measured in this process.  Peers: raw
+cost on the Null backend is measured in this process, with the backend
+chosen explicitly and on the default path (none chosen), in interleaved
+rounds, as ranges and ratios to a wrapt pass-through of the same round:
+
+    python benchmarks/run.py --null-only   # only that (a minute)  Peers: raw
 torch.distributed always; Accelerate's ``main_process_first`` and Lightning's
 ``rank_zero_only`` when installed (``pip install -e ".[bench]"``).
 
@@ -26,8 +30,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 import timeit
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -149,8 +155,16 @@ def print_memory(memory: dict[int, Memory], tensor_mib: int) -> None:
                   f"| {copies:.2f} | {target} | {m['machine_shmem']:.0f} |")  # fmt: skip
 
 
-def null_overhead(repeats: int, number: int) -> dict[str, float]:
-    """Per-call cost on the Null backend, in nanoseconds, medians of interleaved repeats."""
+# (case, how the backend is chosen): "explicit" under sd.use_backend(NullBackend()),
+# "default" with nothing chosen (what a plain `python script.py` takes: the
+# backend is resolved at each call and comes out as the Null backend).
+NullCase = tuple[str, str]
+
+
+def null_overhead(repeats: int, number: int) -> dict[NullCase, list[float]]:
+    """Per-call cost on the Null backend, in nanoseconds of this process's
+    CPU time (steadier than wall time on a shared machine): one sample per
+    round for each case, the cases interleaved within each round."""
 
     def f(x: int) -> int:
         return x
@@ -160,28 +174,60 @@ def null_overhead(repeats: int, number: int) -> dict[str, float]:
     )
     stack = sd.barrier_after(sd.main_first(sd.on_main_only(broadcast=True)(f)))
     every = sd.barrier_after(every=10**9)(f)
-    calls: dict[str, Callable[[], object]] = {
-        "plain function": lambda: f(1),
-        "wrapt pass-through": lambda: bare(1),
-        "3-deep syncdeco stack": lambda: stack(1),
-        "barrier_after(every=N), no sync": lambda: every(1),
-    }
     omo = sd.on_main_only(f)
-    calls["on_main_only, no broadcast"] = lambda: omo(1)
+    calls: dict[NullCase, Callable[[], object]] = {
+        ("plain function", "-"): lambda: f(1),
+        ("wrapt pass-through", "-"): lambda: bare(1),
+        ("3-deep syncdeco stack", "explicit"): lambda: stack(1),
+        ("3-deep syncdeco stack", "default"): lambda: stack(1),
+        ("barrier_after(every=N), no sync", "explicit"): lambda: every(1),
+        ("barrier_after(every=N), no sync", "default"): lambda: every(1),
+        ("on_main_only, no broadcast", "explicit"): lambda: omo(1),
+        ("on_main_only, no broadcast", "default"): lambda: omo(1),
+    }
     try:
         from lightning_utilities.core.rank_zero import rank_zero_only
 
         rank_zero_only.rank = 0
         rzo = rank_zero_only(f)
-        calls["lightning rank_zero_only"] = lambda: rzo(1)
+        calls[("lightning rank_zero_only", "-")] = lambda: rzo(1)
     except ImportError:
         pass
-    samples: dict[str, list[float]] = {k: [] for k in calls}
-    with sd.use_backend(sd.NullBackend()):
-        for _ in range(repeats):
-            for name, call in calls.items():
-                samples[name].append(timeit.timeit(call, number=number) / number * 1e9)
-    return {k: statistics.median(v) for k, v in samples.items()}
+    if sd.get_backend().__class__ is not sd.NullBackend:
+        raise SystemExit("the default-path figures need a plain process (no launcher variables)")
+    samples: dict[NullCase, list[float]] = {k: [] for k in calls}
+    for _ in range(repeats):
+        for case, call in calls.items():
+            scope = sd.use_backend(sd.NullBackend()) if case[1] == "explicit" else nullcontext()
+            with scope:
+                call()  # warm
+                samples[case].append(
+                    timeit.timeit(call, timer=time.process_time, number=number) / number * 1e9
+                )
+    return samples
+
+
+def print_null_overhead(samples: dict[NullCase, list[float]]) -> None:
+    """Medians and ranges over the rounds; each ratio is taken per round
+    against the wrapt pass-through of the same round."""
+    base = samples[("wrapt pass-through", "-")]
+    print(
+        f"\n# Null backend, per call, CPU time: {len(base)} interleaved rounds; median "
+        f"[min-max] over "
+        f"the rounds; ratio per round to the wrapt pass-through of that round. Backend: "
+        f"explicit = under sd.use_backend(NullBackend()), default = none chosen (a plain "
+        f"`python script.py`)\n"
+    )
+    print("| Null backend, per call | backend | ns | ratio to wrapt pass-through | target |")
+    print("|---|---|---|---|---|")
+    for (name, path), values in samples.items():
+        ratios = [v / b for v, b in zip(values, base, strict=True)]
+        target = ""
+        if "syncdeco" in name or "every" in name:
+            target = verdict(statistics.median(ratios), "time", 1.3)
+        ns = f"{statistics.median(values):.0f} [{min(values):.0f}-{max(values):.0f}]"
+        ratio_text = f"{statistics.median(ratios):.2f}x [{min(ratios):.2f}-{max(ratios):.2f}]"
+        print(f"| {name} | {path} | {ns} | {ratio_text} | {target} |")
 
 
 def main() -> None:
@@ -197,6 +243,9 @@ def main() -> None:
     parser.add_argument("--big-iters", type=int, default=3)
     parser.add_argument("--tensor-mib", type=int, default=64)
     parser.add_argument("--smoke", action="store_true", help="one tiny iteration of everything")
+    parser.add_argument(
+        "--null-only", action="store_true", help="only the Null backend's per-call cost"
+    )
     args = parser.parse_args()
     if args.smoke:
         args.sizes, args.scale, args.rounds, args.iters = [2], 0, 1, 2
@@ -207,6 +256,10 @@ def main() -> None:
         f"# syncdeco benchmark: torch {torch.__version__}, Gloo on loopback, "
         f"{os.cpu_count()} cores, {python}"
     )
+    rounds, number = (3, 2000) if args.smoke else (15, 100_000)
+    if args.null_only:
+        print_null_overhead(null_overhead(repeats=rounds, number=number))
+        return
     print(
         f"# {args.rounds} interleaved rounds of {args.iters} calls ({args.big_iters} for "
         f"{args.tensor_mib} MiB tensors); per-call medians in microseconds\n"
@@ -230,13 +283,7 @@ def main() -> None:
 
     print_memory(memory, args.tensor_mib)
 
-    ns = null_overhead(repeats=3 if args.smoke else 7, number=2000 if args.smoke else 200_000)
-    base = ns["wrapt pass-through"]
-    print("\n| Null backend, per call | ns | ratio to wrapt pass-through | target |")
-    print("|---|---|---|---|")
-    for name, value in ns.items():
-        target = verdict(value / base, "time", 1.3) if "syncdeco" in name or "every" in name else ""
-        print(f"| {name} | {value:.0f} | {value / base:.2f}x | {target} |")
+    print_null_overhead(null_overhead(repeats=rounds, number=number))
 
 
 if __name__ == "__main__":

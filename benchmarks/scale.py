@@ -220,8 +220,10 @@ class _Worker:
         return time.monotonic() - start
 
     def setup(self, world: int) -> None:
+        from _queues import Queues
+
         from syncdeco._plane.exchange import Exchange, Place
-        from syncdeco._plane.transport import Keys, Queues
+        from syncdeco._plane.transport import Keys
 
         self.exchanges = {}
         self.world = world
@@ -313,7 +315,9 @@ class _Worker:
         """Members enter each sync point at once; the main first waits (on
         its spare connection) until every member's frame is there, then
         times its own ``sync()``: the time to collect and answer them."""
-        from syncdeco._plane.transport import Keys, Queues
+        from _queues import Queues
+
+        from syncdeco._plane.transport import Keys
 
         probe = (Queues if design == "Queues" else Keys)(self.spare) if self.index == 0 else None
 
@@ -333,7 +337,9 @@ class _Worker:
         """Every member waits at a sync point whose main comes ``window``
         seconds after the last of them arrived; the store calls made in
         that window are the waiting ranks' steady load."""
-        from syncdeco._plane.transport import Keys, Queues
+        from _queues import Queues
+
+        from syncdeco._plane.transport import Keys
 
         probe = (Queues if design == "Queues" else Keys)(self.spare) if self.index == 0 else None
         span: list[float] = []

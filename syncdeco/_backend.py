@@ -20,7 +20,6 @@ __all__ = [
     "NullBackend",
     "SyncPoint",
     "Timeout",
-    "check_timeout",
     "resolve_timeout",
     "warn_interval",
 ]
@@ -203,12 +202,6 @@ def _seconds(timeout: float | timedelta | None, what: str) -> float | None:
     if timeout >= _FOREVER_AFTER:
         return None
     return float(timeout)
-
-
-def check_timeout(timeout: Timeout, what: str = "timeout=") -> None:
-    """Validate a ``timeout=`` option when decorating (``what`` names it)."""
-    if timeout is not DEFAULT:
-        _seconds(timeout, what)
 
 
 def resolve_timeout(timeout: Timeout) -> float | None:

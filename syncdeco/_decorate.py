@@ -7,6 +7,7 @@ of policies around the call.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import sys
@@ -30,22 +31,22 @@ from typing import (
 
 import wrapt
 
-from ._backend import DEFAULT, Backend, NullBackend, Timeout, _seconds
+from . import _trace
+from ._backend import DEFAULT, NullBackend, Timeout, _seconds
 from ._errors import CompositionError
 from ._policy import (
+    Around,
     BarrierAfter,
     MainFirst,
     OnMainOnly,
+    Outcome,
     Policy,
     Site,
+    advance,
+    advance_async,
+    around,
     compose,
-    enter,
-    enter_async,
-    leave,
-    leave_async,
     meet,
-    run,
-    run_async,
 )
 from ._select import get_backend
 
@@ -71,7 +72,12 @@ D_co = TypeVar("D_co", covariant=True)
 
 @final
 class _Stack:
-    """An immutable tuple of policies (outermost first) and how to run it."""
+    """An immutable tuple of policies (outermost first) and how to run it.
+
+    :meth:`call` and :meth:`call_async` are wrapt's wrappers: they drive
+    :func:`~syncdeco._policy.around`, run the body where it says, and raise
+    what the call raised themselves, so that no other frame of syncdeco
+    lies between the user's call and the raise."""
 
     __slots__ = ("policies",)
 
@@ -88,7 +94,26 @@ class _Stack:
         backend = get_backend()
         if backend.__class__ is NullBackend:  # one process: nothing to coordinate
             return wrapped(*args, **kwargs)
-        return run(self.policies, backend, lambda: wrapped(*args, **kwargs))
+        steps = around(self.policies, backend)
+        outcome = advance(steps, None)
+        if outcome is None:  # the body runs here
+            try:
+                recorder = _trace.active
+                if recorder is None:
+                    outcome = wrapped(*args, **kwargs), None
+                else:
+                    # (a partial, not a lambda: a closure would cost every call
+                    # its cells, on the Null backend's path too)
+                    body = functools.partial(wrapped, *args, **kwargs)
+                    outcome = recorder.body(self.policies[0].site.name, body), None
+            except BaseException as exc:
+                outcome = None, exc
+            outcome = advance(steps, outcome)
+            assert outcome is not None, "around() runs the body once"
+        result, error = outcome
+        if error is not None:
+            raise error
+        return result
 
     async def call_async(
         self,
@@ -100,7 +125,24 @@ class _Stack:
         backend = get_backend()
         if backend.__class__ is NullBackend:
             return await wrapped(*args, **kwargs)
-        return await run_async(self.policies, backend, lambda: wrapped(*args, **kwargs))
+        steps = around(self.policies, backend)
+        outcome = await advance_async(steps, None)
+        if outcome is None:  # the body runs here
+            try:
+                recorder = _trace.active
+                if recorder is None:
+                    outcome = await wrapped(*args, **kwargs), None
+                else:
+                    body = functools.partial(wrapped, *args, **kwargs)
+                    outcome = await recorder.body_async(self.policies[0].site.name, body), None
+            except BaseException as exc:
+                outcome = None, exc
+            outcome = await advance_async(steps, outcome)
+            assert outcome is not None, "around() runs the body once"
+        result, error = outcome
+        if error is not None:
+            raise error
+        return result
 
 
 if TYPE_CHECKING:
@@ -263,9 +305,11 @@ class _Scoped:
     """Base of the objects that are both a decorator and a context manager
     (``with`` and ``async with``).
 
-    The ``with`` form keeps a small stack of what each entry decided, so the
-    same object may be nested; do not share one across threads, nor across
-    tasks that are inside it at the same time."""
+    The ``with`` form drives the same steps as a decorated call
+    (:func:`~syncdeco._policy.around`), up to the body on entering and on
+    from there on leaving; it keeps a small stack of the steps of each entry,
+    so the same object may be nested; do not share one across threads, nor
+    across tasks that are inside it at the same time."""
 
     __slots__ = ("_entries", "_name", "_timeout")
     _face: ClassVar[_Face]
@@ -273,7 +317,7 @@ class _Scoped:
     def __init__(self, name: str | None, timeout: Timeout) -> None:
         self._name = name
         self._timeout = timeout
-        self._entries: list[tuple[Policy, Backend, object]] = []
+        self._entries: list[tuple[Around, bool]] = []  # (steps, on the Null backend)
 
     def _policy(self, site: Site) -> Policy:
         raise NotImplementedError
@@ -291,9 +335,11 @@ class _Scoped:
     def __enter__(self) -> None:
         policy = self._policy(_caller_site(self._name, 1))
         backend = get_backend()
-        go, state = enter(policy, backend)
-        assert go, "a with block cannot be skipped"
-        self._entries.append((policy, backend, state))
+        steps = around((policy,), backend)
+        error = _not_entered(advance(steps, None))
+        if error is not None:
+            raise error
+        self._entries.append((steps, backend.__class__ is NullBackend))
 
     def __exit__(
         self,
@@ -301,19 +347,22 @@ class _Scoped:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> Literal[False]:
-        policy, backend, state = self._entries.pop()
-        leave(policy, backend, state, exc, None)
+        steps, _ = self._entries.pop()
+        error = _raised_leaving(advance(steps, (None, exc)), exc)
+        if error is not None:
+            raise error
         return False  # the block's own exception, if any, goes on
 
     async def __aenter__(self) -> None:
         policy = self._policy(_caller_site(self._name, 1))
         backend = get_backend()
-        if backend.__class__ is NullBackend:  # never waits: no thread hop
-            go, state = enter(policy, backend)
-        else:
-            go, state = await enter_async(policy, backend)
-        assert go, "a with block cannot be skipped"
-        self._entries.append((policy, backend, state))
+        steps = around((policy,), backend)
+        null = backend.__class__ is NullBackend
+        # The Null backend never waits: no thread hop.
+        error = _not_entered(advance(steps, None) if null else await advance_async(steps, None))
+        if error is not None:
+            raise error
+        self._entries.append((steps, null))
 
     async def __aexit__(
         self,
@@ -321,12 +370,33 @@ class _Scoped:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> Literal[False]:
-        policy, backend, state = self._entries.pop()
-        if backend.__class__ is NullBackend:
-            leave(policy, backend, state, exc, None)
-        else:
-            await leave_async(policy, backend, state, exc, None)
+        steps, null = self._entries.pop()
+        outcome = (None, exc)
+        left = advance(steps, outcome) if null else await advance_async(steps, outcome)
+        error = _raised_leaving(left, exc)
+        if error is not None:
+            raise error
         return False
+
+
+# (These return the exception for the face to raise itself: no frame of
+# syncdeco beyond the face lies between the user's code and the raise.)
+
+
+def _not_entered(outcome: Outcome | None) -> BaseException | None:
+    """Why a with block's steps did not reach its body (None: they did)."""
+    if outcome is None:
+        return None
+    assert outcome[1] is not None, "a with block cannot be skipped"
+    return outcome[1]
+
+
+def _raised_leaving(outcome: Outcome | None, exc: BaseException | None) -> BaseException | None:
+    """What leaving a with block raised, unless it is the block's own
+    exception ``exc``, which goes on by itself."""
+    assert outcome is not None, "a with block's steps end when it is left"
+    error = outcome[1]
+    return None if error is exc else error
 
 
 @final

@@ -2,63 +2,56 @@
 code it wraps, and on which ranks.
 
 A policy is a small frozen value.  A stack of syncdeco decorators is one
-wrapper holding a tuple of policies (outermost first); :func:`run` and
-:func:`run_async` drive such a tuple around one call.  Each policy has two
+wrapper holding a tuple of policies (outermost first).  Each policy has two
 halves, ``enter`` (before the body: go on, or skip it with a value) and
 ``exit`` (after the body, or after the body raised).  A half that may
-block (join the process group, meet the other ranks) returns a generator
-that yields what it needs done and receives its result: :func:`drive` does
-that in place; :func:`drive_async` hands it to syncdeco's worker thread and
-awaits it, so an event loop runs its other tasks while its rank waits.  A
-half that cannot block returns plainly.  The same policy code serves
-functions, coroutines, ``with`` and ``async with`` blocks.
+block (join the process group, meet the other ranks) yields what it needs
+done and receives its result; a half that cannot block returns plainly.
+
+:func:`around` is the one skeleton of a call under a tuple of policies, for
+functions, coroutines, ``with`` and ``async with`` blocks alike: steps that
+never block by themselves.  Sync and async code differ in one place, the
+driver: :func:`advance` does each need in this thread (``_do``);
+:func:`advance_async` hands it to syncdeco's worker thread and awaits it
+(``_do_async``), so an event loop runs its other tasks while its rank waits.
 """
 
 from __future__ import annotations
 
-import contextvars
 import functools
-import logging
-import os
-import queue
-import threading
 import weakref
-from collections.abc import Awaitable, Callable, Generator, Sequence
+from collections.abc import Generator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar, Final, NamedTuple, TypeAlias, TypeVar, final
+from typing import ClassVar, Final, NamedTuple, TypeAlias, TypeVar, final
 
 from . import _trace
 from ._backend import Backend, Failure, SyncPoint, Timeout, resolve_timeout
 from ._errors import CompositionError, SyncError
 from ._plane.share import Share, unshare
+from ._worker import drain_before_sync, off_loop, the_worker
 
 __all__ = [
+    "BODY",
+    "Around",
     "BarrierAfter",
     "Entered",
     "Exited",
     "MainFirst",
     "OnMainOnly",
+    "Outcome",
     "Policy",
     "Site",
     "Steps",
+    "advance",
+    "advance_async",
+    "around",
     "compose",
     "decorator",
-    "drive",
-    "drive_async",
-    "enter",
-    "enter_async",
-    "leave",
-    "leave_async",
     "meet",
-    "run",
-    "run_async",
 ]
 
-R = TypeVar("R")
 T = TypeVar("T")
-
-_log = logging.getLogger("syncdeco")
 
 
 @final
@@ -66,7 +59,8 @@ _log = logging.getLogger("syncdeco")
 class Site:
     """Where a sync point lives: its name and its place in the source.
 
-    Call counters (for ``every=``) are kept per site."""
+    Call counters (for ``every=``) are kept per site (and per place in a
+    stack: see :class:`BarrierAfter`)."""
 
     name: str
     location: str
@@ -91,7 +85,7 @@ class _Counts:
     def __init__(self) -> None:
         self.prepared = False  # backend.prepare() has returned once (async code)
         self.syncs: dict[tuple[str, str, bool], int] = {}
-        self.calls: dict[Site, int] = {}
+        self.calls: dict[tuple[Site, int], int] = {}  # per BarrierAfter site and nth
 
 
 _counts: weakref.WeakKeyDictionary[Backend, _Counts] = weakref.WeakKeyDictionary()
@@ -147,11 +141,7 @@ def _sync(
     seconds: float | None,
 ) -> object:
     """Wait at ``point`` (blocks: in async code it runs in the worker thread)."""
-    worker = _worker
-    if worker is not None and worker.pending and threading.current_thread() is not worker.thread:
-        # Reached in the program's own thread: after the async sync points
-        # this rank reached before it (a cancelled task's may still wait).
-        worker.drain()
+    drain_before_sync()
     recorder = _trace.active
     if recorder is None:
         return backend.sync(point, local=local, failure=failure, payload=payload, timeout=seconds)
@@ -190,7 +180,7 @@ def _prepare(backend: Backend) -> None:
         prepare()
 
 
-# -- what a policy needs done, and the drivers that do it ----------------------
+# -- what a policy needs done, and how it is done ------------------------------
 
 
 class _Meet(NamedTuple):
@@ -223,6 +213,7 @@ Steps: TypeAlias = Generator[_Need, object, T]
 
 
 def _do(need: _Need) -> object:
+    """Do what ``need`` asks, in this thread."""
     if isinstance(need, _Prepare):
         _prepare(need.at.backend)
         return None
@@ -237,27 +228,6 @@ def _do(need: _Need) -> object:
     except SyncError as problem:
         exc.add_note(f"syncdeco: while telling the other ranks about this error: {problem}")
     return None
-
-
-def drive(steps: Steps[T]) -> T:
-    """Run a policy half in this thread, blocking where it waits."""
-    try:
-        need = next(steps)
-        while True:
-            need = steps.send(_do(need))
-    except StopIteration as done:
-        return done.value  # type: ignore[no-any-return]
-
-
-async def drive_async(steps: Steps[T]) -> T:
-    """Run a policy half in an event loop: what blocks runs in the worker
-    thread, and the loop runs other tasks meanwhile."""
-    try:
-        need = next(steps)
-        while True:
-            need = steps.send(await _do_async(need))
-    except StopIteration as done:
-        return done.value  # type: ignore[no-any-return]
 
 
 def _prepare_once(backend: Backend) -> None:
@@ -280,7 +250,7 @@ async def _do_async(need: _Need) -> object:
             _prepare(backend)
             return None
         try:
-            await _off_loop(functools.partial(_prepare_once, backend), None)
+            await off_loop(functools.partial(_prepare_once, backend), None)
         except asyncio.CancelledError as cancelled:
             # Cancelled before its body: the others hear so at its sync point.
             await _do_async(need.at._replace(reporting=cancelled))
@@ -304,13 +274,13 @@ async def _do_async(need: _Need) -> object:
         )
         what = (backend.rank(), point)
         if exc is None:
-            return await _off_loop(call, what)
+            return await off_loop(call, what)
         if isinstance(exc, asyncio.CancelledError):
             # A cancelled task does not wait: it gets its CancelledError now,
             # and its report goes out in the background, in order.
-            _the_worker().submit(call, what, None, None)
+            the_worker().submit(call, what, None, None)
         else:
-            await _off_loop(call, what)
+            await off_loop(call, what)
     except SyncError as problem:
         if exc is None:
             raise
@@ -328,140 +298,6 @@ def _prepare_and_sync(
 ) -> object:
     _prepare_once(backend)
     return _sync(backend, point, local, failure, payload, seconds)
-
-
-# -- the worker thread of async sync points ----------------------------------------
-
-# (rank, sync point) of a job, for the log when nobody is left to hear its error
-_What: TypeAlias = "tuple[int, SyncPoint] | None"
-
-
-@final
-class _Worker:
-    """A daemon thread that runs the blocking half of async sync points, one
-    at a time, in the order the event loops reached them.
-
-    A task cancelled while its sync point waits gets ``CancelledError`` at
-    once; the sync point itself still completes here, so this rank stays in
-    step with the others: its next sync point runs after it, here or, when
-    reached in the program's own thread, once :meth:`drain` returns.  A
-    daemon, so that a wait left behind never holds up the interpreter's
-    exit (syncdeco's exit notice still reaches the other ranks)."""
-
-    __slots__ = ("idle", "jobs", "pending", "thread")
-
-    def __init__(self) -> None:
-        self.jobs: queue.SimpleQueue[
-            tuple[contextvars.Context, Callable[[], object], Any, Any, _What]
-        ] = queue.SimpleQueue()
-        self.pending = 0  # jobs submitted and not yet run to their end
-        self.idle = threading.Condition(threading.Lock())
-        self.thread = threading.Thread(
-            target=_serve, args=(self,), name="syncdeco-async", daemon=True
-        )
-        self.thread.start()
-
-    def submit(self, call: Callable[[], object], what: _What, loop: Any, future: Any) -> None:
-        """Run ``call``; settle ``future`` (an asyncio future of ``loop``) with
-        its outcome, or log its error if there is no future."""
-        with self.idle:
-            self.pending += 1
-        self.jobs.put((contextvars.copy_context(), call, loop, future, what))
-
-    def done(self) -> None:
-        """A job has run to its end."""
-        with self.idle:
-            self.pending -= 1
-            if not self.pending:
-                self.idle.notify_all()
-
-    def drain(self) -> None:
-        """Wait until no job is left to run: those submitted so far, and any
-        submitted meanwhile (each sync point ends by its own timeout, or
-        when the others hear this rank exit)."""
-        with self.idle:
-            self.idle.wait_for(lambda: not self.pending)
-
-
-def _serve(worker: _Worker) -> None:
-    while True:
-        context, call, loop, future, what = worker.jobs.get()
-        error: BaseException | None = None
-        value: object = None
-        try:
-            value = context.run(call)
-        except BaseException as exc:
-            error = exc
-        finally:
-            worker.done()
-        if future is None:
-            _orphaned(what, error)
-        else:
-            try:
-                loop.call_soon_threadsafe(_settle, future, value, error, what)
-            except RuntimeError:  # its event loop is closed: nobody is left to hear
-                _orphaned(what, error)
-        del context, call, loop, future, value, error
-
-
-def _settle(future: Any, value: object, error: BaseException | None, what: _What) -> None:
-    if future.cancelled():  # its task was cancelled while it waited
-        _orphaned(what, error)
-    elif error is None:
-        future.set_result(value)
-    else:
-        future.set_exception(error)
-
-
-def _orphaned(what: _What, error: BaseException | None) -> None:
-    if error is None or what is None:
-        return
-    rank, point = what
-    _log.warning(
-        "rank %d: %s was reached by an asyncio task that was cancelled (or whose "
-        "event loop closed) before it ended; it completed in the background, with "
-        "%s: %s",
-        rank,
-        point.describe(),
-        type(error).__name__,
-        error,
-        extra={"rank": rank},
-    )
-
-
-_worker: _Worker | None = None
-_worker_lock = threading.Lock()
-
-
-def _the_worker() -> _Worker:
-    global _worker
-    worker = _worker
-    if worker is None:
-        with _worker_lock:
-            if _worker is None:
-                _worker = _Worker()
-            worker = _worker
-    return worker
-
-
-def _forget_worker_in_child() -> None:
-    # A forked child has no worker thread: it starts its own when it needs one.
-    global _worker, _worker_lock
-    _worker = None
-    _worker_lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_worker_in_child)
-
-
-async def _off_loop(call: Callable[[], object], what: _What) -> object:
-    """``call()`` in the worker thread, awaited without blocking the loop."""
-    import asyncio  # imported by whoever runs an event loop; not at import time
-
-    loop = asyncio.get_running_loop()
-    future = loop.create_future()
-    _the_worker().submit(call, what, loop, future)
-    return await future
 
 
 def _is_main(backend: Backend, local: bool) -> bool:
@@ -562,11 +398,16 @@ class OnMainOnly:
 @final
 @dataclass(frozen=True, slots=True)
 class BarrierAfter:
-    """Every rank runs the body, then all ranks meet (on every Nth call)."""
+    """Every rank runs the body, then all ranks meet (on every Nth call).
+
+    Calls are counted per site and per ``nth``: which ``barrier_after`` of
+    that site it is in its stack (0 innermost, set by :func:`compose`), so
+    each decorator of a stack counts the calls it sees."""
 
     site: Site
     every: int
     timeout: Timeout
+    nth: int = 0
     kind: ClassVar[str] = "barrier_after"
 
     @property
@@ -579,8 +420,9 @@ class BarrierAfter:
 
     def enter(self, backend: Backend) -> Entered:
         calls = _counts_for(backend).calls
-        n = calls.get(self.site, 0) + 1
-        calls[self.site] = n
+        key = (self.site, self.nth)
+        n = calls.get(key, 0) + 1
+        calls[key] = n
         return True, n % self.every == 0
 
     def exit(
@@ -615,13 +457,23 @@ def compose(policies: Sequence[Policy], target: str) -> tuple[Policy, ...]:
 
     ``main_first`` right over ``on_main_only(broadcast=True)`` on the same
     ranks adds nothing: the broadcast already has the others wait for the
-    main rank's result, and they never run the body, so it is dropped."""
+    main rank's result, and they never run the body, so it is dropped.
+    Each ``barrier_after`` gets its place among those of its site (its
+    ``nth``, counted from the innermost), so that it counts its own calls."""
     kept = [
         p
         for i, p in enumerate(policies)
         if not (i + 1 < len(policies) and _adds_nothing(p, policies[i + 1]))
     ]
     _refuse_deadlocks(kept, target)
+    seen: dict[Site, int] = {}
+    for i in reversed(range(len(kept))):
+        policy = kept[i]
+        if isinstance(policy, BarrierAfter):
+            nth = seen.get(policy.site, 0)
+            seen[policy.site] = nth + 1
+            if policy.nth != nth:
+                kept[i] = replace(policy, nth=nth)
     return tuple(kept)
 
 
@@ -704,41 +556,6 @@ def _refuse_deadlocks(policies: Sequence[Policy], target: str) -> None:
             raise CompositionError(f"{o} over {n} on {target}: {o} {why}. {fix}.")
 
 
-def enter(policy: Policy, backend: Backend) -> tuple[bool, object]:
-    """``policy.enter``, waiting in this thread if it must."""
-    decided = policy.enter(backend)
-    return decided if isinstance(decided, tuple) else drive(decided)
-
-
-async def enter_async(policy: Policy, backend: Backend) -> tuple[bool, object]:
-    """``policy.enter``, waiting in the worker thread if it must."""
-    decided = policy.enter(backend)
-    return decided if isinstance(decided, tuple) else await drive_async(decided)
-
-
-def leave(
-    policy: Policy, backend: Backend, state: object, exc: BaseException | None, result: object
-) -> object:
-    """``policy.exit``, waiting in this thread if it must; returns the
-    result the call gives (the body's, or, for ``share=True``, the one in
-    shared memory)."""
-    need = policy.exit(backend, state, exc, result)
-    if need is not None:
-        return _shared(policy, exc, result, _do(need))
-    return result
-
-
-async def leave_async(
-    policy: Policy, backend: Backend, state: object, exc: BaseException | None, result: object
-) -> object:
-    """``policy.exit``, waiting in the worker thread if it must; returns
-    what :func:`leave` does."""
-    need = policy.exit(backend, state, exc, result)
-    if need is not None:
-        return _shared(policy, exc, result, await _do_async(need))
-    return result
-
-
 def _shared(policy: Policy, exc: BaseException | None, result: object, synced: object) -> object:
     # On the main rank of on_main_only(broadcast=True, share=True), the
     # result the node's ranks share replaces the body's own.
@@ -747,66 +564,127 @@ def _shared(policy: Policy, exc: BaseException | None, result: object, synced: o
     return result
 
 
-def run(policies: Sequence[Policy], backend: Backend, body: Callable[[], R]) -> R:
-    """Call ``body`` under ``policies`` (outermost first)."""
+# -- the skeleton of a call under policies, and its two drivers ------------------
+
+
+@final
+class _Body:
+    """What :func:`around` yields where the body runs."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "BODY"
+
+
+BODY: Final = _Body()
+
+Outcome: TypeAlias = "tuple[object, BaseException | None]"
+"""What a step, the body or a whole call gave: its value, or the exception it raised."""
+
+Around: TypeAlias = "Generator[_Need | _Body, Outcome, Outcome]"
+
+
+def around(policies: Sequence[Policy], backend: Backend) -> Around:
+    """A call under ``policies`` (outermost first), as steps: the one
+    skeleton that functions, coroutines, ``with`` and ``async with`` blocks
+    share.
+
+    It yields each thing that may block (a need) and :data:`BODY` where the
+    body runs, receives the outcome of each, and returns the call's outcome.
+    Each policy that entered has its exit run, innermost first, with the
+    exception so far; a policy may skip the body with a value.  It never
+    blocks, waits or raises by itself: :func:`advance` drives it in this
+    thread, :func:`advance_async` in an event loop, and the caller runs the
+    body and raises what the call raised (so no frame of it lies on the
+    raise path)."""
     entered: list[tuple[Policy, object]] = []
-    exc: BaseException | None = None
     result: object = None
-    try:
-        for policy in policies:
-            go, state = enter(policy, backend)
-            if not go:
-                result = state
+    exc: BaseException | None = None
+    for policy in policies:
+        try:
+            decided = policy.enter(backend)
+        except BaseException as error:
+            exc = error
+            break
+        if not isinstance(decided, tuple):
+            outcome = yield from _waits(decided)
+            decided, exc = outcome  # type: ignore[assignment]
+            if exc is not None:
                 break
-            entered.append((policy, state))
-        else:
-            recorder = _trace.active
-            if recorder is None:
-                result = body()
-            else:
-                result = recorder.body(policies[0].site.name, body)
-    except BaseException as error:
-        exc = error
+        go, state = decided
+        if not go:
+            result = state
+            break
+        entered.append((policy, state))
+    else:
+        result, exc = yield BODY
     while entered:
         policy, state = entered.pop()
         try:
-            result = leave(policy, backend, state, exc, result)
+            need = policy.exit(backend, state, exc, result)
         except BaseException as error:
             exc = error
-    if exc is not None:
-        raise exc
-    return result  # type: ignore[return-value]
-
-
-async def run_async(
-    policies: Sequence[Policy], backend: Backend, body: Callable[[], Awaitable[R]]
-) -> R:
-    """:func:`run` for a coroutine function: the loop runs other tasks while
-    this one waits at a sync point."""
-    entered: list[tuple[Policy, object]] = []
-    exc: BaseException | None = None
-    result: object = None
-    try:
-        for policy in policies:
-            go, state = await enter_async(policy, backend)
-            if not go:
-                result = state
-                break
-            entered.append((policy, state))
-        else:
-            recorder = _trace.active
-            if recorder is None:
-                result = await body()
-            else:
-                result = await recorder.body_async(policies[0].site.name, body)
-    except BaseException as error:
-        exc = error
-    while entered:
-        policy, state = entered.pop()
+            continue
+        if need is None:
+            continue
+        synced, failed = yield need
+        if failed is not None:
+            exc = failed
+            continue
         try:
-            result = await leave_async(policy, backend, state, exc, result)
+            result = _shared(policy, exc, result, synced)
         except BaseException as error:
             exc = error
-    if exc is not None:
-        raise exc
-    return result  # type: ignore[return-value]
+    return result, exc
+
+
+def _waits(steps: Steps[T]) -> Generator[_Need, Outcome, Outcome]:
+    """A policy half's steps inside :func:`around`: its needs go out, their
+    outcomes come back; returns its own outcome (what it decided, or the
+    exception that ended it)."""
+    value: object = None
+    while True:
+        try:
+            need = steps.send(value)
+        except StopIteration as done:
+            return done.value, None
+        except BaseException as error:
+            return None, error
+        value, failed = yield need  # outside any try: closing it just ends it
+        if failed is not None:
+            return None, failed
+
+
+def advance(steps: Around, outcome: Outcome | None) -> Outcome | None:
+    """Drive ``steps`` in this thread, blocking where it waits, from
+    ``outcome`` (None at the start; the body's outcome after :data:`BODY`):
+    returns None where the body is to run, else the call's outcome."""
+    while True:
+        try:
+            need = steps.send(outcome)  # type: ignore[arg-type]  # None starts it
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+        if need is BODY:
+            return None
+        try:
+            outcome = _do(need), None  # type: ignore[arg-type]
+        except BaseException as error:
+            outcome = None, error
+
+
+async def advance_async(steps: Around, outcome: Outcome | None) -> Outcome | None:
+    """:func:`advance` in an event loop: what blocks runs in the worker
+    thread while the loop runs its other tasks.  The one difference is here:
+    ``await _do_async(need)`` for ``_do(need)``."""
+    while True:
+        try:
+            need = steps.send(outcome)  # type: ignore[arg-type]  # None starts it
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+        if need is BODY:
+            return None
+        try:
+            outcome = await _do_async(need), None  # type: ignore[arg-type]
+        except BaseException as error:
+            outcome = None, error

@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from datetime import timedelta
-from typing import Literal
+from typing import Any, Literal
 
 from ._backend import _NULL, DEFAULT, Backend, NullBackend, _Config, _Default, _seconds
 
@@ -22,15 +22,54 @@ __all__ = ["backend_from_name", "get_backend", "init", "reset", "use_backend"]
 _scoped: ContextVar[Backend | None] = ContextVar("syncdeco_backend", default=None)
 
 
+class _NotPlain:
+    """Stands for torch's world while the default path is not known plain."""
+
+    _default_pg = True  # never None
+
+
+# The default path of a plain `python script.py`, resolved once.  Once it
+# has found no backend chosen (by init()) and an environment that describes
+# no multi-rank job (read once a process), ``_plain`` is torch's own world of
+# process groups; then, while no group exists and none has, the answer is
+# the Null backend, told by two attribute reads instead of a walk through
+# the sync plane.  init(), reset() and a fork set it back to _NotPlain;
+# under _Config.lock it is torch's world only while _Config.backend is None.
+_plain: Any = _NotPlain
+_group: Any = None  # syncdeco._plane.group, once bound (its last_group)
+_forgotten = 0  # times _plain was set back: a resolve that overlapped one is stale
+
+
 def get_backend() -> Backend:
     """The backend syncdeco would use for a sync point made now."""
     scoped = _scoped.get()
     if scoped is not None:
         return scoped
+    if _plain._default_pg is None and _group.last_group is None:
+        return _NULL
     configured = _Config.backend
     if configured is not None:
         return configured
-    return _auto_backend(os.environ) or _NULL
+    return _resolve()
+
+
+def _resolve() -> Backend:
+    """The default backend, from the process group or the environment; marks
+    the default path plain when it is the Null backend and can be told so
+    cheaply from now on."""
+    global _plain, _group
+    forgotten = _forgotten
+    found = _auto_backend(os.environ)
+    if found is not None:
+        return found
+    from ._plane import backend, group
+
+    world = backend.group_world()  # None where torch's internals are unknown
+    with _Config.lock:
+        _group = group
+        if world is not None and _Config.backend is None and forgotten == _forgotten:
+            _plain = world
+    return _NULL
 
 
 def _auto_backend(env: Mapping[str, str]) -> Backend | None:
@@ -105,6 +144,7 @@ def init(
         _Config.backend = chosen
         _Config.timeout = seconds
         _Config.warn_after = warn
+        _forget_plain()
     return chosen
 
 
@@ -124,12 +164,23 @@ def use_backend(backend: Backend) -> Iterator[Backend]:
         _scoped.reset(token)
 
 
+def _forget_plain() -> None:
+    global _plain, _forgotten
+    _plain = _NotPlain
+    _forgotten += 1
+
+
 def _forget_environment() -> None:
     import sys
 
+    _forget_plain()
     group = sys.modules.get("syncdeco._plane.group")
     if group is not None:  # nothing read yet if the sync plane was never loaded
         group.forget_environment()
+
+
+# A forked child reads its own environment (see group._forget_in_child).
+os.register_at_fork(after_in_child=_forget_plain)
 
 
 def reset() -> None:
@@ -139,3 +190,4 @@ def reset() -> None:
     with _Config.lock:
         _Config.backend = None
         _Config.reset()
+        _forget_plain()

@@ -48,7 +48,6 @@ __all__ = [
     "agent_hosts",
     "namespace",
     "open_store",
-    "opened",
     "store_for_exit_notice",
 ]
 
@@ -126,11 +125,6 @@ def _describe(host: str, addr: str, port: int) -> str:
 
 _lock = threading.Lock()
 _opened: JobStore | None = None
-
-
-def opened() -> JobStore | None:
-    """The job store this process has opened, if any."""
-    return _opened
 
 
 def open_store(launch: Launch, env: Mapping[str, str], timeout: float | None) -> JobStore:

@@ -17,4 +17,5 @@ def test_benchmark_smoke_run() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     for figure in ("barrier_after", "sd.barrier", "main_first", "broadcast, small result"):
         assert f"| 2 | {figure} |" in result.stdout
-    assert "3-deep syncdeco stack" in result.stdout
+    for path in ("explicit", "default"):  # the backend chosen, and none chosen
+        assert f"| 3-deep syncdeco stack | {path} |" in result.stdout

@@ -286,19 +286,6 @@ def _switches(task: str) -> tuple[str, ...]:
         return tuple(line for line in f if "ctxt_switches" in line)
 
 
-def test_unwatch_stops_reporting_a_rank(watch, spawn):
-    w, deaths = watch
-    quiet, canary = _cat(spawn), _cat(spawn)
-    assert w.watch(0, quiet.pid)
-    assert w.watch(1, canary.pid)
-    w.unwatch(0)
-    quiet.kill()
-    assert quiet.wait(timeout=WAIT) == -signal.SIGKILL
-    canary.kill()
-    deaths.wait(1)
-    assert deaths.ranks == [1]
-
-
 def test_watching_a_rank_with_a_new_pid_follows_the_new_process(watch, spawn):
     w, deaths = watch
     old, new = _cat(spawn), _cat(spawn)

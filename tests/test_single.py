@@ -376,18 +376,115 @@ def test_stacks_that_work_are_accepted(
     assert f() == "result" and events == ["body"]  # one process: a plain call
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="two barrier_after on one function share its call counter (_policy.py "
-    "BarrierAfter counts calls per Site), so the outer every=10 never fires",
-)
-def test_two_barrier_afters_on_one_function_count_their_own_calls() -> None:
+@pytest.mark.parametrize("outer, inner", [(4, 2), (2, 4), (10, 1), (3, 3)])
+def test_each_barrier_after_of_a_stack_counts_its_own_calls(outer: int, inner: int) -> None:
     events: list[str] = []
-    f = _stack(sd.barrier_after(every=10), sd.barrier_after)
+    f = _stack(sd.barrier_after(every=outer), sd.barrier_after(every=inner))
     with sd.use_backend(_RankOfTwo(0, events)):
-        for _ in range(20):
+        for call in range(1, 13):
+            before = len(events)
             f()
-    assert events.count(BA) == 20 + 2  # every call, and every 10th once more
+            assert len(events) - before == (call % inner == 0) + (call % outer == 0), call
+    assert set(events) == {BA}
+    # with the Null backend in between: no meet and no count
+    f()
+    with sd.use_backend(_RankOfTwo(0, events)):
+        events.clear()
+        f()  # call 13 of each
+        assert events == [BA] * (13 % inner == 0) + [BA] * (13 % outer == 0)
+
+
+def test_barrier_after_calls_are_counted_per_stack_not_per_name() -> None:
+    events: list[str] = []
+    a = sd.barrier_after(every=2, name="step")(lambda: None)
+    b = sd.barrier_after(every=2, name="step")(lambda: None)
+    with sd.use_backend(_RankOfTwo(0, events)):
+        a()
+        b()
+        assert events == []  # one call each so far
+        a()
+        assert events == [BA]
+
+
+class _Scripted:
+    """Rank 0 of two: records each sync point with the failure it reports,
+    and raises ``error`` (a SyncError) at every sync point if given."""
+
+    def __init__(self, error: sd.SyncError | None = None) -> None:
+        self.error = error
+        self.log: list[tuple[str, str | None]] = []
+
+    def rank(self) -> int:
+        return 0
+
+    def world_size(self) -> int:
+        return 2
+
+    def local_rank(self) -> int:
+        return 0
+
+    def sync(self, point: sd.SyncPoint, **kw: Any) -> object:
+        failure = kw["failure"]
+        self.log.append((point.kind, failure.exc_type if failure else None))
+        if self.error is not None:
+            raise self.error
+        return None
+
+
+def _through_each_face(body_raises: bool, backend: _Scripted) -> list[object]:
+    """The same barrier_after around the same body, as a function, a
+    coroutine, a with block and an async with block: what each raised or
+    returned, and the notes on it."""
+
+    def body() -> str:
+        if body_raises:
+            raise ValueError("bad shard")
+        return "done"
+
+    async def body_async() -> str:
+        return body()
+
+    def in_with() -> str:
+        with sd.barrier_after():
+            return body()
+
+    async def in_async_with() -> str:
+        async with sd.barrier_after():
+            return body()
+
+    faces: list[Callable[[], object]] = [
+        sd.barrier_after(body),
+        lambda: asyncio.run(sd.barrier_after(body_async)()),
+        in_with,
+        lambda: asyncio.run(in_async_with()),
+    ]
+    seen: list[object] = []
+    with sd.use_backend(backend):
+        for face in faces:
+            try:
+                seen.append(face())
+            except Exception as exc:
+                seen.append((type(exc).__name__, str(exc), getattr(exc, "__notes__", [])))
+    return seen
+
+
+@pytest.mark.parametrize("body_raises", [False, True])
+@pytest.mark.parametrize("sync_raises", [False, True])
+def test_functions_coroutines_and_with_blocks_share_one_skeleton(
+    body_raises: bool, sync_raises: bool
+) -> None:
+    error = sd.SyncError("rank 1 is gone") if sync_raises else None
+    backend = _Scripted(error)
+    seen = _through_each_face(body_raises, backend)
+    assert all(outcome == seen[0] for outcome in seen), seen
+    assert backend.log == [("barrier_after", "ValueError" if body_raises else None)] * 4
+    if body_raises:  # the body's error goes on; a failure to report it is a note
+        notes = ["syncdeco: while telling the other ranks about this error: rank 1 is gone"]
+        assert seen[0] == ("ValueError", "bad shard", notes if sync_raises else [])
+    elif sync_raises:
+        assert seen[0] == ("SyncError", "rank 1 is gone", [])
+    else:
+        assert seen[0] == "done"
 
 
 def test_main_first_over_a_broadcast_adds_nothing() -> None:
@@ -737,6 +834,54 @@ def test_no_environment_means_null(monkeypatch: pytest.MonkeyPatch) -> None:
     for key in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "OMPI_COMM_WORLD_RANK"):
         monkeypatch.delenv(key, raising=False)
     assert isinstance(sd.get_backend(), sd.NullBackend)
+
+
+_LATER_GROUP = """
+import os, sys
+from datetime import timedelta
+import torch.distributed as dist
+import syncdeco as sd
+
+@sd.barrier_after
+def step():
+    return sd.get_backend()
+
+assert isinstance(step(), sd.NullBackend)  # the default path, now known plain
+assert isinstance(step(), sd.NullBackend)
+from syncdeco import _select
+assert _select._plain is not _select._NotPlain  # told by the cached check from now on
+store = dist.HashStore()
+dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=timedelta(seconds=60))
+assert type(step()).__name__ == "TorchBackend"  # a group made later is seen at once
+dist.destroy_process_group()
+backend = sd.get_backend()  # its group is gone: a sync point says so, rank facts stay
+assert type(backend).__name__ == "TorchBackend" and sd.world_size() == 1, backend
+try:
+    sd.barrier("after")
+except sd.SyncError as exc:
+    print("raised:", exc)
+else:
+    sys.exit("a barrier after destroy_process_group() did not raise")
+"""
+
+
+def test_the_default_path_follows_a_group_made_after_it_was_found_plain() -> None:
+    # In a child: a process group leaves its mark on this process (the last
+    # group's rank facts) that other tests must not see.
+    import subprocess
+    import sys
+
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS")
+    }
+    env["OMP_NUM_THREADS"] = "1"
+    result = subprocess.run(
+        [sys.executable, "-c", _LATER_GROUP], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "raised:" in result.stdout, result.stdout
 
 
 # -- errors ----------------------------------------------------------------------------

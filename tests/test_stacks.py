@@ -47,6 +47,13 @@ def waits_at(function: str) -> int:
     raise AssertionError(f"no '# waits: {function}' line in {SCRIPT}")
 
 
+def answering(store: Any, prefix: str, rank: int = 0) -> None:
+    """Wait until the stack responder of ``rank`` under ``prefix`` has said in
+    the store that it answers (the key fetch_stacks looks for), through
+    ``store``, a connection other than the responder's."""
+    store.wait([_stacks._Keys(prefix, rank).who], timedelta(seconds=START))
+
+
 @pytest.fixture
 def server() -> Iterator[Any]:
     store = dist.TCPStore("127.0.0.1", 0, 1, True, timedelta(seconds=30), wait_for_workers=False)
@@ -313,7 +320,7 @@ def test_a_responder_stops_quietly_when_the_store_goes(tmp_path: Path) -> None:
         store = dist.TCPStore("127.0.0.1", port, 1, False, timedelta(seconds=30))
         responder = StackResponder(store, "quiet", 0)
         responder.start()
-        assert responder.wait_ready(START)
+        answering(dist.TCPStore("127.0.0.1", port, 1, False, timedelta(seconds=30)), "quiet")
         host.stdin.close()
         assert host.wait(timeout=60) == 0
         deadline = time.monotonic() + 30
@@ -339,7 +346,7 @@ def test_a_rank_at_syncdeco_code_of_its_own_says_so(server: Any) -> None:
     responder.start()
     ring = connect(server)
     try:
-        assert responder.wait_ready(START)
+        answering(ring, "self")
         line = sys._getframe().f_lineno + 1
         report = fetch_stacks(connect(server), "self", [0], timeout=5.0)[0]
         assert report.answered, report.reason
@@ -411,7 +418,7 @@ def test_an_idle_responder_makes_no_store_requests(server: Any) -> None:
     responder.start()
     ring = connect(server)
     try:
-        assert responder.wait_ready(START)
+        answering(ring, "idle")
         assert fetch_stacks(ring, "idle", [0], timeout=5.0)[0].answered
         # Starting: its last request served, an old "off" mark deleted, who
         # it is, that it started, whether the store's host has ended it.  One

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Final, final
+from typing import Any, Final, final
 
 import torch
 import torch.distributed as dist
@@ -15,7 +15,7 @@ from .._startup import tcp_is_server
 from . import group
 from .exchange import Exchange
 
-__all__ = ["AUTO", "TorchBackend", "auto_backend"]
+__all__ = ["AUTO", "TorchBackend", "auto_backend", "group_world"]
 
 
 @final
@@ -130,3 +130,26 @@ def auto_backend(env: Mapping[str, str]) -> TorchBackend | None:
     if group.last_group is not None:
         return AUTO  # its group was destroyed: a sync point says so, rank facts stay
     return AUTO if group.launched(env) else None
+
+
+class _NoGroups:
+    """c10d's world where torch.distributed is not built: never a group."""
+
+    _default_pg = None
+
+
+def group_world() -> Any:
+    """An object whose ``_default_pg`` is None exactly when
+    ``dist.is_initialized()`` is False: torch's own ``_World``, read on the
+    hot path of a plain process as one attribute read instead of a call.
+    None where torch's internals are not as syncdeco knows them (then the
+    default path keeps calling ``dist.is_initialized()``)."""
+    if not group.DISTRIBUTED:
+        return _NoGroups
+    world = getattr(dist.distributed_c10d, "_world", None)
+    try:
+        if (world._default_pg is not None) is not dist.is_initialized():  # type: ignore[union-attr]
+            return None
+    except AttributeError:
+        return None
+    return world

@@ -136,11 +136,11 @@ class DeathWatch:
         self._thread: threading.Thread | None = None
         self._pipe: tuple[int, int] | None = None  # (read, write) wake-up pipe
         self._closed = False
-        # Under the lock: what watch()/unwatch() ask of the thread.
+        # Under the lock: what watch() asks of the thread.
         self._added: dict[int, int] = {}  # rank -> pidfd
         self._removed: set[int] = set()
         self._dead: list[int] = []  # ranks found gone at watch()
-        # rank -> pid of every rank watched and not yet reported or unwatched.
+        # rank -> pid of every rank watched and not yet reported.
         self._watched: dict[int, int] = {}
         self._reported: set[int] = set()
         self._unwatched: set[int] = set()
@@ -195,18 +195,6 @@ class DeathWatch:
             self._start()
             self._wake()
         return True
-
-    def unwatch(self, rank: int) -> None:
-        """Stop watching ``rank`` (for instance after it announced a clean exit)."""
-        with self._lock:
-            if self._closed or self._watched.pop(rank, None) is None:
-                return
-            fd = self._added.pop(rank, None)
-            if fd is not None:
-                os.close(fd)
-            self._dead = [r for r in self._dead if r != rank]
-            self._removed.add(rank)
-            self._wake()
 
     def close(self) -> None:
         """Stop the thread and close every descriptor; idempotent, never raises.
@@ -291,7 +279,7 @@ class DeathWatch:
                         )
                         if self._watched.pop(rank, None) is not None:
                             self._unwatched.add(rank)
-                    # pidfds of ranks unwatched or watched anew are dropped, and
+                    # older pidfds of ranks watched anew are dropped, and
                     # so are their deaths seen in this round.
                     for fd, (rank, _) in list(polled.items()):
                         if rank in self._removed:

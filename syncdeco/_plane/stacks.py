@@ -414,11 +414,6 @@ class StackResponder:
         _at_exit(self)
         self._thread.start()
 
-    def wait_ready(self, timeout: float) -> bool:
-        """Wait until the responder has said in the store that it answers
-        (its first two store requests); whether it has."""
-        return self._ready.wait(timeout)
-
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()

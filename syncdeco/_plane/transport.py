@@ -1,18 +1,14 @@
 """How frames and verdicts travel over a c10d store.
 
-Two transports, both over a store and nothing else:
-
-* :class:`Keys` (the one syncdeco uses): each member ``set``\\ s its frame
-  under a key of its own for this sync point; the main waits for all of
-  them and reads them in one ``multi_get`` (which waits for its keys
-  first, with the connection's timeout set to the deadline); it answers
-  with one verdict key that every member reads with ``get`` (the same).
-  The main makes a constant number of requests however many members there
-  are, and nothing is popped one at a time.
-* :class:`Queues` (syncdeco before 0.2): a queue per member and direction;
-  the main pops each member's frame in turn and pushes one verdict per
-  member.  Kept so that ``benchmarks/scale.py`` can measure the two side
-  by side.
+:class:`Keys`, over a store and nothing else: each member ``set``\\ s its
+frame under a key of its own for this sync point; the main waits for all of
+them and reads them in one ``multi_get`` (which waits for its keys first,
+with the connection's timeout set to the deadline); it answers with one
+verdict key that every member reads with ``get`` (the same).  The main
+makes a constant number of requests however many members there are, and
+nothing is popped one at a time.  (The queue per member of syncdeco before
+0.2 lives on in ``benchmarks/_queues.py``, which ``benchmarks/scale.py``
+measures against this.)
 
 A transport never decides anything: ``exchange.py`` does, with
 ``protocol.py``.  Waits end at a deadline (``time.monotonic()``; None:
@@ -30,7 +26,7 @@ import torch.distributed as dist
 
 from .._errors import SyncError
 
-__all__ = ["Keys", "Late", "Queues", "StoreLost", "Transport"]
+__all__ = ["Keys", "Late", "StoreLost", "Transport"]
 
 FOREVER_CHUNK: Final = 3600.0  # one store wait, when a sync point waits forever
 MIN_WAIT: Final = 0.001
@@ -186,93 +182,3 @@ class Keys:
 
     def offer_verdict(self, base: str, seq: int, rank: int, verdict: bytes) -> None:
         self.store.compare_set(f"{base}/d/{seq}", "", verdict)
-
-
-class Queues:
-    """A queue per member and direction (syncdeco before 0.2)."""
-
-    __slots__ = ("store",)
-
-    def __init__(self, store: Any) -> None:
-        self.store = store
-
-    def _pop(self, box: str, seq: int, deadline: float | None) -> bytes:
-        """The next frame of this sync point in ``box``: older ones were
-        left by a sync point that timed out."""
-        empty_pops = 0
-        while True:
-            left = _left(deadline)
-            if left <= 0 and not self.store.queue_len(box):
-                raise Late
-            try:
-                self.store.set_timeout(_timeout(left))
-                data = bytes(self.store.queue_pop(box, block=True))
-            except dist.QueueEmptyError:
-                # The store's wait on a queue can return while the queue is
-                # empty (a race in the store server): back off, wait again.
-                empty_pops += 1
-                time.sleep(min(1e-5 * 2**empty_pops, 1e-3))
-                continue
-            except dist.DistStoreError as exc:
-                if _timed_out(exc, deadline):
-                    raise Late from None
-                continue
-            if int.from_bytes(data[:8], "little") >= seq:
-                return data[8:]
-
-    def send(self, base: str, seq: int, rank: int, frame: bytes) -> None:
-        self.store.queue_push(f"{base}/{rank}/up", seq.to_bytes(8, "little") + frame)
-
-    def collect(
-        self, base: str, seq: int, members: Sequence[int], deadline: float | None
-    ) -> tuple[dict[int, bytes], list[int]]:
-        frames: dict[int, bytes] = {}
-        missing: list[int] = []
-        for member in members:
-            try:
-                # Once out of time, take only what is there.
-                frames[member] = self._pop(
-                    f"{base}/{member}/up", seq, time.monotonic() if missing else deadline
-                )
-            except Late:
-                missing.append(member)
-        return frames, missing
-
-    def arrived(self, base: str, seq: int, members: Sequence[int]) -> list[int]:
-        return [m for m in members if self.store.queue_len(f"{base}/{m}/up")]
-
-    def answer(self, base: str, seq: int, members: Sequence[int], verdict: bytes) -> None:
-        for member in members:
-            self.offer_verdict(base, seq, member, verdict)
-
-    def receive(self, base: str, seq: int, rank: int, deadline: float | None) -> bytes:
-        return self._pop(f"{base}/{rank}/down", seq, deadline)
-
-    def has_verdict(self, base: str, seq: int, rank: int) -> bool:
-        return bool(self.store.queue_len(f"{base}/{rank}/down"))
-
-    def drop_frame(self, base: str, seq: int, rank: int) -> None:
-        pass  # popping took it
-
-    def drop_verdict(self, base: str, seq: int) -> None:
-        pass
-
-    def post(
-        self,
-        frames: Sequence[tuple[str, int, int, bytes]],
-        verdicts: Sequence[tuple[str, int, bytes]],
-        extra: Sequence[tuple[str, bytes]] = (),
-    ) -> None:
-        for key, value in extra:
-            self.store.set(key, value)
-        for base, seq, rank, frame in frames:
-            self.send(base, seq, rank, frame)
-        for base, seq, verdict in verdicts:
-            self.store.queue_push(f"{base}/-1/down", seq.to_bytes(8, "little") + verdict)
-
-    def offer_frame(self, base: str, seq: int, rank: int, frame: bytes) -> bool:
-        self.send(base, seq, rank, frame)
-        return True
-
-    def offer_verdict(self, base: str, seq: int, rank: int, verdict: bytes) -> None:
-        self.store.queue_push(f"{base}/{rank}/down", seq.to_bytes(8, "little") + verdict)

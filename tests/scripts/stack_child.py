@@ -73,8 +73,11 @@ if __name__ == "__main__":
     store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=60))
     responder = StackResponder(store, PREFIX, rank)
     responder.start()
-    if not responder.wait_ready(60):
-        sys.exit("the responder did not start")
+    try:  # until it has said in the store that it answers, seen on another connection
+        probe = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=60))
+        probe.wait([f"{PREFIX}/{rank}/who"])
+    except Exception as exc:
+        sys.exit(f"the responder did not start: {exc!r}")
     if mode == "sleep":
         load_batch()
     elif mode == "gil":
