@@ -129,7 +129,12 @@ class Forked:
         self.wait(left)
         return self._read, None
 
+    def __del__(self) -> None:
+        if self._out >= 0:  # a test that failed before reading it all
+            os.close(self._out)
+
     def wait(self, timeout: float | None = None) -> int:
+        """The exit status, as ``Popen.wait`` gives it."""
         if self.returncode is None:
             status = self.zygote.status(self.pid, timeout)
             self.returncode = os.waitstatus_to_exitcode(status)
