@@ -10,6 +10,13 @@ set by hand so that rank 0 hosts the store, SLURM's, Open MPI's), running
 ``ranks`` marker's do the same.  Each run has its own bound, and every
 process a run started is killed with its session when the run ends.
 
+The real torchrun's ranks are fresh interpreters.  Plain-process ranks are
+forked from a zygote that has imported torch and syncdeco (``zygote.py``:
+two seconds of CPU saved per rank), and end through the interpreter's own
+exit; the pairs in ``FRESH`` start fresh interpreters instead, so that every
+scenario family and every way of ending runs at least once in ranks that
+start as a launched script does (``test_every_launch...`` checks it).
+
 The bounds on how soon an error comes are about detection, not speed: the
 waits they are set against are 30 minutes (torch's rendezvous) or the
 survivors' 60 s timeout.  ``SLACK`` is what a loaded 2-core machine may add.
@@ -24,12 +31,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch.distributed as dist
+import zygote
 from scripted import LAUNCHER_VARIABLES
 
 import syncdeco as sd
@@ -71,6 +79,10 @@ EXITS = [
     ("raise", "slurm"),
     ("composition", "torchrun-by-hand"),
 ]
+# (scenario, launch) whose plain-process ranks are fresh interpreters, not
+# forked from the zygote: the families and ways of ending that the real
+# torchrun does not run ("kill"; "exits" with "raise").
+FRESH = {("kill", "slurm"), ("exits", "slurm")}
 
 
 def test_every_launch_and_every_way_of_ending_is_run() -> None:
@@ -83,6 +95,18 @@ def test_every_launch_and_every_way_of_ending_is_run() -> None:
     for how in ("exit", "raise", "composition"):
         paths = {launch in RANK0_HOSTS for way, launch in EXITS if way == how}
         assert paths == {True, False}, how
+    # ... and each family and each way of ending runs in fresh interpreters
+    for family, launches in AGENT_AND_RANK0.items():
+        scenario = "exits" if family == "main_exits" else family
+        assert any(_fresh(scenario, launch) for launch in launches), family
+    for how in ("exit", "raise", "composition"):
+        assert any(_fresh("exits", launch) for way, launch in EXITS if way == how), how
+
+
+def _fresh(scenario: str, launch: str) -> bool:
+    """Whether the ranks of ``scenario`` under ``launch`` start as fresh
+    interpreters (the real torchrun's always do)."""
+    return launch == "torchrun" or (scenario, launch) in FRESH
 
 
 def _free_port() -> int:
@@ -98,7 +122,10 @@ def _base_env(tmp_path: Path, extra: Mapping[str, str] | None = None) -> dict[st
     return env
 
 
-def _finish(procs: list[subprocess.Popen[bytes]], what: str) -> list[tuple[int, str]]:
+Proc = subprocess.Popen[bytes] | zygote.Forked
+
+
+def _finish(procs: Sequence[Proc], what: str) -> list[tuple[int, str]]:
     """Each process's exit status and output, within RUN_BOUND seconds in
     all; kills every process the run started, in its session, at the end."""
     results: list[tuple[int, str]] = []
@@ -112,6 +139,7 @@ def _finish(procs: list[subprocess.Popen[bytes]], what: str) -> list[tuple[int, 
                     _kill(each)
                 logs = [each.communicate()[0].decode(errors="replace") for each in procs]
                 pytest.fail(f"{what}: did not finish within {RUN_BOUND}s:\n" + "\n".join(logs))
+            assert proc.returncode is not None
             results.append((proc.returncode, out.decode(errors="replace")))
     finally:
         for proc in procs:
@@ -120,7 +148,7 @@ def _finish(procs: list[subprocess.Popen[bytes]], what: str) -> list[tuple[int, 
     return results
 
 
-def _kill(proc: subprocess.Popen[bytes]) -> None:
+def _kill(proc: Proc) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
@@ -175,22 +203,26 @@ def run(
         )
         port = store.port
     launcher = "torchrun" if launch.startswith("torchrun") else launch
-    procs = []
+    procs: list[Proc] = []
     for rank in range(world_size):
         variables = launcher_env(launcher, rank, world_size, per_node)  # type: ignore[arg-type]
         if launch == "torchrun-agent":
             variables.update(TORCHELASTIC_RUN_ID="test", TORCHELASTIC_RESTART_COUNT="0")
         elif launch == "torchrun-by-hand":
             variables.pop("TORCHELASTIC_USE_AGENT_STORE")
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, *command],
-                env={**base, **variables, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
+        rank_env = {**base, **variables, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        if _fresh(scenario, launch):
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, *command],
+                    env=rank_env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
             )
-        )
+        else:
+            procs.append(zygote.spawn(command, rank_env))
     try:
         return _finish(procs, f"{launch} {scenario} {arg}")
     finally:
