@@ -370,9 +370,9 @@ def test_the_store_host_ends_every_responder_before_its_store_goes(server: Any) 
     # was killed since (it never stops); rank 4 starts once the job ended.
     host = connect(server)
     responders = {r: StackResponder(connect(server), "end", r) for r in (1, 2)}
-    for responder in responders.values():
+    for rank, responder in responders.items():
         responder.start()
-        assert responder.wait_ready(START)
+        answering(host, "end", rank)
     host.append("end/started", "3,")
     began = time.monotonic()
     assert _stacks.end_responders(host, "end", skip=(0,), timeout=0.5) == [3]
@@ -388,7 +388,6 @@ def test_the_store_host_ends_every_responder_before_its_store_goes(server: Any) 
     assert time.monotonic() - began < 0.4
     late = StackResponder(connect(server), "end", 4)
     late.start()
-    assert late.wait_ready(START)
     deadline = time.monotonic() + 30
     while late.running and time.monotonic() < deadline:
         time.sleep(0.01)

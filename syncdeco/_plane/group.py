@@ -20,6 +20,7 @@ import pickle
 import threading
 import weakref
 from collections.abc import Mapping
+from datetime import timedelta
 from typing import Any, Final
 
 import torch
@@ -276,7 +277,9 @@ def _watch_nodes(made: Exchange, env: Mapping[str, str]) -> None:
     ns = startup.namespace(env)
     try:
         # A connection of its own (a clone: a new client would make torch log).
-        store = dist.PrefixStore(ns, underlying(made.store).clone())  # type: ignore[attr-defined]
+        raw = underlying(made.store).clone()
+        raw.set_timeout(timedelta(seconds=_WATCH_TIMEOUT))  # a clone has its source's timeout
+        store = dist.PrefixStore(ns, raw)  # type: ignore[attr-defined]
         keep_alive(*at)
         report = functools.partial(_lost, weakref.ref(made))
         watch = NodeWatch(store, place.node, made.rank, report)
@@ -327,6 +330,7 @@ _storewatch: StoreWatch | None = None  # the watch of the job's store's host
 _stopping = threading.Event()  # set at interpreter exit: the watch threads end
 _finder: threading.Thread | None = None
 
+_WATCH_TIMEOUT: Final = 60.0  # seconds a look at the leases may take (it never waits)
 _FIND_FIRST: Final = 0.01  # seconds between the first looks for the node's ranks
 _FIND_MOST: Final = 5.0  # ... and the longest, while some have not started yet
 
