@@ -11,9 +11,11 @@ should have got, and checks the rank's exit.
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import hashlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import torch
 
 import syncdeco as sd
 
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # soak.py asks a hung run
 out = Path(sys.argv[1])
 mib = float(sys.argv[2])
 

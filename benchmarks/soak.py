@@ -75,6 +75,39 @@ def _agents(out: Path, mib: float, shm_mib: int | None) -> list[list[str]]:
     return commands
 
 
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = collections.defaultdict(list)
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children[int(fields[1])].append(int(stat.split("/")[2]))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _dump_stacks(agents: list[subprocess.Popen[bytes]]) -> None:
+    """Ask every rank of a hung run for its threads' stacks (the job
+    registers faulthandler on SIGUSR1), into the agents' output."""
+    for agent in agents:
+        for pid in _descendants(agent.pid):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    command = f.read()
+                if JOB.name.encode() not in command or b"torch.distributed.run" in command:
+                    continue  # an agent (SIGUSR1 would end it), or a wrapper
+                os.kill(pid, signal.SIGUSR1)
+            except OSError:
+                pass
+    time.sleep(2)  # a moment for them to write (only on a hung run)
+
+
 def one_run(mib: float, shm_mib: int | None, timeout: float) -> list[str]:
     """One two-node job; returns what was wrong with it (nothing: clean)."""
     problems: list[str] = []
@@ -91,19 +124,22 @@ def one_run(mib: float, shm_mib: int | None, timeout: float) -> list[str]:
             )
             for command in _agents(out, mib, shm_mib)
         ]
-        logs: list[str] = []
+        logs = [""] * len(agents)
         try:
             deadline = time.monotonic() + timeout
-            for agent in agents:
+            for node, agent in enumerate(agents):
                 text, _ = agent.communicate(timeout=max(1.0, deadline - time.monotonic()))
-                logs.append(text.decode(errors="replace"))
+                logs[node] = text.decode(errors="replace")
         except subprocess.TimeoutExpired:
             problems.append(f"hang: not done within {timeout:g}s")
+            _dump_stacks(agents)
         finally:
-            for agent in agents:
+            for node, agent in enumerate(agents):
                 if agent.poll() is None:
                     os.killpg(agent.pid, signal.SIGKILL)
-                    agent.communicate()
+                if not logs[node]:
+                    text, _ = agent.communicate()
+                    logs[node] = text.decode(errors="replace")
         for node, agent in enumerate(agents):
             if agent.returncode != 0:
                 problems.append(f"exit status: node {node}'s agent exited {agent.returncode}")
@@ -132,7 +168,9 @@ def one_run(mib: float, shm_mib: int | None, timeout: float) -> list[str]:
             if left:
                 problems.append(f"left in {SHM}: {left}")
         if problems:
-            problems.append("output:\n" + "\n".join(f"--- node {n}\n{t}" for n, t in enumerate(logs)))
+            problems.append(
+                "output:\n" + "\n".join(f"--- node {n}\n{t}" for n, t in enumerate(logs))
+            )
     return problems
 
 
