@@ -12,7 +12,12 @@ from __future__ import annotations
 import asyncio
 import gc
 import glob
+import json
 import os
+import pickle
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -306,3 +311,128 @@ def test_cuda_tensors_are_refused_with_share() -> None:
     assert isinstance(outcomes[0].error, ValueError)
     assert "share=True" in str(outcomes[0].error) and "cuda" in str(outcomes[0].error)
     assert isinstance(outcomes[1].error, sd.PeerFailedError)
+
+
+# -- a full /dev/shm, for real -------------------------------------------------------
+
+SHM_FULL = Path(__file__).parent / "scripts" / "shm_full.py"
+
+
+def _unshare_refused() -> str | None:
+    """Why this machine cannot give a test a /dev/shm of its own, if it cannot."""
+    if shutil.which("unshare") is None:
+        return "no unshare(1) here"
+    probe = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         "mount -t tmpfs -o size=1m tmpfs /dev/shm"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )  # fmt: skip
+    if probe.returncode:
+        return f"cannot mount a tmpfs on /dev/shm in a mount namespace: {probe.stderr.strip()}"
+    return None
+
+
+def test_a_result_too_large_for_dev_shm_reaches_every_rank(tmp_path: Path) -> None:
+    refused = _unshare_refused()
+    if refused:
+        pytest.skip(refused)
+    # Two nodes of two ranks, in a mount namespace whose /dev/shm holds 16
+    # MiB (Docker's default is 64 MB): a 64 MiB share=True result.
+    done = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         'mount -t tmpfs -o size=16m tmpfs /dev/shm && exec "$@"', "sh",
+         sys.executable, str(SHM_FULL), str(tmp_path), "64"],
+        capture_output=True,
+        text=True,
+        timeout=150,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert report["shm"] == [], report  # nothing left in that /dev/shm
+    facts = {}
+    for rank in range(4):
+        status, text = report[str(rank)]
+        assert status == 0, (rank, text)
+        lines = text.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("FACTS "), (rank, text)  # nothing else
+        facts[rank] = json.loads(lines[0][len("FACTS ") :])
+    for rank, f in facts.items():
+        assert f["right"] and f["small_right"], (rank, f)
+        assert f["big_file"] is None, (rank, f)  # each rank its own copy
+    # the small result still fits, and is shared per node
+    assert facts[0]["small_file"] == facts[1]["small_file"] is not None, facts
+    assert facts[2]["small_file"] == facts[3]["small_file"] is not None, facts
+    # each node's main says so once (for two sync points); nobody else does
+    for rank in (1, 3):
+        assert facts[rank]["said"] == [], facts
+    for rank in (0, 2):
+        (said,) = facts[rank]["said"]
+        assert said.startswith(f"syncdeco: rank {rank} at on_main_only"), said
+        assert "(64.0 MiB of tensors) does not fit in /dev/shm" in said, said
+        assert "--shm-size" in said and "through the store" in said, said
+
+
+# -- plain values: what fits, names, the sweep, pieces ------------------------------------
+
+
+def test_a_result_fits_when_it_leaves_a_sixteenth_free() -> None:
+    from syncdeco._plane.shm import fits
+
+    mib = 2**20
+    assert fits(1 * mib, 64 * mib, 64 * mib)
+    assert fits(60 * mib, 64 * mib, 64 * mib)  # 4 MiB, a sixteenth, left
+    assert not fits(60 * mib + 1, 64 * mib, 64 * mib)  # pages: 60 MiB and 4 KiB
+    assert not fits(64 * mib, 16 * mib, 16 * mib)  # the issue's case
+    assert not fits(8 * mib, 10 * mib, 64 * mib)  # little free
+    assert fits(0, 4096, 4096 * 16)
+    assert not fits(1, 0, 0)
+
+
+def test_file_names_say_whose_they_are() -> None:
+    from syncdeco._plane.shm import name, owner
+
+    assert owner(name(4026531836, 1234, "ab12cd")) == (4026531836, 1234)
+    for other in ("torch_1234_5", "syncdeco-1234-ab12cd", "syncdeco-x-1-a", "syncdeco-1-2"):
+        assert owner(other) is None, other
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/ns/pid"), reason="needs Linux's /proc")
+def test_the_sweep_unlinks_the_files_of_ended_processes_only(tmp_path: Path) -> None:
+    from syncdeco._plane import shm
+
+    ns = shm.pid_namespace()
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()  # its pid is free now (reused within this test: practically never)
+    files = {
+        "ended": shm.name(ns, ended.pid, "aa"),
+        "mine": shm.name(ns, os.getpid(), "bb"),
+        "elsewhere": shm.name(ns + 1, ended.pid, "cc"),  # another pid namespace's
+        "not ours": f"torch_{ended.pid}_1",
+    }
+    for filename in files.values():
+        (tmp_path / filename).write_bytes(b"x")
+    assert shm.sweep(str(tmp_path)) == [str(tmp_path / files["ended"])]
+    assert sorted(os.listdir(tmp_path)) == sorted(v for k, v in files.items() if k != "ended")
+
+
+def test_pieces_through_the_store_come_back_whole() -> None:
+    import torch
+    import torch.distributed as dist
+
+    from syncdeco._plane import pernode, wire
+
+    tensors = [
+        torch.arange(pernode._PIECE // 4 + 3, dtype=torch.float32),  # over one piece
+        torch.empty(0),
+        torch.tensor([True, False]),
+        torch.arange(pernode._PIECE // 8, dtype=torch.float64),  # straddles a piece
+    ]
+    store = dist.HashStore()  # type: ignore[attr-defined]
+    pernode._post(store, "k", tensors, 2)
+    path, members, count = pickle.loads(store.get("k"))
+    assert (path, members, count) == (None, 2, 3)
+    got = pernode._fetch(store, "k", count, [wire.meta(t) for t in tensors])
+    assert all(torch.equal(a, b) for a, b in zip(got, tensors, strict=True))
