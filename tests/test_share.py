@@ -231,6 +231,49 @@ def test_a_node_main_that_cannot_write_hands_on_through_the_store(
     assert (files[2] is not None and files[2] == files[3]) if share else files[2:] == [None] * 2
 
 
+def killed_before_taking() -> tuple[str, bool, str]:
+    """Rank 1 is killed after its node's main wrote the file and before it
+    took the result: nobody is left to count it taken."""
+    import signal
+
+    import torch
+
+    from syncdeco._plane import pernode
+
+    if sd.rank() == 1:
+
+        def killed(*args: object) -> None:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        pernode._take = killed  # type: ignore[assignment]
+
+    @sd.on_main_only(broadcast=True, share=True)
+    def build() -> torch.Tensor:
+        return torch.ones(2**16)
+
+    path = build().untyped_storage().filename
+    assert path is not None
+    try:
+        sd.barrier("after", timeout=60)
+    except sd.SyncError as exc:
+        return path, os.path.exists(path), type(exc).__name__
+    return path, os.path.exists(path), "passed"
+
+
+@pytest.mark.skipif(SHM is None, reason="no /dev/shm here")
+def test_a_file_left_by_a_killed_job_is_swept_by_the_next(tmp_path: Path) -> None:
+    from syncdeco._plane import shm
+
+    main, killed = run_ranks(killed_before_taking, 2, dies=(1,), timeout=90)
+    assert killed.value == "killed", killed
+    path, there, then = main.unwrap()
+    assert there and then == "RankKilledError", main  # left while its writer lives
+    # Its writer has ended: the next syncdeco process on the machine to
+    # write a file or exit (here, this one) sweeps it, if another did not.
+    shm.sweep(shm.DIR)
+    assert not os.path.exists(path), path
+
+
 def async_share(tmp: Path) -> tuple[str | None, str | None]:
     import torch
 

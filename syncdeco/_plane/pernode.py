@@ -10,7 +10,13 @@ node the same memory).  The last rank of the node to have mapped or copied
 the file unlinks it, so the memory goes back to the system when the last
 tensor over it is dropped, and nothing is left in ``/dev/shm`` (unless a
 rank of the node is killed between its main's write and its own mapping:
-then ``/dev/shm/syncdeco-<pid>-<token>`` stays until deleted by hand).
+then the file stays until a later sweep, see ``shm``).
+
+Where the file does not fit in ``/dev/shm`` (``shm.fits``), or cannot be
+written, the node's main puts the tensors in its node's store instead, in
+pieces the store takes (4 MiB), and each rank of the node copies them out:
+slower, and not shared, but the result arrives.  The node's main logs a
+warning, once per process, naming the size and Docker's ``--shm-size``.
 
 ``share=True`` shares CPU memory: a result holding a CUDA tensor is refused
 (ValueError on the main rank, PeerFailedError on the others) rather than
