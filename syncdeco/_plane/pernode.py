@@ -331,7 +331,9 @@ def _publish(
         raise SyncError(
             f"rank {exchange.rank} at {point.describe()} could not hand the result of "
             f"{_options(mode)} ({_mib(size)} of tensors) to the ranks of its node through "
-            f"a file in {shm.DIR}: {type(exc).__name__}: {exc}. They raise SyncError too."
+            f"a file in {shm.DIR}: {type(exc).__name__}: {exc}. They raise SyncError too. "
+            f"(Too little room there is not this error: the result then goes through the "
+            f"store.) Check that {shm.DIR} can be written and mapped by this process."
         ) from exc
     if why is not None:
         _warn_once(exchange.rank, point, mode, size, why)
@@ -344,7 +346,8 @@ def _publish(
                 f"rank {exchange.rank} at {point.describe()} could not hand the result of "
                 f"{_options(mode)} ({_mib(size)} of tensors) to the ranks of its node "
                 f"through the store either: {type(exc).__name__}: {exc}. They raise "
-                f"SyncError too."
+                f"SyncError too. Give the node more shared memory (Docker: --shm-size), or "
+                f"check that the store's host (torchrun's agent, or rank 0) is still up."
             ) from exc
         return list(tensors) if mode == SHARE else None
     if members:
