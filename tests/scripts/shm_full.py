@@ -1,7 +1,7 @@
 """Run by test_share.py inside a mount namespace whose /dev/shm is a small
 tmpfs.  Without arguments after the folder: the driver, which hosts the
-store (as torchrun's agent does) and starts four ranks with torchrun's
-variables, two nodes of two, and reports each rank's exit and output and
+store (as torchrun's agent does) and starts two ranks with torchrun's
+variables, on one node, and reports each rank's exit and output and
 what is left in /dev/shm.  With a rank: one rank, which builds a result
 too large for that /dev/shm and a small one that fits."""
 
@@ -24,12 +24,12 @@ def driver() -> None:
 
     from syncdeco.testing import launcher_env
 
-    store = dist.TCPStore("127.0.0.1", 0, 4, is_master=True, wait_for_workers=False)  # type: ignore[attr-defined]
+    store = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False)  # type: ignore[attr-defined]
     procs = []
-    for rank in range(4):
+    for rank in range(2):
         env = {
             **os.environ,
-            **launcher_env("torchrun", rank, 4, 2),
+            **launcher_env("torchrun", rank, 2, 2),
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(store.port),
             "TORCHELASTIC_RESTART_COUNT": "0",
