@@ -382,19 +382,45 @@ def test_a_result_too_large_for_dev_shm_reaches_every_rank(tmp_path: Path) -> No
     if refused:
         pytest.skip(refused)
     # Two ranks of a node whose /dev/shm holds 16 MiB (a mount namespace;
-    # Docker's default is 64 MB): a 64 MiB share=True result.  (Two nodes,
+    # Docker's default is 64 MB): a 32 MiB share=True result.  (Two nodes,
     # each main falling back for its own: test_a_node_main_that_cannot_write...)
+    import torch.distributed as dist
+
+    from syncdeco.testing import launcher_env
+
+    store = dist.TCPStore(  # type: ignore[attr-defined]
+        "127.0.0.1", 0, 2, is_master=True, wait_for_workers=False
+    )
+    ranks = " ".join(
+        "env "
+        + " ".join(f"{k}={v}" for k, v in launcher_env("torchrun", rank, 2, 2).items())
+        + f' "$0" {SHM_FULL} 32 > {tmp_path}/rank{rank}.out 2>&1 & pids="$pids $!";'
+        for rank in range(2)
+    )
+    script = (
+        f"mount -t tmpfs -o size=16m tmpfs /dev/shm || exit 99; {ranks} "
+        f"for p in $pids; do wait $p; echo $?; done; ls -A /dev/shm"
+    )
     done = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-         'mount -t tmpfs -o size=16m tmpfs /dev/shm && exec "$@"', "sh",
-         sys.executable, str(SHM_FULL), str(tmp_path), "64"],
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, sys.executable],
         capture_output=True,
         text=True,
         timeout=150,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+        env={
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(store.port),
+            "TORCHELASTIC_RESTART_COUNT": "0",
+        },
+    )
     assert done.returncode == 0, done.stdout + done.stderr
-    report = json.loads(done.stdout.splitlines()[-1])
+    statuses_and_left = done.stdout.split()
+    report = {
+        str(rank): [int(statuses_and_left[rank]), (tmp_path / f"rank{rank}.out").read_text()]
+        for rank in range(2)
+    }
+    report["shm"] = statuses_and_left[2:]  # type: ignore[assignment]
     assert report["shm"] == [], report  # nothing left in that /dev/shm
     facts = {}
     for rank in range(2):
@@ -412,7 +438,7 @@ def test_a_result_too_large_for_dev_shm_reaches_every_rank(tmp_path: Path) -> No
     assert facts[1]["said"] == [], facts
     (said,) = facts[0]["said"]
     assert said.startswith("syncdeco: rank 0 at on_main_only"), said
-    assert "(64.0 MiB of tensors) does not fit in /dev/shm" in said, said
+    assert "(32.0 MiB of tensors) does not fit in /dev/shm" in said, said
     assert "--shm-size" in said and "through the store" in said, said
 
 
