@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from scripted import kill_all
 
 import syncdeco as sd
 from syncdeco.testing import run_ranks
@@ -401,11 +402,12 @@ def test_a_result_too_large_for_dev_shm_reaches_every_rank(tmp_path: Path) -> No
         f"mount -t tmpfs -o size=16m tmpfs /dev/shm || exit 99; {ranks} "
         f"for p in $pids; do wait $p; echo $?; done; ls -A /dev/shm"
     )
-    done = subprocess.run(
+    shell = subprocess.Popen(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, sys.executable],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
-        timeout=150,
+        start_new_session=True,  # so that a hang is killed with its ranks
         env={
             **os.environ,
             "OMP_NUM_THREADS": "1",
@@ -414,18 +416,17 @@ def test_a_result_too_large_for_dev_shm_reaches_every_rank(tmp_path: Path) -> No
             "TORCHELASTIC_RESTART_COUNT": "0",
         },
     )
-    assert done.returncode == 0, done.stdout + done.stderr
-    statuses_and_left = done.stdout.split()
-    report = {
-        str(rank): [int(statuses_and_left[rank]), (tmp_path / f"rank{rank}.out").read_text()]
-        for rank in range(2)
-    }
-    report["shm"] = statuses_and_left[2:]  # type: ignore[assignment]
-    assert report["shm"] == [], report  # nothing left in that /dev/shm
+    try:
+        out, _ = shell.communicate(timeout=150)
+    finally:
+        kill_all([shell])
+    assert shell.returncode == 0, out
+    *statuses, left = out.split("\n", 2)
+    assert left.split() == [], out  # nothing left in that /dev/shm
+    outputs = [(tmp_path / f"rank{rank}.out").read_text() for rank in range(2)]
+    assert statuses == ["0", "0"], (statuses, outputs)
     facts = {}
-    for rank in range(2):
-        status, text = report[str(rank)]
-        assert status == 0, (rank, text)
+    for rank, text in enumerate(outputs):
         lines = text.splitlines()
         assert len(lines) == 1 and lines[0].startswith("FACTS "), (rank, text)  # nothing else
         facts[rank] = json.loads(lines[0][len("FACTS ") :])
