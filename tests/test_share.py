@@ -479,6 +479,7 @@ def test_the_sweep_unlinks_the_files_of_ended_processes_only(tmp_path: Path) -> 
         "mine": shm.name(ns, os.getpid(), "bb"),
         "elsewhere": shm.name(ns + 1, ended.pid, "cc"),  # another pid namespace's
         "not ours": f"torch_{ended.pid}_1",
+        "no such pid": shm.name(ns, 2**80, "dd"),
     }
     for filename in files.values():
         (tmp_path / filename).write_bytes(b"x")

@@ -77,14 +77,15 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True  # someone else's process
+    except (OSError, OverflowError):
+        return True  # someone else's process (EPERM), or no pid at all: leave it be
     return True
 
 
 def sweep(directory: str) -> list[str]:
     """Unlink the files left in ``directory`` by processes of this pid
-    namespace that have ended; returns their paths."""
+    namespace that have ended; returns their paths.  Never raises: it runs
+    at interpreter exit too."""
     pid_ns = pid_namespace()
     if not pid_ns:
         return []
@@ -97,8 +98,11 @@ def sweep(directory: str) -> list[str]:
         who = owner(filename)
         if who is not None and who[0] == pid_ns and not _alive(who[1]):
             path = os.path.join(directory, filename)
-            if unlink(path):
-                swept.append(path)
+            try:
+                if unlink(path):
+                    swept.append(path)
+            except OSError:
+                pass  # another user's file (a sticky /dev/shm): theirs to remove
     return swept
 
 
