@@ -211,7 +211,9 @@ def _new_exchange(
         _responder.close()
         _responder = None
     if rank == 0 or env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        _responder = StackResponder(made.spare.clone(), f"{made.prefix}/stack", rank)
+        _responder = StackResponder(
+            made.spare.clone(), f"{made.prefix}/stack", rank, ring=made.spare.clone()
+        )
         _responder.start()
     global _finder
     _finder = threading.Thread(
