@@ -42,7 +42,7 @@ _ALARMS = [
     ("abort", re.compile(r"Aborted|SIGABRT|Signals\.SIGABRT")),
     ("traceback", re.compile(r"Traceback \(most recent call last\)")),
     ("error line", re.compile(r"(?m)^(\[[^\]]*\])?\s*\w*(Error|Exception)\b")),
-    ("c10d warning", re.compile(r"(?m)^\[?[WE]\d{4} ")),
+    ("c10d log line", re.compile(r"(?m)^(\[rank\d+\]:)?\[?[WE]\d{4} ")),
     ("torchrun failure", re.compile(r"ChildFailedError|exitcode")),
 ]
 
