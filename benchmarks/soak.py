@@ -236,10 +236,14 @@ def main() -> None:
                 print(f"  {problem}", file=sys.stderr)
         print(f"run {n}: {clean}/{n} clean ({time.monotonic() - started:.0f}s)", flush=True)
     print(f"{clean} of {args.runs} two-node runs were clean")
+    left = (
+        f"nothing left in {SHM}"
+        if args.shm_mib is None
+        else f"{SHM} not looked at: each node's went with its namespace"
+    )
     print(
         f"{exits_clean} of {args.runs} exited cleanly (every rank 0; no abort, terminate or "
-        f"traceback; right results; nothing left in {SHM}); the others' log lines only: "
-        + ", ".join(_NOISE)
+        f"traceback; right results; {left}); the others' log lines only: " + ", ".join(_NOISE)
     )
     if fallbacks:
         print(f"  ({fallbacks} warnings that a result did not fit in {SHM}: it went by the store)")
