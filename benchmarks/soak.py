@@ -12,8 +12,10 @@ exits 0 (torchrun's agent exits 0 only then, and says which rank did not),
 every rank got the right results (checksums), nothing alarming is in any
 output (``terminate called``, ``Aborted``, a traceback, an error or a c10d
 warning line), and nothing of the job's ranks is left in ``/dev/shm``.
-Prints each unclean run as it happens, then how many runs were clean and
-the kinds of failure seen.  Not a timed test: a run takes a few seconds.
+Prints each unclean run as it happens, then how many runs were clean, how
+many exited cleanly (the others only logged: c10d's warning that a store
+wait timed out, or torchrun's own exit-barrier error), and the kinds of
+failure seen.  Not a timed test: a run takes 15 to 25 s on 2 loaded cores.
 """
 
 from __future__ import annotations
