@@ -666,7 +666,10 @@ def on_main_only(
     costs one copy per node.  A write through such a tensor is seen by the
     node's other ranks (order it with a sync point), never by other nodes.
     The memory goes back to the system when the last rank of the node drops
-    its tensors; nothing is left in ``/dev/shm``.
+    its tensors; nothing is left in ``/dev/shm``.  Where ``/dev/shm`` has no
+    room for the result (a Docker container's 64 MB), it reaches the node's
+    ranks through the store instead, each rank its own copy, and the node's
+    main logs a warning once.
     """
     _check_bool(_ON_MAIN_ONLY, "broadcast", broadcast)
     _check_bool(_ON_MAIN_ONLY, "local", local)

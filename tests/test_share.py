@@ -12,11 +12,17 @@ from __future__ import annotations
 import asyncio
 import gc
 import glob
+import json
 import os
+import pickle
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from scripted import kill_all
 
 import syncdeco as sd
 from syncdeco.testing import run_ranks
@@ -158,7 +164,7 @@ def leftovers(tmp: Path) -> tuple[int, list[str], list[str], list[str], list[str
     copy = copied()
     sd.barrier("every rank has its result")
     held = _mapped()
-    files = sorted(glob.glob(f"{SHM}/syncdeco-{os.getpid()}-*"))
+    files = sorted(glob.glob(f"{SHM}/syncdeco-*-{os.getpid()}-*"))
     (tmp / f"pid{sd.rank()}").write_text(str(os.getpid()))
     del got, copy
     gc.collect()
@@ -177,41 +183,96 @@ def test_no_file_is_left_in_dev_shm(tmp_path: Path) -> None:
         assert after == [], (rank, after)
     # nothing of this job is in /dev/shm (other jobs on the machine may be)
     left = {f for *_, everything in outcomes for f in everything}
-    assert not [f for f in left if any(f"/syncdeco-{pid}-" in f for pid in pids)]
+    assert not [f for f in left if any(f"-{pid}-" in f for pid in pids)]
 
 
-def no_room(tmp: Path, share: bool) -> object:
+def no_room(tmp: Path, share: bool) -> tuple[list[float], list[str], str | None]:
     """Rank 0 (the main, and its node's main) cannot write its node's file:
-    its result was sent to the other node's main first."""
+    its result was sent to the other node's main first.  Two sync points,
+    so that the warning is seen to come once."""
+    import logging
+
+    import torch
+
+    from syncdeco._plane import shm
+
+    if sd.rank() == 0:
+        shm.DIR = str(tmp / "missing")  # type: ignore[misc]
+    said: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("syncdeco").addHandler(handler)
+
+    @sd.on_main_only(broadcast=True, share=share)
+    def build() -> torch.Tensor:
+        return torch.arange(5.0)
+
+    got = build()
+    again = build()
+    assert torch.equal(got, again)
+    return got.tolist(), said, got.untyped_storage().filename
+
+
+@pytest.mark.parametrize("share", [False, True], ids=["copy", "share"])
+def test_a_node_main_that_cannot_write_hands_on_through_the_store(
+    tmp_path: Path, share: bool
+) -> None:
+    outcomes = [o.unwrap() for o in run_ranks(no_room, 4, tmp_path, share, nodes=2)]
+    assert [got for got, *_ in outcomes] == [[0.0, 1.0, 2.0, 3.0, 4.0]] * 4
+    (said, *others) = [s for _, s, _ in outcomes]
+    assert others == [[], [], []], others
+    assert len(said) == 1, said  # once, for two sync points
+    assert said[0].startswith("syncdeco: rank 0 at on_main_only"), said
+    assert f"@on_main_only(broadcast=True{', share=True' if share else ''})" in said[0]
+    assert "FileNotFoundError" in said[0] and "--shm-size" in said[0], said
+    assert "through the store" in said[0], said
+    files = [f for *_, f in outcomes]
+    # node 0 got copies through the store; node 1 still shares its file
+    assert files[:2] == [None, None], files
+    assert (files[2] is not None and files[2] == files[3]) if share else files[2:] == [None] * 2
+
+
+def killed_before_taking() -> tuple[str, bool, str]:
+    """Rank 1 is killed after its node's main wrote the file and before it
+    took the result: nobody is left to count it taken."""
+    import signal
+
     import torch
 
     from syncdeco._plane import pernode
 
-    if sd.rank() == 0:
-        pernode._DIR = str(tmp / "missing")  # type: ignore[misc]
+    if sd.rank() == 1:
 
-    @sd.on_main_only(broadcast=True, share=share)
+        def killed(*args: object) -> None:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        pernode._take = killed  # type: ignore[assignment]
+
+    @sd.on_main_only(broadcast=True, share=True)
     def build() -> torch.Tensor:
-        return torch.ones(5)
+        return torch.ones(2**16)
 
-    return build().tolist()
+    path = build().untyped_storage().filename
+    assert path is not None
+    try:
+        sd.barrier("after", timeout=60)
+    except sd.SyncError as exc:
+        return path, os.path.exists(path), type(exc).__name__
+    return path, os.path.exists(path), "passed"
 
 
-@pytest.mark.parametrize("share", [False, True], ids=["copy", "share"])
-def test_a_node_main_that_cannot_write_fails_its_node_only(tmp_path: Path, share: bool) -> None:
-    outcomes = run_ranks(no_room, 4, tmp_path, share, nodes=2)
-    main, member, *other_node = outcomes
-    assert isinstance(main.error, FileNotFoundError), main
-    notes = "\n".join(getattr(main.error, "__notes__", []))
-    assert "rank 0 at on_main_only" in notes and "could not hand the result" in notes, notes
-    assert "--shm-size" in notes
-    assert isinstance(member.error, sd.SyncError), member
-    message = str(member.error)
-    assert message.startswith("rank 1 at on_main_only"), message
-    assert "rank 0, the main rank of its node, could not hand on the result" in message
-    assert "FileNotFoundError" in message
-    # the other node got the result from its own main
-    assert [o.unwrap() for o in other_node] == [[1.0] * 5] * 2
+@pytest.mark.skipif(SHM is None, reason="no /dev/shm here")
+def test_a_file_left_by_a_killed_job_is_swept_by_the_next(tmp_path: Path) -> None:
+    from syncdeco._plane import shm
+
+    main, killed = run_ranks(killed_before_taking, 2, dies=(1,), timeout=90)
+    assert killed.value == "killed", killed
+    path, there, then = main.unwrap()
+    assert there and then == "RankKilledError", main  # left while its writer lives
+    # Its writer has ended: the next syncdeco process on the machine to
+    # write a file or exit (here, this one) sweeps it, if another did not.
+    shm.sweep(shm.DIR)
+    assert not os.path.exists(path), path
 
 
 def async_share(tmp: Path) -> tuple[str | None, str | None]:
@@ -294,3 +355,153 @@ def test_cuda_tensors_are_refused_with_share() -> None:
     assert isinstance(outcomes[0].error, ValueError)
     assert "share=True" in str(outcomes[0].error) and "cuda" in str(outcomes[0].error)
     assert isinstance(outcomes[1].error, sd.PeerFailedError)
+
+
+# -- a full /dev/shm, for real -------------------------------------------------------
+
+SHM_FULL = Path(__file__).parent / "scripts" / "shm_full.py"
+
+
+def _unshare_refused() -> str | None:
+    """Why this machine cannot give a test a /dev/shm of its own, if it cannot."""
+    if shutil.which("unshare") is None:
+        return "no unshare(1) here"
+    probe = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         "mount -t tmpfs -o size=1m tmpfs /dev/shm"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )  # fmt: skip
+    if probe.returncode:
+        return f"cannot mount a tmpfs on /dev/shm in a mount namespace: {probe.stderr.strip()}"
+    return None
+
+
+def test_a_result_too_large_for_dev_shm_reaches_every_rank(tmp_path: Path) -> None:
+    refused = _unshare_refused()
+    if refused:
+        pytest.skip(refused)
+    # Two ranks of a node whose /dev/shm holds 16 MiB (a mount namespace;
+    # Docker's default is 64 MB): a 32 MiB share=True result.  (Two nodes,
+    # each main falling back for its own: test_a_node_main_that_cannot_write...)
+    import torch.distributed as dist
+
+    from syncdeco.testing import launcher_env
+
+    store = dist.TCPStore(  # type: ignore[attr-defined]
+        "127.0.0.1", 0, 2, is_master=True, wait_for_workers=False
+    )
+    ranks = " ".join(
+        "env "
+        + " ".join(f"{k}={v}" for k, v in launcher_env("torchrun", rank, 2, 2).items())
+        + f' "$0" {SHM_FULL} 32 > {tmp_path}/rank{rank}.out 2>&1 & pids="$pids $!";'
+        for rank in range(2)
+    )
+    script = (
+        f"mount -t tmpfs -o size=16m tmpfs /dev/shm || exit 99; {ranks} "
+        f"for p in $pids; do wait $p; echo $?; done; ls -A /dev/shm"
+    )
+    shell = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, sys.executable],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # so that a hang is killed with its ranks
+        env={
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(store.port),
+            "TORCHELASTIC_RESTART_COUNT": "0",
+        },
+    )
+    try:
+        out, _ = shell.communicate(timeout=150)
+    finally:
+        kill_all([shell])
+    assert shell.returncode == 0, out
+    *statuses, left = out.split("\n", 2)
+    assert left.split() == [], out  # nothing left in that /dev/shm
+    outputs = [(tmp_path / f"rank{rank}.out").read_text() for rank in range(2)]
+    assert statuses == ["0", "0"], (statuses, outputs)
+    facts = {}
+    for rank, text in enumerate(outputs):
+        lines = text.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("FACTS "), (rank, text)  # nothing else
+        facts[rank] = json.loads(lines[0][len("FACTS ") :])
+    for rank, f in facts.items():
+        assert f["right"] and f["small_right"], (rank, f)
+        assert f["big_file"] is None, (rank, f)  # each rank its own copy
+    # the small result still fits, and is shared
+    assert facts[0]["small_file"] == facts[1]["small_file"] is not None, facts
+    # the main says so once (for two sync points); the other rank does not
+    assert facts[1]["said"] == [], facts
+    (said,) = facts[0]["said"]
+    assert said.startswith("syncdeco: rank 0 at on_main_only"), said
+    assert "(32.0 MiB of tensors) does not fit in /dev/shm" in said, said
+    assert "--shm-size" in said and "through the store" in said, said
+
+
+# -- plain values: what fits, names, the sweep, pieces ------------------------------------
+
+
+def test_a_result_fits_when_it_leaves_a_sixteenth_free() -> None:
+    from syncdeco._plane.shm import fits
+
+    mib = 2**20
+    assert fits(1 * mib, 64 * mib, 64 * mib)
+    assert fits(60 * mib, 64 * mib, 64 * mib)  # 4 MiB, a sixteenth, left
+    assert not fits(60 * mib + 1, 64 * mib, 64 * mib)  # pages: 60 MiB and 4 KiB
+    assert not fits(64 * mib, 16 * mib, 16 * mib)  # the issue's case
+    assert not fits(8 * mib, 10 * mib, 64 * mib)  # little free
+    assert fits(0, 4096, 4096 * 16)
+    assert not fits(1, 0, 0)
+
+
+def test_file_names_say_whose_they_are() -> None:
+    from syncdeco._plane.shm import name, owner
+
+    assert owner(name(4026531836, 1234, "ab12cd")) == (4026531836, 1234)
+    for other in ("torch_1234_5", "syncdeco-1234-ab12cd", "syncdeco-x-1-a", "syncdeco-1-2"):
+        assert owner(other) is None, other
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/ns/pid"), reason="needs Linux's /proc")
+def test_the_sweep_unlinks_the_files_of_ended_processes_only(tmp_path: Path) -> None:
+    from syncdeco._plane import shm
+
+    ns = shm.pid_namespace()
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()  # its pid is free now (reused within this test: practically never)
+    files = {
+        "ended": shm.name(ns, ended.pid, "aa"),
+        "mine": shm.name(ns, os.getpid(), "bb"),
+        "elsewhere": shm.name(ns + 1, ended.pid, "cc"),  # another pid namespace's
+        "not ours": f"torch_{ended.pid}_1",
+        "no such pid": shm.name(ns, 2**80, "dd"),
+    }
+    for filename in files.values():
+        (tmp_path / filename).write_bytes(b"x")
+    assert shm.sweep(str(tmp_path)) == [str(tmp_path / files["ended"])]
+    assert sorted(os.listdir(tmp_path)) == sorted(v for k, v in files.items() if k != "ended")
+
+
+def test_pieces_through_the_store_come_back_whole() -> None:
+    import torch
+    import torch.distributed as dist
+
+    from syncdeco._plane import pernode, wire
+
+    tensors = [
+        torch.arange(pernode._PIECE // 4 + 3, dtype=torch.float32),  # over one piece
+        torch.empty(0),
+        torch.tensor([True, False]),
+        torch.arange(pernode._PIECE // 8, dtype=torch.float64),  # straddles a piece
+    ]
+    store = dist.HashStore()  # type: ignore[attr-defined]
+    pernode._post(store, "k", tensors, 2)
+    path, members, count = pickle.loads(store.get("k"))
+    assert (path, members, count) == (None, 2, 3)
+    got = pernode._fetch(store, "k", count, [wire.meta(t) for t in tensors])
+    assert all(torch.equal(a, b) for a, b in zip(got, tensors, strict=True))

@@ -6,8 +6,9 @@ One module a concern, each depending only on those listed before it:
 * ``transport``: how frames and verdicts move over a c10d store;
 * ``wire``: results on the wire (pickle, and tensors by broadcast);
 * ``watch``: the thread that reports a sync point that waits too long;
-* ``stacks``, ``share``, ``pernode``: where a missing rank is stuck, and
-  results handed on once per node;
+* ``stacks``, ``share``, ``shm``, ``pernode``: where a missing rank is
+  stuck, and results handed on once per node (through files in
+  ``/dev/shm``, or the store where those do not fit);
 * ``exits``: what a rank's exit says, and where it is written;
 * ``tier``: a store per node, and the node frames rank 0 reads;
 * ``exchange``: one rank's side of every sync point, given its store,

@@ -219,7 +219,9 @@ def _new_exchange(
     if _responder is not None:
         _responder.close()
         _responder = None
-    _responder = StackResponder(made.spare.clone(), f"{made.prefix}/stack", rank)
+    _responder = StackResponder(
+        made.spare.clone(), f"{made.prefix}/stack", rank, ring=made.spare.clone()
+    )
     _responder.start()
     hosts = rank == 0 and world_size > 1 and env.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
     _store_host = weakref.ref(made) if hosts else None

@@ -10,7 +10,13 @@ node the same memory).  The last rank of the node to have mapped or copied
 the file unlinks it, so the memory goes back to the system when the last
 tensor over it is dropped, and nothing is left in ``/dev/shm`` (unless a
 rank of the node is killed between its main's write and its own mapping:
-then ``/dev/shm/syncdeco-<pid>-<token>`` stays until deleted by hand).
+then the file stays until a later sweep, see ``shm``).
+
+Where the file does not fit in ``/dev/shm`` (``shm.fits``), or cannot be
+written, the node's main puts the tensors in its node's store instead, in
+pieces the store takes (4 MiB), and each rank of the node copies them out:
+slower, and not shared, but the result arrives.  The node's main logs a
+warning, once per process, naming the size and Docker's ``--shm-size``.
 
 ``share=True`` shares CPU memory: a result holding a CUDA tensor is refused
 (ValueError on the main rank, PeerFailedError on the others) rather than
@@ -27,14 +33,14 @@ Plans (the verdict's last item says which one the members follow):
 
 from __future__ import annotations
 
+import atexit
 import hashlib
+import logging
 import os
 import pickle
-import secrets
-import tempfile
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Final, final
@@ -44,7 +50,7 @@ import torch.distributed as dist
 
 from .._backend import SyncPoint
 from .._errors import SyncError, SyncTimeoutError
-from . import wire
+from . import shm, wire
 from .share import Share
 from .transport import FOREVER_CHUNK, MIN_WAIT
 from .wire import Meta
@@ -58,8 +64,8 @@ Plan = tuple[str, list[Meta]]  # how the tensors travel, and what they are
 
 _ALIGN: Final = 64  # a multiple of every dtype's size, and of a cache line
 _CPU: Final = torch.device("cpu")
-_DIR: Final = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 _FAILED: Final = b"!"  # a published value that starts so is an error, not a path
+_log = logging.getLogger("syncdeco")
 
 
 @final
@@ -291,7 +297,8 @@ def _publish(
 ) -> list[torch.Tensor] | None:
     """A node's main: write ``tensors`` into a new file in shared memory and
     tell the node's other ranks where it is; with ``SHARE``, return this
-    rank's mapped copies."""
+    rank's mapped copies.  Where the file does not fit (or cannot be
+    written), hand them on through the store instead (see :func:`_post`)."""
     offsets, size = _layout(metas)
     if size == 0:  # nothing to share: every tensor is empty
         return (
@@ -301,35 +308,142 @@ def _publish(
         )
     if not members and mode != SHARE:
         return None
-    path = os.path.join(_DIR, f"syncdeco-{os.getpid()}-{secrets.token_hex(6)}")
+    _sweep_at_exit()
+    shm.sweep(shm.DIR)
+    path = shm.new_path(shm.DIR)
+    shared = None
+    why: str | None = None  # why not through shared memory
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.ftruncate(fd, size)
-            for tensor, offset in zip(tensors, offsets, strict=True):
-                data, at = _bytes(tensor), offset
-                while data:  # a write to a file in memory writes all, but a write may be partial
-                    done = os.pwrite(fd, data, at)
-                    data, at = data[done:], at + done
-        finally:
-            os.close(fd)
-        shared = _views(path, metas) if mode == SHARE else None
+        free, total = shm.room(shm.DIR)
+        if shm.fits(size, free, total):
+            shm.write(path, [_bytes(t) for t in tensors], offsets, size)
+            shared = _views(path, metas) if mode == SHARE else None
+        else:
+            why = f"{_mib(free)} free of {_mib(total)}"
+    except OSError as exc:  # no room after all (ENOSPC), or no such folder
+        shm.unlink(path)
+        why = f"{type(exc).__name__}: {exc}"
     except BaseException as exc:
-        _unlink(path)
-        exc.add_note(
-            f"syncdeco: rank {exchange.rank} at {point.describe()} could not hand the "
-            f"result of @on_main_only(broadcast=True) ({size} bytes of tensors) to the "
-            f"ranks of its node through a file in {_DIR}; they raise SyncError. Check "
-            f"the room there (`df -h {_DIR}`: a Docker container has 64 MB unless it is "
-            f"started with a larger --shm-size)."
-        )
+        shm.unlink(path)
         _fail(exchange, key, members, exc)
-        raise
+        if not isinstance(exc, Exception):
+            raise
+        raise SyncError(
+            f"rank {exchange.rank} at {point.describe()} could not hand the result of "
+            f"{_options(mode)} ({_mib(size)} of tensors) to the ranks of its node through "
+            f"a file in {shm.DIR}: {type(exc).__name__}: {exc}. They raise SyncError too. "
+            f"(Too little room there is not this error: the result then goes through the "
+            f"store.) Check that {shm.DIR} can be written and mapped by this process."
+        ) from exc
+    if why is not None:
+        _warn_once(exchange.rank, point, mode, size, why)
+        try:
+            if members:
+                _post(exchange.local_store(), key, tensors, len(members))
+        except Exception as exc:
+            _fail(exchange, key, members, exc)
+            raise SyncError(
+                f"rank {exchange.rank} at {point.describe()} could not hand the result of "
+                f"{_options(mode)} ({_mib(size)} of tensors) to the ranks of its node "
+                f"through the store either: {type(exc).__name__}: {exc}. They raise "
+                f"SyncError too. Give the node more shared memory (Docker: --shm-size), or "
+                f"check that the store's host (torchrun's agent, or rank 0) is still up."
+            ) from exc
+        return list(tensors) if mode == SHARE else None
     if members:
         exchange.local_store().set(key, pickle.dumps((path, len(members))))
     else:
-        _unlink(path)  # mapped here, by nobody else: it lives as long as the mapping
+        shm.unlink(path)  # mapped here, by nobody else: it lives as long as the mapping
     return shared
+
+
+def _options(mode: str) -> str:
+    return "@on_main_only(broadcast=True" + (", share=True)" if mode == SHARE else ")")
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
+
+
+_warned: list[bool] = []  # whether this process has said it falls back (once is enough)
+
+
+def _warn_once(rank: int, point: SyncPoint, mode: str, size: int, why: str) -> None:
+    if _warned:
+        return
+    _warned.append(True)
+    shared = " and not shared: each rank its own copy" if mode == SHARE else ""
+    _log.warning(
+        "syncdeco: rank %d at %s: the result of %s (%s of tensors) does not fit in %s "
+        "(%s), so the ranks of its node get it through the store instead (slower%s). "
+        "Give the node more shared memory: a Docker container has 64 MB unless it is "
+        "started with a larger --shm-size (e.g. --shm-size=16g); `df -h %s` shows the "
+        "room there. Said once per process.",
+        rank,
+        point.describe(),
+        _options(mode),
+        _mib(size),
+        shm.DIR,
+        why,
+        shared,
+        shm.DIR,
+    )
+
+
+def _sweep_at_exit() -> None:
+    """Once per process: sweep ``/dev/shm`` at interpreter exit too."""
+    if not _swept:
+        _swept.append(True)
+        atexit.register(shm.sweep, shm.DIR)
+
+
+_swept: list[bool] = []
+
+
+# -- through the store, where shared memory has no room --------------------------------
+
+_PIECE: Final = 4 << 20  # the store takes values of 8 MiB at most (libuv's TCPStore)
+
+
+def _pieces(tensors: Sequence[torch.Tensor]) -> Iterator[bytes]:
+    """The tensors' bytes, one after another, in pieces of ``_PIECE``."""
+    piece = bytearray()
+    for tensor in tensors:
+        data = _bytes(tensor)
+        while data:
+            take = data[: _PIECE - len(piece)]
+            piece += take
+            data = data[len(take) :]
+            if len(piece) == _PIECE:
+                yield bytes(piece)
+                piece = bytearray()
+    if piece:
+        yield bytes(piece)
+
+
+def _post(store: Any, key: str, tensors: Sequence[torch.Tensor], members: int) -> None:
+    """Put the tensors in the store under ``key/net/<n>``, then say so at ``key``."""
+    count = 0
+    for count, piece in enumerate(_pieces(tensors), 1):
+        store.set(f"{key}/net/{count - 1}", piece)
+    store.set(key, pickle.dumps((None, members, count)))
+
+
+def _fetch(store: Any, key: str, count: int, metas: Sequence[Meta]) -> list[torch.Tensor]:
+    """A node's other rank: its own copy of the tensors :func:`_post` put."""
+    buffers = [wire.receive_buffer(shape, dtype, _CPU) for shape, dtype, *_ in metas]
+    views = [_bytes(b) for b in buffers if b.numel()]
+    for n in range(count):
+        piece = memoryview(store.get(f"{key}/net/{n}"))
+        while piece:
+            take = min(len(piece), len(views[0]))
+            views[0][:take] = piece[:take]
+            piece, views[0] = piece[take:], views[0][take:]
+            if not views[0]:
+                views.pop(0)
+    if views:
+        raise EOFError(f"{count} pieces under {key}/net hold less than the result")
+    return buffers
 
 
 def _fail(exchange: Any, key: str, members: Sequence[int], exc: BaseException) -> None:
@@ -378,9 +492,11 @@ def _take(
             f"through shared memory: {value[1:].decode(errors='replace')}. Rank {main}'s "
             f"error says more."
         )
-    path, members = pickle.loads(value)
+    path, members, *count = pickle.loads(value)
     try:
-        if mode == SHARE:
+        if path is None:  # no room in its shared memory: through the store
+            tensors = _fetch(store, key, count[0], metas)
+        elif mode == SHARE:
             tensors = _views(path, metas)
         else:
             tensors = []
@@ -397,17 +513,21 @@ def _take(
                     tensors.append(buffer)
             finally:
                 os.close(fd)
+    except FileNotFoundError as exc:
+        raise SyncError(
+            f"rank {exchange.rank} at {point.describe()}: the file in which rank {main}, the "
+            f"main rank of its node, left the result of {_options(mode)} is gone ({path}): "
+            f"rank {main}'s process ended before every rank of its node had the result, "
+            f"and a later sweep removed the file."
+        ) from exc
     finally:
         # Mapped or copied (or failed): the last rank of the node unlinks.
         if store.add(key + "/taken", 1) == members:
-            _unlink(path)
+            if path is None:
+                for n in range(count[0]):
+                    store.delete_key(f"{key}/net/{n}")
+            else:
+                shm.unlink(path)
             store.delete_key(key)
             store.delete_key(key + "/taken")
     return tensors
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

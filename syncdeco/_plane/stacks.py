@@ -391,10 +391,27 @@ class StackResponder:
     ("terminate called without an active exception", status -6).
     """
 
-    __slots__ = ("__weakref__", "_closed", "_keys", "_limit", "_ready", "_store", "_thread")
+    __slots__ = (
+        "__weakref__",
+        "_closed",
+        "_keys",
+        "_limit",
+        "_ready",
+        "_ring",
+        "_store",
+        "_thread",
+    )
 
-    def __init__(self, store: Any, prefix: str, rank: int, *, limit: int = _LIMIT) -> None:
+    def __init__(
+        self, store: Any, prefix: str, rank: int, *, limit: int = _LIMIT, ring: Any = None
+    ) -> None:
         self._store = store
+        # Another connection to the same store, made beforehand, that rings
+        # the bell at exit (None: one is made then).  Connecting at exit to a
+        # store host that stalls for a moment makes c10d log an error (seen
+        # in soak runs on a loaded machine); a set on an open connection
+        # does not wait for the host.
+        self._ring = ring
         self._keys = _Keys(prefix, rank)
         self._limit = limit
         self._closed = threading.Event()
@@ -445,7 +462,9 @@ class StackResponder:
             return None  # never started, or its store is gone
         try:
             server = _server_of(self._store)
-            ring = rings.get(server) if server is not None else None
+            ring = self._ring
+            if ring is None and server is not None:
+                ring = rings.get(server)
             if ring is None:
                 # The ring connection inherits this timeout: a store host that
                 # cannot be reached holds the exit up until the deadline only.
