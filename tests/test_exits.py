@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -151,6 +152,17 @@ def test_a_correct_program_whose_store_host_ends_first_exits_quietly(tmp_path: P
         assert out[rank] == f"exit status 0\n[rank {rank}] exiting after rank 0\n", out
 
 
+def _torch_log(line: str) -> bool:
+    """Whether ``line`` is part of a warning of torch's C++ store code (a
+    store wait that timed out; a client address it could not name, where
+    the machine has no DNS): torch prints them, syncdeco cannot silence
+    them at run time (docs/errors.md says so)."""
+    return bool(
+        re.match(r"(\[rank\d+\]:)?\[W\d{4} [\d:.]+ \S+\] \[c10d\]", line)
+        or re.match(r"(frame #\d+: |Exception raised from |<omitting python frames>|$)", line)
+    )
+
+
 def test_under_slurm_a_stuck_rank_is_located_and_a_clean_end_is_quiet(tmp_path: Path) -> None:
     # Four ranks on two nodes under SLURM's variables (rank 0 hosts the
     # store, each node's main a store of its own): every rank answers a stack
@@ -169,7 +181,7 @@ def test_under_slurm_a_stuck_rank_is_located_and_a_clean_end_is_quiet(tmp_path: 
         # Before it, only torch's own warning of a store wait that timed out
         # (a node's main gathering its node until its deadline); after it,
         # the clean end: nothing but what the program says.
-        assert all("[c10d] waitForInput" in ln for ln in lines[:at]), out
+        assert all(_torch_log(ln) for ln in lines[:at]), out
         after = [] if rank == 0 else [f"[rank {rank}] exiting after rank 0"]
         assert lines[at + 1 :] == after, out
     # Rank 3 came late: its wait for its node's relay may outlast one of the
@@ -177,7 +189,7 @@ def test_under_slurm_a_stuck_rank_is_located_and_a_clean_end_is_quiet(tmp_path: 
     status, *lines = out[3].splitlines()
     assert status == "exit status 0", out
     assert lines[-1:] == ["[rank 3] exiting after rank 0"], out
-    assert all("[c10d] waitForInput" in ln for ln in lines[:-1]), out
+    assert all(_torch_log(ln) for ln in lines[:-1]), out
 
 
 def test_a_main_waiting_for_a_slow_member_hears_of_an_exit(tmp_path: Path) -> None:
