@@ -276,6 +276,11 @@ def _watch_nodes(made: Exchange, env: Mapping[str, str]) -> None:
     place = made.place
     if not _spans(made) or place.local_rank != 0:
         return
+    if made.rank != 0 and env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        # Rank 0 hosts the job's store: if its node is lost, the store is
+        # too, which every rank's keepalive tells; and a watcher here would
+        # use the store after rank 0 ended, which makes torch's client log.
+        return
     ns = startup.namespace(env)
     try:
         # A connection of its own (a clone: a new client would make torch log).
@@ -491,6 +496,8 @@ def _stop_watching() -> None:
         _watch.close()
     if _nodewatch is not None:
         _nodewatch.close()
+        if _nodewatch.thread.is_alive() and _nodewatch.thread is not threading.current_thread():
+            _nodewatch.thread.join(timeout=2.0)  # out of any store call before teardown
     finder = _finder
     if finder is not None and finder is not threading.current_thread():
         finder.join(timeout=2.0)

@@ -3,10 +3,11 @@ the watchers that read them (the rules are in ``lease.py``).
 
 * every node's main starts its node's pulse (``pulse.py``) and hands it the
   pids of its node's ranks as it learns them;
-* two ranks watch every other node's lease: the mains of the two nodes
-  whose mains have the lowest ranks (rank 0's node, and one more), so that
-  a lost rank 0 is named too where the job's store outlives it (under
-  torchrun, its agent may host the store on another node).  Each reads
+* rank 0 watches every other node's lease; under torchrun, whose agent may
+  host the job's store on another node than rank 0's, so does the main of
+  one more node (the mains of the two nodes whose mains have the lowest
+  ranks watch), so that a lost rank 0 is named too.  Where rank 0 hosts the
+  store, its loss is the store's, which every rank's keepalive tells.  Each reads
   every lease in one request a look.  Every node's main starts as a
   watcher and stops as soon as the list of pulses shows two nodes whose
   mains have lower ranks than its own: a few looks at startup.
