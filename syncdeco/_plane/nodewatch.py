@@ -31,6 +31,7 @@ from typing import Any, Final
 
 from .._backend import Failure
 from . import lease
+from .exits import killed_failure
 from .pulse import LIST, lease_key
 
 __all__ = ["NodeWatch", "lost_failure"]
@@ -47,12 +48,6 @@ def lost_failure(rank: int, host: str, ranks: Iterable[int]) -> Failure:
     return Failure(
         rank, "", "", "", exited=True, killed=True, lost_host=host, lost_ranks=tuple(ranks)
     )
-
-
-def ended_failure(rank: int) -> Failure:
-    """A rank whose pulse saw it end (a rank that said so first is not
-    reported: the job's store settles that)."""
-    return Failure(rank, "", "", "", exited=True, killed=True)
 
 
 class NodeWatch:
@@ -137,7 +132,9 @@ class NodeWatch:
                 state.ranks[node] = (reading.host, reading.ranks)
                 if reading.ended:
                     state.over.add(node)
-                    failures += [ended_failure(r) for r in reading.ranks]
+                    # A rank that said it exits is not reported: the job's
+                    # store settles that (see exits.say_exit).
+                    failures += [killed_failure(r) for r in reading.ranks]
                 else:
                     running[node] = value
             for node in state.leases.look(now, running):
