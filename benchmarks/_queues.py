@@ -14,7 +14,8 @@ from typing import Any
 
 import torch.distributed as dist
 
-from syncdeco._plane.transport import Late, _left, _timed_out, _timeout
+from syncdeco._plane.deadline import Deadline
+from syncdeco._plane.transport import Late, wait_on
 
 __all__ = ["Queues"]
 
@@ -27,26 +28,22 @@ class Queues:
     def __init__(self, store: Any) -> None:
         self.store = store
 
-    def _pop(self, box: str, seq: int, deadline: float | None) -> bytes:
+    def _pop(self, box: str, seq: int, deadline: Deadline) -> bytes:
         """The next frame of this sync point in ``box``: older ones were
         left by a sync point that timed out."""
         empty_pops = 0
         while True:
-            left = _left(deadline)
-            if left <= 0 and not self.store.queue_len(box):
+            if deadline.passed() and not self.store.queue_len(box):
                 raise Late
             try:
-                self.store.set_timeout(_timeout(left))
-                data = bytes(self.store.queue_pop(box, block=True))
+                data = bytes(
+                    wait_on(self.store, deadline, lambda: self.store.queue_pop(box, block=True))
+                )
             except dist.QueueEmptyError:
                 # The store's wait on a queue can return while the queue is
                 # empty (a race in the store server): back off, wait again.
                 empty_pops += 1
                 time.sleep(min(1e-5 * 2**empty_pops, 1e-3))
-                continue
-            except dist.DistStoreError as exc:
-                if _timed_out(exc, deadline):
-                    raise Late from None
                 continue
             if int.from_bytes(data[:8], "little") >= seq:
                 return data[8:]
@@ -55,7 +52,7 @@ class Queues:
         self.store.queue_push(f"{base}/{rank}/up", seq.to_bytes(8, "little") + frame)
 
     def collect(
-        self, base: str, seq: int, members: Sequence[int], deadline: float | None
+        self, base: str, seq: int, members: Sequence[int], deadline: Deadline
     ) -> tuple[dict[int, bytes], list[int]]:
         frames: dict[int, bytes] = {}
         missing: list[int] = []
@@ -63,7 +60,9 @@ class Queues:
             try:
                 # Once out of time, take only what is there.
                 frames[member] = self._pop(
-                    f"{base}/{member}/up", seq, time.monotonic() if missing else deadline
+                    f"{base}/{member}/up",
+                    seq,
+                    Deadline(time.monotonic(), None) if missing else deadline,
                 )
             except Late:
                 missing.append(member)
@@ -76,7 +75,7 @@ class Queues:
         for member in members:
             self.offer_verdict(base, seq, member, verdict)
 
-    def receive(self, base: str, seq: int, rank: int, deadline: float | None) -> bytes:
+    def receive(self, base: str, seq: int, rank: int, deadline: Deadline) -> bytes:
         return self._pop(f"{base}/{rank}/down", seq, deadline)
 
     def has_verdict(self, base: str, seq: int, rank: int) -> bool:

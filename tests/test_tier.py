@@ -32,7 +32,6 @@ from syncdeco import (
 )
 from syncdeco._backend import Failure, SyncPoint
 from syncdeco._plane.exchange import Exchange, Place
-from syncdeco._plane.protocol import Agreed, Frame
 from syncdeco._plane.tier import host_store, join_store
 from syncdeco._plane.transport import Keys
 
@@ -198,24 +197,6 @@ def test_a_mismatch_on_a_node_reaches_every_rank(job: Job, odd: int) -> None:
         assert isinstance(got, SyncMismatchError), (r, got)
         where = {desc.split("'")[1]: ranks for desc, ranks in got.points.items()}
         assert where == {"save": tuple(x for x in range(WORLD) if x != odd), "other": (odd,)}
-
-
-def test_rank_0_asks_the_ranks_of_a_node_near_their_deadline(job: Job) -> None:
-    """A rank that reached its deadline withdraws; rank 0, answering that
-    late, asks each rank near its deadline, whether its frame came alone or
-    in its node's group."""
-    ex = job.exchanges[0]
-    base, seq, now = ex.base("w", 0), 99, time.time()
-    p = point(ex, "late")
-    frames = [Frame.of(seq, r, p, None, now + 600 if r == 9 else now) for r in (8, 9, 10, 11)]
-    group = Agreed.of(frames)
-    alone = {1: Frame.of(seq, 1, p, None, now + 600)}
-    assert not ex._withdrawn(base, seq, alone, [group])  # nobody withdrew: all told "answered"
-    asked = [r for r in range(WORLD) if job.stores[0].check([f"{base}/claim/{seq}/{r}"])]
-    assert asked == [8, 10, 11]  # not rank 1 nor 9, whose deadlines are far
-    ex.store.compare_set(f"{base}/claim/{seq + 1}/10", "", b"withdrawn")  # rank 10 gave up
-    frames = [f._replace(seq=seq + 1) for f in frames]
-    assert ex._withdrawn(base, seq + 1, alone, [Agreed.of(frames)])
 
 
 @pytest.mark.parametrize("late", [9, 8, 0], ids=["member", "node-main", "rank-0"])

@@ -9,15 +9,18 @@ group: ``broadcast`` is handed in, and, where the group is still to be
 made, ``on_met`` (called on every rank after a world sync point where all
 is well, before any tensor moves) and ``wire_device``.
 
-At each sync point the members of the scope (the world, or this node with
-``local=True``) send the scope's main a frame; the main judges them
-(``protocol.judge``) and answers every member with one verdict.  Sequence
-numbers, per scope, keep the ranks in step.
+The exchange decides nothing itself: it asks the protocol (``protocol``)
+which way this rank takes (:func:`~.protocol.route`), what the frames it
+collected say and what the verdict is, and does the I/O: it sends frames
+and verdicts (``frames``' codec, over a ``transport``) and waits until a
+:class:`~.deadline.Deadline`.  Sequence numbers, per scope, keep the ranks
+in step.
 
-A rank whose process ends writes its exit where the others already wait:
-a member, its frame for the next sync point of each scope; a main, the
-verdict of that sync point.  A main then remembers the gone member, and a
-member its gone main, for every later sync point.  Nobody polls.
+A rank whose process ends writes its exit where the others already wait
+(``exits``): a member, its frame for the next sync point of each scope; a
+main, the verdict of that sync point.  A main then remembers the gone
+member, and a member its gone main, for every later sync point.  Nobody
+polls.
 """
 
 from __future__ import annotations
@@ -27,9 +30,7 @@ import logging
 import pickle
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import timedelta
+from collections.abc import Callable, Sequence
 from typing import Any, Final, cast, final
 
 import torch
@@ -38,61 +39,37 @@ import torch.distributed as dist
 from .._backend import Failure, SyncPoint
 from .._errors import RankLostError, SyncError, SyncTimeoutError
 from . import pernode, protocol, wire
-from .exits import say_exit, waiters_elsewhere
+from .deadline import NEVER, STACK_WAIT, WITHDRAW_MARGIN, Deadline
+from .exits import say_exit
+from .frames import (
+    Agreed,
+    Failed,
+    Frame,
+    NodeFrame,
+    Ok,
+    Timeout,
+    Verdict,
+    dump_frame,
+    dump_verdict,
+    load_frame,
+    load_verdict,
+)
 from .keepalive import endpoint, silent
-from .protocol import OK, TIMEOUT, Frame, Verdict
+from .protocol import ALONE, FALLBACK, MAIN, NODE_MAIN, Place, Route
 from .share import unshare
 from .stacks import fetch_stacks
-from .tier import (
-    POLL,
-    Tier,
-    announce,
-    host_store,
-    join_store,
-    node_frame,
-    raise_tier,
-    read_frame,
-    uses_tiers,
-)
-from .transport import FOREVER_CHUNK, MIN_WAIT, Keys, Late, StoreLost, Transport
+from .tier import POLL, NodeTier, Tier, host_store, join_store
+from .transport import Keys, Late, StoreLost, Transport, wait_on
 from .watch import Wait, start_watcher
 
 __all__ = ["PREFIX", "Exchange", "Place"]
 
 PREFIX: Final = "syncdeco"
-GRACE: Final = 1.0  # extra seconds a member waits for the main's verdict
-WITHDRAW_MARGIN: Final = 1.0  # seconds before a member's deadline to look for its withdrawal
-STACK_WAIT: Final = 1.0  # seconds a timed-out sync point waits for the missing ranks' stacks
-_HIGHEST: Final = pickle.HIGHEST_PROTOCOL
+WAKE: Final = "wake"  # a frame's kind, put by a look that found the verdict first
 
 _log = logging.getLogger("syncdeco")
 
 Broadcast = Callable[[torch.Tensor, int], object]
-
-
-@final
-@dataclass(frozen=True, slots=True)
-class Place:
-    """Where a rank lives: its node's key, its rank on the node, and how many
-    ranks the node has (None: the launcher does not say)."""
-
-    node: str
-    local_rank: int
-    local_size: int | None
-
-
-def _dumps(obj: object) -> bytes:
-    return pickle.dumps(obj, protocol=_HIGHEST)
-
-
-def _member_deadline(deadline: float | None, timeout: float | None, tiers: int) -> float | None:
-    """A member waits a little longer than its main (and the second the main
-    takes to ask the missing ranks where they are), once for each tier
-    above it, so that when another rank is missing it hears so from the
-    main, which knows who, instead of blaming the rank it waits for."""
-    if deadline is None or timeout is None:
-        return deadline
-    return deadline + tiers * (min(max(GRACE, 0.1 * timeout), 10 * GRACE) + STACK_WAIT)
 
 
 def _silent(exc: BaseException, store: Any) -> bool:
@@ -105,10 +82,10 @@ def _silent(exc: BaseException, store: Any) -> bool:
     return at is not None and silent(*at)
 
 
-def _relaying(nmail: Transport, nbase: str) -> tuple[int, float | None] | None:
+def _relaying(node: Transport, nbase: str) -> tuple[int, float | None] | None:
     """The world sync point a node's main waits at on the job's store, and
     until when (wall clock; None: forever), as it told its node."""
-    store = cast(Any, nmail).store
+    store = cast(Any, node).store
     key = f"{nbase}/relaying"
     if not store.check([key]):
         return None
@@ -116,16 +93,11 @@ def _relaying(nmail: Transport, nbase: str) -> tuple[int, float | None] | None:
     return int(seq), None if until == "-" else float(until)
 
 
-def _say_relaying(nmail: Transport, nbase: str, seq: int, until: float | None) -> None:
+def _say_relaying(node: Transport, nbase: str, seq: int, until: float | None) -> None:
     """A node's main tells its node it waits on the job's store (one key,
     on the node's store), so that the node's sentinel need not look."""
-    store = cast(Any, nmail).store
+    store = cast(Any, node).store
     store.set(f"{nbase}/relaying", f"{seq} {'-' if until is None else repr(until)}")
-
-
-def _wall(deadline: float | None) -> float | None:
-    """A monotonic deadline as wall-clock time (frames cross hosts)."""
-    return None if deadline is None else time.time() + (deadline - time.monotonic())
 
 
 def _off_wire(tensors: list[torch.Tensor], plan: pernode.Plan) -> list[torch.Tensor]:
@@ -157,18 +129,20 @@ class Exchange:
     ) -> None:
         """``store``: a connection of this exchange's own; ``spare``:
         another one, used from other threads (an exit notice while a sync
-        point waits on ``store``).  ``tiers``: sync through a store per node
-        where the job has several nodes of several ranks (``tier``), each
-        hosted by ``host_node()`` (the store, its port) on the node's main
-        and reached by ``join_node(port)`` from the node's other ranks.
-        ``overdue(rank)``: the ranks of ``rank``'s node when its lease is
-        overdue (see nodewatch.py), for a timeout's message."""
+        point waits on ``store``; a waiting node's look at the job's store).
+        ``tiers``: sync through a store per node where the job has several
+        nodes of several ranks (``tier``), each hosted by ``host_node()``
+        (the store, its port) on the node's main and reached by
+        ``join_node(port)`` from the node's other ranks.  ``overdue(rank)``:
+        the ranks of ``rank``'s node when its lease is overdue (see
+        nodewatch.py), for a timeout's message."""
         self.store = store
         self.spare = spare
         self.rank = rank
         self.world_size = world_size
         self.place = place
         self.prefix = prefix
+        self.transport = transport
         self.mail: Transport = transport(store)
         self.broadcast = broadcast or dist.broadcast
         # Before a process group exists: what makes it, once every rank has
@@ -185,17 +159,24 @@ class Exchange:
         self.met = 0  # sync points that succeeded
         self.watcher: threading.Thread | None = None
         self.stale: dict[str, tuple[Transport, int]] = {}  # verdicts to delete, per scope
-        # The node tier (see tier.py): whether this job uses one, the node
-        # store this rank hosts (a node's main), and this rank's node once
-        # the tier is up (from the world sync point after the first that
-        # succeeds: by then every rank has said where it lives).
-        self.tiers = tiers and uses_tiers(world_size, place.local_size)
-        self.host_node, self.join_node = host_node, join_node
+        # This rank's frames to delete, per scope: each goes once its next
+        # frame is sent (then, the round trip hides in the wait).
+        self.sent: dict[str, tuple[Transport, str, int]] = {}
+        # The node tier (see tier.py), which owns its state; it rises at
+        # the world sync point after the first that succeeds (by then every
+        # rank has said where it lives).
+        self.nodes = NodeTier(
+            store,
+            rank,
+            world_size,
+            place,
+            prefix,
+            enabled=tiers,
+            transport=transport,
+            host_node=host_node,
+            join_node=join_node,
+        )
         self.overdue = overdue
-        self.hosted: Any = None
-        self.announced = False
-        self.tier: Tier | None = None
-        self.node_mail: Transport | None = None
         self.world_met = False
         # Where this rank lives, for local=True: per node (so a local sync
         # waits only for its own node) and, when the launcher does not say
@@ -203,31 +184,57 @@ class Exchange:
         # reply: they cost the store one receive each.
         store.set(f"{prefix}/node/{place.node}/{place.local_rank}", str(rank))
         if place.local_size is None:
-            store.set(f"{prefix}/topo/{rank}", _dumps((place.node, place.local_rank)))
+            store.set(f"{prefix}/topo/{rank}", pickle.dumps((place.node, place.local_rank)))
+
+    @property
+    def tier(self) -> Tier | None:
+        """This rank's node, once the node tier is up."""
+        return self.nodes.tier
+
+    @property
+    def node_mail(self) -> Transport | None:
+        """Frames and verdicts over the node's store, once the tier is up."""
+        return self.nodes.mail
+
+    @property
+    def hosted(self) -> tuple[Any, int] | None:
+        """The node store this rank hosts (a node's main), and its port."""
+        return self.nodes.hosted
 
     # -- who meets whom -------------------------------------------------------
 
+    def route(self, local: bool, deadline: Deadline, point: SyncPoint) -> Route:
+        """The protocol's way for this rank at a sync point (this rank's
+        node found first, for a local one)."""
+        tier = self.tier
+        node = None
+        if local and self.world_size > 1:
+            if self.node is None:
+                if tier is not None:
+                    self.node = (tier.main, tier.members if tier.main == self.rank else ())
+                else:
+                    self.node = self._find_node(deadline, point)
+            node = self.node
+        return protocol.route(
+            self.rank,
+            self.world_size,
+            local,
+            layout=None if tier is None else tier.layout,
+            reachable=tier is not None and tier.store is not None,
+            node=node,
+        )
+
     def scope(
-        self, local: bool, deadline: float | None, point: SyncPoint
+        self, local: bool, deadline: Deadline, point: SyncPoint
     ) -> tuple[str, int, tuple[int, ...]]:
-        """(scope name, main rank, member ranks) of the world or this node.
+        """(scope name, main rank, member ranks) of the world or this node,
+        as the world's main or a member that meets it directly sees them."""
+        way = self.route(local, deadline, point)
+        if way.kind in (NODE_MAIN, protocol.NODE_MEMBER, FALLBACK):
+            return "w", 0, ()
+        return way.scope, way.main, way.members
 
-        A member of a node needs only its main's rank; the node's main needs
-        its members' ranks."""
-        if not local or self.world_size == 1:
-            if self.tier is not None:
-                return "w", 0, self.tier.slots  # rank 0's node, and the other nodes' mains
-            return "w", 0, tuple(range(1, self.world_size))
-        if self.node is None:
-            if self.tier is not None:
-                tier = self.tier
-                self.node = (tier.main, tier.members if tier.main == self.rank else ())
-            else:
-                self.node = self._find_node(deadline, point)
-        main, members = self.node
-        return "l", main, members
-
-    def _find_node(self, deadline: float | None, point: SyncPoint) -> tuple[int, tuple[int, ...]]:
+    def _find_node(self, deadline: Deadline, point: SyncPoint) -> tuple[int, tuple[int, ...]]:
         prefix, place = self.prefix, self.place
         if place.local_rank != 0:
             key = f"{prefix}/node/{place.node}/0"
@@ -246,25 +253,20 @@ class Exchange:
         return self.rank, tuple(r for _, r in node if r != self.rank)
 
     def _wait_keys(
-        self, keys: list[str], ranks: list[int], deadline: float | None, point: SyncPoint
+        self, keys: list[str], ranks: list[int], deadline: Deadline, point: SyncPoint
     ) -> None:
-        while True:
-            left = FOREVER_CHUNK if deadline is None else deadline - time.monotonic()
-            try:
-                if keys:
-                    self.store.wait(keys, timedelta(seconds=max(left, MIN_WAIT)))
-                return
-            except dist.DistStoreError:
-                if deadline is not None and time.monotonic() >= deadline:
-                    missing = [
-                        r for r, k in zip(ranks, keys, strict=True) if not self.store.check([k])
-                    ]
-                    raise SyncTimeoutError(
-                        missing=missing,
-                        point=point.describe() + " [finding this node's ranks]",
-                        timeout=0.0 if deadline is None else left,
-                        observer=self.rank,
-                    ) from None
+        if not keys:
+            return
+        try:
+            wait_on(self.store, deadline, lambda: self.store.wait(keys))
+        except Late:
+            missing = [r for r, k in zip(ranks, keys, strict=True) if not self.store.check([k])]
+            raise SyncTimeoutError(
+                missing=missing,
+                point=point.describe() + " [finding this node's ranks]",
+                timeout=deadline.timeout or 0.0,
+                observer=self.rank,
+            ) from None
 
     def local_store(self) -> Any:
         """The store for this node's own traffic: the node's, once the tier
@@ -285,7 +287,7 @@ class Exchange:
         payload: object,
         timeout: float | None,
     ) -> object:
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = Deadline.after(timeout)
         if self.left:
             raise SyncError(
                 f"rank {self.rank} at {point.describe()}: this process has already told "
@@ -301,38 +303,36 @@ class Exchange:
             name = "l" if local and self.world_size > 1 else "w"
             seq = self.seq[name] = self.seq[name] + 1
             try:
-                if self.tiers and not self.announced:
-                    announce(self)  # before this rank's first frame
-                if name == "w" and self.tiers and self.world_met and self.tier is None:
-                    self.tier = raise_tier(self, point)
-                if name == "w" and self.tier is not None and self.rank != 0:
-                    if self.watcher is None:
-                        self.watcher = start_watcher(self)
-                    if self.rank == self.tier.main:
-                        try:
-                            return self._relay(self.tier, seq, point, failure, deadline, timeout)
-                        except dist.DistNetworkError as exc:
-                            if _silent(exc, self.store):  # its node waits for the relay
-                                self._relay_store_lost(self.tier, seq)
-                            raise
-                    if not self.tier.direct():
-                        return self._follow_node(self.tier, seq, point, failure, deadline, timeout)
-                name, main, members = self.scope(local, deadline, point)
-                if main == self.rank and not members:
-                    if name == "w":
+                if self.nodes.due():
+                    self.nodes.announce()  # before this rank's first frame
+                if name == "w" and self.nodes.ready(self.world_met):
+                    self.nodes.rise(point)
+                way = self.route(local, deadline, point)
+                if way.kind == ALONE:
+                    if way.scope == "w":
                         self._met()  # a world of one
                     return payload  # alone in its scope (members know only their main)
                 if self.watcher is None:
                     self.watcher = start_watcher(self)
-                base = self.base(name, main)
+                shortcut = protocol.main_gone(way, self.gone, seq)
+                if shortcut is not None:
+                    protocol.raise_for(shortcut, point, self.rank, timeout)
+                if way.kind == NODE_MAIN:
+                    try:
+                        return self._relay(way, seq, point, failure, deadline)
+                    except dist.DistNetworkError as exc:
+                        if _silent(exc, self.store):  # its node waits for the relay
+                            self._relay_store_lost(way, seq)
+                        raise
+                if way.kind in (protocol.NODE_MEMBER, FALLBACK):
+                    return self._follow_node(way, seq, point, failure, deadline)
+                base = self.base(way.scope, way.main)
                 # A local sync point travels over the node's store once it is up.
-                mail = self.node_mail if name == "l" and self.node_mail is not None else self.mail
-                if self.rank == main:
-                    return self._lead(
-                        base, seq, members, point, failure, payload, deadline, timeout, mail
-                    )
-                deadline = _member_deadline(deadline, timeout, 1)
-                return self._follow(base, seq, main, point, failure, deadline, timeout, mail)
+                node_mail = self.node_mail
+                mail = node_mail if way.scope == "l" and node_mail is not None else self.mail
+                if way.kind == MAIN:
+                    return self._lead(base, seq, way, point, failure, payload, deadline, mail)
+                return self._follow(base, seq, way, point, failure, deadline, mail)
             except dist.DistNetworkError as exc:
                 if _silent(exc, self.store):
                     raise self._store_lost(point) from exc
@@ -368,64 +368,69 @@ class Exchange:
         ranks = (0,) if self.tier is None else self.tier.zero
         return Failure(0, protocol.STORE_LOST, "", "", True, True, host, ranks)
 
-    def _relay_store_lost(self, tier: Tier, seq: int) -> None:
+    def _relay_store_lost(self, way: Route, seq: int) -> None:
         """A node's main lost the job's store: its node hears it (relayed)."""
         nmail = self.node_mail
         if nmail is None:
             return
-        verdict = _dumps(protocol.failed(seq, [(self._store_loss(), None)]))
+        verdict = dump_verdict(protocol.failed(seq, [(self._store_loss(), None)]))
         with contextlib.suppress(Exception):
-            nmail.answer(self.base("w", self.rank), seq, tier.members, verdict)
+            nmail.answer(self.base("w", self.rank), seq, way.members, verdict)
+
+    def _send(self, mail: Transport, base: str, seq: int, frame: Frame | NodeFrame) -> None:
+        """Send this rank's frame, then forget its previous one in the same
+        scope (read by now: this rank had its verdict)."""
+        scope = base[len(self.prefix) + 1]
+        mail.send(base, seq, self.rank, dump_frame(frame))
+        pending = self.sent.pop(scope, None)
+        if pending is None:
+            return
+        old, old_base, old_seq = pending
+        if old is mail:
+            old.drop_frame(old_base, old_seq, self.rank)
+            return
+        try:  # (on a store this rank no longer uses: its node's, gone with its main)
+            old.drop_frame(old_base, old_seq, self.rank)
+        except Exception as exc:
+            _log.debug("rank %d could not drop its frame on %s: %r", self.rank, old_base, exc)
 
     def _lead(
         self,
         base: str,
         seq: int,
-        members: Sequence[int],
+        way: Route,
         point: SyncPoint,
         failure: Failure | None,
         payload: object,
-        deadline: float | None,
-        timeout: float | None,
-        mail: Transport | None = None,
+        deadline: Deadline,
+        mail: Transport,
     ) -> object:
-        mail = mail or self.mail
-        world = base == self.base("w", 0)
-        arrived: dict[int, Frame] = {}
+        world, members = way.scope == "w", way.members
         # A rank that is gone never comes: answer at once (the world's main
         # hears of any rank's exit, through its node's main with tiers).
-        gone = [r for r in self.gone if r != self.rank and (world or r in members)]
+        gone = protocol.gone_frames(way, self.rank, self.gone, seq)
         missing: list[int] = []
         told: dict[int, str | None] = {}  # where nodes' mains last saw their missing
-        agreed: list[protocol.Agreed] = []  # with tiers: nodes' ranks that came, in groups
+        agreed: list[Agreed] = []  # with tiers: nodes' ranks that came, in groups
         stale = self.stale.pop(base, None)
         if stale is not None:
             stale[0].drop_verdict(base, stale[1])
         if gone:
-            arrived = {m: protocol.exit_frame(seq, self.gone[m]) for m in gone}
+            arrived = gone
         else:
             self.waiting = Wait(
                 time.monotonic(), point.describe(), True, self.rank, members, base, seq
             )
-            frames, missing = mail.collect(base, seq, members, deadline)
-            now = time.time()
-            for sent in frames.values():
-                # A rank's frame, or with tiers, a node's (its ranks' frames).
-                got, absent, seen, groups = read_frame(sent)
-                missing += absent
-                told.update(seen)
-                for frame in got:
-                    arrived[frame.rank] = frame
-                    self._note(frame, now)
-                for group in groups:
-                    agreed.append(group)
-                    self.seen.update(dict.fromkeys(group.ranks, (group.where, now)))
+            sent, missing = mail.collect(base, seq, members, deadline)
+            arrived, absent, told, agreed = protocol.gathered(map(load_frame, sent.values()))
+            missing += absent
+            self._note(arrived.values(), agreed)
         stacks = self.stacks(missing) if missing and not self.gone.keys() & arrived.keys() else None
         if stacks is not None and world:
             missing = self._with_nodes(missing, stacks)
         last_seen = self.last_seen(missing)
         last_seen.update((r, where) for r, where in told.items() if where is not None)
-        verdict = protocol.judge(
+        verdict: Verdict | None = protocol.judge(
             seq, point, self.rank, failure, arrived, missing, last_seen, stacks, agreed
         )
         own_error: BaseException | None = None
@@ -439,14 +444,18 @@ class Exchange:
                 plan: pernode.Plan = (pernode.BCAST, [])
                 if payload is not None:
                     data, plan, wires = pernode.prepare(self, payload, world, point)
-                verdict = (seq, OK, data, plan)
+                verdict = Ok(seq, data, cast("tuple[str, list[object]]", plan))
             except Exception as exc:
                 own_error = exc
                 verdict = protocol.failed(seq, [(Failure.from_exception(self.rank, exc), None)])
-        if verdict[1] != TIMEOUT and self._withdrawn(base, seq, arrived, agreed):
-            verdict, wires, own_error = (seq, TIMEOUT, (self.rank,), None), [], None  # too late
+        if not isinstance(verdict, Timeout):
+            asked = protocol.to_ask(arrived, agreed, time.time(), WITHDRAW_MARGIN)
+            # Every member asked is claimed, so that none withdraws later.
+            claims = [self._claim(base, seq, m, b"answered") for m in asked]
+            if b"withdrawn" in claims:  # too late: a member gave up
+                verdict, wires, own_error = protocol.withdrawal(verdict, True, self.rank), [], None
 
-        mail.answer(base, seq, members, _dumps(verdict))
+        mail.answer(base, seq, members, dump_verdict(verdict))
         if seq > 1 and not gone and not missing:
             # Every member has read the previous verdict: it goes at this
             # scope's next sync point, where the round trip hides in the wait
@@ -454,16 +463,16 @@ class Exchange:
             self.stale[base] = (mail, seq - 1)
         if own_error is not None:
             raise own_error
-        if verdict[1] == OK:
+        if isinstance(verdict, Ok):
             self.met += 1
             if world:
                 self._met()  # the group exists before any tensor moves
-            plan = cast(pernode.Plan, verdict[3])
+            plan = cast(pernode.Plan, verdict.plan)
             shared = pernode.send(self, seq, plan, wires, members, world, point)
             if shared is None:
                 return unshare(payload)
-            return wire.loads(cast(bytes, verdict[2]), _off_wire(shared, plan))
-        protocol.raise_for(verdict, point, self.rank, timeout)
+            return wire.loads(cast(bytes, verdict.data), _off_wire(shared, plan))
+        protocol.raise_for(verdict, point, self.rank, deadline.timeout)
         return None
 
     def _with_nodes(self, missing: list[int], stacks: dict[int, tuple[str, str]]) -> list[int]:
@@ -483,34 +492,34 @@ class Exchange:
         self,
         base: str,
         seq: int,
-        main: int,
+        way: Route,
         point: SyncPoint,
         failure: Failure | None,
-        deadline: float | None,
-        timeout: float | None,
-        mail: Transport | None = None,
+        deadline: Deadline,
+        mail: Transport,
     ) -> object:
-        mail = mail or self.mail
-        if main in self.gone:
-            verdict: Verdict = protocol.failed(seq, [(self.gone[main], None)])
-            protocol.raise_for(verdict, point, self.rank, timeout)
-        frame = Frame.of(seq, self.rank, point, failure, _wall(deadline))
-        mail.send(base, seq, self.rank, _dumps(tuple(frame)))
+        main, mine = way.main, deadline.extended(way.tiers)
+        self._send(mail, base, seq, Frame.of(seq, self.rank, point, failure, mine.wall()))
         self.waiting = Wait(time.monotonic(), point.describe(), False, main, (), base, seq)
         try:
-            verdict = pickle.loads(mail.receive(base, seq, self.rank, deadline))
+            verdict = load_verdict(mail.receive(base, seq, self.rank, mine))
         except Late:
-            verdict = self._give_up(base, seq, main, point, timeout, mail)
-        mail.drop_frame(base, seq, self.rank)
-        return self._heard(verdict, main, point, seq, base == self.base("w", 0), timeout)
+            verdict = self._give_up(base, seq, main, point, deadline, mail)
+        self.sent[way.scope] = (mail, base, seq)
+        return self._heard(verdict, main, point, seq, way.scope == "w", deadline)
 
-    def _note(self, frame: Frame, now: float) -> None:
-        """Remember what a member's frame says of its rank: that it is gone,
-        or where it was seen (a stand-in says neither)."""
-        if frame.kind == "exit":
-            self.gone[frame.rank] = Failure(*frame.failure)  # type: ignore[misc]
-        elif frame.kind != "absent":
-            self.seen[frame.rank] = (frame.where, now)
+    def _note(self, frames: Sequence[Frame] | Any, agreed: Sequence[Agreed] = ()) -> None:
+        """Remember what members' frames say of their ranks: that one is
+        gone, or where each was seen (a stand-in says neither)."""
+        now = time.time()
+        for frame in frames:
+            exited = protocol.noted(frame)
+            if exited is not None:
+                self.gone[frame.rank] = exited
+            elif frame.kind not in ("absent", WAKE):
+                self.seen[frame.rank] = (frame.where, now)
+        for group in agreed:
+            self.seen.update(dict.fromkeys(group.ranks, (group.where, now)))
 
     def _heard(
         self,
@@ -519,20 +528,20 @@ class Exchange:
         point: SyncPoint,
         seq: int,
         world: bool,
-        timeout: float | None,
+        deadline: Deadline,
     ) -> object:
         """A member has its verdict from ``main``: remember what it says, and
         return the result or raise."""
         self.seen[main] = (point.describe(), time.time())
-        gone = protocol.gone_in(verdict)
-        if gone is not None and (gone == main or (self.tier is not None and world)):
-            self.gone[gone] = protocol.unpack(cast(tuple[object, ...], verdict[2]))
-        if verdict[1] == OK:
+        gone = protocol.marks_gone(verdict, main, self.tier is not None and world)
+        if gone is not None:
+            self.gone[gone] = cast(Failed, verdict).failure
+        if isinstance(verdict, Ok):
             self.met += 1
             if world:
                 self._met()
-            return self._result(verdict, 0 if world else main, point, seq, world, timeout)
-        protocol.raise_for(verdict, point, self.rank, timeout)
+            return self._result(verdict, 0 if world else main, point, seq, world, deadline)
+        protocol.raise_for(verdict, point, self.rank, deadline.timeout)
         return None
 
     def _give_up(
@@ -541,7 +550,7 @@ class Exchange:
         seq: int,
         main: int,
         point: SyncPoint,
-        timeout: float | None,
+        deadline: Deadline,
         mail: Transport | None = None,
     ) -> Verdict:
         """Out of time: give up, unless the verdict has just come or the
@@ -551,13 +560,13 @@ class Exchange:
         if mail.has_verdict(base, seq, self.rank) or (
             self._claim(base, seq, self.rank, b"withdrawn") == b"answered"
         ):
-            return cast(Verdict, pickle.loads(mail.receive(base, seq, self.rank, None)))
+            return load_verdict(mail.receive(base, seq, self.rank, NEVER))
         # Its frame stays: a main that comes late reads it, and its withdrawal.
         (place, stack) = self.stacks([main])[main]
         raise SyncTimeoutError(
             missing=(main,),
             point=point.describe(),
-            timeout=timeout or 0.0,
+            timeout=deadline.timeout or 0.0,
             observer=self.rank,
             last_seen=self.last_seen([main]),
             stacks={main: stack},
@@ -566,20 +575,19 @@ class Exchange:
 
     def _result(
         self,
-        verdict: Verdict,
+        verdict: Ok,
         main: int,
         point: SyncPoint,
         seq: int,
         world: bool,
-        timeout: float | None,
+        deadline: Deadline,
     ) -> object:
-        data = cast("bytes | None", verdict[2])
-        plan = cast(pernode.Plan, verdict[3])
-        tensors = _off_wire(pernode.receive(self, seq, plan, main, world, point, timeout), plan)
-        if data is None:
+        plan = cast(pernode.Plan, verdict.plan)
+        tensors = _off_wire(pernode.receive(self, seq, plan, main, world, point, deadline), plan)
+        if verdict.data is None:
             return None
         try:
-            return wire.loads(data, tensors)
+            return wire.loads(verdict.data, tensors)
         except Exception as exc:
             raise SyncError(
                 f"rank {self.rank} could not unpickle the result rank {main} "
@@ -599,32 +607,23 @@ class Exchange:
     # -- the node tier (see tier.py) ----------------------------------------------
 
     def _relay(
-        self,
-        tier: Tier,
-        seq: int,
-        point: SyncPoint,
-        failure: Failure | None,
-        deadline: float | None,
-        timeout: float | None,
+        self, way: Route, seq: int, point: SyncPoint, failure: Failure | None, deadline: Deadline
     ) -> object:
         """A node's main (not rank 0's node) at a world sync point: gather its
         node's frames, send rank 0 one frame for the node, and relay the
         verdict to the node."""
+        tier = cast(Tier, self.tier)
         nmail = self.node_mail  # None: a node of one rank
-        nbase, wbase, members = self.base("w", self.rank), self.base("w", 0), tier.members
-        mine = _member_deadline(deadline, timeout, 1)
-        frames = [Frame.of(seq, self.rank, point, failure, _wall(mine))]
-        gone = [m for m in members if m in self.gone]
+        nbase, wbase, members = self.base("w", self.rank), self.base("w", 0), way.members
+        mine = deadline.extended(way.tiers)
+        frames = [Frame.of(seq, self.rank, point, failure, mine.wall())]
+        gone = protocol.gone_frames(way, self.rank, self.gone, seq)
         missing: list[int] = []
         early: bytes | None = None  # the verdict, when it came before the node did
         if gone:
-            frames += [protocol.exit_frame(seq, self.gone[m]) for m in gone]
+            frames += gone.values()
         elif nmail is not None:
-            # Done a little before rank 0's deadline, so that rank 0 hears
-            # which of this node's ranks are missing, not that the node is.
-            until = (
-                None if deadline is None or timeout is None else deadline - min(GRACE, timeout / 4)
-            )
+            node = self.transport(tier.spare)
             self.waiting = Wait(
                 time.monotonic(),
                 point.describe(),
@@ -633,39 +632,37 @@ class Exchange:
                 members,
                 nbase,
                 seq,
-                type(nmail)(tier.spare),  # type: ignore[call-arg]
+                node,
+                self._look(wbase, nbase, seq, node, members),
+                POLL,
             )
-            sent, missing, early = self._gather(nmail, nbase, wbase, seq, members, until)
-            now = time.time()
-            for data in sent.values():
-                frame = Frame(*pickle.loads(data))
-                frames.append(frame)
-                self._note(frame, now)
+            got, missing, early = self._gather(nmail, nbase, wbase, seq, members, deadline.early())
+            frames += got
+            self._note(got)
         if early is None:
             if nmail is not None:
-                _say_relaying(nmail, nbase, seq, _wall(mine))  # the sentinel need not look
-            self.mail.send(
-                wbase, seq, self.rank, node_frame(frames, missing, self.last_seen(missing))
-            )
+                _say_relaying(nmail, nbase, seq, mine.wall())  # the sentinel need not look
+            seen = self.last_seen(missing)
+            self._send(self.mail, wbase, seq, NodeFrame.of(frames, missing, seen))
             self.waiting = Wait(time.monotonic(), point.describe(), False, 0, (), wbase, seq)
             try:
                 early = self.mail.receive(wbase, seq, self.rank, mine)
             except Late:
                 try:
-                    early = _dumps(self._give_up(wbase, seq, 0, point, timeout))
+                    early = dump_verdict(self._give_up(wbase, seq, 0, point, deadline))
                 except SyncTimeoutError as exc:
                     # Rank 0 never answered: the node hears the same.
                     stacks = {r: (exc.places.get(r, ""), st) for r, st in exc.stacks.items()}
-                    late = (seq, TIMEOUT, (0,), self.last_seen([0]), stacks)
+                    late = Timeout(seq, (0,), self.last_seen([0]), stacks)
                     if nmail is not None:
-                        nmail.answer(nbase, seq, members, _dumps(late))
+                        nmail.answer(nbase, seq, members, dump_verdict(late))
                     raise
-            self.mail.drop_frame(wbase, seq, self.rank)
+            self.sent["w"] = (self.mail, wbase, seq)
         if nmail is not None:
             nmail.answer(nbase, seq, members, early)
             if seq > 1 and not gone and not missing:
                 nmail.drop_verdict(nbase, seq - 1)
-        return self._heard(pickle.loads(early), 0, point, seq, True, timeout)
+        return self._heard(load_verdict(early), 0, point, seq, True, deadline)
 
     def _gather(
         self,
@@ -674,45 +671,76 @@ class Exchange:
         wbase: str,
         seq: int,
         members: Sequence[int],
-        deadline: float | None,
-    ) -> tuple[dict[int, bytes], list[int], bytes | None]:
-        """A node's main: its ranks' frames, until ``deadline``, looking at
-        the job's store every POLL seconds meanwhile: (frames, missing, the
+        deadline: Deadline,
+    ) -> tuple[list[Frame], list[int], bytes | None]:
+        """A node's main: its ranks' frames, until ``deadline`` (this
+        rank's watcher looks at the job's store meanwhile, and wakes this
+        wait where it finds the verdict there): (frames, missing, the
         verdict if it came first, from a failure elsewhere)."""
-        frames: dict[int, bytes] = {}
-        left = list(members)
-        while True:
-            now = time.monotonic()
-            last = deadline is not None and deadline - now <= POLL
-            got, left = nmail.collect(nbase, seq, left, deadline if last else now + POLL)
-            frames.update(got)
-            if not left or last:
-                return frames, left, None
-            verdict = self._verdict_on_job_store(wbase, seq)
-            if verdict is not None:
-                return frames, left, verdict
+        got, missing = nmail.collect(nbase, seq, members, deadline)
+        frames = [cast(Frame, load_frame(data)) for data in got.values()]
+        woken = [f.rank for f in frames if f.kind == WAKE]
+        if not woken:
+            return frames, missing, None
+        frames = [f for f in frames if f.kind != WAKE]
+        return frames, missing + woken, self._verdict_on_job_store(wbase, seq)
+
+    def _look(
+        self, wbase: str, nbase: str, seq: int, node: Transport, wake: Sequence[int]
+    ) -> Callable[[], None] | None:
+        """What a waiting node's watcher does every POLL seconds: look at
+        the job's store, over the spare connection, for rank 0's verdict
+        (it comes first where a rank elsewhere failed); relay one it finds
+        to the node, and wake its node's main where it waits for frames
+        (``wake``: the members whose frames it waits for).  A look at a
+        store whose host was lost blocks for seconds, while the node's
+        main, waiting there already, hears of the loss and relays it: so
+        the node's other ranks leave the look to a main that says it is
+        relaying (until its own deadline)."""
+        if self.spare is None:
+            return None  # (a simulated rank without a second connection)
+        job = self.transport(self.spare)
+        sentinel = not wake
+
+        def look() -> None:
+            if sentinel:
+                relaying = _relaying(node, nbase)
+                if relaying is not None and relaying[0] == seq:
+                    if relaying[1] is None or time.time() < relaying[1]:
+                        return  # the main waits on the job's store itself, and will relay
+            try:
+                data = None
+                if job.has_verdict(wbase, seq, self.rank):
+                    data = job.receive(wbase, seq, self.rank, NEVER)
+            except dist.DistNetworkError as exc:
+                if not sentinel or not _silent(exc, self.store):
+                    wake_main()  # it looks itself, and hears of the loss
+                    raise
+                data = dump_verdict(protocol.failed(seq, [(self._store_loss(), None)]))
+            if data is None:
+                return
+            node.offer_verdict(nbase, seq, -1, data)  # the node's ranks hear it now
+            wake_main()
+
+        def wake_main() -> None:
+            for m in wake:
+                node.offer_frame(nbase, seq, m, dump_frame(_wake(seq, m)))
+
+        return look
 
     def _follow_node(
-        self,
-        tier: Tier,
-        seq: int,
-        point: SyncPoint,
-        failure: Failure | None,
-        deadline: float | None,
-        timeout: float | None,
+        self, way: Route, seq: int, point: SyncPoint, failure: Failure | None, deadline: Deadline
     ) -> object:
         """A rank of a node (not rank 0's) at a world sync point: through its
         node's main; over the job's store if the node's store is gone."""
-        main, wbase, nbase = tier.main, self.base("w", 0), self.base("w", tier.main)
-        if main in self.gone:
-            protocol.raise_for(
-                protocol.failed(seq, [(self.gone[main], None)]), point, self.rank, timeout
-            )
-        mine = _member_deadline(deadline, timeout, 2)
-        frame = _dumps(tuple(Frame.of(seq, self.rank, point, failure, _wall(mine))))
+        tier = cast(Tier, self.tier)
+        main, wbase, nbase = way.main, self.base("w", 0), self.base("w", way.main)
+        mine = deadline.extended(way.tiers)
         data: bytes | None = None
         nmail = self.node_mail
-        if nmail is not None and tier.store is not None:
+        if way.kind != FALLBACK and nmail is not None:
+            node = self.transport(tier.spare)
+            sentinel = self.place.local_rank == 1
             self.waiting = Wait(
                 time.monotonic(),
                 point.describe(),
@@ -721,63 +749,33 @@ class Exchange:
                 (),
                 nbase,
                 seq,
-                type(nmail)(tier.spare),  # type: ignore[call-arg]
+                node,
+                self._look(wbase, nbase, seq, node, ()) if sentinel else None,
+                POLL,
             )
             try:
-                nmail.send(nbase, seq, self.rank, frame)
-                data = self._await_relay(nmail, nbase, wbase, seq, mine)
+                self._send(nmail, nbase, seq, Frame.of(seq, self.rank, point, failure, mine.wall()))
+                with contextlib.suppress(Late):
+                    data = nmail.receive(nbase, seq, self.rank, mine)
                 if data is not None:
-                    nmail.drop_frame(nbase, seq, self.rank)
+                    self.sent["w"] = (nmail, nbase, seq)
             except (StoreLost, dist.DistNetworkError) as exc:
                 _log.debug("rank %d lost its node's store: %r", self.rank, exc)
-                tier.store = None  # its node's main is gone: the job's store says so
-                self.node_mail = None
+                self.nodes.cut_off()  # its node's main is gone: the job's store says so
         if data is None and tier.store is None:
             # Cut off from its node: rank 0's verdict, on the job's store.
             self.waiting = Wait(time.monotonic(), point.describe(), False, main, (), wbase, seq)
             with contextlib.suppress(Late):
                 data = self.mail.receive(wbase, seq, self.rank, mine)
         if data is None:
-            data = _dumps(self._give_up(wbase, seq, main, point, timeout))
-        return self._heard(pickle.loads(data), main, point, seq, True, timeout)
-
-    def _await_relay(
-        self, nmail: Transport, nbase: str, wbase: str, seq: int, deadline: float | None
-    ) -> bytes | None:
-        """The verdict, relayed by the node's main (None: out of time).  The
-        node's first rank after its main also looks at the job's store every
-        POLL seconds, and relays a verdict it finds there to the node, until
-        the main comes (a look at a store whose host was lost blocks for
-        seconds, while the main, waiting there already, hears of the loss
-        and relays it)."""
-        sentinel = self.place.local_rank == 1
-        while True:
-            now = time.monotonic()
-            last = not sentinel or (deadline is not None and deadline - now <= POLL)
-            try:
-                return nmail.receive(nbase, seq, self.rank, deadline if last else now + POLL)
-            except Late:
-                if last:
-                    return None
-            relaying = _relaying(nmail, nbase)
-            if relaying is not None and relaying[0] == seq:
-                if relaying[1] is None or time.time() < relaying[1]:
-                    continue  # the main waits on the job's store itself, and will relay
-            try:
-                data = self._verdict_on_job_store(wbase, seq)
-            except dist.DistNetworkError as exc:
-                if not _silent(exc, self.store):
-                    raise
-                data = _dumps(protocol.failed(seq, [(self._store_loss(), None)]))
-            if data is not None:
-                nmail.answer(nbase, seq, (), data)
-                return data
+            data = dump_verdict(self._give_up(wbase, seq, main, point, deadline))
+        return self._heard(load_verdict(data), main, point, seq, True, deadline)
 
     def _verdict_on_job_store(self, wbase: str, seq: int) -> bytes | None:
-        """A waiting node's look (every POLL seconds): rank 0's verdict, if
-        it came while the node waits (a failure elsewhere)."""
+        """Rank 0's verdict, if it came while the node waits (a failure
+        elsewhere)."""
         if self.mail.has_verdict(wbase, seq, self.rank):
-            return self.mail.receive(wbase, seq, self.rank, None)
+            return self.mail.receive(wbase, seq, self.rank, NEVER)
         return None
 
     # -- a member that gives up, and a main that answers anyway -------------------
@@ -787,32 +785,6 @@ class Exchange:
         point's verdict (the main claims b"answered") or gave up on it (the
         member claims b"withdrawn"); returns whichever claim came first."""
         return bytes(self.store.compare_set(f"{base}/claim/{seq}/{member}", "", claim))
-
-    def _withdrawn(
-        self,
-        base: str,
-        seq: int,
-        arrived: Mapping[int, Frame],
-        agreed: Sequence[protocol.Agreed] = (),
-    ) -> bool:
-        """Whether a member gave up waiting before this rank could answer.
-
-        Only members whose own deadline is near (by the wall clock, with a
-        margin for clocks that differ between hosts) are asked, so a sync
-        point that completes in time costs nothing extra."""
-        near = time.time() + WITHDRAW_MARGIN  # a member that gives up before then is asked
-        asked = [m for m, f in arrived.items() if f.give_up is not None and f.give_up <= near]
-        for group in agreed:
-            if group.first_give_up is not None and group.first_give_up <= near:
-                asked += [
-                    m
-                    for m, give_up in zip(group.ranks, group.give_ups, strict=True)
-                    if give_up is not None and give_up <= near
-                ]
-        withdrawn = False
-        for member in asked:
-            withdrawn |= self._claim(base, seq, member, b"answered") == b"withdrawn"
-        return withdrawn
 
     # -- where the others are ----------------------------------------------------
 
@@ -851,13 +823,13 @@ class Exchange:
         self.left = True
         if self.lock.acquire(blocking=False):
             try:
-                say_exit(self, failure, self.store, self.seq, first_hand=True)
+                self._say_exit(failure, self.store, first_hand=True)
             finally:
                 self.lock.release()
         elif self.spare is not None:
             # A thread is inside a sync point, blocked on this exchange's
             # connection (the store client holds it for the whole wait).
-            say_exit(self, failure, self.spare, self.seq, first_hand=True, spare=True)
+            self._say_exit(failure, self.spare, first_hand=True, spare=True)
 
     def report_killed(
         self, failure: Failure, store: Any, *, elsewhere: Sequence[int] | None = None
@@ -868,8 +840,43 @@ class Exchange:
         would have joined is this rank's current one or the one after.
         ``elsewhere``: the rank is on another node, whose ranks these are
         (its node was lost, or its pulse saw it end)."""
-        where = None if elsewhere is None else waiters_elsewhere(self, failure.rank, elsewhere)
-        return say_exit(self, failure, store, self.seq, first_hand=False, where=where)
+        where = None
+        if elsewhere is not None:
+            tier = self.tier
+            layout = None if tier is None else tier.layout
+            where = protocol.waiters_elsewhere(failure.rank, self.world_size, layout, elsewhere)
+        return self._say_exit(failure, store, first_hand=False, where=where)
+
+    def _say_exit(
+        self,
+        failure: Failure,
+        store: Any,
+        *,
+        first_hand: bool,
+        spare: bool = False,
+        where: Sequence[protocol.Waiter] | None = None,
+    ) -> bool:
+        """``exits.say_exit``, with where this rank's node's store is: its
+        own connection to it (first hand), or the spare (``spare``, or second
+        hand); none for a node's main's exit reported second hand (its
+        node's store went with it)."""
+        tier = self.tier
+        node = None
+        if tier is not None and (first_hand or failure.rank != tier.main):
+            node = tier.spare if spare or not first_hand else tier.store
+        if where is None:
+            layout = None if tier is None else tier.layout
+            where = protocol.waiters(failure.rank, self.world_size, layout, self.node_main())
+        return say_exit(
+            failure,
+            store,
+            node,
+            self.seq,
+            where,
+            prefix=self.prefix,
+            transport=self.transport,
+            first_hand=first_hand,
+        )
 
     def node_main(self) -> int | None:
         """The rank of this node's main, if this rank knows it (a rank that
@@ -877,3 +884,9 @@ class Exchange:
         if self.node is not None:
             return self.node[0]
         return self.rank if self.place.local_rank == 0 else None
+
+
+def _wake(seq: int, rank: int) -> Frame:
+    """A frame put in ``rank``'s place by a look that found the verdict on
+    the job's store first: it wakes the node's main that waits for frames."""
+    return Frame(seq, rank, WAKE, "", 0, None, "(the verdict came first)", None)

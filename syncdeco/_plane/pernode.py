@@ -38,11 +38,9 @@ import hashlib
 import logging
 import os
 import pickle
-import time
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any, Final, final
 
 import torch
@@ -51,8 +49,9 @@ import torch.distributed as dist
 from .._backend import SyncPoint
 from .._errors import SyncError, SyncTimeoutError
 from . import shm, wire
+from .deadline import Deadline
 from .share import Share
-from .transport import FOREVER_CHUNK, MIN_WAIT
+from .transport import Late, wait_on
 from .wire import Meta
 
 __all__ = ["BCAST", "NODE", "SHARE", "Plan", "prepare", "receive", "send"]
@@ -168,10 +167,12 @@ def receive(
     main: int,
     world: bool,
     point: SyncPoint,
-    timeout: float | None,
+    deadline: Deadline,
 ) -> list[torch.Tensor]:
     """A member's side, after an OK verdict: this rank's tensors of the
-    result, on the wire's device (``wire.off_wire`` puts them in place)."""
+    result, on the wire's device (``wire.off_wire`` puts them in place).
+    ``deadline``: the sync point's (:meth:`~.deadline.Deadline.then` gives
+    what follows its verdict)."""
     mode, metas = plan
     if not metas:
         return []
@@ -199,7 +200,8 @@ def receive(
             shared = _publish(exchange, key, node.members, buffers, metas, mode, point)
             return buffers if shared is None else shared
         main = node.main
-    return _take(exchange, _key(exchange, world, main, seq), main, metas, mode, point, timeout)
+    key = _key(exchange, world, main, seq)
+    return _take(exchange, key, main, metas, mode, point, deadline.then())
 
 
 # -- the node mains ---------------------------------------------------------------
@@ -462,7 +464,7 @@ def _take(
     metas: Sequence[Meta],
     mode: str,
     point: SyncPoint,
-    timeout: float | None,
+    deadline: Deadline,
 ) -> list[torch.Tensor]:
     """A node's other rank: wait for its main's file, then map it (SHARE) or
     copy it out; the last rank of the node to do so unlinks it."""
@@ -470,21 +472,15 @@ def _take(
     if size == 0:
         return [torch.empty(shape, dtype=dtype) for shape, dtype, *_ in metas]
     store = exchange.local_store()
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        left = FOREVER_CHUNK if deadline is None else deadline - time.monotonic()
-        try:
-            store.wait([key], timedelta(seconds=max(left, MIN_WAIT)))
-            break
-        except dist.DistStoreError:
-            if deadline is not None and time.monotonic() >= deadline:
-                raise SyncTimeoutError(
-                    missing=(main,),
-                    point=point.describe() + " [waiting for the result in shared memory]",
-                    timeout=timeout or 0.0,
-                    observer=exchange.rank,
-                ) from None
-    value = bytes(store.get(key))
+    try:
+        value = bytes(wait_on(store, deadline, lambda: store.get(key)))  # get waits for its key
+    except Late:
+        raise SyncTimeoutError(
+            missing=(main,),
+            point=point.describe() + " [waiting for the result in shared memory]",
+            timeout=deadline.timeout or 0.0,
+            observer=exchange.rank,
+        ) from None
     if value.startswith(_FAILED):
         raise SyncError(
             f"rank {exchange.rank} at {point.describe()}: rank {main}, the main rank of "

@@ -32,31 +32,26 @@ from __future__ import annotations
 
 import logging
 import pickle
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Final, cast, final
+from typing import Any, Final, cast, final
 
 import torch.distributed as dist
 
 from .._backend import SyncPoint
 from .._errors import SyncError
 from .._loopback import LOOPBACK, host_on_loopback
-from .protocol import Agreed, Frame, agrees
-
-if TYPE_CHECKING:
-    from .exchange import Exchange
+from .protocol import Layout, Place
+from .transport import Transport
 
 __all__ = [
     "POLL",
+    "NodeTier",
     "Tier",
-    "announce",
     "host_store",
     "join_store",
     "members_key",
-    "node_frame",
-    "raise_tier",
-    "read_frame",
     "uses_tiers",
 ]
 
@@ -64,7 +59,6 @@ _log = logging.getLogger("syncdeco")
 
 POLL: Final = 4.0  # seconds between a waiting node's looks at the job's store
 JOIN_TIMEOUT: Final = 30.0  # seconds to connect to the node's store (its main is up)
-NODE: Final = "node"  # the first item of a node frame
 
 
 @final
@@ -83,6 +77,11 @@ class Tier:
         """Whether this rank meets rank 0 on the job's store (rank 0's own
         node), instead of through its node's main."""
         return self.main == 0
+
+    @property
+    def layout(self) -> Layout:
+        """The tier as the protocol's rules see it (no stores)."""
+        return Layout(self.main, self.members, self.slots, self.zero)
 
 
 def uses_tiers(world_size: int, local_size: int | None) -> bool:
@@ -116,112 +115,138 @@ def members_key(prefix: str, main: int) -> str:
     return f"{prefix}/members/{main}"
 
 
-def node_frame(
-    frames: Sequence[Frame], missing: Sequence[int], seen: Mapping[int, str | None]
-) -> bytes:
-    """What a node's main sends rank 0: its node's frames (the main's own
-    first), the ranks that did not come in time, and where it last saw
-    them.  The frames that agree with the main's own (the same sync point,
-    no failure: at nearly every sync point, all of them) travel as one
-    group per place they were seen at; the others as they are."""
-    point = (frames[0].seq, frames[0].kind, frames[0].name, frames[0].call)
-    odd: list[tuple[object, ...]] = []
-    same: dict[str, list[Frame]] = {}
-    for frame in frames:
-        if agrees(frame, point):
-            same.setdefault(frame.where, []).append(frame)
-        else:
-            odd.append(tuple(frame))
-    groups = [tuple(Agreed.of(group)) for group in same.values()]
-    return pickle.dumps(
-        (NODE, odd, tuple(missing), dict(seen), groups), protocol=pickle.HIGHEST_PROTOCOL
+@final
+class NodeTier:
+    """One rank's part in the node tier, and the state it owns: whether the
+    job may use one (``enabled``; settled for good once the tier would
+    rise), whether this rank said where it lives (``announced``), the node
+    store it hosts (``hosted``: a node's main), and its node once the tier
+    is up (``tier``, and ``mail``: frames and verdicts over the node's
+    store)."""
+
+    __slots__ = (
+        "announced",
+        "enabled",
+        "host_node",
+        "hosted",
+        "join_node",
+        "mail",
+        "place",
+        "prefix",
+        "rank",
+        "store",
+        "tier",
+        "transport",
     )
 
+    def __init__(
+        self,
+        store: Any,
+        rank: int,
+        world_size: int,
+        place: Place,
+        prefix: str,
+        *,
+        enabled: bool,
+        transport: Callable[[Any], Transport],
+        host_node: Callable[[], tuple[Any, int]] = host_store,
+        join_node: Callable[[int], Any] = join_store,
+    ) -> None:
+        self.store, self.rank, self.place, self.prefix = store, rank, place, prefix
+        self.transport = transport
+        self.host_node, self.join_node = host_node, join_node
+        self.enabled = enabled and uses_tiers(world_size, place.local_size)
+        self.announced = False
+        self.hosted: tuple[Any, int] | None = None
+        self.tier: Tier | None = None
+        self.mail: Transport | None = None
 
-def read_frame(
-    data: bytes,
-) -> tuple[list[Frame], list[int], dict[int, str | None], list[Agreed]]:
-    """A frame on the job's store, a rank's own or a node's: (frames, missing
-    ranks, where those were last seen, groups of ranks whose frames agree)."""
-    obj = pickle.loads(data)
-    if obj[0] == NODE:
-        return [Frame(*f) for f in obj[1]], list(obj[2]), dict(obj[3]), [Agreed(*g) for g in obj[4]]
-    return [Frame(*obj)], [], {}, []
+    def due(self) -> bool:
+        """Whether this rank must say where it lives (before its first frame)."""
+        return self.enabled and not self.announced
 
+    def announce(self) -> None:
+        """Before this rank's first frame: a node's main hosts the node's
+        store and says where it is; rank 0 says where it lives."""
+        self.announced = True
+        prefix, place, store = self.prefix, self.place, self.store
+        keys: list[str] = []
+        values: list[bytes] = []
+        if place.local_rank == 0 and (place.local_size or 0) > 1:
+            _, port = self.hosted = self.host_node()
+            keys.append(f"{prefix}/nodestore/{place.node}")
+            values.append(str(port).encode())
+        if self.rank == 0:
+            keys.append(f"{prefix}/mainnode")
+            values.append(pickle.dumps((place.node, place.local_size, place.local_rank)))
+        if keys:
+            store.multi_set(keys, values)
+        if place.local_rank == 0:
+            store.append(f"{prefix}/mains", f"{self.rank},")
 
-# -- bringing the tier up -----------------------------------------------------------
+    def ready(self, world_met: bool) -> bool:
+        """Whether the tier should rise at this world sync point: every
+        rank met at one since each said where it lives."""
+        return self.enabled and world_met and self.tier is None
 
-
-def announce(ex: Exchange) -> None:
-    """Before this rank's first frame: a node's main hosts the node's
-    store and says where it is; rank 0 says where it lives."""
-    ex.announced = True
-    prefix, place = ex.prefix, ex.place
-    keys: list[str] = []
-    values: list[bytes] = []
-    if place.local_rank == 0 and (place.local_size or 0) > 1:
-        _, port = ex.hosted = ex.host_node()
-        keys.append(f"{prefix}/nodestore/{place.node}")
-        values.append(str(port).encode())
-    if ex.rank == 0:
-        keys.append(f"{prefix}/mainnode")
-        values.append(pickle.dumps((place.node, place.local_size, place.local_rank)))
-    if keys:
-        ex.store.multi_set(keys, values)
-    if place.local_rank == 0:
-        ex.store.append(f"{prefix}/mains", f"{ex.rank},")
-
-
-def raise_tier(ex: Exchange, point: SyncPoint) -> Tier | None:
-    """This rank's node, from the facts every rank wrote before its first
-    frame (all there: every rank met at a world sync point since).  None,
-    and one store from now on, where rank 0 is not its node's main."""
-    prefix, place = ex.prefix, ex.place
-    size = cast(int, place.local_size)
-    keys = [f"{prefix}/node/{place.node}/{lr}" for lr in range(size)]
-    if size > 1:
-        keys.append(f"{prefix}/nodestore/{place.node}")
-    keys += [f"{prefix}/mains", f"{prefix}/mainnode"]
-    if not ex.store.check(keys):
-        here = [k for k in keys if ex.store.check([k])]
-        raise SyncError(
-            f"rank {ex.rank} at {point.describe()}: the ranks of its node "
-            f"({place.node}) did not all say where they live before meeting: "
-            f"{len(keys) - len(here)} of {', '.join(keys)} are missing. The "
-            f"launcher's LOCAL_RANK and LOCAL_WORLD_SIZE (or OMPI_COMM_WORLD_LOCAL_"
-            f"RANK/SIZE, or SLURM_LOCALID and SLURM_STEP_TASKS_PER_NODE at "
-            f"SLURM_NODEID) must number each node's ranks 0 to n-1 on every node."
-        )
-    *ranks, mains, main_node = ex.store.multi_get(keys)
-    port = ranks.pop() if size > 1 else None
-    node = [int(r) for r in ranks]
-    node0, size0, local0 = pickle.loads(main_node)
-    if local0 != 0 or size0 is None or size0 < 2:
-        ex.tiers = False  # every rank reads the same facts: all keep to one store
-        return None
-    zero = [
-        int(r) for r in ex.store.multi_get([f"{prefix}/node/{node0}/{lr}" for lr in range(size0)])
-    ]
-    heads = {int(r) for r in bytes(mains).decode().split(",") if r}
-    slots = tuple(sorted((heads | set(zero)) - {0}))
-    main, members = node[0], tuple(node[1:])
-    store: Any = None
-    spare: Any = None
-    if not members:
-        pass  # a node of one rank: nobody to relay to
-    elif ex.rank == main:
-        hosted = ex.hosted[0]
-        store, spare = hosted, hosted.clone()
-        # For a timeout that finds this node's main missing: its ranks too.
-        ex.store.set(members_key(prefix, main), ",".join(map(str, members)))
-    else:
-        try:
-            store = ex.join_node(int(cast(bytes, port)))
+    def rise(self, point: SyncPoint) -> Tier | None:
+        """This rank's node, from the facts every rank wrote before its
+        first frame (all there: every rank met at a world sync point since).
+        None, and one store from now on, where rank 0 is not its node's
+        main."""
+        prefix, place, job = self.prefix, self.place, self.store
+        size = place.local_size or 0
+        keys = [f"{prefix}/node/{place.node}/{lr}" for lr in range(size)]
+        if size > 1:
+            keys.append(f"{prefix}/nodestore/{place.node}")
+        keys += [f"{prefix}/mains", f"{prefix}/mainnode"]
+        if not job.check(keys):
+            here = [k for k in keys if job.check([k])]
+            raise SyncError(
+                f"rank {self.rank} at {point.describe()}: the ranks of its node "
+                f"({place.node}) did not all say where they live before meeting: "
+                f"{len(keys) - len(here)} of {', '.join(keys)} are missing. The "
+                f"launcher's LOCAL_RANK and LOCAL_WORLD_SIZE (or OMPI_COMM_WORLD_LOCAL_"
+                f"RANK/SIZE, or SLURM_LOCALID and SLURM_STEP_TASKS_PER_NODE at "
+                f"SLURM_NODEID) must number each node's ranks 0 to n-1 on every node."
+            )
+        *ranks, mains, main_node = job.multi_get(keys)
+        port = ranks.pop() if size > 1 else None
+        node = [int(r) for r in ranks]
+        node0, size0, local0 = pickle.loads(main_node)
+        if local0 != 0 or size0 is None or size0 < 2:
+            self.enabled = False  # every rank reads the same facts: all keep to one store
+            return None
+        zero = [
+            int(r) for r in job.multi_get([f"{prefix}/node/{node0}/{lr}" for lr in range(size0)])
+        ]
+        heads = {int(r) for r in bytes(mains).decode().split(",") if r}
+        slots = tuple(sorted((heads | set(zero)) - {0}))
+        main, members = node[0], tuple(node[1:])
+        store: Any = None
+        spare: Any = None
+        if not members:
+            pass  # a node of one rank: nobody to relay to
+        elif self.rank == main:
+            store = cast(tuple[Any, int], self.hosted)[0]
             spare = store.clone()
-        except Exception as exc:  # its main is gone: the job's store says so
-            _log.debug("rank %d could not reach its node's store: %r", ex.rank, exc)
-            store = spare = None
-    tier = Tier(store, spare, main, members, slots, tuple(sorted(zero)))
-    if store is not None:
-        ex.node_mail = type(ex.mail)(store)  # type: ignore[call-arg]
-    return tier
+            # For a timeout that finds this node's main missing: its ranks too.
+            job.set(members_key(prefix, main), ",".join(map(str, members)))
+        else:
+            try:
+                store = self.join_node(int(bytes(port or b"0")))
+                spare = store.clone()
+            except Exception as exc:  # its main is gone: the job's store says so
+                _log.debug("rank %d could not reach its node's store: %r", self.rank, exc)
+                store = spare = None
+        tier = self.tier = Tier(store, spare, main, members, slots, tuple(sorted(zero)))
+        if store is not None:
+            self.mail = self.transport(store)
+        return tier
+
+    def cut_off(self) -> None:
+        """This rank lost its node's store (its node's main is gone): from
+        now on it waits for rank 0's verdict on the job's store."""
+        if self.tier is not None:
+            self.tier.store = None
+        self.mail = None

@@ -11,22 +11,24 @@ nothing is popped one at a time.  (The queue per member of syncdeco before
 measures against this.)
 
 A transport never decides anything: ``exchange.py`` does, with
-``protocol.py``.  Waits end at a deadline (``time.monotonic()``; None:
-never) by raising :class:`Late`.
+``protocol.py``.  Waits end at a :class:`~.deadline.Deadline` by raising
+:class:`Late`; every store wait goes through :func:`wait_on`.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeVar
 
 import torch.distributed as dist
 
 from .._errors import SyncError
+from .deadline import Deadline
 
-__all__ = ["Keys", "Late", "StoreLost", "Transport"]
+__all__ = ["Keys", "Late", "StoreLost", "Transport", "wait_on"]
+
+T = TypeVar("T")
 
 FOREVER_CHUNK: Final = 3600.0  # one store wait, when a sync point waits forever
 MIN_WAIT: Final = 0.001
@@ -45,7 +47,7 @@ class Transport(Protocol):
         """A member's frame, for its main."""
 
     def collect(
-        self, base: str, seq: int, members: Sequence[int], deadline: float | None
+        self, base: str, seq: int, members: Sequence[int], deadline: Deadline
     ) -> tuple[dict[int, bytes], list[int]]:
         """The main: every member's frame, waiting until ``deadline``;
         returns (frames by member, members whose frame did not come)."""
@@ -57,7 +59,7 @@ class Transport(Protocol):
     def answer(self, base: str, seq: int, members: Sequence[int], verdict: bytes) -> None:
         """The main: the verdict, for every member."""
 
-    def receive(self, base: str, seq: int, rank: int, deadline: float | None) -> bytes:
+    def receive(self, base: str, seq: int, rank: int, deadline: Deadline) -> bytes:
         """A member: its verdict; raises Late at ``deadline``."""
 
     def has_verdict(self, base: str, seq: int, rank: int) -> bool: ...
@@ -89,23 +91,31 @@ class Transport(Protocol):
         one is there already."""
 
 
-def _timeout(seconds: float) -> timedelta:
-    return timedelta(seconds=max(seconds, MIN_WAIT))
-
-
-def _left(deadline: float | None) -> float:
-    return FOREVER_CHUNK if deadline is None else deadline - time.monotonic()
-
-
-def _timed_out(exc: dist.DistStoreError, deadline: float | None) -> bool:
-    """Whether a store error is a wait that ran out (True: past ``deadline``;
-    False: wait again); anything else means the store is gone."""
-    if "timeout" not in str(exc).lower():
-        raise StoreLost(
-            f"syncdeco lost the process group's store while waiting: {exc}. "
-            f"Rank 0 or the launcher may have exited."
-        ) from exc
-    return deadline is not None and time.monotonic() >= deadline
+def wait_on(store: Any, deadline: Deadline, request: Callable[[], T]) -> T:
+    """The one way syncdeco waits on a store: ``request`` (a store request
+    that waits for its keys with the connection's timeout: ``get``,
+    ``multi_get``, ``wait``) with the timeout set to what is left of
+    ``deadline`` (in chunks of an hour where it has no end), again until
+    the deadline passes; then :class:`Late`.  A wait never ends before its
+    deadline, so a store's client logs a timed-out wait only where the
+    sync point itself times out (a shorter wait, to look elsewhere now
+    and then, would make it log each time: look from another thread).
+    Anything but a timeout means the store is gone: :class:`StoreLost`."""
+    while True:
+        left = deadline.left()
+        store.set_timeout(timedelta(seconds=max(FOREVER_CHUNK if left is None else left, MIN_WAIT)))
+        try:
+            return request()
+        except dist.QueueEmptyError:
+            raise  # (a queue's pop: not the store's loss; the caller waits again)
+        except dist.DistStoreError as exc:
+            if "timeout" not in str(exc).lower():
+                raise StoreLost(
+                    f"syncdeco lost the process group's store while waiting: {exc}. "
+                    f"Rank 0 or the launcher may have exited."
+                ) from exc
+            if deadline.passed():
+                raise Late from None
 
 
 class Keys:
@@ -120,18 +130,16 @@ class Keys:
         self.store.set(f"{base}/u/{seq}/{rank}", frame)
 
     def collect(
-        self, base: str, seq: int, members: Sequence[int], deadline: float | None
+        self, base: str, seq: int, members: Sequence[int], deadline: Deadline
     ) -> tuple[dict[int, bytes], list[int]]:
         keys = [f"{base}/u/{seq}/{m}" for m in members]
-        while True:
-            try:
-                # multi_get waits for its keys itself, with the connection's
-                # timeout: one wait less than wait() and then multi_get().
-                self.store.set_timeout(_timeout(_left(deadline)))
-                return dict(zip(members, self.store.multi_get(keys), strict=True)), []
-            except dist.DistStoreError as exc:
-                if _timed_out(exc, deadline):
-                    break
+        try:
+            # multi_get waits for its keys itself, with the connection's
+            # timeout: one wait less than wait() and then multi_get().
+            frames = wait_on(self.store, deadline, lambda: self.store.multi_get(keys))
+            return dict(zip(members, frames, strict=True)), []
+        except Late:
+            pass
         # Out of time (a rare path): take what is there.
         here = self.arrived(base, seq, members)
         frames = self.store.multi_get([f"{base}/u/{seq}/{m}" for m in here]) if here else []
@@ -143,18 +151,11 @@ class Keys:
     def answer(self, base: str, seq: int, members: Sequence[int], verdict: bytes) -> None:
         self.store.set(f"{base}/d/{seq}", verdict)
 
-    def receive(self, base: str, seq: int, rank: int, deadline: float | None) -> bytes:
+    def receive(self, base: str, seq: int, rank: int, deadline: Deadline) -> bytes:
         key = f"{base}/d/{seq}"
-        while True:
-            left = _left(deadline)
-            if left <= 0 and not self.store.check([key]):
-                raise Late
-            try:
-                self.store.set_timeout(_timeout(left))  # get waits for its key itself
-                return bytes(self.store.get(key))
-            except dist.DistStoreError as exc:
-                if _timed_out(exc, deadline):
-                    raise Late from None
+        if deadline.passed() and not self.store.check([key]):
+            raise Late  # (a wait of no time would make the store's client log one)
+        return bytes(wait_on(self.store, deadline, lambda: self.store.get(key)))  # get waits
 
     def has_verdict(self, base: str, seq: int, rank: int) -> bool:
         return bool(self.store.check([f"{base}/d/{seq}"]))

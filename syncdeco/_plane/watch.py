@@ -4,6 +4,12 @@
 It reads only what the waiting thread recorded (:class:`Wait`) and the
 exchange's memory of where the others were last seen: it sends nothing to
 the store, so thousands of waiting ranks cost the store nothing.
+
+With the node tier, a waiting node's main (and its first other rank) also
+look at the job's store for a verdict every ``POLL`` seconds: the waiting
+thread hands the look over (``Wait.look``), and this thread makes it on
+its own connections, so that the waiting thread's store wait never times
+out early (a store client logs each wait that times out).
 """
 
 from __future__ import annotations
@@ -12,17 +18,14 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, final
+from typing import Any, Final, Protocol, final
 
 from .._backend import warn_interval
 from .._errors import whereabouts
 
-if TYPE_CHECKING:
-    from .exchange import Exchange
-
-__all__ = ["Wait", "start_watcher", "warn"]
+__all__ = ["Wait", "Watched", "start_watcher", "warn"]
 
 _IDLE: Final = 1.0  # seconds between looks (sd.init(warn_after=...) may change the interval)
 
@@ -42,13 +45,29 @@ class Wait:
     base: str
     seq: int
     mail: Any = None  # the transport to look with, if not over the exchange's spare connection
+    look: Callable[[], None] | None = None  # made every ``every`` seconds meanwhile
+    every: float = 0.0
     logged: float = field(init=False)
+    looked: float = field(init=False)
 
     def __post_init__(self) -> None:
-        self.logged = self.since
+        self.logged = self.looked = self.since
 
 
-def start_watcher(exchange: Exchange) -> threading.Thread:
+class Watched(Protocol):
+    """What the watcher reads of an exchange."""
+
+    rank: int
+    spare: Any
+    transport: Callable[[Any], Any]  # a store connection's transport
+    waiting: Wait | None
+
+    def last_seen(self, ranks: Sequence[int]) -> dict[int, str | None]: ...
+
+    def stacks(self, ranks: Sequence[int], store: Any = None) -> dict[int, tuple[str, str]]: ...
+
+
+def start_watcher(exchange: Watched) -> threading.Thread:
     thread = threading.Thread(
         target=_watch, args=(weakref.ref(exchange),), name="syncdeco-watch", daemon=True
     )
@@ -56,7 +75,7 @@ def start_watcher(exchange: Exchange) -> threading.Thread:
     return thread
 
 
-def _watch(ref: weakref.ref[Exchange]) -> None:
+def _watch(ref: weakref.ref[Watched]) -> None:
     while True:
         interval = warn_interval()
         time.sleep(_IDLE if interval is None else min(_IDLE, interval / 4))
@@ -65,6 +84,12 @@ def _watch(ref: weakref.ref[Exchange]) -> None:
             return
         wait = exchange.waiting
         now = time.monotonic()
+        if wait is not None and wait.look is not None and now - wait.looked >= wait.every:
+            wait.looked = now
+            try:
+                wait.look()
+            except Exception as exc:  # the waiting thread gives up at its deadline
+                _log.debug("syncdeco's watcher could not look at the job's store: %r", exc)
         if wait is not None and interval is not None and now - wait.logged >= interval:
             wait.logged = now
             try:
@@ -74,14 +99,14 @@ def _watch(ref: weakref.ref[Exchange]) -> None:
         del exchange, wait  # hold no exchange while asleep, so it can be collected
 
 
-def warn(ex: Exchange, wait: Wait, waited: float) -> None:
+def warn(ex: Watched, wait: Wait, waited: float) -> None:
     """Log who this rank has been waiting for (the watcher calls it)."""
     if wait.lead:
         # Through the spare connection: the waiting thread holds the
         # exchange's own for its whole wait.
         look = wait.mail
         if look is None and ex.spare is not None:
-            look = type(ex.mail)(ex.spare)  # type: ignore[call-arg]
+            look = ex.transport(ex.spare)
         here = set() if look is None else set(look.arrived(wait.base, wait.seq, wait.members))
         missing = [r for r in wait.members if r not in here]
         seen = ex.last_seen(missing)
