@@ -330,3 +330,26 @@ def test_a_nodes_store_listens_on_loopback_only() -> None:
     finally:
         del store
     assert port not in [p for _, p in listening()]  # the server closed its socket
+
+
+def test_a_node_that_waits_for_a_late_node_prints_nothing(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """Two nodes of two ranks; rank 0's node comes 10 s late (more than two
+    of the waiting node's 4 s looks at the job's store): the waiting ranks'
+    store waits never time out early, so torch's store client logs nothing
+    ("waitForInput ... timed out"), and the sync point succeeds."""
+    job = Job(world=4, node=2)
+    job.barriers(2)  # the tier comes up at the second
+    capfd.readouterr()
+
+    def body(rank: int, ex: Exchange) -> object:
+        if rank in (0, 1):
+            time.sleep(10.0)  # the late node: the scenario itself, not an ordering
+        return ex.sync(point(ex, "late node"), False, None, None, TIMEOUT)
+
+    out = job.run(body)
+    assert out == dict.fromkeys(range(4)), out
+    assert all(e.tier is not None for e in job.exchanges)
+    err = capfd.readouterr().err
+    assert "waitForInput" not in err and "timed out" not in err, err

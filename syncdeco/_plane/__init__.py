@@ -1,19 +1,30 @@
 """The sync plane: how syncdeco's sync points travel over torch.distributed.
 
+A sans-IO core decides; a thin driver does the I/O (h11 is the model).
 One module a concern, each depending only on those listed before it:
 
-* ``protocol``: the decisions, as pure functions over frames (no I/O);
-* ``transport``: how frames and verdicts move over a c10d store;
-* ``wire``: results on the wire (pickle, and tensors by broadcast);
-* ``watch``: the thread that reports a sync point that waits too long;
-* ``stacks``, ``share``, ``shm``, ``pernode``: where a missing rank is
-  stuck, and results handed on once per node (through files in
-  ``/dev/shm``, or the store where those do not fit);
+* ``frames``: frames, node frames and verdicts as named values, and their
+  one codec;
+* ``deadline``: how long a sync point waits (a ``Deadline`` value, with the
+  grace per tier);
+* ``protocol``: the rules, as pure functions over those values (the route
+  a rank takes, the verdict, the withdrawal, who waits for a rank);
+* ``transport``: how frames and verdicts move over a c10d store, and the
+  one store wait (``wait_on``);
+* ``share``, ``shm``, ``wire``: results on the wire (pickle, and tensors by
+  broadcast, or through files in ``/dev/shm``);
+* ``pernode``: results handed on once per node;
+* ``watch``: the thread that reports a sync point that waits too long (and
+  makes a waiting node's looks at the job's store);
 * ``exits``: what a rank's exit says, and where it is written;
-* ``tier``: a store per node, and the node frames rank 0 reads;
-* ``exchange``: one rank's side of every sync point, given its store,
-  rank, world size and place as values (so ranks can be simulated);
-* ``deathwatch``: the processes of a host's other ranks, through the kernel;
+* ``keepalive``, ``lease``, ``stacks``: lost hosts, node leases, and where
+  a missing rank is stuck;
+* ``tier``: a store per node, and this rank's part in it;
+* ``exchange``: one rank's side of every sync point, driving the core,
+  given its store, rank, world size and place as values (so ranks can be
+  simulated);
+* ``deathwatch``, ``pulse``, ``nodewatch``: the processes of a host's other
+  ranks, and the node leases;
 * ``group``: the process group's lifecycle and the exit notice;
 * ``backend``: ``TorchBackend``, the face the rest of syncdeco uses.
 """

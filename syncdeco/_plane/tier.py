@@ -25,7 +25,14 @@ for the verdict on the job's store instead, where the exit is reported
 While a node waits, two of its ranks look at the job's store for a verdict
 once every :data:`POLL` seconds each (the node's main while it waits for
 its ranks, and its first other rank while that waits for the relay), so
-that a failure elsewhere reaches a node whose main has not come yet.
+that a failure elsewhere reaches a node whose main has not come yet.  The
+look is made from the rank's watcher thread (``watch.py``), not by cutting
+the waiting thread's store wait short: a store client logs every wait that
+times out.
+
+:class:`NodeTier` owns this rank's part of the tier (whether the job uses
+one, the store it hosts, its node once the tier is up); the exchange asks
+it, and the protocol's rules see only its :class:`~.protocol.Layout`.
 """
 
 from __future__ import annotations
