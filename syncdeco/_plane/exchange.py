@@ -162,6 +162,7 @@ class Exchange:
         # This rank's frames to delete, per scope: each goes once its next
         # frame is sent (then, the round trip hides in the wait).
         self.sent: dict[str, tuple[Transport, str, int]] = {}
+        self.routes: dict[tuple[object, ...], Route] = {}  # the core's answers, as they hold
         # The node tier (see tier.py), which owns its state; it rises at
         # the world sync point after the first that succeeds (by then every
         # rank has said where it lives).
@@ -207,6 +208,11 @@ class Exchange:
         """The protocol's way for this rank at a sync point (this rank's
         node found first, for a local one)."""
         tier = self.tier
+        reachable = tier is not None and tier.store is not None
+        key = (local, id(tier), reachable, self.node)
+        way = self.routes.get(key)
+        if way is not None:
+            return way
         node = None
         if local and self.world_size > 1:
             if self.node is None:
@@ -215,14 +221,15 @@ class Exchange:
                 else:
                     self.node = self._find_node(deadline, point)
             node = self.node
-        return protocol.route(
+        way = self.routes[key] = protocol.route(
             self.rank,
             self.world_size,
             local,
             layout=None if tier is None else tier.layout,
-            reachable=tier is not None and tier.store is not None,
+            reachable=reachable,
             node=node,
         )
+        return way
 
     def scope(
         self, local: bool, deadline: Deadline, point: SyncPoint

@@ -17,7 +17,7 @@ from __future__ import annotations
 import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import astuple, dataclass, field
-from typing import Final, TypeAlias, final
+from typing import Final, NamedTuple, TypeAlias, final
 
 from .._backend import Failure, SyncPoint
 
@@ -45,12 +45,11 @@ _NODE: Final = "node"  # the first item of a node frame on the wire
 _OK, _FAILED, _MISMATCH, _TIMEOUT = 0, 1, 2, 3  # a verdict's first item on the wire
 
 
-@final
-@dataclass(frozen=True, slots=True)
-class Frame:
+class Frame(NamedTuple):
     """What a member tells its scope's main at one sync point.  ``where``:
     the sync point's description; ``give_up``: the wall-clock time the
-    member stops waiting (None: never)."""
+    member stops waiting (None: never).  (A named tuple, not a dataclass:
+    one is made, sent and read at every sync point, by every rank.)"""
 
     seq: int
     rank: int
@@ -90,9 +89,7 @@ class Frame:
         return self.failure is None and self.point == point
 
 
-@final
-@dataclass(frozen=True, slots=True)
-class Agreed:
+class Agreed(NamedTuple):
     """Ranks whose frames say the same: this sync point (``point``), seen at
     ``where``, with no failure; each rank's ``give_up`` in the order of
     ``ranks``, and the earliest."""
@@ -212,24 +209,23 @@ def _failure(raw: tuple[object, ...] | None) -> Failure | None:
     return Failure(rank, exc_type, message, tb, exited, killed, host, tuple(ranks))  # type: ignore[arg-type]
 
 
-def _raw_failure(failure: Failure | None) -> tuple[object, ...] | None:
-    return None if failure is None else astuple(failure)
-
-
 def _raw_frame(f: Frame) -> tuple[object, ...]:
-    return (f.seq, f.rank, f.kind, f.name, f.call, _raw_failure(f.failure), f.where, f.give_up)
+    if f.failure is None:
+        return tuple(f)
+    return (*f[:5], astuple(f.failure), *f[6:])
 
 
 def _frame(raw: Sequence[object]) -> Frame:
-    seq, rank, kind, name, call, failure, where, give_up = raw
-    return Frame(seq, rank, kind, name, call, _failure(failure), where, give_up)  # type: ignore[arg-type]
+    if raw[5] is None:
+        return Frame._make(raw)
+    return Frame._make((*raw[:5], _failure(raw[5]), *raw[6:]))  # type: ignore[arg-type]
 
 
 def dump_frame(frame: Frame | NodeFrame) -> bytes:
     """A rank's frame or a node's, as it travels."""
     if isinstance(frame, Frame):
         return _dumps(_raw_frame(frame))
-    groups = [(g.point, g.where, g.ranks, g.give_ups, g.first_give_up) for g in frame.groups]
+    groups = [tuple(g) for g in frame.groups]
     odd = [_raw_frame(f) for f in frame.frames]
     return _dumps((_NODE, odd, frame.missing, dict(frame.seen), groups))
 
@@ -242,7 +238,7 @@ def load_frame(data: bytes) -> Frame | NodeFrame:
     _, odd, missing, seen, groups = raw
     return NodeFrame(
         tuple(_frame(f) for f in odd),
-        tuple(Agreed(*g) for g in groups),
+        tuple(Agreed._make(g) for g in groups),
         tuple(missing),
         dict(seen),
     )
