@@ -81,6 +81,9 @@ class Queues:
     def has_verdict(self, base: str, seq: int, rank: int) -> bool:
         return bool(self.store.queue_len(f"{base}/{rank}/down"))
 
+    def peek(self, base: str, seq: int, rank: int) -> bytes | None:
+        return None  # a queue is read by popping it: only its member does
+
     def drop_frame(self, base: str, seq: int, rank: int) -> None:
         pass  # popping took it
 

@@ -716,9 +716,7 @@ class Exchange:
                     if relaying[1] is None or time.time() < relaying[1]:
                         return  # the main waits on the job's store itself, and will relay
             try:
-                data = None
-                if job.has_verdict(wbase, seq, self.rank):
-                    data = job.receive(wbase, seq, self.rank, NEVER)
+                data = job.peek(wbase, seq, self.rank)
             except dist.DistNetworkError as exc:
                 if not sentinel or not _silent(exc, self.store):
                     wake_main()  # it looks itself, and hears of the loss

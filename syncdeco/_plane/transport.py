@@ -64,6 +64,11 @@ class Transport(Protocol):
 
     def has_verdict(self, base: str, seq: int, rank: int) -> bool: ...
 
+    def peek(self, base: str, seq: int, rank: int) -> bytes | None:
+        """The verdict for member ``rank`` if it is there, without waiting
+        (nor changing the connection's timeout: for another thread's look,
+        on a connection others share)."""
+
     def drop_frame(self, base: str, seq: int, rank: int) -> None:
         """A member, after its verdict: forget its frame."""
 
@@ -159,6 +164,10 @@ class Keys:
 
     def has_verdict(self, base: str, seq: int, rank: int) -> bool:
         return bool(self.store.check([f"{base}/d/{seq}"]))
+
+    def peek(self, base: str, seq: int, rank: int) -> bytes | None:
+        key = f"{base}/d/{seq}"
+        return bytes(self.store.get(key)) if self.store.check([key]) else None
 
     def drop_frame(self, base: str, seq: int, rank: int) -> None:
         self.store.delete_key(f"{base}/u/{seq}/{rank}")
