@@ -14,7 +14,7 @@ serves it from other threads or processes:
 * the store watch, an idle canary connection that notices the loss of the
   store's host (see ``keepalive``);
 * the ranks those watches see end or lost, reported once each
-  (:meth:`Session.on_loss`, :meth:`Session.report_deaths`);
+  (:meth:`Session.on_loss`, the one place that acts on them);
 * this rank's exit notice (:meth:`Session.leave`), and, on the rank that
   hosts the job's store, the end of the others' responders at exit.
 
@@ -261,19 +261,28 @@ class Session:
             return  # a rank that said it is leaving reports nothing more (its node's others do)
         self.deaths.extend(losses)
         in_sync_point = made.waiting is not None or made.lock.locked()
-        self.on_loss([failure for failure, _ in losses], in_sync_point=in_sync_point)
+        self.on_loss(losses, in_sync_point=in_sync_point)
 
-    def on_loss(self, failures: list[Failure], *, in_sync_point: bool) -> None:
-        """The one place that acts on ranks seen to end (a rank of this node,
-        through the death watch) or lost (ranks of another node, through the
-        node watch); in that watch's thread, ``failures`` already noted in
-        :attr:`deaths`.  Inside a sync point the others are told at once;
-        else at this rank's next sync point (``TorchBackend.sync``), never
-        from a rank that is not using the store (at the end of a job whose
-        store host has gone, that would make the store client log)."""
+    def on_loss(self, losses: list[Loss], *, in_sync_point: bool) -> None:
+        """The one place that acts on ranks seen to end: a rank of this node,
+        through the death watch (``(failure, None)``), or ranks of another
+        node that ended or were lost with it, through the node watch
+        (``(failure, that node's ranks)``).  Called in that watch's thread,
+        ``losses`` already noted in :attr:`deaths`; not called once this
+        rank has said it is leaving, or at interpreter exit.
+
+        Inside a sync point the others are told at once (:meth:`tell`);
+        outside one, at this rank's next sync point (``TorchBackend.sync``):
+        never from a rank that is not using the store (at the end of a job
+        whose store host has gone, that would make the store client log)."""
         if in_sync_point:
-            made = self.exchange
-            self.report_deaths(made.spare or made.store)
+            self.tell()
+
+    def tell(self) -> None:
+        """Tell the others now of the ranks seen to end (from any thread:
+        on the exchange's spare connection, as a sync point may hold its own)."""
+        made = self.exchange
+        self.report_deaths(made.spare or made.store)
 
     def report_deaths(self, store: Any) -> None:
         """Tell the others of the ranks seen to end (once each:
