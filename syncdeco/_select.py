@@ -36,7 +36,7 @@ class _NotPlain:
 # the sync plane.  init(), reset() and a fork set it back to _NotPlain;
 # under _Config.lock it is torch's world only while _Config.backend is None.
 _plain: Any = _NotPlain
-_group: Any = None  # syncdeco._plane.group, once bound (its last_group)
+_group: Any = None  # syncdeco._plane.group.SESSIONS, once bound (its last_group)
 _forgotten = 0  # times _plain was set back: a resolve that overlapped one is stale
 
 
@@ -66,7 +66,7 @@ def _resolve() -> Backend:
 
     world = backend.group_world()  # None where torch's internals are unknown
     with _Config.lock:
-        _group = group
+        _group = group.SESSIONS
         if world is not None and _Config.backend is None and forgotten == _forgotten:
             _plain = world
     return _NULL

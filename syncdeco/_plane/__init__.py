@@ -1,7 +1,8 @@
 """The sync plane: how syncdeco's sync points travel over torch.distributed.
 
 A sans-IO core decides; a thin driver does the I/O (h11 is the model).
-One module a concern, each depending only on those listed before it:
+One module a concern, each importing only those listed before it (checked
+by ``tests/test_imports.py``):
 
 * ``frames``: frames, node frames and verdicts as named values, and their
   one codec;
@@ -25,6 +26,9 @@ One module a concern, each depending only on those listed before it:
   simulated);
 * ``deathwatch``, ``pulse``, ``nodewatch``: the processes of a host's other
   ranks, and the node leases;
-* ``group``: the process group's lifecycle and the exit notice;
+* ``session``: one process group's exchange and the threads that serve it
+  (started and stopped explicitly), the ranks they see end, the exit notice;
+* ``group``: which session a sync point uses, the group's lifecycle, the
+  exit notice at interpreter exit;
 * ``backend``: ``TorchBackend``, the face the rest of syncdeco uses.
 """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Mapping
 from typing import Any, Final, final
@@ -13,7 +14,8 @@ from .._backend import Failure, SyncPoint
 from .._env import local_rank_from_env
 from .._startup import tcp_is_server
 from . import group
-from .exchange import Exchange
+from .group import SESSIONS
+from .session import Session
 
 __all__ = ["AUTO", "TorchBackend", "auto_backend", "group_world"]
 
@@ -49,13 +51,11 @@ class TorchBackend:
         if dist.is_initialized():
             return
         group.refuse_destroyed(point)
-        global _inits
-        _inits += 1
-        here = SyncPoint("init", "syncdeco.init", _inits, "syncdeco.init()")
+        here = SyncPoint("init", "syncdeco.init", next(_inits), "syncdeco.init()")
         self.sync(here, local=False, failure=None, payload=None, timeout=timeout)
 
-    def _exchange(self, point: SyncPoint | None, timeout: float | None) -> Exchange:
-        return group.exchange_for(self._backend, self._env, point, timeout)
+    def _session(self, point: SyncPoint | None, timeout: float | None) -> Session:
+        return group.session_for(self._backend, self._env, point, timeout)
 
     def prepare(self) -> None:
         """Say where this rank lives before a main rank runs a body that ends
@@ -64,11 +64,11 @@ class TorchBackend:
         that the others reach it while it runs an hour-long first
         ``main_first``; the others connect at their sync point."""
         if dist.is_initialized():
-            group.exchange(self._env)
+            group.current_session(self._env)
             return
         group.refuse_destroyed(None)
         if tcp_is_server(group.launch_of(self._env), self._env):
-            group.early_exchange(self._backend, self._env, None, None)
+            group.early_session(self._backend, self._env, None, None)
 
     # Rank facts have no side effects: they come from the process group if
     # there is one, else from the group syncdeco was using if it has been
@@ -78,15 +78,17 @@ class TorchBackend:
     def rank(self) -> int:
         if dist.is_initialized():
             return dist.get_rank()
-        if group.last_group is not None:
-            return group.last_group[1]
+        last = SESSIONS.last_group
+        if last is not None:
+            return last[1]
         return group.launch_of(self._env).rank
 
     def world_size(self) -> int:
         if dist.is_initialized():
             return dist.get_world_size()
-        if group.last_group is not None:
-            return group.last_group[2]
+        last = SESSIONS.last_group
+        if last is not None:
+            return last[2]
         return group.launch_of(self._env).world_size
 
     def local_rank(self) -> int:
@@ -106,9 +108,10 @@ class TorchBackend:
 
         Under ``torch.profiler`` the wait shows up as
         ``syncdeco.<kind>:<name>``; without a profiler this costs nothing."""
-        exchange = self._exchange(point, timeout)
-        if group._deaths:  # ranks of this host that ended: tell the others first
-            group.report_deaths(exchange, exchange.store)
+        session = self._session(point, timeout)
+        exchange = session.exchange
+        if session.deaths:  # ranks seen to end: tell the others first
+            session.report_deaths(exchange.store)
         if torch.autograd.profiler._is_profiler_enabled:
             with torch.profiler.record_function(f"syncdeco.{point.kind}:{point.name}"):
                 return exchange.sync(point, local, failure, payload, timeout)
@@ -116,7 +119,7 @@ class TorchBackend:
 
 
 AUTO: Final = TorchBackend()
-_inits = 0  # calls of ensure_group that made a sync point
+_inits = itertools.count(1)  # numbers the sync points that ensure_group makes
 
 
 def auto_backend(env: Mapping[str, str]) -> TorchBackend | None:
@@ -124,10 +127,10 @@ def auto_backend(env: Mapping[str, str]) -> TorchBackend | None:
     if not group.DISTRIBUTED:
         return None
     if dist.is_initialized():
-        if group.last_group is None:  # on the hot path: one check; a new group is
+        if SESSIONS.last_group is None:  # on the hot path: one check; a new group is
             group.remember_group()  # remembered when syncdeco first syncs over it
         return AUTO
-    if group.last_group is not None:
+    if SESSIONS.last_group is not None:
         return AUTO  # its group was destroyed: a sync point says so, rank facts stay
     return AUTO if group.launched(env) else None
 

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from types import TracebackType
-from typing import Any
+from typing import Any, Final, final
 
 from .._backend import Failure
 from .frames import Frame, dump_failure, dump_frame, dump_verdict
@@ -29,29 +29,38 @@ __all__ = [
     "uncaught",
 ]
 
-_uncaught: BaseException | None = None  # what ended the program, seen by the hook
-_hook: Callable[..., None] | None = None
+
+@final
+class _Noted:
+    """What ended the program, as syncdeco's excepthook saw it."""
+
+    __slots__ = ("exc", "hook")
+
+    def __init__(self) -> None:
+        self.exc: BaseException | None = None
+        self.hook: Callable[..., None] | None = None
+
+
+_NOTED: Final = _Noted()
 
 
 def note_uncaught() -> None:
     """Wrap sys.excepthook (once) to note the exception that ends the program."""
-    global _hook
-    if _hook is not None:
+    if _NOTED.hook is not None:
         return
     previous = sys.excepthook
 
     def hook(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
-        global _uncaught
-        _uncaught = value
+        _NOTED.exc = value
         previous(kind, value, tb)
 
-    _hook = sys.excepthook = hook
+    _NOTED.hook = sys.excepthook = hook
 
 
 def uncaught() -> BaseException | None:
     """The exception that is ending the program, if one is."""
-    exc: object = _uncaught
-    if exc is None and (_hook is None or sys.excepthook is not _hook):
+    exc: object = _NOTED.exc
+    if exc is None and (_NOTED.hook is None or sys.excepthook is not _NOTED.hook):
         # Without syncdeco's hook in place (no sync point ran yet, or another
         # hook replaced it), the interpreter's note is the best there is.
         exc = getattr(sys, "last_value", None)

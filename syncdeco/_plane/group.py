@@ -1,85 +1,147 @@
 """The process group's lifecycle, as syncdeco sees it.
 
-* which group a sync point uses, and the :class:`Exchange` over its store;
-* before any group exists, an exchange over the launcher's store (see
-  ``syncdeco._startup``) that makes the group once every rank has met;
+* which :class:`Session` (an exchange and the threads that serve it) a
+  sync point uses: the default group's;
+* before any group exists, a session over the launcher's store (see
+  ``syncdeco._startup``) whose exchange makes the group once every rank has
+  met;
 * remembering a destroyed group's rank facts;
 * forgetting everything in a forked child;
 * telling the others, at interpreter exit, that this rank is gone.
 
-Whether the sync plane is used at all is decided in ``syncdeco._select``.
+All of it is the state of one object, :data:`SESSIONS`.  Whether the sync
+plane is used at all is decided in ``syncdeco._select``.
 """
 
 from __future__ import annotations
 
 import atexit
 import functools
-import logging
 import os
-import pickle
 import threading
 import weakref
 from collections.abc import Mapping
-from datetime import timedelta
-from typing import Any, Final
+from typing import Any, Final, final
 
 import torch
 import torch.distributed as dist
 
 from .. import _startup as startup
-from .._backend import Failure, SyncPoint
+from .._backend import SyncPoint
 from .._env import Launch, detect_launch, local_rank_from_env, local_world_size_from_env, node_key
 from .._errors import SyncError, SyncTimeoutError
-from . import exits, pulse, wire
-from .deathwatch import DeathWatch, identity, watchable
+from . import exits, wire
 from .exchange import Exchange, Place
-from .keepalive import StoreWatch, endpoint, keep_alive, underlying
-from .nodewatch import NodeWatch
-from .stacks import StackResponder, end_responders
+from .session import Session
 
 __all__ = [
+    "DISTRIBUTED",
+    "SESSIONS",
+    "Sessions",
     "announce_exit",
-    "early_exchange",
-    "exchange",
-    "exchange_for",
+    "current",
+    "current_session",
+    "early_session",
     "exit_notice",
+    "launch_of",
     "launched",
     "refuse_destroyed",
+    "session_for",
 ]
 
 DISTRIBUTED: Final = dist.is_available()
-_log = logging.getLogger("syncdeco")
 
-_lock = threading.Lock()
-# The exchange over the default group's store, and that group (weakly: a
-# strong reference would keep the group alive after destroy_process_group(),
-# until interpreter teardown, where Gloo's threads abort the process).
-_current: tuple[weakref.ref[Any], Exchange] | None = None
-# The exchange over the launcher's store, while the group it will make does
-# not exist yet (see early_exchange).
-_early: Exchange | None = None
 
-# The last default group this process saw, with its rank and world size
-# there: after destroy_process_group() they are still its rank facts, and a
-# sync point raises instead of finding no group and running alone on the
-# Null backend.
-last_group: tuple[weakref.ref[Any], int, int] | None = None
-_forked_child = False  # forked from a process with a group (see _forget_in_child)
-_responder: StackResponder | None = None
-# The exchange over the job's store where this process hosts it (rank 0,
-# unless torchrun's agent does): its other ranks' responders end with it.
-_store_host: weakref.ref[Exchange] | None = None
+@final
+class Sessions:
+    """This process's sessions, and what it knows of its process groups."""
 
-# Whether the environment describes a multi-rank job, read once per process
-# (a launcher sets it before the process starts); init() and reset() forget it.
-_launched: list[bool] = []
+    __slots__ = (
+        "current",
+        "early",
+        "exiting",
+        "forked_child",
+        "last_group",
+        "latest",
+        "launched",
+        "lock",
+    )
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        # The session over the default group's store, and that group (weakly:
+        # a strong reference would keep the group alive after
+        # destroy_process_group(), until interpreter teardown, where Gloo's
+        # threads abort the process).
+        self.current: tuple[weakref.ref[Any], Session] | None = None
+        # The session over the launcher's store, while the group it will make
+        # does not exist yet (see early_session).
+        self.early: Session | None = None
+        self.latest: Session | None = None  # the last one started: it serves
+        # The last default group this process saw, with its rank and world
+        # size there: after destroy_process_group() they are still its rank
+        # facts, and a sync point raises instead of finding no group and
+        # running alone on the Null backend.  Read on the hot path of a
+        # plain process by syncdeco._select.
+        self.last_group: tuple[weakref.ref[Any], int, int] | None = None
+        self.forked_child = False  # forked from a process with a group (see forget_in_child)
+        # Whether the environment describes a multi-rank job, read once per
+        # process (a launcher sets it before the process starts); init() and
+        # reset() forget it.
+        self.launched: bool | None = None
+        self.exiting = False  # the interpreter is exiting: sessions stop
+
+    def start(self, session: Session) -> None:
+        """Start ``session`` in place of the last one (under the lock)."""
+        previous, self.latest = self.latest, session
+        if self.exiting:
+            session.stopping.set()  # its watch threads end at once
+        session.start(previous)
+
+    def stop(self) -> None:
+        """At interpreter exit, before the exit notice: end the sessions'
+        threads that may use the store (see ``Session.stop``)."""
+        self.exiting = True
+        for session in self._live():
+            session.stop()
+
+    def end_responders(self) -> None:
+        """At interpreter exit, where this process hosts the job's store:
+        stop the other ranks' stack responders (see ``Session.end_responders``)."""
+        if self.latest is not None:
+            self.latest.end_responders()
+
+    def forget_in_child(self) -> None:
+        """In a forked child (notebook_launcher, multiprocessing): it gets
+        its own variables, and is no member of the parent's group or
+        session (whose threads it does not have)."""
+        self.lock = threading.Lock()
+        self.current = self.early = self.latest = self.last_group = None
+        # The parent's group, if any, looks initialised here too, but is not
+        # this process's: it must not announce its exit there.
+        self.forked_child = DISTRIBUTED and dist.is_initialized()
+        self.launched = None
+
+    def _live(self) -> list[Session]:
+        found = [self.latest, self.early, self.current[1] if self.current is not None else None]
+        return list({id(s): s for s in found if s is not None}.values())
+
+
+SESSIONS: Final = Sessions()
+
+
+def current() -> Session | None:
+    """The session of the default group, if one was made (the group may
+    have been destroyed since)."""
+    made = SESSIONS.current
+    return made[1] if made is not None else None
 
 
 def remember_group() -> None:
-    global last_group
     group = dist.distributed_c10d._get_default_group()
-    if last_group is None or last_group[0]() is not group:
-        last_group = (weakref.ref(group), dist.get_rank(), dist.get_world_size())
+    last = SESSIONS.last_group
+    if last is None or last[0]() is not group:
+        SESSIONS.last_group = (weakref.ref(group), dist.get_rank(), dist.get_world_size())
 
 
 def launch_of(env: Mapping[str, str]) -> Launch:
@@ -97,38 +159,39 @@ def launch_of(env: Mapping[str, str]) -> Launch:
 
 def refuse_destroyed(point: SyncPoint | None) -> None:
     """Raise ``SyncError`` if this process's group has been destroyed."""
-    if last_group is not None:
+    last = SESSIONS.last_group
+    if last is not None:
         where = f"at {point.describe()}" if point is not None else "before a sync point"
         raise SyncError(
-            f"rank {last_group[1]} {where}: the process group this process used has "
+            f"rank {last[1]} {where}: the process group this process used has "
             f"been destroyed (torch.distributed.destroy_process_group()), so no sync "
             f"point can be reached. Move sync points before the teardown, or "
             f"call init_process_group() again first."
         )
 
 
-def exchange_for(
+def session_for(
     backend: str | None, env: Mapping[str, str], point: SyncPoint | None, timeout: float | None
-) -> Exchange:
-    """The exchange for a sync point: over the default group's store, or,
+) -> Session:
+    """The session for a sync point: over the default group's store, or,
     before any group exists, over the launcher's store (reached within
-    ``timeout`` seconds; None: forever), which makes the group (with
-    ``backend``) once every rank has met at a world sync point."""
+    ``timeout`` seconds; None: forever), whose exchange makes the group
+    (with ``backend``) once every rank has met at a world sync point."""
     if dist.is_initialized():
-        return exchange(env)
+        return current_session(env)
     refuse_destroyed(point)
-    return early_exchange(backend, env, point, timeout)
+    return early_session(backend, env, point, timeout)
 
 
-def early_exchange(
+def early_session(
     backend: str | None, env: Mapping[str, str], point: SyncPoint | None, timeout: float | None
-) -> Exchange:
-    """The exchange over the launcher's store, before the group exists
-    (opened on first call).  Sync traffic needs only the store: the first
-    sync point keeps every promise the later ones keep, and no rank waits in
-    torch's rendezvous, which has a timeout of its own and names nobody."""
-    global _early
-    made = _early
+) -> Session:
+    """The session over the launcher's store, before the group exists
+    (made and started on first call).  Sync traffic needs only the store:
+    the first sync point keeps every promise the later ones keep, and no
+    rank waits in torch's rendezvous, which has a timeout of its own and
+    names nobody."""
+    made = SESSIONS.early
     if made is not None:
         return made
     launch = launch_of(env)
@@ -139,39 +202,41 @@ def early_exchange(
         raise _unreachable(exc, launch, point, timeout) from exc.cause
     if name == "nccl":
         torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
-    with _lock:
-        if _early is None:
-            made = _new_exchange(
+    with SESSIONS.lock:
+        if SESSIONS.early is None:
+            made = Session(
                 job.store.clone(),  # a connection of the exchange's own
                 launch.rank,
                 launch.world_size,
+                _place(env, launch.rank),
                 env,
                 spare=job.store,
                 wire_device=functools.partial(wire.wire_device, name),
             )
-            made.on_met = functools.partial(_make_group, weakref.ref(made), job, name)
-            _early = made
-        return _early
+            made.exchange.on_met = functools.partial(_make_group, weakref.ref(made), job, name)
+            SESSIONS.start(made)
+            SESSIONS.early = made
+        return SESSIONS.early
 
 
-def _make_group(ref: weakref.ref[Exchange], job: startup.JobStore, backend: str) -> None:
+def _make_group(ref: weakref.ref[Session], job: startup.JobStore, backend: str) -> None:
     """Every rank has just met at a world sync point where all is well: make
     the default group over the job's store (Gloo's rendezvous is quick, as
-    every rank is on its way to it) and carry on with the same exchange."""
-    global _current, _early
+    every rank is on its way to it) and carry on with the same session."""
     made = ref()
     if made is None:
         return
+    exchange = made.exchange
     if not dist.is_initialized():  # else the program made one meanwhile: use it
         dist.init_process_group(
-            backend, store=job.group_store(), rank=made.rank, world_size=made.world_size
+            backend, store=job.group_store(), rank=exchange.rank, world_size=exchange.world_size
         )
     group = dist.distributed_c10d._get_default_group()
-    with _lock:
-        _current = (weakref.ref(group), made)
-        _early = None
-    made.on_met = None
-    made.wire_device = wire.wire_device
+    with SESSIONS.lock:
+        SESSIONS.current = (weakref.ref(group), made)
+        SESSIONS.early = None
+    exchange.on_met = None
+    exchange.wire_device = wire.wire_device
     remember_group()
 
 
@@ -202,253 +267,30 @@ def _place(env: Mapping[str, str], rank: int) -> Place:
     return Place(node_key(env), rank if local is None else local, local_world_size_from_env(env))
 
 
-def _new_exchange(
-    store: Any, rank: int, world_size: int, env: Mapping[str, str], **options: Any
-) -> Exchange:
-    global _responder
-    made = Exchange(store, rank, world_size, _place(env, rank), overdue=_overdue, **options)
-    made.store.set(f"{made.prefix}/pid/{rank}", pickle.dumps(identity()))
-    _start_pulse(made, env)  # forked: before this function starts any thread
-    # Answers a timed-out sync point's question: where is this rank's main
-    # thread?  Its own connection, idle until asked, on every rank.  A
-    # connection idle in a wait on rank 0's store would make the store client
-    # log an error when rank 0 ends first, as correct programs do: so where
-    # rank 0 hosts the store (not torchrun's agent, which outlives the ranks),
-    # rank 0 stops every responder at its exit, before its store goes.
-    global _store_host
-    if _responder is not None:
-        _responder.close()
-        _responder = None
-    _responder = StackResponder(
-        made.spare.clone(), f"{made.prefix}/stack", rank, ring=made.spare.clone()
-    )
-    _responder.start()
-    hosts = rank == 0 and world_size > 1 and env.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
-    _store_host = weakref.ref(made) if hosts else None
-    global _finder
-    _finder = threading.Thread(
-        target=watch_node,
-        args=(weakref.ref(made), made.spare.clone()),
-        name="syncdeco-find-node",
-        daemon=True,
-    )
-    _finder.start()
-    exits.note_uncaught()
-    _watch_nodes(made, env)
-    return made
-
-
-def _spans(made: Exchange) -> bool:
-    """Whether this rank's job spans several nodes, as its launcher says."""
-    size = made.place.local_size
-    return size is not None and size < made.world_size
-
-
-def _start_pulse(made: Exchange, env: Mapping[str, str]) -> None:
-    """On a node's main, in a job that spans several nodes: this node's
-    pulse (see ``pulse``), fed the pids of the node's ranks by watch_node."""
-    global _pulse
-    at = endpoint(made.store)
-    if at is None or not _spans(made) or made.place.local_rank != 0:
-        return
-    if _pulse is not None:
-        _pulse.close()
-    try:
-        _pulse = pulse.start(*at, startup.namespace(env), made.place.node, made.rank)
-    except OSError as exc:
-        _log.debug("rank %d could not start its node's pulse: %r", made.rank, exc)
-
-
-def _watch_nodes(made: Exchange, env: Mapping[str, str]) -> None:
-    """Make this rank's connections to the job's store notice the loss of
-    its host (``keepalive``); in a job that spans several nodes, on a node's
-    main, watch the other nodes (see ``nodewatch``)."""
-    global _nodewatch, _storewatch
-    at = endpoint(made.store)
-    if at is None:
-        return  # not a TCP store: nothing to tune, nowhere to renew a lease
-    if _storewatch is None or (_storewatch.host, _storewatch.port) != at:
-        try:
-            _storewatch = StoreWatch(*at, made.store)
-        except Exception as exc:
-            _log.debug("rank %d could not watch the store's host: %r", made.rank, exc)
-    keep_alive(*at)
-    place = made.place
-    if not _spans(made) or place.local_rank != 0:
-        return
-    if made.rank != 0 and env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        # Rank 0 hosts the job's store: if its node is lost, the store is
-        # too, which every rank's keepalive tells; and a watcher here would
-        # use the store after rank 0 ended, which makes torch's client log.
-        return
-    ns = startup.namespace(env)
-    try:
-        # A connection of its own (a clone: a new client would make torch log).
-        raw = underlying(made.store).clone()
-        raw.set_timeout(timedelta(seconds=_WATCH_TIMEOUT))  # a clone has its source's timeout
-        store = dist.PrefixStore(ns, raw)  # type: ignore[attr-defined]
-        keep_alive(*at)
-        report = functools.partial(_lost, weakref.ref(made))
-        watch = NodeWatch(store, place.node, made.rank, report)
-    except Exception as exc:
-        _log.debug("rank %d could not start watching the other nodes: %r", made.rank, exc)
-        return
-    if _nodewatch is not None:
-        _nodewatch.close()
-    _nodewatch = watch
-    watch.start()
-
-
-def exchange(env: Mapping[str, str]) -> Exchange:
-    """The exchange over the default group's store (made on first use)."""
-    global _current
+def current_session(env: Mapping[str, str]) -> Session:
+    """The session over the default group's store (made and started on
+    first use)."""
     group = dist.distributed_c10d._get_default_group()
-    current = _current
-    if current is not None and current[0]() is group:
-        return current[1]
-    with _lock:
-        if _current is None or _current[0]() is not group:
+    made = SESSIONS.current
+    if made is not None and made[0]() is group:
+        return made[1]
+    with SESSIONS.lock:
+        made = SESSIONS.current
+        if made is None or made[0]() is not group:
             torch_store: Any = dist.distributed_c10d._get_default_store()
-            made = _new_exchange(
+            rank = dist.get_rank()
+            session = Session(
                 torch_store.clone(),  # a connection of syncdeco's own
-                dist.get_rank(),
+                rank,
                 dist.get_world_size(),
+                _place(env, rank),
                 env,
                 spare=torch_store,
             )
-            _current = (weakref.ref(group), made)
+            SESSIONS.start(session)
+            made = SESSIONS.current = (weakref.ref(group), session)
             remember_group()
-        return _current[1]
-
-
-# -- the ranks of this host watch each other ------------------------------------
-
-# -- the ranks of this host watch each other ------------------------------------
-
-_watch: DeathWatch | None = None  # the processes of this node's other ranks
-# Ranks seen to end, not yet reported (a list: appends are atomic): their
-# exit, and, for a rank of another node, that node's ranks.
-_deaths: list[tuple[Failure, tuple[int, ...] | None]] = []
-_pulse: pulse.Pulse | None = None  # this node's pulse, on a node's main
-_nodewatch: NodeWatch | None = None  # the watch of the other nodes' leases
-_storewatch: StoreWatch | None = None  # the watch of the job's store's host
-
-
-_stopping = threading.Event()  # set at interpreter exit: the watch threads end
-_finder: threading.Thread | None = None
-
-_WATCH_TIMEOUT: Final = 60.0  # seconds a look at the leases may take (it never waits)
-_FIND_FIRST: Final = 0.01  # seconds between the first looks for the node's ranks
-_FIND_MOST: Final = 5.0  # ... and the longest, while some have not started yet
-
-
-def watch_node(ref: weakref.ref[Exchange], store: Any) -> None:
-    """Watch the processes of this node's other ranks through the kernel
-    (see ``deathwatch``), as each says where it lives.  Runs in a
-    thread of its own from the moment this rank joins, on a connection of
-    its own that it closes when done: it looks for the node's ranks with
-    backing-off checks (never a store wait that could time out, which
-    makes torch log), about once every 5 s at most while one is slow to
-    start.  When a watched process ends, the others are told at once if
-    this rank is waiting at a sync point, else at its next one: never from
-    a rank that is not using the store (at the end of a job whose store
-    host has gone, that would make the store client log)."""
-    pause = _FIND_FIRST
-    watch = DeathWatch(functools.partial(_ended, ref))
-    global _watch
-    if _watch is not None:
-        _watch.close()
-    _watch = watch
-    pending: set[int] | None = None  # the node's other ranks not watched yet
-    while pending is None or pending:
-        made = ref()
-        if made is None or made.left or _stopping.is_set():
-            return
-        # Every rank of the node has joined once a sync point succeeded
-        # here: a rank that has not registered by then never will.
-        last = made.met
-        try:
-            if pending is None:
-                pending = _node_ranks(made, store)
-            if pending:
-                keys = [f"{made.prefix}/pid/{r}" for r in sorted(pending)]
-                here = [r for r, k in zip(sorted(pending), keys, strict=True) if store.check([k])]
-                found = store.multi_get([f"{made.prefix}/pid/{r}" for r in here]) if here else []
-                found_at = {r: pickle.loads(v) for r, v in zip(here, found, strict=True)}
-                near = watchable(identity(), found_at)
-                for rank, pid in near.items():
-                    watch.watch(rank, pid)
-                if _pulse is not None:
-                    _pulse.serve(near)
-                pending -= set(here)
-        except Exception as exc:
-            _log.debug("rank %d stopped looking for its node's ranks: %r", made.rank, exc)
-            return  # the store has gone: nothing to report to
-        if last:
-            return  # that was the last look
-        del made
-        _stopping.wait(pause)
-        pause = min(2 * pause, _FIND_MOST)
-
-
-def _node_ranks(made: Exchange, store: Any) -> set[int] | None:
-    """The other ranks of this rank's node, once all of them are known."""
-    prefix, place = made.prefix, made.place
-    if place.local_size is not None:
-        keys = [f"{prefix}/node/{place.node}/{lr}" for lr in range(place.local_size)]
-        if not store.check(keys):
-            return None
-        ranks = [int(v) for v in store.multi_get(keys)]
-    else:
-        keys = [f"{prefix}/topo/{r}" for r in range(made.world_size)]
-        if not store.check(keys):
-            return None
-        topo = store.multi_get(keys)
-        ranks = [r for r, v in enumerate(topo) if pickle.loads(v)[0] == place.node]
-    return {r for r in ranks if r != made.rank}
-
-
-def _ended(ref: weakref.ref[Exchange], rank: int) -> None:
-    # In the death watch's thread.
-    made = ref()
-    if made is None or made.left or _stopping.is_set():
-        return  # a rank that said it is leaving reports nothing more (its node's others do)
-    _deaths.append((exits.killed_failure(rank), None))
-    _log.debug("rank %d saw rank %d's process end", made.rank, rank)
-    if made.waiting is not None or made.lock.locked():  # inside a sync point
-        report_deaths(made, made.spare or made.store)
-
-
-def _overdue(rank: int) -> tuple[int, ...]:
-    watch = _nodewatch
-    return () if watch is None else watch.overdue(rank)
-
-
-def _lost(ref: weakref.ref[Exchange], failures: list[Failure]) -> None:
-    # In the node watch's thread: ranks of other nodes that ended, or whose
-    # node was lost.
-    made = ref()
-    if made is None or made.left or _stopping.is_set():
-        return
-    _deaths.extend((f, f.lost_ranks or (f.rank,)) for f in failures)
-    if made.waiting is not None or made.lock.locked():  # inside a sync point
-        report_deaths(made, made.spare or made.store)
-
-
-def report_deaths(made: Exchange, store: Any) -> None:
-    """Tell the others of the ranks of this node seen to end (once each:
-    ``report_killed`` settles who reports it first).  A store that cannot be
-    reached (its host was the rank that ended) is left for the sync point to
-    report."""
-    while _deaths:
-        failure, elsewhere = _deaths.pop()
-        rank = failure.rank
-        try:
-            told = made.report_killed(failure, store, elsewhere=elsewhere)
-            _log.debug("rank %d reported rank %d's end: %s", made.rank, rank, told)
-        except Exception as exc:
-            _log.debug("rank %d could not report rank %d's end: %r", made.rank, rank, exc)
-            return
+        return made[1]
 
 
 def announce_exit(exc: BaseException | None, *, at_exit: bool = False) -> None:
@@ -459,16 +301,15 @@ def announce_exit(exc: BaseException | None, *, at_exit: bool = False) -> None:
     ``at_exit``) and where syncdeco.testing ends a rank; a process killed by
     a signal, or ended by os._exit(), runs neither."""
     try:
-        current = _current
-        made = current[1] if current is not None else _early
+        made = current() or SESSIONS.early
         if made is not None:
-            made.leave(exits.exit_failure(made.rank, exc))
-        elif not _forked_child and DISTRIBUTED and dist.is_initialized():
+            made.leave(exc)
+        elif not SESSIONS.forked_child and DISTRIBUTED and dist.is_initialized():
             # No sync point ran here yet, but the others may be waiting at
-            # their first: through an exchange over the group's store.  (A
+            # their first: through a session over the group's store.  (A
             # forked child's group state is its parent's: it stays silent.)
-            exchange(os.environ).leave(exits.exit_failure(dist.get_rank(), exc))
-        elif not _forked_child and DISTRIBUTED and last_group is None:
+            current_session(os.environ).leave(exc)
+        elif not SESSIONS.forked_child and DISTRIBUTED and SESSIONS.last_group is None:
             # No group yet: the others may be waiting at their first sync
             # point, over the launcher's store.  Reached within a couple of
             # seconds or not at all; never where this rank would host it, and
@@ -486,46 +327,11 @@ def announce_exit(exc: BaseException | None, *, at_exit: bool = False) -> None:
         pass  # exiting anyway: the others fall back on their timeout
 
 
-def _stop_watching() -> None:
-    """At interpreter exit, before the exit notice: end the threads that may
-    use the store (a daemon thread inside a store call when the interpreter
-    tears down aborts the process: "terminate called without an active
-    exception")."""
-    _stopping.set()
-    if _watch is not None:
-        _watch.close()
-    if _nodewatch is not None:
-        _nodewatch.close()
-        if _nodewatch.thread.is_alive() and _nodewatch.thread is not threading.current_thread():
-            _nodewatch.thread.join(timeout=2.0)  # out of any store call before teardown
-    finder = _finder
-    if finder is not None and finder is not threading.current_thread():
-        finder.join(timeout=2.0)
-
-
-atexit.register(_stop_watching)
-
-
-def _end_responders() -> None:
-    """At interpreter exit, on the rank that hosts the job's store: stop the
-    other ranks' stack responders (2 s at most) before the store ends with
-    this process, so that none is left in a wait on it (see
-    ``stacks.end_responders``)."""
-    ref = _store_host
-    made = ref() if ref is not None else None
-    if made is None or made.spare is None:
-        return
-    try:
-        late = end_responders(
-            made.spare.clone(), f"{made.prefix}/stack", skip={made.rank, *made.gone}
-        )
-        if late:
-            _log.debug("the stack responders of ranks %s did not stop in time", late)
-    except Exception as exc:
-        _log.debug("rank %d could not stop the others' stack responders: %r", made.rank, exc)
-
-
-atexit.register(_end_responders)
+# At interpreter exit (atexit runs the last registered first): the store's
+# host ends the others' responders, then every session's watch threads end,
+# then syncdeco's exit notice runs (registered when syncdeco is imported).
+atexit.register(SESSIONS.stop)
+atexit.register(SESSIONS.end_responders)
 
 
 def exit_notice() -> None:
@@ -536,28 +342,15 @@ def exit_notice() -> None:
 
 def launched(env: Mapping[str, str]) -> bool:
     """Whether the environment describes a multi-rank job (read once)."""
-    if not _launched:
+    known = SESSIONS.launched
+    if known is None:
         launch = detect_launch(env)  # raises on a broken environment, every time
-        _launched.append(launch is not None and launch.world_size > 1)
-    return _launched[0]
+        known = SESSIONS.launched = launch is not None and launch.world_size > 1
+    return known
 
 
 def forget_environment() -> None:
-    _launched.clear()
+    SESSIONS.launched = None
 
 
-def _forget_in_child() -> None:
-    # A forked child (notebook_launcher, multiprocessing) gets its own
-    # variables, and is no member of the parent's group or exchange.
-    global _current, last_group, _forked_child, _watch, _early, _responder, _finder, _store_host
-    global _pulse, _nodewatch, _storewatch
-    _current = last_group = _watch = _early = _responder = _store_host = None
-    _finder = _pulse = _nodewatch = _storewatch = None
-    _deaths.clear()
-    # The parent's group, if any, looks initialised here too, but is not
-    # this process's: it must not announce its exit there.
-    _forked_child = DISTRIBUTED and dist.is_initialized()
-    forget_environment()
-
-
-os.register_at_fork(after_in_child=_forget_in_child)
+os.register_at_fork(after_in_child=SESSIONS.forget_in_child)

@@ -156,7 +156,12 @@ class StoreWatch:
             else:
                 sock.close()
         self.thread = threading.Thread(target=self._watch, name="syncdeco-storewatch", daemon=True)
-        if self._sock is not None:
+
+    def start(self) -> None:
+        """Start watching (where the canary's connection was found).  The
+        thread needs no stopping: it ends when the store closes the canary,
+        or with the store's host."""
+        if self._sock is not None and self.thread.ident is None:
             self.thread.start()
 
     def _watch(self) -> None:

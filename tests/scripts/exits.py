@@ -112,8 +112,9 @@ def main(scenario: str, tmp: Path) -> None:
             from syncdeco._plane import group
 
             threading.Thread(target=meet, args=("background",), daemon=True).start()
-            assert group._current is not None
-            exchange = group._current[1]
+            session = group.current()
+            assert session is not None
+            exchange = session.exchange
             _until("the daemon thread to enter its sync point", exchange.lock.locked)
             (tmp / "rank1.pid.tmp").write_text(str(os.getpid()))
             os.replace(tmp / "rank1.pid.tmp", tmp / "rank1.pid")
@@ -125,7 +126,7 @@ def main(scenario: str, tmp: Path) -> None:
         meet("tier up")
         from syncdeco._plane import group
 
-        tier = group._current[1].tier if group._current is not None else None
+        tier = session.exchange.tier if (session := group.current()) is not None else None
         if sd.rank() == 3:
             load_batch(tmp)
         else:

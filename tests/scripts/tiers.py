@@ -19,7 +19,7 @@ facts: dict[str, object] = {"rank": rank}
 
 sd.barrier("start")  # the first sync point: every rank has met, the group is made
 sd.barrier("up")  # the next one goes through the nodes' stores
-made = group._current[1] if group._current is not None else None
+made = session.exchange if (session := group.current()) is not None else None
 tier = made.tier if made is not None else None
 facts["tier"] = None if tier is None else [tier.main, list(tier.members), list(tier.slots)]
 

@@ -54,7 +54,7 @@ facts = {
 # Every store is up (each node's main hosts its node's): where this process
 # listens, which of those ports are syncdeco's own, and where a process
 # group plain torch makes listens.
-made = group._current[1] if group._current is not None else None
+made = session.exchange if (session := group.current()) is not None else None
 hosted = made.hosted if made is not None else None
 facts["listening"] = listening()
 facts["syncdeco_ports"] = [] if hosted is None else [hosted[1]]
