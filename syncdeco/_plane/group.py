@@ -30,7 +30,7 @@ from .. import _startup as startup
 from .._backend import Failure, SyncPoint
 from .._env import Launch, detect_launch, local_rank_from_env, local_world_size_from_env, node_key
 from .._errors import SyncError, SyncTimeoutError
-from . import exits, pulse, wire
+from . import exits, failfast, pulse, wire
 from .deathwatch import DeathWatch, identity, watchable
 from .exchange import Exchange, Place
 from .keepalive import StoreWatch, endpoint, keep_alive, underlying
@@ -208,6 +208,7 @@ def _new_exchange(
     global _responder
     made = Exchange(store, rank, world_size, _place(env, rank), overdue=_overdue, **options)
     made.store.set(f"{made.prefix}/pid/{rank}", pickle.dumps(identity()))
+    failfast.arm(rank, f"{endpoint(made.store)} {startup.namespace(env)}", identity()[0])
     _start_pulse(made, env)  # forked: before this function starts any thread
     # Answers a timed-out sync point's question: where is this rank's main
     # thread?  Its own connection, idle until asked, on every rank.  A
@@ -270,6 +271,7 @@ def _watch_nodes(made: Exchange, env: Mapping[str, str]) -> None:
     if _storewatch is None or (_storewatch.host, _storewatch.port) != at:
         try:
             _storewatch = StoreWatch(*at, made.store)
+            _storewatch.on_lost = functools.partial(_store_lost, weakref.ref(made), env)
         except Exception as exc:
             _log.debug("rank %d could not watch the store's host: %r", made.rank, exc)
     keep_alive(*at)
@@ -378,6 +380,7 @@ def watch_node(ref: weakref.ref[Exchange], store: Any) -> None:
                 near = watchable(identity(), found_at)
                 for rank, pid in near.items():
                     watch.watch(rank, pid)
+                    failfast.watching(rank, pid)
                 if _pulse is not None:
                     _pulse.serve(near)
                 pending -= set(here)
@@ -417,6 +420,9 @@ def _ended(ref: weakref.ref[Exchange], rank: int) -> None:
     _log.debug("rank %d saw rank %d's process end", made.rank, rank)
     if made.waiting is not None or made.lock.locked():  # inside a sync point
         report_deaths(made, made.spare or made.store)
+    else:  # elsewhere: end this rank (see failfast)
+        tell = functools.partial(report_deaths, made, made.spare or made.store)
+        failfast.peer_ended(rank, tell)
 
 
 def _overdue(rank: int) -> tuple[int, ...]:
@@ -433,6 +439,21 @@ def _lost(ref: weakref.ref[Exchange], failures: list[Failure]) -> None:
     _deaths.extend((f, f.lost_ranks or (f.rank,)) for f in failures)
     if made.waiting is not None or made.lock.locked():  # inside a sync point
         report_deaths(made, made.spare or made.store)
+    else:  # elsewhere: end this rank (see failfast)
+        store = made.spare or made.store
+        tell = functools.partial(report_deaths, made, store)
+        failfast.nodes_lost(failfast.not_said(failures, store, made.prefix), tell)
+
+
+def _store_lost(ref: weakref.ref[Exchange], env: Mapping[str, str], host: str) -> None:
+    # In the store watch's thread: the job's store's host went silent.
+    made = ref()
+    if made is None or made.left or _stopping.is_set():
+        return
+    if made.waiting is not None or made.lock.locked():
+        return  # the sync point reports it
+    agent = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    failfast.store_host_lost(host, () if agent else (0,))
 
 
 def report_deaths(made: Exchange, store: Any) -> None:

@@ -1,0 +1,196 @@
+"""Fail-fast (syncdeco/_plane/failfast.py): a rank outside any sync point
+ends, naming the lost ranks, when a peer is lost.
+
+The rules are checked with plain values; the promises on real processes,
+started as a launcher starts them (no group made in advance): ranks on one
+host (tests/scripts/failfast_ranks.py), and two nodes in network namespaces
+(tests/netns.py; skipped where namespaces are not allowed).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import syncdeco as sd
+from syncdeco._backend import Failure
+from syncdeco._plane import failfast
+from syncdeco._plane.exits import killed_failure
+from syncdeco._plane.nodewatch import lost_failure
+
+RANKS = Path(__file__).parent / "scripts" / "failfast_ranks.py"
+ENDED_WITHIN = 60.0  # seconds a test waits for a rank to end before it fails (no timing promise)
+
+# -- the rules, with plain values ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("option", "env", "on"),
+    [
+        (None, {}, True),
+        (None, {"SYNCDECO_FAIL_FAST": ""}, True),
+        (None, {"SYNCDECO_FAIL_FAST": "0"}, False),
+        (None, {"SYNCDECO_FAIL_FAST": "off"}, False),
+        (None, {"SYNCDECO_FAIL_FAST": " Yes "}, True),
+        (True, {"SYNCDECO_FAIL_FAST": "0"}, True),
+        (False, {"SYNCDECO_FAIL_FAST": "1"}, False),
+    ],
+)
+def test_the_option_wins_over_the_variable_which_wins_over_the_default(
+    option: bool | None, env: dict[str, str], on: bool
+) -> None:
+    assert failfast.enabled(option, env) is on
+
+
+def test_a_bad_variable_says_what_to_set() -> None:
+    with pytest.raises(ValueError, match=r"SYNCDECO_FAIL_FAST='maybe'.*fail_fast=True/False"):
+        failfast.enabled(None, {"SYNCDECO_FAIL_FAST": "maybe"})
+
+
+def test_init_takes_only_a_bool_or_none() -> None:
+    with pytest.raises(TypeError, match="fail_fast"):
+        sd.init("null", fail_fast="yes")  # type: ignore[arg-type]
+    sd.init("null", fail_fast=False)
+    from syncdeco._backend import _Config
+
+    assert _Config.fail_fast is False
+
+
+def test_a_clean_exit_is_no_loss_and_an_unnoted_end_is_a_kill() -> None:
+    assert failfast.loss_from_note(3, "node0", {"how": "exit", "clean": True}) is None
+    killed = failfast.loss_from_note(3, "node0", None)
+    assert killed is not None and killed.ranks == (3,) and "SIGKILL" in killed.how
+    raised = failfast.loss_from_note(
+        3, "node0", {"how": "exit", "clean": False, "exc_type": "ValueError", "message": "bad\nx"}
+    )
+    assert raised == failfast.Loss((3,), "node0", "exited with ValueError: bad")
+
+
+def test_a_rank_that_failed_fast_passes_the_original_loss_on() -> None:
+    note = {"how": "fail-fast", "ranks": [2, 3], "host": "node1", "said": "were lost"}
+    assert failfast.loss_from_note(0, "node0", note) == failfast.Loss(
+        (0, 2, 3), "node1", "were lost"
+    )
+
+
+def test_a_lost_node_and_a_killed_rank_as_losses() -> None:
+    node = failfast.loss_from_failure(lost_failure(3, "node1", (2, 3)))
+    assert (node.ranks, node.host) == ((2, 3), "node1") and "lost with their node" in node.how
+    assert failfast.loss_from_failure(killed_failure(5)).ranks == (5,)
+    raised = Failure(4, "KeyError", "'x'", "", exited=True)
+    assert failfast.loss_from_failure(raised).how == "exited with KeyError: 'x'"
+
+
+def test_the_message_names_the_ranks_the_host_the_code_and_the_way_out() -> None:
+    said = failfast.message(1, [failfast.Loss((2, 3), "node1", "were lost with their node")])
+    assert said.startswith(
+        "syncdeco fail-fast: rank 1 ends with exit code 75: ranks 2 and 3 on node1 were lost "
+        "with their node."
+    )
+    assert "fail_fast=False" in said and "SYNCDECO_FAIL_FAST=0" in said
+    assert "--max-restarts" in said
+
+
+def test_losses_of_one_host_and_kind_are_named_together() -> None:
+    losses = [failfast.loss_from_failure(lost_failure(r, "node1", (r,))) for r in (3, 2)]
+    assert failfast._merge(losses) == [failfast.Loss((2, 3), "node1", losses[0].how)]
+
+
+# -- ranks on one host --------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def three_ranks(tmp_path: Path) -> Iterator[tuple[list[subprocess.Popen[bytes]], Path]]:
+    """Three ranks of tests/scripts/failfast_ranks.py on this host, with
+    torchrun's variables and fail-fast on; rank 1 holds the GIL for 3 s in
+    round 1.  Every one is gone at the end."""
+    port, procs = _free_port(), []
+    try:
+        for rank in range(3):
+            env = {
+                **os.environ,
+                "RANK": str(rank),
+                "WORLD_SIZE": "3",
+                "LOCAL_RANK": str(rank),
+                "LOCAL_WORLD_SIZE": "3",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "OMP_NUM_THREADS": "1",
+                "SYNCDECO_FAIL_FAST": "1",
+            }
+            log = open(tmp_path / f"log-{rank}.txt", "wb")
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, str(RANKS), str(tmp_path), "--gil", "1", "3"],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                )
+            )
+            log.close()
+        yield procs, tmp_path
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                with_cont = proc.pid
+                os.kill(with_cont, signal.SIGCONT)
+                proc.kill()
+            proc.wait(10)
+
+
+def _until(ready, timeout: float, what: str, logs: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            said = "\n".join(
+                f"--- {p.name}:\n{p.read_text(errors='replace')[-3000:]}"
+                for p in sorted(logs.glob("log-*.txt"))
+            )
+            pytest.fail(f"{what}: not within {timeout}s\n{said}")
+        time.sleep(0.02)
+
+
+def test_a_slow_rank_is_no_loss_and_a_killed_one_ends_the_others(three_ranks) -> None:
+    """Round 1: rank 2 stopped (SIGSTOP) and rank 1 holding the GIL, for
+    3 s each, while rank 0 waits in its all_reduce: no false alarm, the
+    round completes.  Round 2: rank 2 is SIGKILLed while rank 0 is in an
+    all_reduce (over a group rank 1 never joins) and rank 1 computes:
+    both end with exit code 75 and one error naming rank 2."""
+    procs, out = three_ranks
+    _until(lambda: all((out / f"ready-{r}.json").exists() for r in range(3)), 120, "ready", out)
+    os.kill(procs[2].pid, signal.SIGSTOP)
+    (out / "go-1").write_text("")
+    _until(lambda: (out / "in-1-0").exists(), 60, "rank 0 in its all_reduce", out)
+    time.sleep(3)  # the fault's length, not an ordering
+    os.kill(procs[2].pid, signal.SIGCONT)
+    _until(lambda: all((out / f"round-1-{r}").exists() for r in range(3)), 60, "round 1", out)
+    assert [p.poll() for p in procs] == [None, None, None]
+
+    (out / "go-2").write_text("")
+    _until(lambda: all((out / f"in-2-{r}").exists() for r in range(3)), 60, "round 2", out)
+    procs[2].kill()
+    for rank in (0, 1):
+        procs[rank].wait(ENDED_WITHIN)
+        said = (out / f"log-{rank}.txt").read_text()
+        assert procs[rank].returncode == failfast.EXIT_CODE, said
+        errors = [line for line in said.splitlines() if "syncdeco fail-fast" in line]
+        assert len(errors) == 1, said
+        assert errors[0].startswith(
+            f"syncdeco fail-fast: rank {rank} ends with exit code 75: rank 2 on "
+            f"{socket.gethostname()} ended without running Python's exit handlers"
+        ), said
