@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import netns
 import pytest
 
 import syncdeco as sd
@@ -76,9 +77,8 @@ def test_a_clean_exit_is_no_loss_and_an_unnoted_end_is_a_kill() -> None:
 
 def test_a_rank_that_failed_fast_passes_the_original_loss_on() -> None:
     note = {"how": "fail-fast", "ranks": [2, 3], "host": "node1", "said": "were lost"}
-    assert failfast.loss_from_note(0, "node0", note) == failfast.Loss(
-        (0, 2, 3), "node1", "were lost"
-    )
+    said = "were lost (rank 0, on node0, heard it first and ended)"
+    assert failfast.loss_from_note(0, "node0", note) == failfast.Loss((2, 3), "node1", said)
 
 
 def test_a_lost_node_and_a_killed_rank_as_losses() -> None:
@@ -194,3 +194,65 @@ def test_a_slow_rank_is_no_loss_and_a_killed_one_ends_the_others(three_ranks) ->
             f"syncdeco fail-fast: rank {rank} ends with exit code 75: rank 2 on "
             f"{socket.gethostname()} ended without running Python's exit handlers"
         ), said
+
+
+# -- two nodes ----------------------------------------------------------------------------
+
+
+def test_a_node_lost_while_the_others_are_in_their_all_reduce_ends_them(tmp_path: Path) -> None:
+    """Two nodes of two ranks (SLURM's variables; rank 0 hosts the job's
+    store), fail-fast on; ranks 0 and 1 (node 0) wait in their own
+    ``dist.all_reduce``, ranks 2 and 3 (node 1) compute.  Node 1 is lost
+    (link cut, then its processes killed): rank 0 hears it from the node
+    watch, rank 1 from rank 0 (its note, as rank 0 ends); both end with
+    exit code 75 and one error naming ranks 2 and 3 on node1."""
+    why = netns.unavailable()
+    if why is not None:
+        pytest.skip(f"multi-node tests need network namespaces: {why}")
+    with netns.Cluster(nodes=2, workdir=tmp_path / "cluster") as c:
+        port, procs = c.port(), []
+        for rank in range(4):
+            env = {
+                "SLURM_JOB_ID": "4343",
+                "SLURM_STEP_ID": "0",
+                "SLURM_PROCID": str(rank),
+                "SLURM_NTASKS": "4",
+                "SLURM_LOCALID": str(rank % 2),
+                "SLURM_NODEID": str(rank // 2),
+                "SLURM_NNODES": "2",
+                "SLURM_TASKS_PER_NODE": "2(x2)",
+                "SLURMD_NODENAME": c.hosts[rank // 2],
+                "MASTER_ADDR": c.hosts[0],
+                "MASTER_PORT": str(port),
+                "SYNCDECO_FAIL_FAST": "1",
+            }
+            argv = [sys.executable, str(RANKS), str(tmp_path), "--busy", "2", "3"]
+            procs.append(c.start(rank // 2, argv, env))
+
+        def logs() -> str:
+            return "\n".join(f"--- rank {r}:\n{p.output()[-3000:]}" for r, p in enumerate(procs))
+
+        def until(ready, what: str) -> None:
+            deadline = time.monotonic() + 120
+            while not ready():
+                if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                    pytest.fail(f"{what}: not so\n{logs()}")
+                time.sleep(0.05)
+
+        until(lambda: all((tmp_path / f"ready-{r}.json").exists() for r in range(4)), "ready")
+        (tmp_path / "go-1").write_text("")
+        until(lambda: all((tmp_path / f"in-1-{r}").exists() for r in range(4)), "in round 1")
+        c.lose(1)
+        for rank in (0, 1):
+            try:
+                procs[rank].popen.wait(ENDED_WITHIN)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"rank {rank} still runs {ENDED_WITHIN}s after the loss\n{logs()}")
+            said = procs[rank].output()
+            assert procs[rank].poll() == failfast.EXIT_CODE, logs()
+            errors = [line for line in said.splitlines() if "syncdeco fail-fast" in line]
+            assert len(errors) == 1, logs()
+            assert errors[0].startswith(
+                f"syncdeco fail-fast: rank {rank} ends with exit code 75: ranks 2 and 3 on "
+                f"node1 were lost with their node"
+            ), logs()

@@ -131,12 +131,12 @@ def loss_from_note(rank: int, host: str, note: Mapping[str, Any] | None) -> Loss
     """What the end of ``rank``, a rank of this node (on ``host``), means,
     from the note it left (None: it left none).  None when it is no loss:
     it exited cleanly.  A rank that ended through fail-fast passes its
-    loss on: the original ranks are named, and ``rank`` with them."""
+    loss on: the original ranks are named, and who heard it first."""
     if note is None:
         return Loss((rank,), host, _KILLED)
     if note.get("how") == "fail-fast":
-        ranks = tuple(sorted({*note.get("ranks", ()), rank}))
-        return Loss(ranks, str(note.get("host", "")), str(note.get("said", "")))
+        said = f"{note.get('said', '')} (rank {rank}, on {host}, heard it first and ended)"
+        return Loss(tuple(note.get("ranks", ())), str(note.get("host", "")), said)
     if note.get("clean"):
         return None
     kind, said = str(note.get("exc_type", "")), _first_line(str(note.get("message", "")))

@@ -2,7 +2,7 @@
 launcher would start it (RANK, WORLD_SIZE, ... in its environment; no group
 made in advance).
 
-    failfast_ranks.py OUT [--gil RANK SECONDS]
+    failfast_ranks.py OUT [--gil RANK SECONDS] [--busy RANK ...]
 
 Every rank meets the others at ``sd.barrier("ready")`` (which also makes
 the Gloo group), writes ``OUT/ready-<rank>.json`` (its pid), then, outside
@@ -10,7 +10,8 @@ any syncdeco sync point, waits for ``OUT/go-<n>`` (the test writes it once
 it has made its fault), writes ``OUT/in-<n>-<rank>`` and:
 
 * round 1: every rank runs ``dist.all_reduce``, then writes
-  ``OUT/round-1-<rank>``;
+  ``OUT/round-1-<rank>``; except the ``--busy`` ranks, which compute
+  instead (the others' all_reduce then ends only with fail-fast);
 * round 2 (3 ranks): rank 0 runs ``dist.all_reduce`` over a group of ranks
   0 and 1, which rank 1 never joins: it computes; rank 2 waits to be
   killed.  Nothing ends round 2 but fail-fast (or the 120 s deadline).
@@ -37,6 +38,7 @@ import syncdeco as sd
 parser = argparse.ArgumentParser()
 parser.add_argument("out", type=Path)
 parser.add_argument("--gil", nargs=2, type=int, metavar=("RANK", "SECONDS"))
+parser.add_argument("--busy", nargs="+", type=int, default=[], metavar="RANK")
 args = parser.parse_args()
 out: Path = args.out
 
@@ -57,7 +59,17 @@ def go(n: int) -> None:
     (out / f"in-{n}-{rank}").write_text("")
 
 
+def compute() -> None:
+    deadline = time.monotonic() + 120
+    total = 0
+    while time.monotonic() < deadline:  # computing, or waiting to be killed
+        total += sum(range(1000))
+    raise SystemExit(f"rank {rank}: still running after 120 s")
+
+
 go(1)
+if rank in args.busy:
+    compute()
 if args.gil is not None and args.gil[0] == rank:
     ctypes.PyDLL(None).sleep(args.gil[1])  # a C call that keeps the GIL
 dist.all_reduce(torch.ones(1))
@@ -66,8 +78,4 @@ dist.all_reduce(torch.ones(1))
 go(2)
 if rank == 0:
     dist.all_reduce(torch.ones(1), group=pair)  # rank 1 never joins
-deadline = time.monotonic() + 120
-total = 0
-while time.monotonic() < deadline:  # computing (rank 1), or waiting to be killed (rank 2)
-    total += sum(range(1000))
-raise SystemExit(f"rank {rank}: still running 120 s into round 2")
+compute()  # rank 1; rank 2 waits here to be killed
