@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -102,6 +103,27 @@ def test_the_message_names_the_ranks_the_host_the_code_and_the_way_out() -> None
 def test_losses_of_one_host_and_kind_are_named_together() -> None:
     losses = [failfast.loss_from_failure(lost_failure(r, "node1", (r,))) for r in (3, 2)]
     assert failfast._merge(losses) == [failfast.Loss((2, 3), "node1", losses[0].how)]
+
+
+def test_a_clean_exit_leaves_a_note_for_its_node_and_the_last_one_out_clears_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    for name, value in vars(failfast._State).copy().items():
+        if not name.startswith("__") and name != "lock":
+            monkeypatch.setattr(failfast._State, name, value)
+    monkeypatch.setattr(failfast._State, "siblings", {})
+    failfast.arm(1, "store:1234 job", "node0/boot")
+    failfast.watching(0, os.getpid())  # a sibling still running
+    failfast.note_exit(SystemExit(0))
+    (job,) = (tmp_path / f"syncdeco-notes-{os.getuid()}").iterdir()
+    assert oct(job.stat().st_mode & 0o777) == "0o700"
+    note = failfast._read_note(1, os.getpid())
+    assert note == {"how": "exit", "clean": True}
+    assert failfast.loss_from_note(1, "node0", note) is None
+    failfast.watching(0, 2**22 + 1)  # above pid_max: gone
+    failfast.note_exit(None)
+    assert not job.exists()
 
 
 # -- ranks on one host --------------------------------------------------------------------

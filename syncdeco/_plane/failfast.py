@@ -35,6 +35,7 @@ import logging
 import os
 import pickle
 import socket
+import stat
 import sys
 import tempfile
 import threading
@@ -198,9 +199,17 @@ def arm(rank: int, job: str, host: str) -> None:
 
 
 def _base() -> Path:
-    shm = Path("/dev/shm")
-    root = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
-    return root / f"syncdeco-notes-{os.getuid()}"
+    return Path(tempfile.gettempdir()) / f"syncdeco-notes-{os.getuid()}"
+
+
+def _own(path: Path) -> bool:
+    """Whether ``path`` is a directory of this user's, not a link (a
+    directory another user made in its place is not written to)."""
+    try:
+        info = path.lstat()
+    except OSError:
+        return False
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid()
 
 
 def note_path(rank: int, pid: int) -> Path | None:
@@ -214,7 +223,10 @@ def _write_note(note: Mapping[str, Any]) -> None:
     if path is None:
         return
     try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path.parent.parent.mkdir(exist_ok=True, mode=0o700)
+        path.parent.mkdir(exist_ok=True, mode=0o700)
+        if not (_own(path.parent.parent) and _own(path.parent)):
+            raise PermissionError(f"{path.parent} is not this user's own directory")
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(note))
         os.replace(tmp, path)
@@ -257,6 +269,8 @@ def note_exit(exc: BaseException | None) -> None:
     if not clean and exc is not None:
         note.update(exc_type=type(exc).__qualname__, message=str(exc))
     _write_note(note)
+    if all(_gone(pid) for pid in _State.siblings.values()):
+        _remove(_State.notes)  # the last of the node's ranks out: nobody reads them
     _prune()
 
 
@@ -287,11 +301,17 @@ def _prune() -> None:
     now = time.time()
     with contextlib.suppress(OSError):
         for job in base.iterdir():
-            if job == _State.notes or now - job.stat().st_mtime < _NOTE_AGE:
-                continue
-            for note in job.iterdir():
-                note.unlink()
-            job.rmdir()
+            if job != _State.notes and now - job.lstat().st_mtime > _NOTE_AGE:
+                _remove(job)
+
+
+def _remove(job: Path | None) -> None:
+    if job is None or not _own(job):
+        return
+    with contextlib.suppress(OSError):
+        for note in job.iterdir():
+            note.unlink()
+        job.rmdir()
 
 
 def peer_ended(rank: int, tell: Callable[[], None]) -> None:
