@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import docs_output
 import netns
 import pytest
 
@@ -105,24 +106,30 @@ def test_losses_of_one_host_and_kind_are_named_together() -> None:
     assert failfast._merge(losses) == [failfast.Loss((2, 3), "node1", losses[0].how)]
 
 
-def test_a_clean_exit_leaves_a_note_for_its_node_and_the_last_one_out_clears_them(
+def test_a_clean_exit_leaves_a_note_in_each_inbox_and_takes_its_own_away(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     for name, value in vars(failfast._State).copy().items():
         if not name.startswith("__") and name != "lock":
             monkeypatch.setattr(failfast._State, name, value)
-    monkeypatch.setattr(failfast._State, "siblings", {})
-    failfast.arm(1, "store:1234 job", "node0/boot")
-    failfast.watching(0, os.getpid())  # a sibling still running
-    failfast.note_exit(SystemExit(0))
+
+    def be(rank: int) -> None:  # this process plays ranks 0 and 1 of one node in turn
+        failfast.arm(rank, "store:1234 job", "node0/boot")
+
+    be(0)
+    be(1)
     (job,) = (tmp_path / f"syncdeco-notes-{os.getuid()}").iterdir()
-    assert oct(job.stat().st_mode & 0o777) == "0o700"
+    assert sorted(p.name for p in job.iterdir()) == ["0", "1"]
+    assert oct(job.stat().st_mode & 0o777) == oct((job / "1").stat().st_mode & 0o777) == "0o700"
+    failfast.note_exit(SystemExit(0))  # rank 1 exits cleanly
+    assert [p.name for p in job.iterdir()] == ["0"]
+    be(0)
     note = failfast._read_note(1, os.getpid())
     assert note == {"how": "exit", "clean": True}
     assert failfast.loss_from_note(1, "node0", note) is None
-    failfast.watching(0, 2**22 + 1)  # above pid_max: gone
-    failfast.note_exit(None)
+    assert failfast._read_note(1, os.getpid()) is None  # read once
+    failfast.note_exit(None)  # rank 0, the last one out
     assert not job.exists()
 
 
@@ -265,6 +272,7 @@ def test_a_node_lost_while_the_others_are_in_their_all_reduce_ends_them(tmp_path
         (tmp_path / "go-1").write_text("")
         until(lambda: all((tmp_path / f"in-1-{r}").exists() for r in range(4)), "in round 1")
         c.lose(1)
+        shown = ""
         for rank in (0, 1):
             try:
                 procs[rank].popen.wait(ENDED_WITHIN)
@@ -278,3 +286,5 @@ def test_a_node_lost_while_the_others_are_in_their_all_reduce_ends_them(tmp_path
                 f"syncdeco fail-fast: rank {rank} ends with exit code 75: ranks 2 and 3 on "
                 f"node1 were lost with their node"
             ), logs()
+            shown += errors[0] + "\n"
+    docs_output.check("tests/scripts/failfast_ranks.py (a lost node)", shown)  # docs/hangs.md

@@ -189,13 +189,21 @@ class _State:
 
 def arm(rank: int, job: str, host: str) -> None:
     """This process is ``rank`` of the job ``job`` (its store's endpoint
-    and namespace) on ``host`` (the node's identity): where its node's
-    notes go.  Called when its exchange is made; checks the setting."""
+    and namespace) on ``host`` (the node's identity): make its inbox for
+    its node's notes.  Called when its exchange is made; checks the
+    setting."""
     enabled(_Config.fail_fast, os.environ)  # a bad environment variable says so now
     key = hashlib.sha256(f"{host}\0{job}".encode()).hexdigest()[:20]
     _State.notes = _base() / key
     _State.rank = rank
     _State.leaving = False
+    try:
+        for folder in (_base(), _State.notes, _State.notes / str(rank)):
+            folder.mkdir(exist_ok=True, mode=0o700)
+            if not _own(folder):
+                raise PermissionError(f"{folder} is not a directory of this user's own")
+    except OSError as exc:
+        _log.debug("rank %d has no inbox for its node's notes: %r", rank, exc)
 
 
 def _base() -> Path:
@@ -212,37 +220,49 @@ def _own(path: Path) -> bool:
     return stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid()
 
 
-def note_path(rank: int, pid: int) -> Path | None:
-    """Where ``rank`` of this node, process ``pid``, leaves its note."""
-    notes = _State.notes
-    return None if notes is None else notes / f"{rank}.{pid}.json"
-
-
 def _write_note(note: Mapping[str, Any]) -> None:
-    path = note_path(_State.rank, os.getpid())
-    if path is None:
+    """Leave ``note`` in the inbox of each rank of this node's job (each
+    reads and removes its own copy; a rank gone takes its inbox with it)."""
+    job = _State.notes
+    if job is None or not _own(job):
         return
-    try:
-        path.parent.parent.mkdir(exist_ok=True, mode=0o700)
-        path.parent.mkdir(exist_ok=True, mode=0o700)
-        if not (_own(path.parent.parent) and _own(path.parent)):
-            raise PermissionError(f"{path.parent} is not this user's own directory")
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(note))
-        os.replace(tmp, path)
-    except OSError as exc:
-        _log.debug("rank %d could not leave its note: %r", _State.rank, exc)
+    name = f"{_State.rank}.{os.getpid()}.json"
+    text = json.dumps(note)
+    with contextlib.suppress(OSError):
+        for inbox in job.iterdir():
+            if inbox.name == str(_State.rank) or not _own(inbox):
+                continue
+            with contextlib.suppress(OSError):
+                tmp = inbox / f".{name}"
+                tmp.write_text(text)
+                os.replace(tmp, inbox / name)
 
 
-def _read_note(rank: int, pid: int) -> dict[str, Any] | None:
-    path = note_path(rank, pid)
-    if path is None:
+def _read_note(rank: int, pid: int, *, keep: bool = False) -> dict[str, Any] | None:
+    """The note ``rank`` (process ``pid``) of this node left this rank."""
+    job = _State.notes
+    if job is None:
         return None
+    path = job / str(_State.rank) / f"{rank}.{pid}.json"
     try:
         note = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    if not keep:
+        with contextlib.suppress(OSError):
+            path.unlink()
     return note if isinstance(note, dict) else None
+
+
+def _leave_inbox() -> None:
+    """Remove this rank's inbox (it reads no more), and the job's folder
+    once no rank of the node has one."""
+    job = _State.notes
+    if job is None:
+        return
+    _remove(job / str(_State.rank))
+    with contextlib.suppress(OSError):
+        job.rmdir()  # fails while another rank's inbox is there
 
 
 def note_exit(exc: BaseException | None) -> None:
@@ -269,14 +289,13 @@ def note_exit(exc: BaseException | None) -> None:
     if not clean and exc is not None:
         note.update(exc_type=type(exc).__qualname__, message=str(exc))
     _write_note(note)
-    if all(_gone(pid) for pid in _State.siblings.values()):
-        _remove(_State.notes)  # the last of the node's ranks out: nobody reads them
+    _leave_inbox()
     _prune()
 
 
 def _sibling_loss(rank: int, pid: int) -> Loss | None:
     """The loss that the end of ``rank`` of this node is, if it has ended."""
-    note = _read_note(rank, pid)
+    note = _read_note(rank, pid, keep=True)
     if note is None and not _gone(pid):
         return None
     return loss_from_note(rank, socket.gethostname(), note)
@@ -309,8 +328,11 @@ def _remove(job: Path | None) -> None:
     if job is None or not _own(job):
         return
     with contextlib.suppress(OSError):
-        for note in job.iterdir():
-            note.unlink()
+        for entry in job.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                _remove(entry)
+            else:
+                entry.unlink()
         job.rmdir()
 
 
@@ -389,6 +411,7 @@ def end(losses: Sequence[Loss], tell: Callable[[], None]) -> None:
     first = losses[0]
     said = "; ".join(f"{_ranks(x.ranks)} {x.how}" if x is not first else x.how for x in losses)
     _write_note({"how": "fail-fast", "ranks": first.ranks, "host": first.host, "said": said})
+    _leave_inbox()
     _log.error("%s", message(_State.rank, losses))
     _bounded(tell, _TELL)
     _bounded(_abort, _ABORT)
