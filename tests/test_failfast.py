@@ -87,6 +87,8 @@ def test_a_lost_node_and_a_killed_rank_as_losses() -> None:
     node = failfast.loss_from_failure(lost_failure(3, "node1", (2, 3)))
     assert (node.ranks, node.host) == ((2, 3), "node1") and "lost with their node" in node.how
     assert failfast.loss_from_failure(killed_failure(5)).ranks == (5,)
+    alone = failfast.loss_from_failure(lost_failure(4, "node2", (4,)))
+    assert alone.how.startswith("was lost with its node"), alone
     raised = Failure(4, "KeyError", "'x'", "", exited=True)
     assert failfast.loss_from_failure(raised).how == "exited with KeyError: 'x'"
 
@@ -228,16 +230,24 @@ def test_a_slow_rank_is_no_loss_and_a_killed_one_ends_the_others(three_ranks) ->
 # -- two nodes ----------------------------------------------------------------------------
 
 
-def test_a_node_lost_while_the_others_are_in_their_all_reduce_ends_them(tmp_path: Path) -> None:
+@pytest.mark.parametrize("lost", [1, 0], ids=["second-node", "store-host"])
+def test_a_node_lost_while_the_others_are_in_their_all_reduce_ends_them(
+    tmp_path: Path, lost: int
+) -> None:
     """Two nodes of two ranks (SLURM's variables; rank 0 hosts the job's
-    store), fail-fast on; ranks 0 and 1 (node 0) wait in their own
-    ``dist.all_reduce``, ranks 2 and 3 (node 1) compute.  Node 1 is lost
-    (link cut, then its processes killed): rank 0 hears it from the node
-    watch, rank 1 from rank 0 (its note, as rank 0 ends); both end with
-    exit code 75 and one error naming ranks 2 and 3 on node1."""
+    store), fail-fast on; the ranks of one node wait in their own
+    ``dist.all_reduce``, those of the other node compute, and that node is
+    lost (link cut, then its processes killed).
+
+    Node 1 lost: rank 0 hears it from the node watch, rank 1 from rank 0
+    (its note, as rank 0 ends); both end with exit code 75 and one error
+    naming ranks 2 and 3 on node1.  Node 0 lost (the store's host): ranks 2
+    and 3 hear it from their connections to the store, and name rank 0."""
     why = netns.unavailable()
     if why is not None:
         pytest.skip(f"multi-node tests need network namespaces: {why}")
+    lost_ranks = [2 * lost, 2 * lost + 1]
+    survivors = [r for r in range(4) if r not in lost_ranks]
     with netns.Cluster(nodes=2, workdir=tmp_path / "cluster") as c:
         port, procs = c.port(), []
         for rank in range(4):
@@ -255,7 +265,7 @@ def test_a_node_lost_while_the_others_are_in_their_all_reduce_ends_them(tmp_path
                 "MASTER_PORT": str(port),
                 "SYNCDECO_FAIL_FAST": "1",
             }
-            argv = [sys.executable, str(RANKS), str(tmp_path), "--busy", "2", "3"]
+            argv = [sys.executable, str(RANKS), str(tmp_path), "--busy", *map(str, lost_ranks)]
             procs.append(c.start(rank // 2, argv, env))
 
         def logs() -> str:
@@ -271,9 +281,9 @@ def test_a_node_lost_while_the_others_are_in_their_all_reduce_ends_them(tmp_path
         until(lambda: all((tmp_path / f"ready-{r}.json").exists() for r in range(4)), "ready")
         (tmp_path / "go-1").write_text("")
         until(lambda: all((tmp_path / f"in-1-{r}").exists() for r in range(4)), "in round 1")
-        c.lose(1)
+        c.lose(lost)
         shown = ""
-        for rank in (0, 1):
+        for rank in survivors:
             try:
                 procs[rank].popen.wait(ENDED_WITHIN)
             except subprocess.TimeoutExpired:
@@ -282,9 +292,14 @@ def test_a_node_lost_while_the_others_are_in_their_all_reduce_ends_them(tmp_path
             assert procs[rank].poll() == failfast.EXIT_CODE, logs()
             errors = [line for line in said.splitlines() if "syncdeco fail-fast" in line]
             assert len(errors) == 1, logs()
+            named = (
+                "ranks 2 and 3 on node1 were lost with their node"
+                if lost == 1
+                else "rank 0 on node0 was lost with the host of the job's store"
+            )
             assert errors[0].startswith(
-                f"syncdeco fail-fast: rank {rank} ends with exit code 75: ranks 2 and 3 on "
-                f"node1 were lost with their node"
+                f"syncdeco fail-fast: rank {rank} ends with exit code 75: {named}"
             ), logs()
             shown += errors[0] + "\n"
-    docs_output.check("tests/scripts/failfast_ranks.py (a lost node)", shown)  # docs/hangs.md
+    if lost == 1:
+        docs_output.check("tests/scripts/failfast_ranks.py (a lost node)", shown)  # docs/hangs.md

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Final, final
 
 from .._backend import Failure, _Config
+from .._errors import SyncError
 from . import exits
 
 __all__ = [
@@ -120,7 +121,10 @@ def loss_from_failure(failure: Failure, host: str = "") -> Loss:
     lost with its ranks); ``host``: where the rank ran, if known."""
     if failure.lost_host or failure.lost_ranks:
         ranks = failure.lost_ranks or (failure.rank,)
-        how = "were lost with their node (it went silent: power, a crash, or a cut link)"
+        how = (
+            f"{_were(ranks)} lost with {'its' if len(ranks) == 1 else 'their'} node "
+            f"(it went silent: power, a crash, or a cut link)"
+        )
         return Loss(tuple(sorted(ranks)), failure.lost_host or host, how)
     if failure.exc_type:
         how = f"exited with {failure.exc_type}: {_first_line(failure.message)}"
@@ -142,6 +146,10 @@ def loss_from_note(rank: int, host: str, note: Mapping[str, Any] | None) -> Loss
         return None
     kind, said = str(note.get("exc_type", "")), _first_line(str(note.get("message", "")))
     return Loss((rank,), host, f"exited with {kind}: {said}" if kind else "exited with an error")
+
+
+def _were(ranks: Sequence[int]) -> str:
+    return "was" if len(ranks) == 1 else "were"
 
 
 def _first_line(text: str) -> str:
@@ -265,15 +273,16 @@ def _leave_inbox() -> None:
         job.rmdir()  # fails while another rank's inbox is there
 
 
-def note_exit(exc: BaseException | None) -> None:
+def note_exit(exc: BaseException | None, *, convert: bool = True) -> None:
     """At interpreter exit: say on this node how this process ends, so that
     its node's other ranks do not take its end for a loss.  An exit by an
     exception while a rank of this node has been lost (killed, or ended by
     fail-fast: a collective of this rank then often raises, as the lost
     rank's connections close) is that loss's: this rank ends as fail-fast
-    ends it, naming the loss."""
+    ends it, naming the loss (``convert``; not for a ``SyncError``, which
+    named it already)."""
     clean = exc is None or (isinstance(exc, SystemExit) and exc.code in (None, 0))
-    if not clean and _wanted():
+    if convert and not clean and not isinstance(exc, SyncError) and _wanted():
         losses = [
             loss
             for loss in (_sibling_loss(r, pid) for r, pid in sorted(_State.siblings.items()))
@@ -379,7 +388,7 @@ def store_host_lost(host: str, ranks: tuple[int, ...]) -> None:
     """The job's store's host went silent while this rank was outside a
     sync point: end this rank (``ranks``: who ran there, as far as known)."""
     if _wanted():
-        how = "were lost with the host of the job's store (it went silent)"
+        how = f"{_were(ranks)} lost with the host of the job's store (it went silent)"
         end([Loss(ranks, host, how)], lambda: None)
 
 
