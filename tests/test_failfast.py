@@ -147,8 +147,9 @@ def _free_port() -> int:
 @pytest.fixture
 def three_ranks(tmp_path: Path) -> Iterator[tuple[list[subprocess.Popen[bytes]], Path]]:
     """Three ranks of tests/scripts/failfast_ranks.py on this host, with
-    torchrun's variables and fail-fast on; rank 1 holds the GIL for 3 s in
-    round 1.  Every one is gone at the end."""
+    torchrun's variables, ``SYNCDECO_FAIL_FAST=0`` and
+    ``sd.init(fail_fast=True)``, which wins; rank 1 holds the GIL for 3 s
+    in round 1.  Every one is gone at the end."""
     port, procs = _free_port(), []
     try:
         for rank in range(3):
@@ -161,12 +162,12 @@ def three_ranks(tmp_path: Path) -> Iterator[tuple[list[subprocess.Popen[bytes]],
                 "MASTER_ADDR": "127.0.0.1",
                 "MASTER_PORT": str(port),
                 "OMP_NUM_THREADS": "1",
-                "SYNCDECO_FAIL_FAST": "1",
+                "SYNCDECO_FAIL_FAST": "0",
             }
             log = open(tmp_path / f"log-{rank}.txt", "wb")
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, str(RANKS), str(tmp_path), "--gil", "1", "3"],
+                    [sys.executable, str(RANKS), str(tmp_path), "--gil", "1", "3", "--init"],
                     env=env,
                     stdout=log,
                     stderr=subprocess.STDOUT,
@@ -178,8 +179,7 @@ def three_ranks(tmp_path: Path) -> Iterator[tuple[list[subprocess.Popen[bytes]],
     finally:
         for proc in procs:
             if proc.poll() is None:
-                with_cont = proc.pid
-                os.kill(with_cont, signal.SIGCONT)
+                os.kill(proc.pid, signal.SIGCONT)  # a stopped rank dies only once continued
                 proc.kill()
             proc.wait(10)
 

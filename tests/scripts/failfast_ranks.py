@@ -2,11 +2,13 @@
 launcher would start it (RANK, WORLD_SIZE, ... in its environment; no group
 made in advance).
 
-    failfast_ranks.py OUT [--gil RANK SECONDS] [--busy RANK ...]
+    failfast_ranks.py OUT [--gil RANK SECONDS] [--busy RANK ...] [--init]
 
-Every rank meets the others at ``sd.barrier("ready")`` (which also makes
-the Gloo group), writes ``OUT/ready-<rank>.json`` (its pid), then, outside
-any syncdeco sync point, waits for ``OUT/go-<n>`` (the test writes it once
+With ``--init``, every rank first calls ``sd.init(fail_fast=True)`` (which
+wins over ``SYNCDECO_FAIL_FAST``).  Every rank meets the others at
+``sd.barrier("ready")`` (which also makes the Gloo group), writes
+``OUT/ready-<rank>.json`` (its pid), then, outside any syncdeco sync
+point, waits for ``OUT/go-<n>`` (the test writes it once
 it has made its fault), writes ``OUT/in-<n>-<rank>`` and:
 
 * round 1: every rank runs ``dist.all_reduce``, then writes
@@ -39,9 +41,12 @@ parser = argparse.ArgumentParser()
 parser.add_argument("out", type=Path)
 parser.add_argument("--gil", nargs=2, type=int, metavar=("RANK", "SECONDS"))
 parser.add_argument("--busy", nargs="+", type=int, default=[], metavar="RANK")
+parser.add_argument("--init", action="store_true")
 args = parser.parse_args()
 out: Path = args.out
 
+if args.init:
+    sd.init(fail_fast=True, timeout=120)
 sd.barrier("ready", timeout=120)
 rank = sd.rank()
 (out / f".ready-{rank}").write_text(json.dumps({"pid": os.getpid()}))
