@@ -14,7 +14,7 @@ SLURM, mpirun) ends the job.
 Who hears of a loss: every rank, of its node's ranks (death watch); rank 0
 (and under torchrun one more node's main), of the other nodes (node watch);
 every rank, of the store's host.  A rank that ends here leaves a note on
-its node saying why (:func:`note_path`) before it ends: its node's other
+its node saying why (in each other rank's inbox) before it ends: its node's other
 ranks see it end through their death watch, read the note, and end too,
 naming the original loss.  A rank that exits through Python (a clean exit,
 or an uncaught exception) leaves a note too, so a clean exit is never taken
@@ -351,10 +351,10 @@ def peer_ended(rank: int, tell: Callable[[], None]) -> None:
     cleanly."""
     if not _wanted():
         return
-    pid = _State.siblings.get(rank, 0)
-    loss = loss_from_note(rank, socket.gethostname(), _read_note(rank, pid))
-    if loss is not None:
-        end([loss], tell)
+    note = _read_note(rank, _State.siblings.get(rank, 0))
+    loss = loss_from_note(rank, socket.gethostname(), note)
+    if loss is not None:  # a rank that failed fast has told the store already
+        end([loss], (lambda: None) if note is not None else tell)
 
 
 def nodes_lost(failures: Sequence[Failure], tell: Callable[[], None]) -> None:

@@ -379,8 +379,8 @@ def watch_node(ref: weakref.ref[Exchange], store: Any) -> None:
                 found_at = {r: pickle.loads(v) for r, v in zip(here, found, strict=True)}
                 near = watchable(identity(), found_at)
                 for rank, pid in near.items():
+                    failfast.watching(rank, pid)  # first: a rank gone is reported at once
                     watch.watch(rank, pid)
-                    failfast.watching(rank, pid)
                 if _pulse is not None:
                     _pulse.serve(near)
                 pending -= set(here)
