@@ -450,8 +450,8 @@ def _abort() -> None:
     (Gloo's abort does not wake a collective blocked on a peer in torch
     2.13: there, the process's end does.)"""
     dist: Any = sys.modules.get("torch.distributed")
-    if dist is None or not dist.is_initialized() or dist.get_backend() != "nccl":
-        return
+    if dist is None or not dist.is_initialized() or "nccl" not in str(dist.get_backend()):
+        return  # (a group of several backends is named "cpu:gloo,cuda:nccl")
     dist.distributed_c10d._abort_process_group()
 
 
