@@ -165,11 +165,13 @@ class _Config:
     backend: Backend | None = None
     timeout: float | None = _BUILTIN_TIMEOUT
     warn_after: float | None = _BUILTIN_WARN_AFTER
+    fail_fast: bool | None = None  # None: as SYNCDECO_FAIL_FAST says (on if unset)
 
     @classmethod
     def reset(cls) -> None:
         cls.timeout = _BUILTIN_TIMEOUT
         cls.warn_after = _BUILTIN_WARN_AFTER
+        cls.fail_fast = None
 
 
 # A timeout at least this long (about 32 years), math.inf and timedelta.max

@@ -96,6 +96,7 @@ def init(
     *,
     timeout: float | timedelta | Literal[_Default.DEFAULT] | None = DEFAULT,
     warn_after: float | timedelta | Literal[_Default.DEFAULT] | None = DEFAULT,
+    fail_fast: bool | None = None,
 ) -> Backend:
     """Choose the backend for this process and the default sync timeout.
 
@@ -111,6 +112,14 @@ def init(
     about 32 years, or more) means the same as None; NaN, zero and negative
     values are refused with ``ValueError``.
 
+    ``fail_fast``: when a peer is lost (its process killed, its node
+    lost) while this rank is outside any sync point (in its own
+    collective, computing, loading data), log one error naming the lost
+    ranks and end this process with exit code 75, so that the launcher
+    ends the job instead of every rank waiting for the collective's
+    timeout.  None (the default) leaves it to the ``SYNCDECO_FAIL_FAST``
+    environment variable (``1``/``0``), and on where that is unset.
+
     Not a collective by itself, but with a launcher's environment and no
     process group yet, it is a sync point (``syncdeco.init``, with this
     ``timeout``) that brings the group up once every rank has reached it:
@@ -124,6 +133,8 @@ def init(
         warn = _seconds(warn_after, "init(warn_after=...)")
     else:
         warn = _Config.warn_after
+    if fail_fast is not None and not isinstance(fail_fast, bool):
+        raise TypeError(f"init(fail_fast=...) takes True, False or None, not {fail_fast!r}")
     chosen: Backend
     _forget_environment()
     if backend is None:
@@ -137,6 +148,8 @@ def init(
             f"init(backend=...) takes a Backend, 'null', 'gloo', 'nccl' or None, "
             f"not {type(backend).__name__}"
         )
+    with _Config.lock:
+        _Config.fail_fast = fail_fast  # before the group: its watches read it
     prepare = getattr(chosen, "ensure_group", None)
     if prepare is not None:
         prepare(timeout=seconds)  # a sync point, where no group exists yet

@@ -94,6 +94,9 @@ def run_ranks(
     ``launcher`` picks whose variables the ranks see ("torchrun", "slurm" or
     "ompi"), ``nodes`` how many simulated nodes of equal size they form
     (torchrun and SLURM only: Open MPI tells nodes apart by host name).
+    Fail-fast (see ``syncdeco.init``) is off in the ranks unless
+    ``SYNCDECO_FAIL_FAST`` is set here or in ``extra_env``: a rank that
+    ends lets the others reach their sync point and raise there.
     Without ``init`` the ranks start bare, as a launched script does: no
     process group, and no meeting before ``fn``; under torchrun's variables
     this process hosts the store as torchrun's agent does, under SLURM's or
@@ -127,6 +130,8 @@ def run_ranks(
                     "MASTER_ADDR": "127.0.0.1",
                     "MASTER_PORT": str(port),
                     "OMP_NUM_THREADS": "1",
+                    # a rank's error, not its end by fail-fast: what a test asserts
+                    "SYNCDECO_FAIL_FAST": os.environ.get("SYNCDECO_FAIL_FAST", "0"),
                     **(extra_env or {}),
                 }
                 parent, child = _ctx.Pipe(duplex=False)
@@ -207,6 +212,7 @@ def _child(
 ) -> None:
     import torch.distributed as dist
 
+    from ._plane import failfast
     from ._plane.group import announce_exit
 
     # Its own process group, so that the parent can kill whatever it starts.
@@ -241,6 +247,7 @@ def _child(
         # rank's exit does not): ranks still waiting at a sync point this one
         # will never reach raise RankExitedError now, not at their timeout.
         announce_exit(out.error)
+        failfast.note_exit(out.error, convert=False)  # its node's ranks: no loss
         conn.send_bytes(_dumps(out))
     finally:
         if dist.is_initialized():

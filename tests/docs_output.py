@@ -49,6 +49,9 @@ SOURCES = {
     "tests/scripts/node_ranks.py (a lost node)": Source(
         "tests/test_multinode.py::test_a_lost_torchrun_node_is_named_by_every_survivor"
     ),
+    "tests/scripts/failfast_ranks.py (a lost node)": Source(
+        "tests/test_failfast.py::test_a_node_lost_while_the_others_are_in_their_all_reduce_ends_them"
+    ),
     "summary of examples/ddp_checkpoint.py": Source(
         "tests/test_examples.py::test_ddp_checkpoint_resumes_on_two_gloo_ranks",
         numbers_vary=True,

@@ -80,7 +80,12 @@ def _told(store: Any, rank: int) -> bool:
     return bool(store.check([f"syncdeco/gone/{rank}"]))
 
 
-def test_a_loss_outside_a_sync_point_waits_for_the_next(store: Any) -> None:
+def test_a_loss_outside_a_sync_point_waits_for_the_next(
+    store: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With fail-fast off: on, it would end this process (test_failfast.py
+    # tests that on real ranks).
+    monkeypatch.setenv("SYNCDECO_FAIL_FAST", "0")
     session = _session(store, rank=0)
     loss = (exits.killed_failure(1), None)
     session.seen([loss])

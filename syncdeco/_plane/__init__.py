@@ -26,6 +26,7 @@ by ``tests/test_imports.py``):
   simulated);
 * ``deathwatch``, ``pulse``, ``nodewatch``: the processes of a host's other
   ranks, and the node leases;
+* ``failfast``: ending this rank when a peer is lost outside a sync point;
 * ``session``: one process group's exchange and the threads that serve it
   (started and stopped explicitly), the ranks they see end, the exit notice;
 * ``group``: which session a sync point uses, the group's lifecycle, the

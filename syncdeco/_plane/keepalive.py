@@ -49,6 +49,7 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Final
 
 __all__ = ["StoreWatch", "endpoint", "keep_alive", "silent", "underlying"]
@@ -141,11 +142,12 @@ class StoreWatch:
     this process that waits on it (see the module's docstring).  ``clone``
     is a store connected to it, whose ``clone()`` makes the canary."""
 
-    __slots__ = ("_canary", "_sock", "host", "lost_at", "port", "thread")
+    __slots__ = ("_canary", "_sock", "host", "lost_at", "on_lost", "port", "thread")
 
     def __init__(self, host: str, port: int, clone: Any) -> None:
         self.host, self.port = host, port
         self.lost_at: float | None = None  # time.monotonic() when it was found lost
+        self.on_lost: Callable[[str], None] | None = None  # called with the host, in the thread
         before = _socket_inodes()
         self._canary = clone.clone()  # a connection of its own, kept idle
         keep_alive(host, port)
@@ -179,6 +181,8 @@ class StoreWatch:
                     _silenced.add((self.host, self.port))
                     _log.debug("syncdeco: the store's host %s went silent", self.host)
                     self._cut()
+                    if self.on_lost is not None:
+                        self.on_lost(self.host)
                 return  # ended (the store's process closed it, or it was lost)
         except OSError:
             return

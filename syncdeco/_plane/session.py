@@ -40,7 +40,7 @@ import torch.distributed as dist
 
 from .. import _startup as startup
 from .._backend import Failure
-from . import exits, pulse
+from . import exits, failfast, pulse
 from .deathwatch import DeathWatch, identity, watchable
 from .exchange import Exchange, Place
 from .keepalive import StoreWatch, endpoint, keep_alive, underlying
@@ -121,6 +121,9 @@ class Session:
         watch is kept where the store is the same)."""
         made = self.exchange
         made.store.set(f"{made.prefix}/pid/{made.rank}", pickle.dumps(identity()))
+        failfast.arm(
+            made.rank, f"{endpoint(made.store)} {startup.namespace(self.env)}", identity()[0]
+        )
         if previous is not None:
             previous.close()
             self.store_watch = previous.store_watch
@@ -225,6 +228,7 @@ class Session:
         if kept is None or (kept.host, kept.port) != at:
             try:
                 self.store_watch = StoreWatch(*at, made.store)
+                self.store_watch.on_lost = functools.partial(_store_lost, weakref.ref(self))
                 self.store_watch.start()
             except Exception as exc:
                 _log.debug("rank %d could not watch the store's host: %r", made.rank, exc)
@@ -277,6 +281,28 @@ class Session:
         whose store host has gone, that would make the store client log)."""
         if in_sync_point:
             self.tell()
+            return
+        # Elsewhere (its own collective, computing, loading data): with
+        # fail-fast on, end this rank (see failfast).
+        here = [failure for failure, elsewhere in losses if elsewhere is None]
+        there = [failure for failure, elsewhere in losses if elsewhere is not None]
+        for failure in here:
+            failfast.peer_ended(failure.rank, self.tell)
+        if there:
+            made = self.exchange
+            store = made.spare or made.store
+            failfast.nodes_lost(failfast.not_said(there, store, made.prefix), self.tell)
+
+    def store_lost(self, host: str) -> None:
+        """In the store watch's thread: the job's store's host went silent.
+        A sync point reports it; elsewhere, fail-fast may end this rank."""
+        made = self.exchange
+        if made.left or self.stopping.is_set():
+            return
+        if made.waiting is not None or made.lock.locked():
+            return  # the sync point reports it
+        agent = self.env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        failfast.store_host_lost(host, () if agent else (0,))
 
     def tell(self) -> None:
         """Tell the others now of the ranks seen to end (from any thread:
@@ -332,6 +358,13 @@ def _ended(ref: weakref.ref[Session], rank: int) -> None:
         session.seen([(exits.killed_failure(rank), None)])
 
 
+def _store_lost(ref: weakref.ref[Session], host: str) -> None:
+    # In the store watch's thread.
+    session = ref()
+    if session is not None:
+        session.store_lost(host)
+
+
 def _lost(ref: weakref.ref[Session], failures: list[Failure]) -> None:
     # In the node watch's thread: ranks of other nodes that ended, or whose
     # node was lost.
@@ -368,6 +401,7 @@ def _find_node(ref: weakref.ref[Session], store: Any) -> None:
                 near = watchable(identity(), found_at)
                 if watch is not None:
                     for rank, pid in near.items():
+                        failfast.watching(rank, pid)  # first: a rank gone is reported at once
                         watch.watch(rank, pid)
                 if session.pulse is not None:
                     session.pulse.serve(near)

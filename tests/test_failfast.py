@@ -1,0 +1,305 @@
+"""Fail-fast (syncdeco/_plane/failfast.py): a rank outside any sync point
+ends, naming the lost ranks, when a peer is lost.
+
+The rules are checked with plain values; the promises on real processes,
+started as a launcher starts them (no group made in advance): ranks on one
+host (tests/scripts/failfast_ranks.py), and two nodes in network namespaces
+(tests/netns.py; skipped where namespaces are not allowed).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import docs_output
+import netns
+import pytest
+
+import syncdeco as sd
+from syncdeco._backend import Failure
+from syncdeco._plane import failfast
+from syncdeco._plane.exits import killed_failure
+from syncdeco._plane.nodewatch import lost_failure
+
+RANKS = Path(__file__).parent / "scripts" / "failfast_ranks.py"
+ENDED_WITHIN = 60.0  # seconds a test waits for a rank to end before it fails (no timing promise)
+
+# -- the rules, with plain values ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("option", "env", "on"),
+    [
+        (None, {}, True),
+        (None, {"SYNCDECO_FAIL_FAST": ""}, True),
+        (None, {"SYNCDECO_FAIL_FAST": "0"}, False),
+        (None, {"SYNCDECO_FAIL_FAST": "off"}, False),
+        (None, {"SYNCDECO_FAIL_FAST": " Yes "}, True),
+        (True, {"SYNCDECO_FAIL_FAST": "0"}, True),
+        (False, {"SYNCDECO_FAIL_FAST": "1"}, False),
+    ],
+)
+def test_the_option_wins_over_the_variable_which_wins_over_the_default(
+    option: bool | None, env: dict[str, str], on: bool
+) -> None:
+    assert failfast.enabled(option, env) is on
+
+
+def test_a_bad_variable_says_what_to_set() -> None:
+    with pytest.raises(ValueError, match=r"SYNCDECO_FAIL_FAST='maybe'.*fail_fast=True/False"):
+        failfast.enabled(None, {"SYNCDECO_FAIL_FAST": "maybe"})
+
+
+def test_init_takes_only_a_bool_or_none() -> None:
+    with pytest.raises(TypeError, match="fail_fast"):
+        sd.init("null", fail_fast="yes")  # type: ignore[arg-type]
+    sd.init("null", fail_fast=False)
+    from syncdeco._backend import _Config
+
+    assert _Config.fail_fast is False
+
+
+def test_a_clean_exit_is_no_loss_and_an_unnoted_end_is_a_kill() -> None:
+    assert failfast.loss_from_note(3, "node0", {"how": "exit", "clean": True}) is None
+    killed = failfast.loss_from_note(3, "node0", None)
+    assert killed is not None and killed.ranks == (3,) and "SIGKILL" in killed.how
+    raised = failfast.loss_from_note(
+        3, "node0", {"how": "exit", "clean": False, "exc_type": "ValueError", "message": "bad\nx"}
+    )
+    assert raised == failfast.Loss((3,), "node0", "exited with ValueError: bad")
+
+
+def test_a_rank_that_failed_fast_passes_the_original_loss_on() -> None:
+    note = {"how": "fail-fast", "ranks": [2, 3], "host": "node1", "said": "were lost"}
+    said = "were lost (rank 0, on node0, heard it first and ended)"
+    assert failfast.loss_from_note(0, "node0", note) == failfast.Loss((2, 3), "node1", said)
+
+
+def test_a_lost_node_and_a_killed_rank_as_losses() -> None:
+    node = failfast.loss_from_failure(lost_failure(3, "node1", (2, 3)))
+    assert (node.ranks, node.host) == ((2, 3), "node1") and "lost with their node" in node.how
+    assert failfast.loss_from_failure(killed_failure(5)).ranks == (5,)
+    alone = failfast.loss_from_failure(lost_failure(4, "node2", (4,)))
+    assert alone.how.startswith("was lost with its node"), alone
+    raised = Failure(4, "KeyError", "'x'", "", exited=True)
+    assert failfast.loss_from_failure(raised).how == "exited with KeyError: 'x'"
+
+
+def test_the_message_names_the_ranks_the_host_the_code_and_the_way_out() -> None:
+    said = failfast.message(1, [failfast.Loss((2, 3), "node1", "were lost with their node")])
+    assert said.startswith(
+        "syncdeco fail-fast: rank 1 ends with exit code 75: ranks 2 and 3 on node1 were lost "
+        "with their node."
+    )
+    assert "fail_fast=False" in said and "SYNCDECO_FAIL_FAST=0" in said
+    assert "--max-restarts" in said
+
+
+def test_losses_of_one_host_and_kind_are_named_together() -> None:
+    losses = [failfast.loss_from_failure(lost_failure(r, "node1", (r,))) for r in (3, 2)]
+    assert failfast._merge(losses) == [failfast.Loss((2, 3), "node1", losses[0].how)]
+
+
+def test_a_clean_exit_leaves_a_note_in_each_inbox_and_takes_its_own_away(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    for name, value in vars(failfast._State).copy().items():
+        if not name.startswith("__") and name != "lock":
+            monkeypatch.setattr(failfast._State, name, value)
+
+    def be(rank: int) -> None:  # this process plays ranks 0 and 1 of one node in turn
+        failfast.arm(rank, "store:1234 job", "node0/boot")
+
+    be(0)
+    be(1)
+    (job,) = (tmp_path / f"syncdeco-notes-{os.getuid()}").iterdir()
+    assert sorted(p.name for p in job.iterdir()) == ["0", "1"]
+    assert oct(job.stat().st_mode & 0o777) == oct((job / "1").stat().st_mode & 0o777) == "0o700"
+    failfast.note_exit(SystemExit(0))  # rank 1 exits cleanly
+    assert [p.name for p in job.iterdir()] == ["0"]
+    be(0)
+    note = failfast._read_note(1, os.getpid())
+    assert note == {"how": "exit", "clean": True}
+    assert failfast.loss_from_note(1, "node0", note) is None
+    assert failfast._read_note(1, os.getpid()) is None  # read once
+    failfast.note_exit(None)  # rank 0, the last one out
+    assert not job.exists()
+
+
+# -- ranks on one host --------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def three_ranks(tmp_path: Path) -> Iterator[tuple[list[subprocess.Popen[bytes]], Path]]:
+    """Three ranks of tests/scripts/failfast_ranks.py on this host, with
+    torchrun's variables, ``SYNCDECO_FAIL_FAST=0`` and
+    ``sd.init(fail_fast=True)``, which wins; rank 1 holds the GIL for 3 s
+    in round 1.  Every one is gone at the end."""
+    port, procs = _free_port(), []
+    try:
+        for rank in range(3):
+            env = {
+                **os.environ,
+                "RANK": str(rank),
+                "WORLD_SIZE": "3",
+                "LOCAL_RANK": str(rank),
+                "LOCAL_WORLD_SIZE": "3",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "OMP_NUM_THREADS": "1",
+                "SYNCDECO_FAIL_FAST": "0",
+            }
+            log = open(tmp_path / f"log-{rank}.txt", "wb")
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, str(RANKS), str(tmp_path), "--gil", "1", "3", "--init"],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                )
+            )
+            log.close()
+        yield procs, tmp_path
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGCONT)  # a stopped rank dies only once continued
+                proc.kill()
+            proc.wait(10)
+
+
+def _until(ready, timeout: float, what: str, logs: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            said = "\n".join(
+                f"--- {p.name}:\n{p.read_text(errors='replace')[-3000:]}"
+                for p in sorted(logs.glob("log-*.txt"))
+            )
+            pytest.fail(f"{what}: not within {timeout}s\n{said}")
+        time.sleep(0.02)
+
+
+def test_a_slow_rank_is_no_loss_and_a_killed_one_ends_the_others(three_ranks) -> None:
+    """Round 1: rank 2 stopped (SIGSTOP) and rank 1 holding the GIL, for
+    3 s each, while rank 0 waits in its all_reduce: no false alarm, the
+    round completes.  Round 2: rank 2 is SIGKILLed while rank 0 is in an
+    all_reduce (over a group rank 1 never joins) and rank 1 computes:
+    both end with exit code 75 and one error naming rank 2."""
+    procs, out = three_ranks
+    _until(lambda: all((out / f"ready-{r}.json").exists() for r in range(3)), 120, "ready", out)
+    os.kill(procs[2].pid, signal.SIGSTOP)
+    (out / "go-1").write_text("")
+    _until(lambda: (out / "in-1-0").exists(), 60, "rank 0 in its all_reduce", out)
+    time.sleep(3)  # the fault's length, not an ordering
+    os.kill(procs[2].pid, signal.SIGCONT)
+    _until(lambda: all((out / f"round-1-{r}").exists() for r in range(3)), 60, "round 1", out)
+    assert [p.poll() for p in procs] == [None, None, None]
+
+    (out / "go-2").write_text("")
+    _until(lambda: all((out / f"in-2-{r}").exists() for r in range(3)), 60, "round 2", out)
+    procs[2].kill()
+    for rank in (0, 1):
+        procs[rank].wait(ENDED_WITHIN)
+        said = (out / f"log-{rank}.txt").read_text()
+        assert procs[rank].returncode == failfast.EXIT_CODE, said
+        errors = [line for line in said.splitlines() if "syncdeco fail-fast" in line]
+        assert len(errors) == 1, said
+        assert errors[0].startswith(
+            f"syncdeco fail-fast: rank {rank} ends with exit code 75: rank 2 on "
+            f"{socket.gethostname()} ended without running Python's exit handlers"
+        ), said
+
+
+# -- two nodes ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lost", [1, 0], ids=["second-node", "store-host"])
+def test_a_node_lost_while_the_others_are_in_their_all_reduce_ends_them(
+    tmp_path: Path, lost: int
+) -> None:
+    """Two nodes of two ranks (SLURM's variables; rank 0 hosts the job's
+    store), fail-fast on; the ranks of one node wait in their own
+    ``dist.all_reduce``, those of the other node compute, and that node is
+    lost (link cut, then its processes killed).
+
+    Node 1 lost: rank 0 hears it from the node watch, rank 1 from rank 0
+    (its note, as rank 0 ends); both end with exit code 75 and one error
+    naming ranks 2 and 3 on node1.  Node 0 lost (the store's host): ranks 2
+    and 3 hear it from their connections to the store, and name rank 0."""
+    why = netns.unavailable()
+    if why is not None:
+        pytest.skip(f"multi-node tests need network namespaces: {why}")
+    lost_ranks = [2 * lost, 2 * lost + 1]
+    survivors = [r for r in range(4) if r not in lost_ranks]
+    with netns.Cluster(nodes=2, workdir=tmp_path / "cluster") as c:
+        port, procs = c.port(), []
+        for rank in range(4):
+            env = {
+                "SLURM_JOB_ID": "4343",
+                "SLURM_STEP_ID": "0",
+                "SLURM_PROCID": str(rank),
+                "SLURM_NTASKS": "4",
+                "SLURM_LOCALID": str(rank % 2),
+                "SLURM_NODEID": str(rank // 2),
+                "SLURM_NNODES": "2",
+                "SLURM_TASKS_PER_NODE": "2(x2)",
+                "SLURMD_NODENAME": c.hosts[rank // 2],
+                "MASTER_ADDR": c.hosts[0],
+                "MASTER_PORT": str(port),
+                "SYNCDECO_FAIL_FAST": "1",
+            }
+            argv = [sys.executable, str(RANKS), str(tmp_path), "--busy", *map(str, lost_ranks)]
+            procs.append(c.start(rank // 2, argv, env))
+
+        def logs() -> str:
+            return "\n".join(f"--- rank {r}:\n{p.output()[-3000:]}" for r, p in enumerate(procs))
+
+        def until(ready, what: str) -> None:
+            deadline = time.monotonic() + 120
+            while not ready():
+                if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                    pytest.fail(f"{what}: not so\n{logs()}")
+                time.sleep(0.05)
+
+        until(lambda: all((tmp_path / f"ready-{r}.json").exists() for r in range(4)), "ready")
+        (tmp_path / "go-1").write_text("")
+        until(lambda: all((tmp_path / f"in-1-{r}").exists() for r in range(4)), "in round 1")
+        c.lose(lost)
+        shown = ""
+        for rank in survivors:
+            try:
+                procs[rank].popen.wait(ENDED_WITHIN)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"rank {rank} still runs {ENDED_WITHIN}s after the loss\n{logs()}")
+            said = procs[rank].output()
+            assert procs[rank].poll() == failfast.EXIT_CODE, logs()
+            errors = [line for line in said.splitlines() if "syncdeco fail-fast" in line]
+            assert len(errors) == 1, logs()
+            named = (
+                "ranks 2 and 3 on node1 were lost with their node"
+                if lost == 1
+                else "rank 0 on node0 was lost with the host of the job's store"
+            )
+            assert errors[0].startswith(
+                f"syncdeco fail-fast: rank {rank} ends with exit code 75: {named}"
+            ), logs()
+            shown += errors[0] + "\n"
+    if lost == 1:
+        docs_output.check("tests/scripts/failfast_ranks.py (a lost node)", shown)  # docs/hangs.md
