@@ -35,7 +35,7 @@ from .deathwatch import DeathWatch, identity, watchable
 from .exchange import Exchange, Place
 from .keepalive import StoreWatch, endpoint, keep_alive, underlying
 from .nodewatch import NodeWatch
-from .stacks import StackResponder, end_responders
+from .stacks import StackResponder, end_responders, sync_state
 
 __all__ = [
     "announce_exit",
@@ -220,7 +220,12 @@ def _new_exchange(
         _responder.close()
         _responder = None
     _responder = StackResponder(
-        made.spare.clone(), f"{made.prefix}/stack", rank, ring=made.spare.clone()
+        made.spare.clone(),
+        f"{made.prefix}/stack",
+        rank,
+        ring=made.spare.clone(),
+        world_size=world_size,
+        sync=functools.partial(sync_state, weakref.ref(made)),
     )
     _responder.start()
     hosts = rank == 0 and world_size > 1 and env.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
