@@ -21,13 +21,13 @@ that have stopped (``PREFIX/RANK/off``) belong to ranks that have exited.
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Final, final
 
 from ._jobs import LocalJob, local_jobs
@@ -74,7 +74,8 @@ class StoreJob:
     def name(self) -> str:
         """The job's prefix without syncdeco's own part, for people."""
         name = self.prefix.removesuffix("/stack").removesuffix("syncdeco").strip("/")
-        return name.replace("//", "/") or "(no prefix)"
+        name = name.replace("//", "/").removeprefix("syncdeco-job/")
+        return name or "(no prefix)"
 
     @property
     def world_size(self) -> int:
@@ -257,13 +258,22 @@ def _address(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _ended(pid: int) -> bool:
+    """Whether process ``pid`` has ended (gone, or a zombie not yet reaped)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat[stat.rfind(")") + 2 :][:1] in ("Z", "X")
+
+
 def _local(job: str | None, pid: int | None) -> LocalJob:
     """The job on this machine to show."""
     jobs = local_jobs()
     if pid is not None:
         jobs = [j for j in jobs if any(r.pid == pid for r in j.ranks)]
         if not jobs:
-            if not os.path.exists(f"/proc/{pid}"):
+            if _ended(pid):
                 raise WhereError(f"process {pid} has ended (no such process on this machine)")
             raise WhereError(
                 f"process {pid} is no rank of a job: its environment has no launcher's "
@@ -303,7 +313,10 @@ def where(
     tcp = connect(addr, port)
     picked = choose(jobs_in(tcp, at), at, local=local, job=None if local else job)
     seen = ask(tcp, picked)
-    name = local.id if local is not None else picked.name
+    if local is not None:
+        name = f"{local.launcher} job" + ("" if local.id == at else f" {local.id}")
+    else:
+        name = f"job {picked.name}"
     if data:
         found = as_data(
             seen.reports,

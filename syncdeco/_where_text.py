@@ -215,7 +215,8 @@ def format_where(
 
 
 def heading(job: str, store: str, reports: Mapping[int, StackReport], took: float) -> str:
-    """The first line: the job, and how many ranks answered."""
+    """The first line: the job (``job``: "torchrun job 42"), its store, and
+    how many ranks answered."""
     answered = sum(r.answered for r in reports.values())
     ended = sum(r.ended for r in reports.values())
     silent = len(reports) - answered - ended
@@ -224,10 +225,7 @@ def heading(job: str, store: str, reports: Mapping[int, StackReport], took: floa
         counts.append(f"{silent} silent")
     if ended:
         counts.append(f"{ended} exited")
-    return (
-        f"job {job} (store {store}): {len(reports)} ranks, {', '.join(counts)} "
-        f"(asked in {took:.2f}s)"
-    )
+    return f"{job} at {store}: {len(reports)} ranks, {', '.join(counts)} (asked in {took:.2f}s)"
 
 
 def _report_data(report: StackReport, last: StackReport | None) -> dict[str, Any]:

@@ -49,6 +49,10 @@ SOURCES = {
     "tests/scripts/node_ranks.py (a lost node)": Source(
         "tests/test_multinode.py::test_a_lost_torchrun_node_is_named_by_every_survivor"
     ),
+    "python -m syncdeco where (tests/scripts/where_job.py)": Source(
+        "tests/test_where.py::test_where_shows_each_rank_of_a_hung_torchrun_job_then_says_it_ended",
+        numbers_vary=True,
+    ),
     "summary of examples/ddp_checkpoint.py": Source(
         "tests/test_examples.py::test_ddp_checkpoint_resumes_on_two_gloo_ranks",
         numbers_vary=True,
