@@ -65,26 +65,29 @@ START: Final = 300.0  # seconds for a job (real or simulated) to be ready
 def _ranks(conn: Connection, port: int, ranks: Sequence[int], world: int) -> None:
     """A worker process: the responders of ``ranks``."""
     _raise_nofile()
-    sys.setswitchinterval(1.0)  # a thousand threads: see scale.py's SWITCH_INTERVAL
+    from concurrent.futures import ThreadPoolExecutor
     from datetime import timedelta
 
     import torch.distributed as dist
 
     from syncdeco._plane.stacks import StackResponder, SyncSeen
 
-    def client() -> Any:
+    def client(rank: int) -> Any:
         tcp = dist.TCPStore(  # type: ignore[attr-defined]
             "127.0.0.1", port, None, False, timedelta(seconds=120), wait_for_workers=False
         )
-        return dist.PrefixStore(NAMESPACE, tcp)  # type: ignore[attr-defined]
+        store = dist.PrefixStore(NAMESPACE, tcp)  # type: ignore[attr-defined]
+        store.set(f"syncdeco/pid/{rank}", str(os.getpid()))  # what an exchange writes
+        store.set(f"syncdeco/node/n{rank // 8}/{rank % 8}", str(rank))
+        return store
 
+    with ThreadPoolExecutor(max_workers=64) as pool:  # connecting one by one is slow
+        stores = list(pool.map(client, ranks))
+    sys.setswitchinterval(1.0)  # a thousand threads: see scale.py's SWITCH_INTERVAL
     seen = SyncSeen("barrier 'epoch' (call 3, train.py:70)", 1.0, False)
     counted: list[Counted] = []
     responders = []
-    for rank in ranks:
-        store = client()
-        store.set(f"syncdeco/pid/{rank}", str(os.getpid()))  # what an exchange writes
-        store.set(f"syncdeco/node/n{rank // 8}/{rank % 8}", str(rank))
+    for rank, store in zip(ranks, stores, strict=True):
         mine = Counted(store)
         counted.append(mine)
         responder = StackResponder(
@@ -160,7 +163,9 @@ def _query(job: Simulated) -> dict[str, float]:
     cpu = _server_cpu(job.server.pid or 0)
     began = time.monotonic()
     store = Counted(connect("127.0.0.1", job.port))
-    seen = ask(store, choose(jobs_in(store, at), at))
+    picked = choose(jobs_in(store, at), at)
+    found = time.monotonic() - began
+    seen = ask(store, picked)
     took = time.monotonic() - began
     answered = sum(r.answered for r in seen.reports.values())
     if answered != job.world:
@@ -170,6 +175,8 @@ def _query(job: Simulated) -> dict[str, float]:
     responders = job.responder_requests()  # once they have written their answers
     return {
         "wall": took,
+        "find": found,
+        "ask": took - found,
         "cpu": _server_cpu(job.server.pid or 0) - cpu,
         "asker": asker,
         "responders": responders,
@@ -197,15 +204,16 @@ def simulated(sizes: Sequence[int], rounds: int) -> str:
     lines = [
         f"where against simulated ranks ({rounds} interleaved rounds; median [min-max]; "
         f"store keys listed once per query)",
-        f"{'ranks':>6} {'wall ms':>22} {'x':>6} {'server CPU ms':>22} "
-        f"{'asker req':>10} {'responder req':>14} {'keys':>7}",
+        f"{'ranks':>6} {'wall ms':>22} {'x':>6} {'finding ms':>20} {'asking ms':>22} "
+        f"{'server CPU ms':>20} {'asker req':>10} {'responder req':>14} {'keys':>7}",
     ]
     for w in sizes:
         rs = results[w]
         wall = [r["wall"] for r in rs]
         lines.append(
             f"{w:>6} {_range(wall):>22} {statistics.median(wall) / base:>6.1f} "
-            f"{_range([r['cpu'] for r in rs]):>22} "
+            f"{_range([r['find'] for r in rs]):>20} {_range([r['ask'] for r in rs]):>22} "
+            f"{_range([r['cpu'] for r in rs]):>20} "
             f"{statistics.median(r['asker'] for r in rs):>10.0f} "
             f"{statistics.median(r['responders'] for r in rs):>14.0f} "
             f"{statistics.median(r['keys'] for r in rs):>7.0f}"

@@ -115,7 +115,7 @@ def _pids(proc: Path) -> Iterable[int]:
     return sorted(int(n) for n in names if n.isdigit())
 
 
-def job_of(env: Mapping[str, str]) -> tuple[str, str, int, int, int, str] | None:
+def job_of(env: Mapping[str, str]) -> tuple[str, str, str, int, int, str] | None:
     """(id, launcher, store address, port, world size, run) of the job
     ``env`` describes, or None: no launcher, one rank, or no store named."""
     try:
@@ -139,7 +139,7 @@ def job_of(env: Mapping[str, str]) -> tuple[str, str, int, int, int, str] | None
 def local_jobs(proc: Path = Path("/proc")) -> list[LocalJob]:
     """The jobs with ranks on this machine, in order of their ids."""
     skip = _ancestors(os.getpid(), proc)
-    found: dict[tuple[str, str, int, int, int, str], list[LocalRank]] = {}
+    found: dict[tuple[str, str, str, int, int, str], list[LocalRank]] = {}
     for pid in _pids(proc):
         if pid in skip:
             continue

@@ -79,7 +79,7 @@ class StoreJob:
 
     @property
     def world_size(self) -> int:
-        sizes = [w[3] for w in self.who.values() if len(w) > 3 and w[3]]
+        sizes = [int(w[3]) for w in self.who.values() if len(w) > 3 and w[3]]
         return max([*sizes, max(self.who, default=-1) + 1])
 
     @property

@@ -379,3 +379,23 @@ def test_two_running_jobs_in_one_store_are_listed_to_pick_from() -> None:
     with pytest.raises(WhereError, match="several jobs") as caught:
         choose(jobs, "s")
     assert "  a: 1 ranks, 1 running\n  b: 1 ranks, 1 running" in str(caught.value)
+
+
+def test_a_responder_reads_the_sync_point_its_exchange_is_in_or_last_passed() -> None:
+    from types import SimpleNamespace
+
+    from syncdeco._backend import SyncPoint
+    from syncdeco._plane.stacks import sync_state
+
+    point = SyncPoint("barrier", "epoch", 3, "train.py:70")
+    now = time.monotonic()
+    made = SimpleNamespace(at=None, passed=None)
+    assert sync_state(lambda: made) is None
+    made.passed = (point, now - 5.0)
+    seen = sync_state(lambda: made)
+    assert seen is not None and not seen.inside and seen.seconds >= 5.0
+    assert seen.point == "barrier 'epoch' (call 3, train.py:70)"
+    made.at = (point, now - 1.0)
+    seen = sync_state(lambda: made)
+    assert seen is not None and seen.inside and 1.0 <= seen.seconds < 5.0
+    assert sync_state(lambda: None) is None  # its exchange is gone
