@@ -262,21 +262,26 @@ def real(world: int, rounds: int) -> str:
             time.sleep(0.1)
         pids = [int(p.read_text()) for p in folder.glob("ready-*")]
         rank0 = int((folder / "ready-0").read_text())
-        rows: dict[str, list[tuple[float, float, float]]] = {"--pid": [], "--store": []}
+        commands = {
+            "--pid": ["-m", "syncdeco", "where", "--pid", str(rank0)],
+            "--store": ["-m", "syncdeco", "where", "--store", f"127.0.0.1:{port}"],
+            "import": ["-c", "import syncdeco._where"],  # the peer: Python, torch, syncdeco
+        }
+        rows: dict[str, list[tuple[float, float, float]]] = {how: [] for how in commands}
         for _ in range(rounds):
-            for how, args in (("--pid", [str(rank0)]), ("--store", [f"127.0.0.1:{port}"])):
+            for how, args in commands.items():
                 cpu = _server_cpu(agent.pid)
                 began = time.monotonic()
                 done = subprocess.run(
-                    [sys.executable, "-m", "syncdeco", "where", how, *args],
+                    [sys.executable, *args],
                     env=env, capture_output=True, text=True, timeout=120, check=False,
                 )  # fmt: skip
                 took = time.monotonic() - began
                 if done.returncode != 0:
                     raise SystemExit(done.stderr)
-                asked = re.search(r"asked in ([\d.]+)s", done.stdout)
+                asked = re.search(r"asked in (\d+) ms", done.stdout)
                 rows[how].append(
-                    (took, float(asked[1]) if asked else float("nan"), _server_cpu(agent.pid) - cpu)
+                    (took, float(asked[1]) / 1e3 if asked else 0.0, _server_cpu(agent.pid) - cpu)
                 )
     finally:
         for pid in {*pids, *_children(agent.pid)}:

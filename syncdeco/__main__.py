@@ -107,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _where(args: argparse.Namespace) -> int:
-    from ._where import WhereError, where  # imports torch: only for this command
+    from ._where import WhereError, where
 
     try:
         sys.stdout.write(where(store=args.store, job=args.job, pid=args.pid, data=args.json))

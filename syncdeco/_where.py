@@ -30,6 +30,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Final, final
 
+import torch.distributed as dist
+
 from ._jobs import LocalJob, local_jobs
 from ._plane.stacks import StackReport, fetch_stacks, last_answer, who
 from ._where_text import as_data, format_where, heading
@@ -116,8 +118,6 @@ def connect(addr: str, port: int, *, wait: float = CONNECT_WAIT) -> Any:
             f"not there. Name the store with --store HOST:PORT (torchrun's "
             f"--rdzv-endpoint, or MASTER_ADDR:MASTER_PORT)."
         ) from None
-    import torch.distributed as dist
-
     try:
         return dist.TCPStore(  # type: ignore[attr-defined]
             addr,
@@ -311,8 +311,14 @@ def where(
         addr, port = local.addr, local.port
     at = f"{addr}:{port}"
     tcp = connect(addr, port)
-    picked = choose(jobs_in(tcp, at), at, local=local, job=None if local else job)
-    seen = ask(tcp, picked)
+    try:
+        picked = choose(jobs_in(tcp, at), at, local=local, job=None if local else job)
+        seen = ask(tcp, picked)
+    except (dist.DistError, RuntimeError) as exc:
+        raise WhereError(
+            f"the store at {at} stopped answering while asked ({exc}): the job has "
+            f"ended, or its store's host is lost."
+        ) from None
     if local is not None:
         name = f"{local.launcher} job" + ("" if local.id == at else f" {local.id}")
     else:

@@ -225,7 +225,10 @@ def heading(job: str, store: str, reports: Mapping[int, StackReport], took: floa
         counts.append(f"{silent} silent")
     if ended:
         counts.append(f"{ended} exited")
-    return f"{job} at {store}: {len(reports)} ranks, {', '.join(counts)} (asked in {took:.2f}s)"
+    return (
+        f"{job} at {store}: {len(reports)} ranks, {', '.join(counts)} "
+        f"(asked in {took * 1000:.0f} ms)"
+    )
 
 
 def _report_data(report: StackReport, last: StackReport | None) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import pytest
 import torch.distributed as dist
 from scripted import LAUNCHER_VARIABLES, start_script
 
+from syncdeco.__main__ import main
 from syncdeco._jobs import local_jobs
 from syncdeco._plane.stacks import StackReport, SyncSeen, _format, who_key
 from syncdeco._where import StoreJob, WhereError, choose, jobs_in
@@ -56,6 +57,15 @@ def _where(*args: str) -> subprocess.CompletedProcess[str]:
         timeout=120,
         check=False,
     )
+
+
+def _where_here(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """``where`` in this process (the command's own ``main``, without
+    Python's start): (exit status, stdout, stderr)."""
+    capsys.readouterr()
+    code = main(["where", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def _children(pid: int) -> list[int]:
@@ -130,7 +140,7 @@ def _groups(out: str) -> dict[str, list[str]]:
 
 
 def test_where_shows_each_rank_of_a_hung_torchrun_job_then_says_it_ended(
-    hung_job: tuple[subprocess.Popen, int, dict[int, int]],
+    hung_job: tuple[subprocess.Popen, int, dict[int, int]], capsys: pytest.CaptureFixture[str]
 ) -> None:
     agent, port, pids = hung_job
     host = socket.gethostname()
@@ -165,31 +175,32 @@ def test_where_shows_each_rank_of_a_hung_torchrun_job_then_says_it_ended(
     shown = done.stdout.replace(f"host {host},", "host node0,")
     docs_output.check("python -m syncdeco where (tests/scripts/where_job.py)", shown)
 
-    # The same as data.
-    data = _where("--pid", str(pids[1]), "--json")
-    assert data.returncode == 0, data.stderr
-    found = json.loads(data.stdout)
+    # The same as data (here and below, the command's main in this process:
+    # the first and the last ask run the command itself).
+    code, out, err = _where_here(capsys, "--pid", str(pids[1]), "--json")
+    assert code == 0, err
+    found = json.loads(out)
     assert [r["pid"] for r in found["ranks"]] == [pids[r] for r in range(WORLD)]
     assert {tuple(g["ranks"]) for g in found["groups"]} == {(0, 1, 2), (3,)}
     assert all(r["sync_point"]["inside"] is False for r in found["ranks"])
 
     # A stopped rank is silent: named, with where it was last seen.
     os.kill(pids[3], signal.SIGSTOP)
-    silent = _where("--store", f"127.0.0.1:{port}")
-    assert silent.returncode == 0, silent.stderr
-    groups = _groups(silent.stdout)
+    code, out, err = _where_here(capsys, "--store", f"127.0.0.1:{port}")
+    assert code == 0, err
+    groups = _groups(out)
     (title,) = [t for t in groups if t.startswith("rank 3: silent")]
     assert "did not answer within 2 s: its process is stopped" in title, title
     (line,) = groups[title]
     assert line.startswith(f"  rank 3: host {host}, pid {pids[3]}, last seen "), line
     assert f"ago: read_shard in where_job.py:{shard_line}; {passed}" in line, line
-    assert stuck in groups, silent.stdout
+    assert stuck in groups, out
 
     # Once the job has ended, `where` says so and fails.
     _end_job(agent, list(pids.values()))
-    gone = _where("--pid", str(pids[0]))
-    assert gone.returncode == 1, gone
-    assert f"process {pids[0]} has ended" in gone.stderr, gone.stderr
+    code, out, err = _where_here(capsys, "--pid", str(pids[0]))
+    assert code == 1, out
+    assert f"process {pids[0]} has ended" in err, err
     gone = _where("--store", f"127.0.0.1:{port}")
     assert gone.returncode == 1, gone
     assert f"nothing answers at 127.0.0.1:{port}" in gone.stderr, gone.stderr
