@@ -410,3 +410,21 @@ def test_a_responder_reads_the_sync_point_its_exchange_is_in_or_last_passed() ->
     seen = sync_state(lambda: made)
     assert seen is not None and seen.inside and 1.0 <= seen.seconds < 5.0
     assert sync_state(lambda: None) is None  # its exchange is gone
+
+
+def test_the_where_benchmark_runs() -> None:
+    bench = ROOT / "benchmarks" / "where.py"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, str(bench), "--smoke"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    (row,) = [ln.split() for ln in done.stdout.splitlines() if ln.split()[:1] == ["16"]]
+    # requests per query: the asker's (one a rank and a few), the responders'
+    # (7 a rank, some of which may come after the count is read)
+    assert int(row[-3]) > 16 and 5 * 16 <= int(row[-2]) <= 7 * 16, done.stdout
