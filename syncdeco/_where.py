@@ -11,7 +11,7 @@ responders' own protocol with the store's host go on as before) and waits
 The store is found from this machine's ranks (``_jobs``: their
 ``MASTER_ADDR:MASTER_PORT``) or named with ``--store``.  syncdeco's keys
 live under prefixes the tool does not know (the job's run, and whatever
-prefix torch's own store adds: ``/worker/attempt_N/default_pg`` under
+prefix torch's own store adds: ``default_pg/0`` under
 torchrun for a group the program made): so it lists the store's keys once
 (``list_keys``, one request) and takes every prefix under which
 responders said who they are (``PREFIX/RANK/who``) as a job; responders

@@ -365,16 +365,16 @@ def _responder_said(
 
 
 def test_jobs_in_a_store_are_found_under_any_prefix(store: dist.TCPStore) -> None:
-    old = "/worker/attempt_0/default_pg/syncdeco/stack"
-    new = "/worker/attempt_1/default_pg/syncdeco/stack"
+    run = "syncdeco-job/TORCHELASTIC_RUN_ID=r,TORCHELASTIC_RESTART_COUNT="
+    old, new = f"{run}0//syncdeco/stack", f"{run}1//syncdeco/stack"  # a restarted job
     for rank in range(2):
         _responder_said(store, old, rank, 10 + rank, off=True)
         _responder_said(store, new, rank, 20 + rank)
-    store.set("/worker/attempt_1/default_pg/syncdeco/w/0/3", b"x")  # other keys are no job
+    store.set(f"{run}1//syncdeco/w/0/3", b"x")  # other keys are no job
     jobs = jobs_in(store, "s")
     assert [(j.prefix, j.running, j.world_size) for j in jobs] == [(old, [], 2), (new, [0, 1], 2)]
     assert choose(jobs, "s").prefix == new  # the one that still runs
-    assert choose(jobs, "s", job="attempt_0").prefix == old
+    assert choose(jobs, "s", job="COUNT=0").prefix == old
     with pytest.raises(WhereError, match="matches --job 'attempt_9'"):
         choose(jobs, "s", job="attempt_9")
     with pytest.raises(WhereError, match="have not reached one yet"):
