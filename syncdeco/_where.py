@@ -233,8 +233,12 @@ def ask(store: Any, job: StoreJob, *, timeout: float = ANSWER_WAIT) -> Snapshot:
     for rank, report in reports.items():
         if not report.answered and not report.ended:
             seen = last_answer(store, job.prefix, rank)
+            said = job.who.get(rank, ())
             if seen is not None:
                 last[rank] = seen
+            elif len(said) > 4 and said[4]:  # when its responder started
+                age = max(0.0, asked_at - float(said[4]))
+                last[rank] = StackReport(rank, reason="started answering", age=age)
     if all(r.ended for r in reports.values()):
         raise WhereError(
             f"job {job.name} at {job.store} has ended: none of its {job.world_size} "

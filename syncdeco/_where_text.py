@@ -182,9 +182,14 @@ def _rank_line(report: StackReport, last: StackReport | None) -> str:
         parts.append(f"host {report.host}, pid {report.pid}")
     if report.answered:
         parts.append(_sync_words(report.sync))
-    elif last is not None and last.age is not None:
+    elif last is not None and last.age is not None and last.answered:
         head, _, _ = _place(last)
         parts.append(f"last seen {_ago(last.age)} ago: {head}; {_sync_words(last.sync)}")
+    elif last is not None and last.age is not None:
+        parts.append(
+            f"last seen {_ago(last.age)} ago, at its first syncdeco sync point (where "
+            f"it started answering)"
+        )
     line = parts[0] + " " + ", ".join(parts[1:]) if len(parts) > 1 else parts[0]
     return line
 

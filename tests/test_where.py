@@ -298,6 +298,8 @@ def test_silent_exited_and_unstarted_ranks_are_said_so() -> None:
     }
     last = {2: StackReport(2, stack=_shard(2).stack, frame=_shard(2).frame, age=14.0)}
     text = format_where(reports, heading="j", last=last)
+    never = format_where({2: silent}, heading="j", last={2: StackReport(2, age=90.0)})
+    assert "rank 2: host h, pid 5, last seen 90s ago, at its first syncdeco sync point" in never
     titles = [g.title for g in group(reports)]
     assert titles == [
         "rank 0: read_shard in data.py:31",
