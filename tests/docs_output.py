@@ -52,6 +52,10 @@ SOURCES = {
     "tests/scripts/failfast_ranks.py (a lost node)": Source(
         "tests/test_failfast.py::test_a_node_lost_while_the_others_are_in_their_all_reduce_ends_them"
     ),
+    "python -m syncdeco where (tests/scripts/where_job.py)": Source(
+        "tests/test_where.py::test_where_shows_each_rank_of_a_hung_torchrun_job_then_says_it_ended",
+        numbers_vary=True,
+    ),
     "summary of examples/ddp_checkpoint.py": Source(
         "tests/test_examples.py::test_ddp_checkpoint_resumes_on_two_gloo_ranks",
         numbers_vary=True,

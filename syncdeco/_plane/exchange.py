@@ -155,6 +155,10 @@ class Exchange:
         self.gone: dict[int, Failure] = {}  # ranks this one knows have exited
         self.seen: dict[int, tuple[str, float]] = {}  # rank -> (sync point, wall time)
         self.waiting: Wait | None = None  # read by the watcher thread
+        # The sync point this rank is in, and the last it left, with when
+        # (monotonic): read by the stack responder (`python -m syncdeco where`).
+        self.at: tuple[SyncPoint, float] | None = None
+        self.passed: tuple[SyncPoint, float] | None = None
         self.left = False  # this process has said it is exiting
         self.met = 0  # sync points that succeeded
         self.watcher: threading.Thread | None = None
@@ -309,6 +313,7 @@ class Exchange:
             # lookup times out stays in step with the others.
             name = "l" if local and self.world_size > 1 else "w"
             seq = self.seq[name] = self.seq[name] + 1
+            self.at = (point, time.monotonic())
             try:
                 if self.nodes.due():
                     self.nodes.announce()  # before this rank's first frame
@@ -351,6 +356,7 @@ class Exchange:
                 ) from exc
             finally:
                 self.waiting = None
+                self.passed, self.at = (point, time.monotonic()), None
 
     def _store_lost(self, point: SyncPoint) -> RankLostError:
         """The job's store's host stopped answering (its connection timed

@@ -45,7 +45,7 @@ from .deathwatch import DeathWatch, identity, watchable
 from .exchange import Exchange, Place
 from .keepalive import StoreWatch, endpoint, keep_alive, underlying
 from .nodewatch import NodeWatch
-from .stacks import StackResponder, end_responders
+from .stacks import StackResponder, end_responders, sync_state
 
 __all__ = ["Loss", "Session"]
 
@@ -136,7 +136,12 @@ class Session:
         # outlives the ranks), rank 0 stops every responder at its exit,
         # before its store goes (see end_responders).
         self.responder = StackResponder(
-            made.spare.clone(), f"{made.prefix}/stack", made.rank, ring=made.spare.clone()
+            made.spare.clone(),
+            f"{made.prefix}/stack",
+            made.rank,
+            ring=made.spare.clone(),
+            world_size=made.world_size,
+            sync=functools.partial(sync_state, weakref.ref(made)),
         )
         self.responder.start()
         self.death_watch = DeathWatch(functools.partial(_ended, weakref.ref(self)))

@@ -20,9 +20,15 @@ The protocol, per answering rank ``r`` (keys under ``{prefix}/{r}/``):
   an old request (one that came too late) sits under that old number and is
   never taken for a newer request's.
 * ``served``: the last request answered (so a responder started later, or
-  again, answers what is pending and no more); ``who``: host and pid, set
-  when the responder starts, so a rank that does not answer can still be
-  named and looked at with ``py-spy``.
+  again, answers what is pending and no more); ``who``: host, pid, pid
+  namespace, the job's world size and when the responder started, set as
+  it starts, so a rank that does not answer can still be named and looked
+  at with ``py-spy``, and so that ``python -m syncdeco where``, which is no
+  rank, learns the job's size.
+
+An answer also says which sync point the rank is in, for how long, or the
+last one it left and how long ago (its exchange's ``at`` and ``passed``,
+read without a lock: see :func:`sync_state`).
 
 Every rank runs a responder.  Where a rank hosts the store (rank 0 under
 SLURM or mpirun), the others' responders wait on a store that ends with
@@ -75,7 +81,7 @@ import threading
 import time
 import traceback
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from importlib.util import find_spec
@@ -86,10 +92,15 @@ from typing import Any, Final, final
 __all__ = [
     "StackReport",
     "StackResponder",
+    "SyncSeen",
     "end_responders",
     "fetch_stacks",
     "innermost_user_frame",
+    "last_answer",
     "main_thread_stack",
+    "sync_state",
+    "who",
+    "who_key",
 ]
 
 _log = logging.getLogger("syncdeco")
@@ -264,6 +275,36 @@ def _in_syncdeco(frames: Sequence[Frame], user: Frame | None) -> bool:
 
 @final
 @dataclass(frozen=True, slots=True)
+class SyncSeen:
+    """The sync point a rank is in (``inside``: for ``seconds``), or the last
+    one it left (``seconds`` ago), as ``SyncPoint.describe()`` names it."""
+
+    point: str
+    seconds: float
+    inside: bool
+
+
+def sync_state(ref: Callable[[], Any]) -> SyncSeen | None:
+    """Where the exchange that ``ref()`` returns (a weak reference) is in the
+    sync protocol: its ``at`` (the sync point it is in, and since when, by
+    ``time.monotonic``) or else its ``passed`` (the last it left, and when).
+    Read from the responder's thread without the exchange's lock: each is
+    one attribute, replaced whole."""
+    made = ref()
+    if made is None:
+        return None
+    now = time.monotonic()
+    at = getattr(made, "at", None)
+    if at is not None:
+        return SyncSeen(at[0].describe(), max(0.0, now - at[1]), True)
+    passed = getattr(made, "passed", None)
+    if passed is not None:
+        return SyncSeen(passed[0].describe(), max(0.0, now - passed[1]), False)
+    return None
+
+
+@final
+@dataclass(frozen=True, slots=True)
 class StackReport:
     """Where one rank's main thread is, or why it could not say.
 
@@ -276,6 +317,9 @@ class StackReport:
     ``frame`` is where the program called it).  ``host`` and ``pid`` name
     its process when known; ``age`` is how many seconds before the reply was
     read the stack was taken, by the answering host's clock against this one's.
+    ``sync``: the sync point it is in, or the last it left (None: none yet,
+    or it did not answer); ``ended``: its responder has stopped for good
+    (its process exited).
     """
 
     rank: int
@@ -286,6 +330,8 @@ class StackReport:
     pid: int | None = None
     reason: str | None = None
     age: float | None = None
+    sync: SyncSeen | None = None
+    ended: bool = False
 
     @property
     def answered(self) -> bool:
@@ -316,12 +362,14 @@ class StackReport:
         return head + "\n" + "".join(f"  {line}\n" for line in self.stack.splitlines())
 
 
-def _answer(limit: int) -> dict[str, object]:
+def _answer(limit: int, sync: Callable[[], SyncSeen | None] | None = None) -> dict[str, object]:
     frames, depth = _extract(_main_frame(), limit)
+    seen = sync() if sync is not None else None
     frames = _with_source(frames)
     plain = [f[:3] for f in frames]
     user = innermost_user_frame(plain)
     return {
+        "sync": None if seen is None else (seen.point, seen.seconds, seen.inside),
         "version": _VERSION,
         "stack": _format(frames, depth),
         "frame": user,
@@ -357,8 +405,9 @@ class _Keys:
         return f"{self.base}/stack/{m}"
 
 
-def _whoami() -> bytes:
-    return pickle.dumps((socket.gethostname(), os.getpid(), _pid_namespace()))
+def _whoami(world_size: int | None) -> bytes:
+    started = time.time()
+    return pickle.dumps((socket.gethostname(), os.getpid(), _pid_namespace(), world_size, started))
 
 
 def _pid_namespace() -> str | None:
@@ -399,12 +448,25 @@ class StackResponder:
         "_ready",
         "_ring",
         "_store",
+        "_sync",
         "_thread",
+        "_world_size",
     )
 
     def __init__(
-        self, store: Any, prefix: str, rank: int, *, limit: int = _LIMIT, ring: Any = None
+        self,
+        store: Any,
+        prefix: str,
+        rank: int,
+        *,
+        limit: int = _LIMIT,
+        ring: Any = None,
+        world_size: int | None = None,
+        sync: Callable[[], SyncSeen | None] | None = None,
     ) -> None:
+        """``world_size``: the job's, said in ``who`` for tools that are no
+        rank; ``sync``: where this rank is in the sync protocol, for the
+        answers (see :func:`sync_state`)."""
         self._store = store
         # Another connection to the same store, made beforehand, that rings
         # the bell at exit (None: one is made then).  Connecting at exit to a
@@ -414,6 +476,8 @@ class StackResponder:
         self._ring = ring
         self._keys = _Keys(prefix, rank)
         self._limit = limit
+        self._world_size = world_size
+        self._sync = sync
         self._closed = threading.Event()
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
@@ -424,7 +488,13 @@ class StackResponder:
             return
         self._thread = threading.Thread(
             target=_respond,
-            args=(self._store, self._keys, self._limit, self._closed, self._ready),
+            args=(
+                self._store,
+                self._keys,
+                (self._limit, self._world_size, self._sync),
+                self._closed,
+                self._ready,
+            ),
             name="syncdeco-stacks",
             daemon=True,
         )
@@ -553,14 +623,17 @@ def end_responders(
     return []
 
 
+_Options = tuple[int, int | None, Callable[[], SyncSeen | None] | None]  # limit, size, sync
+
+
 def _respond(
-    store: Any, keys: _Keys, limit: int, closed: threading.Event, ready: threading.Event
+    store: Any, keys: _Keys, options: _Options, closed: threading.Event, ready: threading.Event
 ) -> None:
     rounds: list[tuple[float, list[str]]] = []  # when written, and the keys
     try:
         served = int(store.get(keys.served)) if store.check([keys.served]) else 0
         store.delete_key(keys.off)  # a responder of this rank before this one said it
-        store.set(keys.who, _whoami())
+        store.set(keys.who, _whoami(options[1]))
         store.append(keys.started, f"{keys.rank},")  # after `end` is set: then seen below
         ready.set()
         ended = store.check([keys.end])
@@ -580,7 +653,7 @@ def _respond(
                 break
             asked = int(store.add(keys.asked, 0))
             if asked > served:
-                served = _serve(store, keys, limit, served, asked, rounds)
+                served = _serve(store, keys, options, served, asked, rounds)
             now = time.monotonic()
             while rounds and now - rounds[0][0] >= _KEEP:
                 for key in rounds.pop(0)[1]:
@@ -597,13 +670,13 @@ def _respond(
 def _serve(
     store: Any,
     keys: _Keys,
-    limit: int,
+    options: _Options,
     served: int,
     asked: int,
     rounds: list[tuple[float, list[str]]],
 ) -> int:
     try:
-        answer: dict[str, object] = _answer(limit)
+        answer: dict[str, object] = _answer(options[0], options[2])
     except Exception as exc:  # report it rather than let the asker wait
         answer = {
             "version": _VERSION,
@@ -629,56 +702,71 @@ def fetch_stacks(
     """Ask each of ``ranks`` for its main thread's stack, and wait up to
     ``timeout`` seconds in all (not per rank) for their answers.
 
-    Each rank is asked through a key of its own (one store request and one
-    write per rank), so only the ranks asked wake up.  A rank that does not
-    answer in time gets a report with ``reason`` saying what may keep it;
-    its answer, if it comes later, is never taken for a later request's.
-    Costs nothing until called: call it when a sync point has already timed
-    out.  ``store`` is any connection to the store the responders use; its
-    timeout is not changed, and no store wait is left to time out (which
-    would make torch log warnings).
+    Each rank is asked through a key of its own, so only the ranks asked
+    wake up.  A rank that does not answer in time gets a report with
+    ``reason`` saying what may keep it; its answer, if it comes later, is
+    never taken for a later request's.  Costs nothing until called: call it
+    when a sync point has already timed out, or from a tool.  ``store`` is
+    any connection to the store the responders use; its timeout is not
+    changed, and no store wait is left to time out (which would make torch
+    log warnings).
+
+    Store requests: an ``add`` per rank, one ``multi_set`` that rings every
+    bell, about 25 ``check`` requests a second while waiting, then two
+    ``multi_get`` requests for the answers; a rank that did not answer costs
+    three more (a ``check`` of its reply, and of its ``who`` and ``off``).
     """
     asked: dict[int, tuple[_Keys, int]] = {}
     for rank in dict.fromkeys(ranks):
         keys = _Keys(prefix, rank)
         asked[rank] = keys, int(store.add(keys.asked, 1))
-        store.set(keys.bell, b"")
+    if not asked:
+        return {}
+    store.multi_set([keys.bell for keys, _ in asked.values()], [b""] * len(asked))
     deadline = time.monotonic() + timeout
-    waiting = {rank: keys.reply(n) for rank, (keys, n) in asked.items()}
+    replies = {rank: keys.reply(n) for rank, (keys, n) in asked.items()}
     pause = _FIRST_LOOK
-    while waiting:
-        if store.check(list(waiting.values())):
+    everyone = False
+    while True:
+        if store.check(list(replies.values())):
+            everyone = True
             break
         left = deadline - time.monotonic()
         if left <= 0:
             break
         time.sleep(min(pause, left))
         pause = min(pause * 2, _MOST_BETWEEN_LOOKS)
+    answered = [r for r in asked if everyone or store.check([replies[r]])]
     reports: dict[int, StackReport] = {}
-    for rank, (keys, n) in asked.items():
-        reports[rank] = _read(store, rank, keys, n, timeout)
-    return reports
+    if answered:
+        served = [int(m) for m in store.multi_get([replies[r] for r in answered])]
+        stack_keys = [asked[r][0].stack(m) for r, m in zip(answered, served, strict=True)]
+        for rank, data in zip(answered, store.multi_get(stack_keys), strict=True):
+            reports[rank] = _report(rank, pickle.loads(data))
+    for rank, (keys, _) in asked.items():
+        if rank not in reports:
+            reports[rank] = _silent_report(store, rank, keys, timeout)
+    return {rank: reports[rank] for rank in asked}
 
 
-def _read(store: Any, rank: int, keys: _Keys, n: int, timeout: float) -> StackReport:
-    reply = keys.reply(n)
-    if store.check([reply]):
-        m = int(store.get(reply))
-        data = store.get(keys.stack(m))
-        answer: dict[str, Any] = pickle.loads(data)
-        host, pid = answer.get("host"), answer.get("pid")
-        if "error" in answer:
-            return StackReport(rank, host=host, pid=pid, reason=f"answered, but {answer['error']}")
-        frame = answer["frame"]
-        return StackReport(
-            rank,
-            stack=str(answer["stack"]),
-            frame=(str(frame[0]), int(frame[1]), str(frame[2])) if frame else None,
-            in_syncdeco=bool(answer["in_syncdeco"]),
-            host=host,
-            pid=pid,
-            age=max(0.0, time.time() - float(answer["taken"])),
-        )
+def _report(rank: int, answer: dict[str, Any]) -> StackReport:
+    host, pid = answer.get("host"), answer.get("pid")
+    if "error" in answer:
+        return StackReport(rank, host=host, pid=pid, reason=f"answered, but {answer['error']}")
+    frame, sync = answer["frame"], answer.get("sync")
+    return StackReport(
+        rank,
+        stack=str(answer["stack"]),
+        frame=(str(frame[0]), int(frame[1]), str(frame[2])) if frame else None,
+        in_syncdeco=bool(answer["in_syncdeco"]),
+        host=host,
+        pid=pid,
+        age=max(0.0, time.time() - float(answer["taken"])),
+        sync=None if sync is None else SyncSeen(str(sync[0]), float(sync[1]), bool(sync[2])),
+    )
+
+
+def _silent_report(store: Any, rank: int, keys: _Keys, timeout: float) -> StackReport:
     who = _who(store, keys)
     if who is None:
         return StackReport(
@@ -688,14 +776,51 @@ def _read(store: Any, rank: int, keys: _Keys, n: int, timeout: float) -> StackRe
                 "reached its first sync point yet, or it has exited)"
             ),
         )
-    host, pid, namespace = who
+    host, pid, namespace = who[:3]
+    if store.check([keys.off]):  # its responder's last store call
+        return StackReport(
+            rank,
+            host=host,
+            pid=pid,
+            reason="did not answer: its process has exited (its stack responder has stopped)",
+            ended=True,
+        )
     return StackReport(rank, host=host, pid=pid, reason=_why_silent(timeout, host, pid, namespace))
+
+
+def who(store: Any, prefix: str, ranks: Sequence[int]) -> dict[int, tuple[Any, ...]]:
+    """What the responders of ``ranks`` said of themselves as they started
+    (host, pid, pid namespace, and, from this version on, the job's world
+    size and when it started), in one ``multi_get``: each of ``ranks`` must
+    have said it (its ``who`` key is there: see :func:`who_key`)."""
+    if not ranks:
+        return {}
+    found = store.multi_get([_Keys(prefix, r).who for r in ranks])
+    return {r: tuple(pickle.loads(v)) for r, v in zip(ranks, found, strict=True)}
+
+
+def last_answer(store: Any, prefix: str, rank: int) -> StackReport | None:
+    """The last answer ``rank`` gave, while it is still kept (30 s after,
+    until its responder's next wake), or None: for a rank that does not
+    answer now, where it was last seen."""
+    keys = _Keys(prefix, rank)
+    if not store.check([keys.served]):
+        return None
+    key = keys.stack(int(store.get(keys.served)))
+    if not store.check([key]):
+        return None
+    return _report(rank, pickle.loads(store.get(key)))
+
+
+def who_key(prefix: str, rank: int) -> str:
+    """The key where ``rank``'s responder says who it is, under ``prefix``."""
+    return _Keys(prefix, rank).who
 
 
 def _who(store: Any, keys: _Keys) -> tuple[str, int, str | None] | None:
     if not store.check([keys.who]):
         return None
-    host, pid, namespace = pickle.loads(store.get(keys.who))
+    host, pid, namespace = pickle.loads(store.get(keys.who))[:3]
     return str(host), int(pid), namespace
 
 
