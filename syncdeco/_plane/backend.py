@@ -114,8 +114,12 @@ class TorchBackend:
             session.report_deaths(exchange.store)
         if torch.autograd.profiler._is_profiler_enabled:
             with torch.profiler.record_function(f"syncdeco.{point.kind}:{point.name}"):
-                return exchange.sync(point, local, failure, payload, timeout)
-        return exchange.sync(point, local, failure, payload, timeout)
+                result = exchange.sync(point, local, failure, payload, timeout)
+        else:
+            result = exchange.sync(point, local, failure, payload, timeout)
+        if session.looking:  # every rank of the node has registered: look for them now
+            session.look.set()
+        return result
 
 
 AUTO: Final = TorchBackend()

@@ -74,6 +74,8 @@ class Session:
         "exchange",
         "finder",
         "hosts_store",
+        "look",
+        "looking",
         "node_watch",
         "pulse",
         "responder",
@@ -101,6 +103,11 @@ class Session:
         # Ranks seen to end, not yet reported (a list: appends are atomic).
         self.deaths: list[Loss] = []
         self.stopping = threading.Event()  # set once this session's threads are to end
+        # The finder looks again at once when this is set: by the first sync
+        # point to succeed (every rank of the node has registered by then),
+        # or when the session stops.  ``looking``: while the finder runs.
+        self.look = threading.Event()
+        self.looking = False
         self.responder: StackResponder | None = None
         self.death_watch: DeathWatch | None = None  # the processes of this node's other ranks
         self.finder: threading.Thread | None = None  # ... looked for by this thread
@@ -151,6 +158,7 @@ class Session:
             name="syncdeco-find-node",
             daemon=True,
         )
+        self.looking = True
         self.finder.start()
         exits.note_uncaught()
         self._watch_nodes()
@@ -159,6 +167,7 @@ class Session:
         """Stop serving: another session replaces this one.  Never waits
         for a thread in a store call (each ends at its next wake)."""
         self.stopping.set()
+        self.look.set()
         if self.responder is not None:
             self.responder.close()
         if self.pulse is not None:
@@ -174,6 +183,7 @@ class Session:
         interpreter tears down aborts the process: "terminate called without
         an active exception")."""
         self.stopping.set()
+        self.look.set()
         if self.death_watch is not None:
             self.death_watch.close()
         here = threading.current_thread()
@@ -387,11 +397,20 @@ def _find_node(ref: weakref.ref[Session], store: Any) -> None:
     at most while one is slow to start."""
     pause = _FIND_FIRST
     pending: set[int] | None = None  # the node's other ranks not watched yet
+    try:
+        _find(ref, store, pause, pending)
+    finally:
+        session = ref()
+        if session is not None:
+            session.looking = False
+
+
+def _find(ref: weakref.ref[Session], store: Any, pause: float, pending: set[int] | None) -> None:
     while pending is None or pending:
         session = ref()
         if session is None or session.exchange.left or session.stopping.is_set():
             return
-        made, watch, stopping = session.exchange, session.death_watch, session.stopping
+        made, watch, look = session.exchange, session.death_watch, session.look
         # Every rank of the node has joined once a sync point succeeded
         # here: a rank that has not registered by then never will.
         last = made.met
@@ -417,7 +436,7 @@ def _find_node(ref: weakref.ref[Session], store: Any) -> None:
         if last:
             return  # that was the last look
         del session, made, watch
-        stopping.wait(pause)
+        look.wait(pause)  # a sync point met, or the session stopping, wakes it
         pause = min(2 * pause, _FIND_MOST)
 
 
