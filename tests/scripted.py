@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import pytest
+import zygote
 
 # A test run under a launcher must not hand its own variables to the job.
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -51,6 +52,37 @@ def run_script(
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    text = out.decode(errors="replace")
+    assert proc.returncode == 0, text
+    return text
+
+
+def run_forked(
+    args: list[str],
+    tmp_path: Path,
+    extra_env: Mapping[str, str] | None = None,
+    timeout: float = 120.0,
+    cwd: Path | None = None,
+) -> str:
+    """:func:`run_script` for ``python SCRIPT ARGS...`` (``args`` without the
+    interpreter), with the process forked from the zygote (``zygote.py``)
+    instead of started as a fresh interpreter: the same script as
+    ``__main__``, environment, working directory and way of ending, without
+    importing torch again."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path), **(extra_env or {})}
+    for key in LAUNCHER_VARIABLES:
+        env.pop(key, None)
+    proc = zygote.spawn(args, env, cwd)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{args} did not finish within {timeout}s")
+    finally:
+        try:  # nothing is left behind, even a process it started
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
     text = out.decode(errors="replace")
     assert proc.returncode == 0, text
     return text

@@ -90,6 +90,8 @@ def _become(request: dict[str, object]) -> None:
     os.environ.clear()
     os.environ.update(request["env"])  # type: ignore[arg-type]
     tempfile.tempdir = None  # read TMPDIR again
+    if request.get("cwd") is not None:
+        os.chdir(str(request["cwd"]))
     argv: list[str] = request["argv"]  # type: ignore[assignment]
     sys.argv = list(argv)
     sys.path[0] = os.path.dirname(os.path.abspath(argv[0]))
@@ -157,10 +159,13 @@ class Zygote:
         self.sock = ours
         self._statuses: dict[int, int] = {}
 
-    def spawn(self, argv: Sequence[str], env: Mapping[str, str]) -> Forked:
+    def spawn(
+        self, argv: Sequence[str], env: Mapping[str, str], cwd: str | os.PathLike[str] | None = None
+    ) -> Forked:
         read, write = os.pipe()
         try:
-            request = json.dumps({"argv": list(argv), "env": dict(env)}).encode()
+            cwd = None if cwd is None else os.fspath(cwd)
+            request = json.dumps({"argv": list(argv), "env": dict(env), "cwd": cwd}).encode()
             socket.send_fds(self.sock, [request], [write])
         finally:
             os.close(write)
@@ -210,17 +215,19 @@ class Zygote:
 _shared: Zygote | None = None
 
 
-def spawn(argv: Sequence[str], env: Mapping[str, str]) -> Forked:
+def spawn(
+    argv: Sequence[str], env: Mapping[str, str], cwd: str | os.PathLike[str] | None = None
+) -> Forked:
     """Fork ``argv`` (a script and its arguments, no interpreter) with
-    ``env`` from this test process's zygote, started on first use and
-    closed when the process exits."""
+    ``env`` (and in ``cwd``, else the zygote's) from this test process's
+    zygote, started on first use and closed when the process exits."""
     global _shared
     if _shared is None or _shared.proc.poll() is not None:
         import atexit
 
         _shared = Zygote()
         atexit.register(_shared.close)
-    return _shared.spawn(argv, env)
+    return _shared.spawn(argv, env, cwd)
 
 
 if __name__ == "__main__":
