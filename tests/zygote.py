@@ -94,8 +94,11 @@ def _become(request: dict[str, object]) -> None:
         os.chdir(str(request["cwd"]))
     argv: list[str] = request["argv"]  # type: ignore[assignment]
     sys.argv = list(argv)
-    sys.path[0] = os.path.dirname(os.path.abspath(argv[0]))
-    runpy.run_path(argv[0], run_name="__main__")
+    # as `python SCRIPT` does: argv[0] as given, the script's __file__ (and
+    # so its code's file name) absolute
+    script = os.path.abspath(argv[0])
+    sys.path[0] = os.path.dirname(script)
+    runpy.run_path(script, run_name="__main__")
 
 
 class Forked:
