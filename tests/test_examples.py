@@ -1,7 +1,8 @@
 """The examples run as their docstrings say, on the Null backend and on Gloo
 ranks under torchrun, and do what they claim.
 
-Under torchrun every rank is a fresh interpreter.  On the Null backend
+Under torchrun every rank is a fresh interpreter (but the resumed job of
+ddp_checkpoint.py, whose ranks are forked as below).  On the Null backend
 (``python examples/NAME.py``) the quickstart starts a fresh interpreter;
 the other examples' runs are forked from a zygote that has imported torch
 and syncdeco (``zygote.py``), which runs the script as ``__main__`` with the
@@ -17,7 +18,7 @@ from pathlib import Path
 import docs_output
 import pytest
 from images import assert_timeline_png
-from scripted import run_forked, run_script
+from scripted import run_forked, run_forked_ranks, run_script
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -167,7 +168,10 @@ def test_ddp_checkpoint_resumes_on_two_gloo_ranks(tmp_path: Path) -> None:
     assert first[0] == first[1]  # DDP kept the ranks' models identical
     assert torch.load(ckpt / "checkpoint.pt", weights_only=True)["step"] == 20
 
-    out = _torchrun(2, "ddp_checkpoint.py", tmp_path, "--dir", str(ckpt), "--steps", "40")
+    # The resumed job's two ranks are forked from the zygote, with torchrun's
+    # variables and an agent's store (the job above started as torchrun starts it).
+    args = ("--dir", str(ckpt), "--steps", "40")
+    out = run_forked_ranks([str(EXAMPLES / "ddp_checkpoint.py"), *args], 2, tmp_path)
     for rank in (0, 1):
         # Both ranks loaded the checkpoint: their parameters are those run 1 ended with.
         _said_once(out, rank, 2, f"resumed from step 20, params {first[0]}")
