@@ -228,16 +228,28 @@ def slurm(c: netns.Cluster, out: Path, nodes: Sequence[int], per_node: int, *arg
 # -- the harness itself ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("launch", [torchrun, slurm], ids=["torchrun", "slurm"])
-def test_a_job_of_two_nodes_sees_its_hosts(c: netns.Cluster, tmp_path: Path, launch) -> None:
-    """With no fault, every rank runs on its node, by the node's host name
-    and address, and the job passes its sync points."""
-    job = launch(c, tmp_path, (0, 1), 2)
-    ready = job.ready()
+def assert_on_their_hosts(job: Job, ready: dict[int, dict], pids: dict[int, list[int]]) -> None:
+    """Every rank runs on its node (``pids``: each node's processes), by the
+    node's host name and address."""
+    c, per_node = job.cluster, job.world // len(set(job.nodes))
     for rank, f in ready.items():
         node = job.nodes[rank]
-        assert (f["host"], f["addr"], f["node"]) == (c.hosts[node], c.addr(node), str(rank // 2))
-        assert f["pid"] in c.pids(node)
+        assert (f["host"], f["addr"], f["node"]) == (
+            c.hosts[node],
+            c.addr(node),
+            str(rank // per_node),
+        ), (rank, f)
+        assert f["pid"] in pids[node], (rank, f, pids)
+
+
+# Under SLURM's variables the false-alarm job (three nodes, below) is the
+# job with no lasting fault: it checks the hosts and the passes there.
+def test_a_job_of_two_nodes_sees_its_hosts(c: netns.Cluster, tmp_path: Path) -> None:
+    """With no fault, every rank runs on its node, by the node's host name
+    and address, and the job passes its sync points."""
+    job = torchrun(c, tmp_path, (0, 1), 2)
+    ready = job.ready()
+    assert_on_their_hosts(job, ready, {node: c.pids(node) for node in (0, 1)})
     results = job.wait_for("done", range(4), 60)
     assert len(results) == 4
     assert all(job.facts("result", r)["outcome"] == "passed" for r in range(4))  # type: ignore[index]
@@ -389,6 +401,8 @@ class FalseAlarms:
         self.out = where / "job"
         self.out.mkdir()
         self.failed: BaseException | None = None
+        self.ready: dict[int, dict] = {}
+        self.pids: dict[int, list[int]] = {}
         self.closing = threading.Event()
         self.thread = threading.Thread(target=self._faults, daemon=True)
 
@@ -410,6 +424,7 @@ class FalseAlarms:
         packet, all from the same instant; each fault ends on its own time."""
         try:
             ready = self.job.ready()
+            self.ready, self.pids = ready, {n: self.cluster.pids(n) for n in (0, 1, 2)}
             (self.out / "go").write_text("")
             stopped = int(ready[4]["pid"])
             start = time.monotonic()
@@ -439,12 +454,16 @@ def test_no_false_alarm_for_a_held_gil_a_stopped_rank_or_a_short_cut(
     with no timeout, while at once: rank 3 holds the GIL for 60 s in a C call,
     rank 4 (node 2's first rank) is SIGSTOPped for 30 s, and node 0 (the
     store's host) drops every packet for 3 s.  Nobody is declared lost: when
-    all three are over, every rank passes the sync point and the next one."""
+    all three are over, every rank passes the sync point and the next one.
+    Before the faults, every rank ran on its node, by its host name and
+    address (as test_a_job_of_two_nodes_sees_its_hosts checks under torchrun)."""
     fa = false_alarms
     fa.thread.join(STARTUP + STOPPED + 10)
     assert not fa.thread.is_alive(), "the faults did not end"
     if fa.failed is not None:
         raise fa.failed
+    assert sorted(fa.ready) == list(range(6)), fa.ready
+    assert_on_their_hosts(fa.job, fa.ready, fa.pids)
     results = fa.job.wait_for("done", range(6), GIL_HELD + 60)
     assert len(results) == 6
     outcomes = {r: fa.job.facts("result", r) for r in range(6)}
