@@ -26,6 +26,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 
@@ -138,6 +139,15 @@ class Forked:
         if self._out >= 0:  # a test that failed before reading it all
             os.close(self._out)
 
+    def poll(self) -> int | None:
+        """The exit status if the process has ended, else None, as
+        ``Popen.poll`` gives it; never blocks."""
+        if self.returncode is None:
+            status = self.zygote.poll(self.pid)
+            if status is not None:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
     def wait(self, timeout: float | None = None) -> int:
         """The exit status, as ``Popen.wait`` gives it."""
         if self.returncode is None:
@@ -161,6 +171,7 @@ class Zygote:
         theirs.close()
         self.sock = ours
         self._statuses: dict[int, int] = {}
+        self._reading = threading.Lock()  # one thread at a time reads the socket
 
     def spawn(
         self, argv: Sequence[str], env: Mapping[str, str], cwd: str | os.PathLike[str] | None = None
@@ -191,14 +202,27 @@ class Zygote:
             self._receive(left)
         return self._statuses.pop(pid)
 
+    def poll(self, pid: int) -> int | None:
+        """The wait status of ``pid`` if the zygote has reported it, else
+        None; never blocks (while another thread reads the socket, it only
+        looks at what has been read)."""
+        while pid not in self._statuses and self._receive(0.0):
+            pass
+        return self._statuses.pop(pid, None)
+
     def _receive(self, timeout: float | None) -> dict[str, int]:
-        """One message of the zygote ({} at the timeout); exit statuses are
-        kept for :meth:`status`."""
-        self.sock.settimeout(timeout)
-        try:
-            data = self.sock.recv(4096)
-        except TimeoutError:
+        """One message of the zygote ({} at the timeout, or when another
+        thread is reading past it); exit statuses are kept for
+        :meth:`status` and :meth:`poll`."""
+        if not self._reading.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
             return {}
+        try:
+            self.sock.settimeout(timeout)
+            data = self.sock.recv(4096)
+        except (TimeoutError, BlockingIOError):
+            return {}
+        finally:
+            self._reading.release()
         if not data:
             raise RuntimeError(f"the zygote (pid {self.proc.pid}) ended: {self.proc.poll()}")
         reply: dict[str, int] = json.loads(data)
