@@ -4,7 +4,9 @@ import syncdeco._select
 
 # Tests that take the longest (a minute of mypy, a pytest run of its own,
 # torchrun jobs of frameworks and examples): run first, so that with the
-# suite's two xdist workers none of them starts last and runs alone.
+# suite's two xdist workers none of them starts last and runs alone.  (The
+# multi-node false-alarm job's minute of waiting runs while the module's
+# other tests do: test_multinode.py starts it with its first test.)
 LONG_FIRST = (
     "tests/test_typing.py",
     "tests/test_plugin.py::test_marker_runs_tests_on_ranks_and_reports_each_rank",

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import pytest
+import zygote
 
 # A test run under a launcher must not hand its own variables to the job.
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -53,6 +54,95 @@ def run_script(
             pass
     text = out.decode(errors="replace")
     assert proc.returncode == 0, text
+    return text
+
+
+def run_forked(
+    args: list[str],
+    tmp_path: Path,
+    extra_env: Mapping[str, str] | None = None,
+    timeout: float = 120.0,
+    cwd: Path | None = None,
+) -> str:
+    """:func:`run_script` for ``python SCRIPT ARGS...`` (``args`` without the
+    interpreter), with the process forked from the zygote (``zygote.py``)
+    instead of started as a fresh interpreter: the same script as
+    ``__main__``, environment, working directory and way of ending, without
+    importing torch again."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path), **(extra_env or {})}
+    for key in LAUNCHER_VARIABLES:
+        env.pop(key, None)
+    proc = zygote.spawn(args, env, cwd)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{args} did not finish within {timeout}s")
+    finally:
+        try:  # nothing is left behind, even a process it started
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    text = out.decode(errors="replace")
+    assert proc.returncode == 0, text
+    return text
+
+
+def run_forked_ranks(
+    args: list[str],
+    nproc: int,
+    tmp_path: Path,
+    extra_env: Mapping[str, str] | None = None,
+    timeout: float = 120.0,
+    cwd: Path | None = None,
+) -> str:
+    """What ``torchrun --standalone --nproc-per-node NPROC SCRIPT ARGS...``
+    does for a script's ranks, without torchrun's agent: this process hosts
+    the store as the agent does, and each rank, forked from the zygote, gets
+    the variables torchrun gives it.  Returns the ranks' output (stdout and
+    stderr, rank by rank); fails the test if one exits non-zero or they run
+    past ``timeout`` seconds in all.  The real torchrun's start is tested
+    elsewhere (test_startup.py, test_torchrun.py, the examples)."""
+    import torch.distributed as dist
+
+    from syncdeco.testing import launcher_env
+
+    store = dist.TCPStore(  # type: ignore[attr-defined]
+        "127.0.0.1", 0, nproc, is_master=True, wait_for_workers=False
+    )
+    base = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path), **(extra_env or {})}
+    for key in (*LAUNCHER_VARIABLES, "TORCHELASTIC_USE_AGENT_STORE", "LOCAL_WORLD_SIZE"):
+        base.pop(key, None)
+    procs: list[zygote.Forked] = []
+    outputs: list[str] = []
+    deadline = time.monotonic() + timeout
+    try:
+        for rank in range(nproc):
+            variables = {
+                **launcher_env("torchrun", rank, nproc, nproc),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(store.port),
+                "TORCHELASTIC_RUN_ID": "none",
+                "TORCHELASTIC_RESTART_COUNT": "0",
+                "TORCHELASTIC_MAX_RESTARTS": "0",
+            }
+            procs.append(zygote.spawn(args, {**base, **variables}, cwd))
+        for proc in procs:
+            try:
+                out, _ = proc.communicate(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"{args} on {nproc} ranks did not finish within {timeout}s")
+            outputs.append(out.decode(errors="replace"))
+    finally:
+        for proc in procs:  # each rank is its own session: kill it with what it started
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        del store
+    text = "".join(outputs)
+    assert [proc.returncode for proc in procs] == [0] * nproc, text
     return text
 
 

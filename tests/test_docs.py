@@ -8,8 +8,8 @@ The convention (docs/contributing.md says the same, for writers):
 
   - ``<!-- run: python -->``: the block is a script, run with plain
     ``python`` (one process, the Null backend);
-  - ``<!-- run: torchrun N -->``: run on N Gloo ranks with
-    ``torchrun --standalone --nproc-per-node N``;
+  - ``<!-- run: torchrun N -->``: run on N Gloo ranks as
+    ``torchrun --standalone --nproc-per-node N`` runs them;
   - ``<!-- run: pytest -->``: the block is a test module, run with
     ``python -m pytest``.
 
@@ -23,6 +23,14 @@ The convention (docs/contributing.md says the same, for writers):
 
 Every run has a timeout and runs in its own session, killed as a whole when
 it ends, so no rank is left behind.
+
+The snippets ``LAUNCHED`` names (the getting-started job, and one ``run:
+python`` script) run under the real launcher, in fresh interpreters; the
+others' ranks and processes are forked from a zygote that has imported torch and syncdeco
+(``zygote.py``), with torchrun's variables and an agent's store hosted by
+this test for ``torchrun N``: what the snippet's code does is the same, and
+each saves two seconds of CPU a process.  Real launches are tested in
+test_startup.py, test_torchrun.py and test_examples.py.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ from pathlib import Path
 
 import docs_output
 import pytest
-from scripted import run_script
+from scripted import run_forked, run_forked_ranks, run_script
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 TIMEOUT = 60.0
@@ -123,6 +131,9 @@ def _snippets(page: Path) -> list[Snippet]:
 
 
 SNIPPETS = [s for page in sorted(DOCS.glob("*.md")) for s in _snippets(page)]
+# The snippets (by file name) run as a user would, by the real launcher in
+# fresh interpreters: the getting-started job, and one plain `python` script.
+LAUNCHED = {"first_job.py": "torchrun", "printing_backend.py": "python"}
 
 
 def test_the_docs_have_snippets_that_run() -> None:
@@ -130,6 +141,12 @@ def test_the_docs_have_snippets_that_run() -> None:
     kinds = {s.how[0] for s in SNIPPETS}
     assert kinds == {"python", "torchrun", "pytest"}, kinds
     assert all(s.expected for s in SNIPPETS), [s.id for s in SNIPPETS if not s.expected]
+
+
+def test_a_snippet_of_each_kind_runs_under_its_real_launcher() -> None:
+    # the snippets LAUNCHED names must still exist, of the kind it says
+    kinds = {s.filename: s.how[0] for s in SNIPPETS if s.filename in LAUNCHED}
+    assert kinds == LAUNCHED, kinds
 
 
 def _matches(expected: str, line: str) -> bool:
@@ -143,16 +160,22 @@ def test_snippet_runs(snippet: Snippet, tmp_path: Path) -> None:
     work.mkdir()
     script = work / snippet.filename
     script.write_text(snippet.code)
-    if snippet.how[0] == "torchrun":
+    if snippet.how[0] == "pytest":
+        args = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", snippet.filename]
+        out = run_script(args, tmp_path, timeout=TIMEOUT, cwd=work)
+    elif snippet.filename in LAUNCHED and snippet.how[0] == "torchrun":
         args = [
             sys.executable, "-m", "torch.distributed.run", "--standalone",
             "--nproc-per-node", snippet.how[1], snippet.filename,
         ]  # fmt: skip
-    elif snippet.how[0] == "pytest":
-        args = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", snippet.filename]
+        out = run_script(args, tmp_path, timeout=TIMEOUT, cwd=work)
+    elif snippet.filename in LAUNCHED:
+        out = run_script([sys.executable, snippet.filename], tmp_path, timeout=TIMEOUT, cwd=work)
+    elif snippet.how[0] == "torchrun":
+        nproc = int(snippet.how[1])
+        out = run_forked_ranks([snippet.filename], nproc, tmp_path, timeout=TIMEOUT, cwd=work)
     else:
-        args = [sys.executable, snippet.filename]
-    out = run_script(args, tmp_path, timeout=TIMEOUT, cwd=work)
+        out = run_forked([snippet.filename], tmp_path, timeout=TIMEOUT, cwd=work)
     lines = [line.rstrip() for line in out.splitlines()]
     missing = [e for e in snippet.expected if not any(_matches(e, line) for line in lines)]
     assert not missing, f"{snippet.id} did not print {missing}; it printed:\n{out}"

@@ -76,27 +76,39 @@ def _assert_fail(text: str, out: Path) -> None:
         assert f"[rank {rank}/2] done" in text, text
 
 
-@pytest.mark.parametrize("mode", ["ok", "fail"])
-def test_accelerate_partial_state(mode: str, out: Path, tmp_path: Path) -> None:
+def _assert_modes(text: str, out: Path, modes: str) -> None:
+    """Each of ``modes`` ran and said so, in order, on both ranks."""
+    for rank in (0, 1):
+        said = re.findall(rf"^\[rank {rank}/2\] (\w+) checks done$", text, re.M)
+        assert said == modes.split(","), text
+    for mode in modes.split(","):
+        (_assert_ok if mode == "ok" else _assert_fail)(text, out)
+
+
+# Each launch runs both sets of checks (one launch starts three processes
+# that import torch and the framework); the order differs between launches,
+# so that each set also runs as the first syncdeco use of a framework's group.
+def test_accelerate_partial_state(out: Path, tmp_path: Path) -> None:
     pytest.importorskip("accelerate")
-    text = _run([*TORCHRUN, str(SCRIPTS / "accelerate_ranks.py"), str(out), mode], tmp_path)
+    modes = "fail,ok"
+    text = _run([*TORCHRUN, str(SCRIPTS / "accelerate_ranks.py"), str(out), modes], tmp_path)
     for rank in (0, 1):
         assert (
             f"[rank {rank}/2] accelerate process_index={rank} num_processes=2 "
             f"local_process_index={rank} distributed_type=MULTI_CPU group backend=gloo"
         ) in text, text
         assert f"[rank {rank}/2] syncdeco agrees with PartialState" in text, text
-    (_assert_ok if mode == "ok" else _assert_fail)(text, out)
+    _assert_modes(text, out, modes)
 
 
 @pytest.mark.parametrize(
-    ("launcher", "mode"),
-    [("fabric", "ok"), ("fabric", "fail"), ("torchrun", "ok")],
-    ids=["fabric-launches-ok", "fabric-launches-fail", "torchrun-ok"],
+    ("launcher", "modes"),
+    [("fabric", "ok,fail"), ("torchrun", "fail,ok")],
+    ids=["fabric-launches", "torchrun"],
 )
-def test_lightning_fabric(launcher: str, mode: str, out: Path, tmp_path: Path) -> None:
+def test_lightning_fabric(launcher: str, modes: str, out: Path, tmp_path: Path) -> None:
     pytest.importorskip("lightning_fabric")
-    script = [str(SCRIPTS / "fabric_ranks.py"), str(out), mode]
+    script = [str(SCRIPTS / "fabric_ranks.py"), str(out), modes]
     args = [sys.executable, *script] if launcher == "fabric" else [*TORCHRUN, *script]
     text = _run(args, tmp_path)
     environment = "LightningEnvironment" if launcher == "fabric" else "TorchElasticEnvironment"
@@ -126,4 +138,4 @@ def test_lightning_fabric(launcher: str, mode: str, out: Path, tmp_path: Path) -
                 f"[before fabric.launch(), RANK={rank} WORLD_SIZE=2 LOCAL_RANK={rank}] "
                 f"syncdeco says {rank}/2"
             ) in text, text
-    (_assert_ok if mode == "ok" else _assert_fail)(text, out)
+    _assert_modes(text, out, modes)

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,13 +63,13 @@ def cluster(
     """Three nodes for the module's tests, one test at a time.
 
     The false-alarm job (a minute of waiting, on a cluster of its own) starts
-    first, when its test is to run in this process, and runs while the other
-    tests do: the module then takes a minute less."""
+    first, when its test is to run, and runs while the other tests do: the
+    module then takes a minute less."""
     _skip_without_namespaces()
-    if not hasattr(request.config, "workerinput") and any(
+    if any(
         item.name == test_no_false_alarm_for_a_held_gil_a_stopped_rank_or_a_short_cut.__name__
         for item in request.session.items
-    ):  # not under pytest-xdist, where each worker would start one
+    ):
         request.getfixturevalue("false_alarms")
     with netns.Cluster(nodes=3, workdir=tmp_path_factory.mktemp("cluster")) as made:
         yield made
@@ -81,6 +82,12 @@ def c(cluster: netns.Cluster) -> Iterator[netns.Cluster]:
         yield cluster
     finally:
         cluster.reset()
+
+
+def facts(out: Path, kind: str, rank: int) -> dict[str, object] | None:
+    """What ``rank`` wrote to ``out``'s ``kind`` file, if it has."""
+    path = out / f"{kind}-{rank}.json"
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 @dataclass
@@ -100,8 +107,7 @@ class Job:
         )
 
     def facts(self, kind: str, rank: int) -> dict[str, object] | None:
-        path = self.out / f"{kind}-{rank}.json"
-        return json.loads(path.read_text()) if path.exists() else None
+        return facts(self.out, kind, rank)
 
     def wait_for(self, kind: str, ranks: Sequence[int], timeout: float) -> dict[int, dict]:
         """The ``kind`` files of ``ranks``, once all are there; fails the
@@ -228,16 +234,36 @@ def slurm(c: netns.Cluster, out: Path, nodes: Sequence[int], per_node: int, *arg
 # -- the harness itself ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("launch", [torchrun, slurm], ids=["torchrun", "slurm"])
-def test_a_job_of_two_nodes_sees_its_hosts(c: netns.Cluster, tmp_path: Path, launch) -> None:
+def hosts_of(c: netns.Cluster) -> dict[int, list[str]]:
+    """Each node's host name and address."""
+    return {node: [c.hosts[node], c.addr(node)] for node in range(c.size)}
+
+
+def assert_on_their_hosts(
+    nodes: Sequence[int],
+    ready: dict[int, dict],
+    pids: dict[int, list[int]],
+    hosts: dict[int, list[str]],
+) -> None:
+    """Every rank runs on its node (``nodes``: each rank's; ``pids``: each
+    node's processes), by the node's host name and address (``hosts``); the
+    launcher's node index counts the job's nodes in order."""
+    order = sorted(set(nodes))
+    for rank, f in ready.items():
+        node = nodes[rank]
+        host, addr = hosts[node]
+        assert (f["host"], f["addr"], f["node"]) == (host, addr, str(order.index(node))), (rank, f)
+        assert f["pid"] in pids[node], (rank, f, pids)
+
+
+# Under SLURM's variables the false-alarm job (three nodes, below) is the
+# job with no lasting fault: it checks the hosts and the passes there.
+def test_a_job_of_two_nodes_sees_its_hosts(c: netns.Cluster, tmp_path: Path) -> None:
     """With no fault, every rank runs on its node, by the node's host name
     and address, and the job passes its sync points."""
-    job = launch(c, tmp_path, (0, 1), 2)
+    job = torchrun(c, tmp_path, (0, 1), 2)
     ready = job.ready()
-    for rank, f in ready.items():
-        node = job.nodes[rank]
-        assert (f["host"], f["addr"], f["node"]) == (c.hosts[node], c.addr(node), str(rank // 2))
-        assert f["pid"] in c.pids(node)
+    assert_on_their_hosts(job.nodes, ready, {node: c.pids(node) for node in (0, 1)}, hosts_of(c))
     results = job.wait_for("done", range(4), 60)
     assert len(results) == 4
     assert all(job.facts("result", r)["outcome"] == "passed" for r in range(4))  # type: ignore[index]
@@ -382,13 +408,16 @@ def test_a_killed_member_under_slurm_is_named_within_5s(c: netns.Cluster, tmp_pa
 
 class FalseAlarms:
     """The false-alarm job, on a cluster of its own (its faults cut node 0),
-    with a thread that makes the faults once every rank is ready."""
+    with a thread that makes the faults once every rank is ready and then
+    writes what it saw to ``faults.json``.  Everything the test reads is a
+    file under ``where``, so that under pytest-xdist one worker runs the job
+    and its test may run in another."""
 
     def __init__(self, where: Path) -> None:
+        self.where = where
         self.cluster = netns.Cluster(nodes=3, workdir=where / "cluster")
         self.out = where / "job"
         self.out.mkdir()
-        self.failed: BaseException | None = None
         self.closing = threading.Event()
         self.thread = threading.Thread(target=self._faults, daemon=True)
 
@@ -399,6 +428,14 @@ class FalseAlarms:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        # The test may be reading the job in another worker: let the job end
+        # (every rank done, or ended) within its own bound first.
+        deadline = time.monotonic() + STARTUP + GIL_HELD + 60
+        while time.monotonic() < deadline and not self.closing.is_set():
+            ended = all(p.poll() is not None for p in self.job.procs)
+            if ended or all(self.job.facts("done", r) for r in range(6)):
+                break
+            self.closing.wait(0.2)
         self.closing.set()
         try:
             self.cluster.close()  # the thread's waits end with the processes
@@ -408,8 +445,12 @@ class FalseAlarms:
     def _faults(self) -> None:
         """Rank 3 holds the GIL, rank 4 is stopped, node 0 drops every
         packet, all from the same instant; each fault ends on its own time."""
+        said: dict[str, object] = {"failed": None}
         try:
             ready = self.job.ready()
+            pids = {n: self.cluster.pids(n) for n in (0, 1, 2)}
+            said.update(ready=ready, pids=pids, hosts=hosts_of(self.cluster))
+            said["keys"] = ["ready", "pids", "hosts"]
             (self.out / "go").write_text("")
             stopped = int(ready[4]["pid"])
             start = time.monotonic()
@@ -421,35 +462,62 @@ class FalseAlarms:
                 self.closing.wait(max(0.0, STOPPED - (time.monotonic() - start)))
             finally:
                 self.cluster.cont(stopped)
-        except BaseException as exc:  # pytest.fail too: the test reports it
-            self.failed = exc
+        except BaseException:  # pytest.fail too: the test reports it
+            said["failed"] = traceback.format_exc()
+        finally:
+            (self.where / "faults.json.tmp").write_text(json.dumps(said))
+            (self.where / "faults.json.tmp").rename(self.where / "faults.json")
 
 
-@pytest.fixture(scope="module")
-def false_alarms(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FalseAlarms]:
+@pytest.fixture(scope="session")
+def false_alarms(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Path]:
+    """The false-alarm job's directory.  The first process to ask (of the
+    xdist workers, which share the parent of their temporary directories)
+    runs the job, until the end of its session; the others only read it."""
     _skip_without_namespaces()
-    with FalseAlarms(tmp_path_factory.mktemp("false-alarms")) as made:
-        yield made
+    base = tmp_path_factory.getbasetemp()
+    if hasattr(request.config, "workerinput"):  # pytest-xdist's popen-gw<N>
+        base = base.parent
+    where = base / "false-alarms"
+    try:
+        where.mkdir()
+    except FileExistsError:  # another worker runs it
+        yield where
+        return
+    with FalseAlarms(where):
+        yield where
 
 
-def test_no_false_alarm_for_a_held_gil_a_stopped_rank_or_a_short_cut(
-    false_alarms: FalseAlarms,
-) -> None:
+def test_no_false_alarm_for_a_held_gil_a_stopped_rank_or_a_short_cut(false_alarms: Path) -> None:
     """Three nodes of two ranks under SLURM variables, all at a sync point
     with no timeout, while at once: rank 3 holds the GIL for 60 s in a C call,
     rank 4 (node 2's first rank) is SIGSTOPped for 30 s, and node 0 (the
     store's host) drops every packet for 3 s.  Nobody is declared lost: when
-    all three are over, every rank passes the sync point and the next one."""
-    fa = false_alarms
-    fa.thread.join(STARTUP + STOPPED + 10)
-    assert not fa.thread.is_alive(), "the faults did not end"
-    if fa.failed is not None:
-        raise fa.failed
-    results = fa.job.wait_for("done", range(6), GIL_HELD + 60)
-    assert len(results) == 6
-    outcomes = {r: fa.job.facts("result", r) for r in range(6)}
+    all three are over, every rank passes the sync point and the next one.
+    Before the faults, every rank ran on its node, by its host name and
+    address (as test_a_job_of_two_nodes_sees_its_hosts checks under torchrun)."""
+    faults = false_alarms / "faults.json"
+    deadline = time.monotonic() + STARTUP + STOPPED + 10
+    while not faults.exists():
+        assert time.monotonic() < deadline, "the faults did not end"
+        time.sleep(0.1)
+    said = json.loads(faults.read_text())
+    assert said["failed"] is None, said["failed"]
+    # the job as the faults' thread saw it (JSON keys are strings)
+    ready, pids, hosts = ({int(k): v for k, v in said[key].items()} for key in said["keys"])
+    assert sorted(ready) == list(range(6)), ready
+    assert_on_their_hosts((0, 0, 1, 1, 2, 2), ready, pids, hosts)
+    out = false_alarms / "job"
+    deadline = time.monotonic() + GIL_HELD + 60
+    while not all(facts(out, "done", r) for r in range(6)):
+        outcomes = {r: facts(out, "result", r) for r in range(6)}
+        assert time.monotonic() < deadline, f"not every rank done: {outcomes}"
+        time.sleep(0.1)
+    outcomes = {r: facts(out, "result", r) for r in range(6)}
     assert all(f is not None and f["outcome"] == "passed" for f in outcomes.values()), outcomes
-    held = fa.job.facts("gil", 3)
+    held = facts(out, "gil", 3)
     assert held is not None and "to" in held, "rank 3 did not hold the GIL"
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+import zygote
 
 import syncdeco
 from syncdeco._plane import stacks as _stacks
@@ -67,18 +68,16 @@ def connect(server: Any) -> Any:
 
 
 class Child:
+    """stack_child.py in ``mode``, forked from the zygote (``zygote.py``: torch
+    imported once, the script run as ``__main__``, the interpreter's own exit)."""
+
     def __init__(self, mode: str, port: int, rank: int, folder: Path) -> None:
         self.folder = folder
         folder.mkdir()
         os.mkfifo(folder / "release")
         env = dict(os.environ, PYTHONPATH=str(ROOT))
-        self.proc = subprocess.Popen(
-            [sys.executable, str(SCRIPT), mode, str(port), str(rank), str(folder)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        self.proc = zygote.spawn([str(SCRIPT), mode, str(port), str(rank), str(folder)], env)
+        self._output: str | None = None
 
     def reached(self, step: str, within: float = START) -> None:
         deadline = time.monotonic() + within
@@ -105,16 +104,19 @@ class Child:
     def output(self) -> str:
         if self.proc.poll() is None:
             return "(still running)"
-        assert self.proc.stdout is not None
-        return self.proc.stdout.read()
+        if self._output is None:  # read to its end: the child and what it started closed it
+            self._output = self.proc.communicate(timeout=30)[0].decode(errors="replace")
+        return self._output
 
     def end(self) -> None:
         if self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGCONT)
-            self.proc.kill()
-            self.proc.wait(timeout=30)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        try:  # its session: the child, and anything it started
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=30)
+        self.output()  # closes the pipe
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 
@@ -90,10 +91,15 @@ def _become(request: dict[str, object]) -> None:
     os.environ.clear()
     os.environ.update(request["env"])  # type: ignore[arg-type]
     tempfile.tempdir = None  # read TMPDIR again
+    if request.get("cwd") is not None:
+        os.chdir(str(request["cwd"]))
     argv: list[str] = request["argv"]  # type: ignore[assignment]
     sys.argv = list(argv)
-    sys.path[0] = os.path.dirname(os.path.abspath(argv[0]))
-    runpy.run_path(argv[0], run_name="__main__")
+    # as `python SCRIPT` does: argv[0] as given, the script's __file__ (and
+    # so its code's file name) absolute
+    script = os.path.abspath(argv[0])
+    sys.path[0] = os.path.dirname(script)
+    runpy.run_path(script, run_name="__main__")
 
 
 class Forked:
@@ -133,6 +139,15 @@ class Forked:
         if self._out >= 0:  # a test that failed before reading it all
             os.close(self._out)
 
+    def poll(self) -> int | None:
+        """The exit status if the process has ended, else None, as
+        ``Popen.poll`` gives it; never blocks."""
+        if self.returncode is None:
+            status = self.zygote.poll(self.pid)
+            if status is not None:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
     def wait(self, timeout: float | None = None) -> int:
         """The exit status, as ``Popen.wait`` gives it."""
         if self.returncode is None:
@@ -156,11 +171,15 @@ class Zygote:
         theirs.close()
         self.sock = ours
         self._statuses: dict[int, int] = {}
+        self._reading = threading.Lock()  # one thread at a time reads the socket
 
-    def spawn(self, argv: Sequence[str], env: Mapping[str, str]) -> Forked:
+    def spawn(
+        self, argv: Sequence[str], env: Mapping[str, str], cwd: str | os.PathLike[str] | None = None
+    ) -> Forked:
         read, write = os.pipe()
         try:
-            request = json.dumps({"argv": list(argv), "env": dict(env)}).encode()
+            cwd = None if cwd is None else os.fspath(cwd)
+            request = json.dumps({"argv": list(argv), "env": dict(env), "cwd": cwd}).encode()
             socket.send_fds(self.sock, [request], [write])
         finally:
             os.close(write)
@@ -183,14 +202,27 @@ class Zygote:
             self._receive(left)
         return self._statuses.pop(pid)
 
+    def poll(self, pid: int) -> int | None:
+        """The wait status of ``pid`` if the zygote has reported it, else
+        None; never blocks (while another thread reads the socket, it only
+        looks at what has been read)."""
+        while pid not in self._statuses and self._receive(0.0):
+            pass
+        return self._statuses.pop(pid, None)
+
     def _receive(self, timeout: float | None) -> dict[str, int]:
-        """One message of the zygote ({} at the timeout); exit statuses are
-        kept for :meth:`status`."""
-        self.sock.settimeout(timeout)
-        try:
-            data = self.sock.recv(4096)
-        except TimeoutError:
+        """One message of the zygote ({} at the timeout, or when another
+        thread is reading past it); exit statuses are kept for
+        :meth:`status` and :meth:`poll`."""
+        if not self._reading.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
             return {}
+        try:
+            self.sock.settimeout(timeout)
+            data = self.sock.recv(4096)
+        except (TimeoutError, BlockingIOError):
+            return {}
+        finally:
+            self._reading.release()
         if not data:
             raise RuntimeError(f"the zygote (pid {self.proc.pid}) ended: {self.proc.poll()}")
         reply: dict[str, int] = json.loads(data)
@@ -210,17 +242,19 @@ class Zygote:
 _shared: Zygote | None = None
 
 
-def spawn(argv: Sequence[str], env: Mapping[str, str]) -> Forked:
+def spawn(
+    argv: Sequence[str], env: Mapping[str, str], cwd: str | os.PathLike[str] | None = None
+) -> Forked:
     """Fork ``argv`` (a script and its arguments, no interpreter) with
-    ``env`` from this test process's zygote, started on first use and
-    closed when the process exits."""
+    ``env`` (and in ``cwd``, else the zygote's) from this test process's
+    zygote, started on first use and closed when the process exits."""
     global _shared
     if _shared is None or _shared.proc.poll() is not None:
         import atexit
 
         _shared = Zygote()
         atexit.register(_shared.close)
-    return _shared.spawn(argv, env)
+    return _shared.spawn(argv, env, cwd)
 
 
 if __name__ == "__main__":

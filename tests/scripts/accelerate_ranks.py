@@ -2,7 +2,7 @@
 group, then syncdeco syncs over it.
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 \\
-        accelerate_ranks.py OUT_DIR {ok|fail}
+        accelerate_ranks.py OUT_DIR {ok|fail|ok,fail|fail,ok}
 """
 
 from __future__ import annotations

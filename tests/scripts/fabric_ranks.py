@@ -1,7 +1,7 @@
 """Run by test_frameworks.py: Lightning Fabric sets up the Gloo process group,
 then syncdeco syncs over it.
 
-    python fabric_ranks.py OUT_DIR {ok|fail}
+    python fabric_ranks.py OUT_DIR {ok|fail|ok,fail|fail,ok}
 
 Fabric's launcher starts rank 1 itself, by running this script again with
 LOCAL_RANK=1 (and WORLD_SIZE, NODE_RANK, MASTER_ADDR, MASTER_PORT, but no

@@ -31,15 +31,18 @@ def wait_for(path: Path) -> None:
         time.sleep(0.005)
 
 
-def run_checks(out: Path, mode: str) -> None:
-    """``ok``: main_first, on_main_only(broadcast=True), barrier.
-    ``fail``: the main rank raises inside main_first."""
-    if mode == "ok":
-        _ok(out)
-    elif mode == "fail":
-        _fail(out)
-    else:
-        raise SystemExit(f"unknown mode {mode!r}")
+def run_checks(out: Path, modes: str) -> None:
+    """Run the checks ``modes`` names, comma-separated, in that order:
+    ``ok``: main_first, on_main_only(broadcast=True), barrier.
+    ``fail``: the main rank raises inside main_first.
+    One launch runs both (each launch starts processes that import torch and
+    a framework); they share no file of the output directory."""
+    checks = {"ok": _ok, "fail": _fail}
+    for mode in modes.split(","):
+        if mode not in checks:
+            raise SystemExit(f"unknown mode {mode!r}")
+        checks[mode](out)
+        say(f"{mode} checks done")
     say("done")
 
 
