@@ -33,7 +33,7 @@ import wrapt
 
 from . import _trace
 from ._backend import DEFAULT, NullBackend, Timeout, _seconds
-from ._errors import CompositionError
+from ._errors import CompositionError, shown
 from ._policy import (
     Around,
     BarrierAfter,
@@ -91,7 +91,10 @@ class _Stack:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Any:
-        backend = get_backend()
+        try:
+            backend = get_backend()
+        except BaseException as error:
+            raise shown(error)
         if backend.__class__ is NullBackend:  # one process: nothing to coordinate
             return wrapped(*args, **kwargs)
         steps = around(self.policies, backend)
@@ -112,7 +115,7 @@ class _Stack:
             assert outcome is not None, "around() runs the body once"
         result, error = outcome
         if error is not None:
-            raise error
+            raise shown(error)
         return result
 
     async def call_async(
@@ -122,7 +125,10 @@ class _Stack:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Any:
-        backend = get_backend()
+        try:
+            backend = get_backend()
+        except BaseException as error:
+            raise shown(error)
         if backend.__class__ is NullBackend:
             return await wrapped(*args, **kwargs)
         steps = around(self.policies, backend)
@@ -141,7 +147,7 @@ class _Stack:
             assert outcome is not None, "around() runs the body once"
         result, error = outcome
         if error is not None:
-            raise error
+            raise shown(error)
         return result
 
 
@@ -338,7 +344,7 @@ class _Scoped:
         steps = around((policy,), backend)
         error = _not_entered(advance(steps, None))
         if error is not None:
-            raise error
+            raise shown(error)
         self._entries.append((steps, backend.__class__ is NullBackend))
 
     def __exit__(
@@ -350,7 +356,7 @@ class _Scoped:
         steps, _ = self._entries.pop()
         error = _raised_leaving(advance(steps, (None, exc)), exc)
         if error is not None:
-            raise error
+            raise shown(error)
         return False  # the block's own exception, if any, goes on
 
     async def __aenter__(self) -> None:
@@ -361,7 +367,7 @@ class _Scoped:
         # The Null backend never waits: no thread hop.
         error = _not_entered(advance(steps, None) if null else await advance_async(steps, None))
         if error is not None:
-            raise error
+            raise shown(error)
         self._entries.append((steps, null))
 
     async def __aexit__(
@@ -375,7 +381,7 @@ class _Scoped:
         left = advance(steps, outcome) if null else await advance_async(steps, outcome)
         error = _raised_leaving(left, exc)
         if error is not None:
-            raise error
+            raise shown(error)
         return False
 
 
@@ -707,7 +713,11 @@ def barrier(name: str | None = None, *, timeout: Timeout = DEFAULT) -> None:
     """
     _check_name("barrier", name)
     _check_timeout("barrier", timeout)
-    meet(get_backend(), "barrier", _caller_site(name, 1), timeout=timeout)
+    site = _caller_site(name, 1)
+    try:
+        meet(get_backend(), "barrier", site, timeout=timeout)
+    except BaseException as error:
+        raise shown(error)
 
 
 def rank() -> int:
