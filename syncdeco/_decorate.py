@@ -94,7 +94,7 @@ class _Stack:
         try:
             backend = get_backend()
         except BaseException as error:
-            raise shown(error)
+            raise shown(error)  # noqa: B904 - the same exception, re-raised
         if backend.__class__ is NullBackend:  # one process: nothing to coordinate
             return wrapped(*args, **kwargs)
         steps = around(self.policies, backend)
@@ -128,7 +128,7 @@ class _Stack:
         try:
             backend = get_backend()
         except BaseException as error:
-            raise shown(error)
+            raise shown(error)  # noqa: B904 - the same exception, re-raised
         if backend.__class__ is NullBackend:
             return await wrapped(*args, **kwargs)
         steps = around(self.policies, backend)
@@ -717,7 +717,7 @@ def barrier(name: str | None = None, *, timeout: Timeout = DEFAULT) -> None:
     try:
         meet(get_backend(), "barrier", site, timeout=timeout)
     except BaseException as error:
-        raise shown(error)
+        raise shown(error)  # noqa: B904 - the same exception, re-raised
 
 
 def rank() -> int:
