@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Callable, Coroutine
 from datetime import timedelta
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import (
     TYPE_CHECKING,
     Any,
@@ -93,11 +93,12 @@ class _Stack:
     ) -> Any:
         try:
             backend = get_backend()
-        except BaseException as error:
-            raise shown(error)  # noqa: B904 - the same exception, re-raised
+        except BaseException as problem:
+            raise shown(problem)  # noqa: B904 - the same exception, re-raised
         if backend.__class__ is NullBackend:  # one process: nothing to coordinate
             return wrapped(*args, **kwargs)
-        steps = around(self.policies, backend)
+        # (the user's call: its messages name its file and line)
+        steps = around(self.policies, backend, sys._getframe(1))
         outcome = advance(steps, None)
         if outcome is None:  # the body runs here
             try:
@@ -127,11 +128,16 @@ class _Stack:
     ) -> Any:
         try:
             backend = get_backend()
-        except BaseException as error:
-            raise shown(error)  # noqa: B904 - the same exception, re-raised
+        except BaseException as problem:
+            raise shown(problem)  # noqa: B904 - the same exception, re-raised
         if backend.__class__ is NullBackend:
             return await wrapped(*args, **kwargs)
-        steps = around(self.policies, backend)
+        # The coroutine that awaits this call, if one does (a task made
+        # right from the call has the event loop's frame there instead).
+        caller: FrameType | None = sys._getframe(1)
+        if caller is not None and not caller.f_code.co_flags & inspect.CO_COROUTINE:
+            caller = None
+        steps = around(self.policies, backend, caller)
         outcome = await advance_async(steps, None)
         if outcome is None:  # the body runs here
             try:
@@ -716,8 +722,8 @@ def barrier(name: str | None = None, *, timeout: Timeout = DEFAULT) -> None:
     site = _caller_site(name, 1)
     try:
         meet(get_backend(), "barrier", site, timeout=timeout)
-    except BaseException as error:
-        raise shown(error)  # noqa: B904 - the same exception, re-raised
+    except BaseException as problem:
+        raise shown(problem)  # noqa: B904 - the same exception, re-raised
 
 
 def rank() -> int:
