@@ -35,7 +35,10 @@ class _Default(Enum):
 DEFAULT: Final = _Default.DEFAULT
 """Sentinel: use the timeout set by :func:`init` (30 minutes unless set)."""
 
-Timeout: TypeAlias = "float | timedelta | Literal[_Default.DEFAULT] | None"
+Timeout: TypeAlias = float | timedelta | Literal[_Default.DEFAULT] | None
+"""What a ``timeout=`` option takes: seconds (a number) or a ``timedelta``;
+``None`` (or ``math.inf``) to wait forever; :data:`DEFAULT` for the timeout
+set by :func:`init`."""
 
 _BUILTIN_TIMEOUT: Final = 1800.0
 _BUILTIN_WARN_AFTER: Final = 60.0
