@@ -36,7 +36,10 @@ def shown(exc: E) -> E:
     call entered: the entries of its traceback in syncdeco's own frames,
     from where it was raised up to the first frame of other code (the
     user's body, torch), are dropped, so that the traceback shows the
-    user's call, that one frame, and the error (or the user's own frames).
+    user's call, that one frame, and the error (or the frames it came
+    through).  An exception that is not syncdeco's own and was raised in
+    syncdeco's frames (a bug of syncdeco's) keeps them all: they are where
+    to look.
 
     ``__cause__``, ``__context__`` and ``.remote_traceback`` are kept.
     ``SYNCDECO_FULL_TRACEBACK=1`` in the environment keeps every frame
@@ -46,6 +49,8 @@ def shown(exc: E) -> E:
         return exc
     while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE):
         tb = tb.tb_next
+    if tb is None and not (isinstance(exc, SyncError) or type(exc).__module__ == "syncdeco"):
+        return exc
     return exc.with_traceback(tb)
 
 
