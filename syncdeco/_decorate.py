@@ -96,7 +96,11 @@ class _Stack:
         try:
             backend = get_backend()
         except BaseException as problem:
-            raise shown(problem)  # noqa: B904 - the same exception, re-raised
+            failed: BaseException | None = problem
+        else:
+            failed = None
+        if failed is not None:  # raised as itself, outside the except clause
+            raise shown(failed)
         if backend.__class__ is NullBackend:  # one process: nothing to coordinate
             return wrapped(*args, **kwargs)
         # (the user's call: its messages name its file and line)
@@ -131,7 +135,11 @@ class _Stack:
         try:
             backend = get_backend()
         except BaseException as problem:
-            raise shown(problem)  # noqa: B904 - the same exception, re-raised
+            failed: BaseException | None = problem
+        else:
+            failed = None
+        if failed is not None:  # raised as itself, outside the except clause
+            raise shown(failed)
         if backend.__class__ is NullBackend:
             return await wrapped(*args, **kwargs)
         # The coroutine that awaits this call, if one does (a task made
@@ -734,8 +742,10 @@ def barrier(name: str | None = None, *, timeout: Timeout = DEFAULT) -> None:
     site = _caller_site(name, 1)
     try:
         meet(get_backend(), "barrier", site, timeout=timeout)
+        return
     except BaseException as problem:
-        raise shown(problem)  # noqa: B904 - the same exception, re-raised
+        failed = problem
+    raise shown(failed)
 
 
 def rank() -> int:

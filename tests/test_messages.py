@@ -14,6 +14,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+import docs_output
 import pytest
 import torch.distributed as dist
 from scripted import kill_all
@@ -89,6 +90,8 @@ def test_each_rank_prints_one_whole_prefixed_traceback_at_the_first_sync_point(
 ) -> None:
     codes, text = _both_fail_at_the_first_sync_point(tmp_path)
     assert codes == [1, 1], text
+    # docs/errors.md shows what they print
+    docs_output.check("tests/scripts/first_failure.py", text)
 
     # Rank 0's own error: its call, syncdeco's one frame, its body, the error.
     own = _traceback_of(0, text)
