@@ -98,11 +98,11 @@ class _Stack:
         except BaseException as problem:
             failed: BaseException | None = problem
         else:
+            if backend.__class__ is NullBackend:  # one process: nothing to coordinate
+                return wrapped(*args, **kwargs)
             failed = None
         if failed is not None:  # raised as itself, outside the except clause
             raise shown(failed)
-        if backend.__class__ is NullBackend:  # one process: nothing to coordinate
-            return wrapped(*args, **kwargs)
         # (the user's call: its messages name its file and line)
         steps = around(self.policies, backend, sys._getframe(1))
         outcome = advance(steps, None)
@@ -137,11 +137,11 @@ class _Stack:
         except BaseException as problem:
             failed: BaseException | None = problem
         else:
+            if backend.__class__ is NullBackend:
+                return await wrapped(*args, **kwargs)
             failed = None
         if failed is not None:  # raised as itself, outside the except clause
             raise shown(failed)
-        if backend.__class__ is NullBackend:
-            return await wrapped(*args, **kwargs)
         # The coroutine that awaits this call, if one does (a task made
         # right from the call has the event loop's frame there instead).
         caller: FrameType | None = sys._getframe(1)
