@@ -18,9 +18,13 @@ import time
 import syncdeco as sd
 
 
+def say(line: str) -> None:
+    # one write per line, so that two ranks' lines never run together
+    print(f"[rank {sd.rank()}] {line}\n\n", end="", flush=True)
+
+
 def show(err: BaseException) -> None:
-    said = f": {err}" if str(err) else " (no message)"
-    print(f"[rank {sd.rank()}] {type(err).__name__}{said}\n\n", end="", flush=True)
+    say(f"{type(err).__name__}: {err}")
 
 
 @sd.main_first
@@ -29,12 +33,14 @@ def download_dataset() -> None:
         raise ConnectionError("HTTP 503 from the dataset mirror")
 
 
+@sd.barrier_after
 def save_checkpoint() -> None:
-    sd.barrier("save_checkpoint")
+    pass  # pretend: write it
 
 
+@sd.barrier_after
 def load_checkpoint() -> None:
-    sd.barrier("load_checkpoint")
+    pass  # pretend: read it
 
 
 @sd.main_first
@@ -57,12 +63,18 @@ async def fetch_with_a_deadline() -> None:
         # the main rank's deadline: it cancels its task after 1 s
         async with asyncio.timeout(1 if sd.is_main() else None):
             await fetch_index()
-    except (TimeoutError, sd.PeerFailedError) as err:
+    except TimeoutError:
+        # asyncio's own TimeoutError has no message: say what it means here
+        say(
+            "TimeoutError: asyncio.timeout(1) cancelled fetch_index inside its "
+            "main_first; syncdeco told the other ranks"
+        )
+    except sd.PeerFailedError as err:
         show(err)
     finally:
         beating.cancel()
     if sd.rank() == 1:
-        print(f"[rank 1] its heartbeat task ticked {ticks} times while it waited\n\n", end="")
+        say(f"its heartbeat task ticked {ticks} times while it waited")
 
 
 def read_shard() -> None:
@@ -87,13 +99,16 @@ def main() -> None:
 
     # 3. A rank-dependent branch: the ranks reach different sync points.
     try:
-        save_checkpoint() if sd.rank() == 0 else load_checkpoint()
+        if sd.rank() == 0:
+            save_checkpoint()
+        else:
+            load_checkpoint()
     except sd.SyncMismatchError as err:
         show(err)
 
     sd.barrier("still fine")
     if sd.rank() == 0:
-        print("[rank 0] the group still works\n\n", end="", flush=True)
+        say("the group still works")
 
     # 4. A deadline cancels the main rank's task inside an async main_first:
     #    the others hear of it at once, and their event loops never stopped.

@@ -35,7 +35,10 @@ class _Default(Enum):
 DEFAULT: Final = _Default.DEFAULT
 """Sentinel: use the timeout set by :func:`init` (30 minutes unless set)."""
 
-Timeout: TypeAlias = "float | timedelta | Literal[_Default.DEFAULT] | None"
+Timeout: TypeAlias = float | timedelta | Literal[_Default.DEFAULT] | None
+"""What a ``timeout=`` option takes: seconds (a number) or a ``timedelta``;
+``None`` (or ``math.inf``) to wait forever; :data:`DEFAULT` for the timeout
+set by :func:`init`."""
 
 _BUILTIN_TIMEOUT: Final = 1800.0
 _BUILTIN_WARN_AFTER: Final = 60.0
@@ -47,17 +50,22 @@ class SyncPoint:
     """The identity of one arrival at a sync point.
 
     Ranks agree on a sync point when ``kind``, ``name`` and ``count`` are all
-    equal; ``location`` (file and line) only serves error messages.
+    equal; ``location`` (file and line: of the decorated function, or of the
+    ``with`` block or ``barrier()`` call) and ``called`` (file and line of
+    the call of a decorated function, where known) only serve messages.
     """
 
     kind: str
     name: str
     count: int
     location: str
+    called: str = ""
 
     def describe(self) -> str:
-        """How error messages name it: ``barrier 'end of epoch' (call 1, train.py:40)``."""
-        return f"{self.kind} '{self.name}' (call {self.count}, {self.location})"
+        """How error messages name it: ``barrier 'end of epoch' (call 1, train.py:40)``,
+        ``main_first 'load' (call 1, train.py:12, called from train.py:40)``."""
+        called = f", called from {self.called}" if self.called else ""
+        return f"{self.kind} '{self.name}' (call {self.count}, {self.location}{called})"
 
 
 @final

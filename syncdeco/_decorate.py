@@ -13,17 +13,18 @@ import os
 import sys
 from collections.abc import Callable, Coroutine
 from datetime import timedelta
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import (
     TYPE_CHECKING,
     Any,
     ClassVar,
     Final,
+    Generic,
     Literal,
     NamedTuple,
+    Never,
     NoReturn,
     ParamSpec,
-    Protocol,
     TypeVar,
     final,
     overload,
@@ -31,14 +32,12 @@ from typing import (
 
 import wrapt
 
+from . import _policy as policies
 from . import _trace
 from ._backend import DEFAULT, NullBackend, Timeout, _seconds
-from ._errors import CompositionError
+from ._errors import CompositionError, shown
 from ._policy import (
     Around,
-    BarrierAfter,
-    MainFirst,
-    OnMainOnly,
     Outcome,
     Policy,
     Site,
@@ -51,6 +50,9 @@ from ._policy import (
 from ._select import get_backend
 
 __all__ = [
+    "BarrierAfter",
+    "MainFirst",
+    "OnMainOnly",
     "barrier",
     "barrier_after",
     "is_main",
@@ -91,10 +93,18 @@ class _Stack:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Any:
-        backend = get_backend()
-        if backend.__class__ is NullBackend:  # one process: nothing to coordinate
-            return wrapped(*args, **kwargs)
-        steps = around(self.policies, backend)
+        try:
+            backend = get_backend()
+        except BaseException as problem:
+            failed: BaseException | None = problem
+        else:
+            if backend.__class__ is NullBackend:  # one process: nothing to coordinate
+                return wrapped(*args, **kwargs)
+            failed = None
+        if failed is not None:  # raised as itself, outside the except clause
+            raise shown(failed)
+        # (the user's call: its messages name its file and line)
+        steps = around(self.policies, backend, sys._getframe(1))
         outcome = advance(steps, None)
         if outcome is None:  # the body runs here
             try:
@@ -112,7 +122,7 @@ class _Stack:
             assert outcome is not None, "around() runs the body once"
         result, error = outcome
         if error is not None:
-            raise error
+            raise shown(error)
         return result
 
     async def call_async(
@@ -122,10 +132,22 @@ class _Stack:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Any:
-        backend = get_backend()
-        if backend.__class__ is NullBackend:
-            return await wrapped(*args, **kwargs)
-        steps = around(self.policies, backend)
+        try:
+            backend = get_backend()
+        except BaseException as problem:
+            failed: BaseException | None = problem
+        else:
+            if backend.__class__ is NullBackend:
+                return await wrapped(*args, **kwargs)
+            failed = None
+        if failed is not None:  # raised as itself, outside the except clause
+            raise shown(failed)
+        # The coroutine that awaits this call, if one does (a task made
+        # right from the call has the event loop's frame there instead).
+        caller: FrameType | None = sys._getframe(1)
+        if caller is not None and not caller.f_code.co_flags & inspect.CO_COROUTINE:
+            caller = None
+        steps = around(self.policies, backend, caller)
         outcome = await advance_async(steps, None)
         if outcome is None:  # the body runs here
             try:
@@ -141,7 +163,7 @@ class _Stack:
             assert outcome is not None, "around() runs the body once"
         result, error = outcome
         if error is not None:
-            raise error
+            raise shown(error)
         return result
 
 
@@ -273,31 +295,6 @@ def _check_timeout(face: str, timeout: Timeout) -> None:
         _seconds(timeout, f"{face}(timeout=...)")
 
 
-# -- typing helpers ---------------------------------------------------------
-
-
-class _Keeps(Protocol):
-    """A decorator that keeps the decorated function's type."""
-
-    @overload
-    def __call__(
-        self, target: Callable[P, Coroutine[Any, Any, R]], /
-    ) -> Callable[P, Coroutine[Any, Any, R]]: ...
-    @overload
-    def __call__(self, target: Callable[P, R], /) -> Callable[P, R]: ...
-
-
-class _Defaults(Protocol[D_co]):
-    """A decorator whose function returns the result or a default."""
-
-    @overload
-    def __call__(
-        self, target: Callable[P, Coroutine[Any, Any, R]], /
-    ) -> Callable[P, Coroutine[Any, Any, R | D_co]]: ...
-    @overload
-    def __call__(self, target: Callable[P, R], /) -> Callable[P, R | D_co]: ...
-
-
 # -- context-manager faces --------------------------------------------------
 
 
@@ -338,7 +335,7 @@ class _Scoped:
         steps = around((policy,), backend)
         error = _not_entered(advance(steps, None))
         if error is not None:
-            raise error
+            raise shown(error)
         self._entries.append((steps, backend.__class__ is NullBackend))
 
     def __exit__(
@@ -350,7 +347,7 @@ class _Scoped:
         steps, _ = self._entries.pop()
         error = _raised_leaving(advance(steps, (None, exc)), exc)
         if error is not None:
-            raise error
+            raise shown(error)
         return False  # the block's own exception, if any, goes on
 
     async def __aenter__(self) -> None:
@@ -361,7 +358,7 @@ class _Scoped:
         # The Null backend never waits: no thread hop.
         error = _not_entered(advance(steps, None) if null else await advance_async(steps, None))
         if error is not None:
-            raise error
+            raise shown(error)
         self._entries.append((steps, null))
 
     async def __aexit__(
@@ -375,7 +372,7 @@ class _Scoped:
         left = advance(steps, outcome) if null else await advance_async(steps, outcome)
         error = _raised_leaving(left, exc)
         if error is not None:
-            raise error
+            raise shown(error)
         return False
 
 
@@ -400,7 +397,16 @@ def _raised_leaving(outcome: Outcome | None, exc: BaseException | None) -> BaseE
 
 
 @final
-class _MainFirst(_Scoped):
+class MainFirst(_Scoped):
+    """What ``main_first(...)`` returns: a decorator, and a context manager
+    for ``with`` and ``async with`` blocks (see :func:`main_first`).
+
+    Decorating keeps the function's signature and return type.  As a
+    ``with`` block, the main rank runs the block first, the others when it
+    has left it; the block is a sync point named by its file and line.
+    """
+
+    __module__ = "syncdeco"
     __slots__ = ("_local",)
     _face = _MAIN_FIRST
 
@@ -409,14 +415,24 @@ class _MainFirst(_Scoped):
         self._local = local
 
     def _policy(self, site: Site) -> Policy:
-        return MainFirst(site, self._local, self._timeout)
+        return policies.MainFirst(site, self._local, self._timeout)
 
     def __repr__(self) -> str:
         return f"main_first(local={self._local}, name={self._name!r}, timeout={self._timeout!r})"
 
 
 @final
-class _BarrierAfter(_Scoped):
+class BarrierAfter(_Scoped):
+    """What ``barrier_after(...)`` returns: a decorator, and a context
+    manager for ``with`` and ``async with`` blocks (see
+    :func:`barrier_after`).
+
+    Decorating keeps the function's signature and return type.  As a
+    ``with`` block, every rank runs the block, then all meet when they
+    leave it.
+    """
+
+    __module__ = "syncdeco"
     __slots__ = ("_every",)
     _face = _BARRIER_AFTER
 
@@ -425,17 +441,25 @@ class _BarrierAfter(_Scoped):
         self._every = every
 
     def _policy(self, site: Site) -> Policy:
-        return BarrierAfter(site, self._every, self._timeout)
+        return policies.BarrierAfter(site, self._every, self._timeout)
 
     def __repr__(self) -> str:
         return f"barrier_after(every={self._every}, name={self._name!r}, timeout={self._timeout!r})"
 
 
 @final
-class _OnMainOnly:
-    """``on_main_only(...)``: a decorator only (the other ranks skip the
-    body, which a ``with`` block cannot do)."""
+class OnMainOnly(Generic[D_co]):
+    """What ``on_main_only(...)`` returns: a decorator only (the other
+    ranks skip the body, which a ``with`` block cannot do; see
+    :func:`on_main_only`).
 
+    ``D_co`` is the type of what the other ranks return: the type of
+    ``default`` (``None`` unless given), or ``Never`` with
+    ``broadcast=True``, where every rank returns the main rank's result.
+    A decorated function returning ``R`` returns ``R | D_co``.
+    """
+
+    __module__ = "syncdeco"
     __slots__ = ("_broadcast", "_default", "_local", "_name", "_share", "_timeout")
 
     def __init__(
@@ -455,10 +479,16 @@ class _OnMainOnly:
         self._share = share
 
     def _policy(self, site: Site) -> Policy:
-        return OnMainOnly(
+        return policies.OnMainOnly(
             site, self._broadcast, self._default, self._local, self._timeout, self._share
         )
 
+    @overload
+    def __call__(
+        self, target: Callable[P, Coroutine[Any, Any, R]], /
+    ) -> Callable[P, Coroutine[Any, Any, R | D_co]]: ...
+    @overload
+    def __call__(self, target: Callable[P, R], /) -> Callable[P, R | D_co]: ...
     def __call__(self, target: Callable[..., Any], /) -> Any:
         return _decorate(target, _ON_MAIN_ONLY, self._name, self._policy)
 
@@ -470,17 +500,19 @@ class _OnMainOnly:
             f"result), or write `if sd.is_main(): ...` followed by sd.barrier()."
         )
 
-    def __enter__(self) -> NoReturn:
-        raise self._refuse_with()
+    if not TYPE_CHECKING:  # hidden from type checkers: `with on_main_only()` is a type error
 
-    def __exit__(self, *exc: object) -> None:  # pragma: no cover - never entered
-        pass
+        def __enter__(self) -> NoReturn:
+            raise self._refuse_with()
 
-    async def __aenter__(self) -> NoReturn:
-        raise self._refuse_with()
+        def __exit__(self, *exc: object) -> None:  # pragma: no cover - never entered
+            pass
 
-    async def __aexit__(self, *exc: object) -> None:  # pragma: no cover - never entered
-        pass
+        async def __aenter__(self) -> NoReturn:
+            raise self._refuse_with()
+
+        async def __aexit__(self, *exc: object) -> None:  # pragma: no cover - never entered
+            pass
 
     def __repr__(self) -> str:
         return (
@@ -507,7 +539,7 @@ def main_first(
     local: bool = False,
     name: str | None = None,
     timeout: Timeout = DEFAULT,
-) -> _MainFirst: ...
+) -> MainFirst: ...
 def main_first(
     target: Callable[P, R] | None = None,
     /,
@@ -515,7 +547,7 @@ def main_first(
     local: bool = False,
     name: str | None = None,
     timeout: Timeout = DEFAULT,
-) -> Callable[P, R] | _MainFirst:
+) -> Callable[P, R] | MainFirst:
     """The main rank runs the body first; the others wait, then run it too.
 
     Use it as ``@main_first``, ``@main_first(...)`` or ``with main_first(...):``.
@@ -533,7 +565,7 @@ def main_first(
     _check_bool(_MAIN_FIRST, "local", local)
     _check_name("main_first", name)
     _check_timeout("main_first", timeout)
-    face = _MainFirst(local, name, timeout)
+    face = MainFirst(local, name, timeout)
     if target is None:
         return face
     return face(target)
@@ -551,7 +583,7 @@ def barrier_after(target: Callable[P, R], /) -> Callable[P, R]: ...
 @overload
 def barrier_after(
     target: None = None, /, *, every: int = 1, name: str | None = None, timeout: Timeout = DEFAULT
-) -> _BarrierAfter: ...
+) -> BarrierAfter: ...
 def barrier_after(
     target: Callable[P, R] | None = None,
     /,
@@ -559,7 +591,7 @@ def barrier_after(
     every: int = 1,
     name: str | None = None,
     timeout: Timeout = DEFAULT,
-) -> Callable[P, R] | _BarrierAfter:
+) -> Callable[P, R] | BarrierAfter:
     """Every rank runs the body, then all ranks meet.
 
     Use it as ``@barrier_after``, ``@barrier_after(...)`` or
@@ -587,7 +619,7 @@ def barrier_after(
         )
     _check_name("barrier_after", name)
     _check_timeout("barrier_after", timeout)
-    face = _BarrierAfter(every, name, timeout)
+    face = BarrierAfter(every, name, timeout)
     if target is None:
         return face
     return face(target)
@@ -612,7 +644,7 @@ def on_main_only(
     name: str | None = None,
     share: bool = False,
     timeout: Timeout = DEFAULT,
-) -> _Keeps: ...
+) -> OnMainOnly[Never]: ...
 @overload
 def on_main_only(
     target: None = None,
@@ -623,7 +655,7 @@ def on_main_only(
     local: bool = False,
     name: str | None = None,
     timeout: Timeout = DEFAULT,
-) -> _Defaults[D]: ...
+) -> OnMainOnly[D]: ...
 @overload
 def on_main_only(
     target: None = None,
@@ -633,9 +665,9 @@ def on_main_only(
     local: bool = False,
     name: str | None = None,
     timeout: Timeout = DEFAULT,
-) -> _Defaults[None]: ...
+) -> OnMainOnly[None]: ...
 def on_main_only(
-    target: Callable[..., Any] | None = None,
+    target: Callable[P, R] | None = None,
     /,
     *,
     broadcast: bool = False,
@@ -644,7 +676,7 @@ def on_main_only(
     name: str | None = None,
     share: bool = False,
     timeout: Timeout = DEFAULT,
-) -> Any:
+) -> Callable[P, R | None] | OnMainOnly[Any]:
     """Only the main rank runs the function.
 
     Without ``broadcast`` the other ranks return ``default`` at once and
@@ -689,7 +721,7 @@ def on_main_only(
             "without broadcast=True the other ranks get no result at all. Write "
             "@on_main_only(broadcast=True, share=True), or drop share=True."
         )
-    face = _OnMainOnly(broadcast, default, local, name, timeout, share)
+    face: OnMainOnly[Any] = OnMainOnly(broadcast, default, local, name, timeout, share)
     if target is None:
         return face
     return face(target)
@@ -707,7 +739,13 @@ def barrier(name: str | None = None, *, timeout: Timeout = DEFAULT) -> None:
     """
     _check_name("barrier", name)
     _check_timeout("barrier", timeout)
-    meet(get_backend(), "barrier", _caller_site(name, 1), timeout=timeout)
+    site = _caller_site(name, 1)
+    try:
+        meet(get_backend(), "barrier", site, timeout=timeout)
+        return
+    except BaseException as problem:
+        failed = problem
+    raise shown(failed)
 
 
 def rank() -> int:

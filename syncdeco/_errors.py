@@ -8,8 +8,9 @@ decorating (it derives from both ``SyncError`` and ``TypeError``).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
-from typing import final
+from typing import TypeVar, final
 
 __all__ = [
     "CompositionError",
@@ -20,7 +21,37 @@ __all__ = [
     "SyncError",
     "SyncMismatchError",
     "SyncTimeoutError",
+    "shown",
 ]
+
+E = TypeVar("E", bound=BaseException)
+
+# syncdeco's own source files: every module of the package lies under it.
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+FULL_TRACEBACK = "SYNCDECO_FULL_TRACEBACK"
+
+
+def shown(exc: E) -> E:
+    """``exc``, ready to be raised by the frame of syncdeco that the user's
+    call entered: the entries of its traceback in syncdeco's own frames,
+    from where it was raised up to the first frame of other code (the
+    user's body, torch), are dropped, so that the traceback shows the
+    user's call, that one frame, and the error (or the frames it came
+    through).  An exception that is not syncdeco's own and was raised in
+    syncdeco's frames (a bug of syncdeco's) keeps them all: they are where
+    to look.
+
+    ``__cause__``, ``__context__`` and ``.remote_traceback`` are kept.
+    ``SYNCDECO_FULL_TRACEBACK=1`` in the environment keeps every frame
+    (for debugging syncdeco itself)."""
+    tb = exc.__traceback__
+    if tb is None or os.environ.get(FULL_TRACEBACK, "") not in ("", "0"):
+        return exc
+    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE):
+        tb = tb.tb_next
+    if tb is None and not (isinstance(exc, SyncError) or type(exc).__module__ == "syncdeco"):
+        return exc
+    return exc.with_traceback(tb)
 
 
 class SyncError(RuntimeError):

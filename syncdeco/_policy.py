@@ -19,11 +19,15 @@ driver: :func:`advance` does each need in this thread (``_do``);
 from __future__ import annotations
 
 import functools
+import os
 import weakref
 from collections.abc import Generator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
+from types import FrameType
 from typing import ClassVar, Final, NamedTuple, TypeAlias, TypeVar, final
+
+import wrapt
 
 from . import _trace
 from ._backend import Backend, Failure, SyncPoint, Timeout, resolve_timeout
@@ -105,9 +109,29 @@ def _counts_for(backend: Backend) -> _Counts:
         return entry[1]
 
 
-def _arrive(backend: Backend, kind: str, site: Site, local: bool) -> SyncPoint:
+# Frames that are not the user's call of a decorated function: syncdeco's
+# own, and wrapt's where its wrapper runs as Python.
+_NOT_THE_CALLER: Final = tuple(
+    os.path.dirname(os.path.abspath(file)) + os.sep for file in (__file__, wrapt.__file__ or "")
+)
+
+
+def call_site(frame: FrameType | None) -> str:
+    """Where ``frame`` (the frame that called a decorated function) is now,
+    as ``file.py:LINE``; "" when unknown."""
+    while frame is not None and frame.f_code.co_filename.startswith(_NOT_THE_CALLER):
+        frame = frame.f_back
+    if frame is None:
+        return ""
+    return f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}"
+
+
+def _arrive(
+    backend: Backend, kind: str, site: Site, local: bool, caller: FrameType | None = None
+) -> SyncPoint:
     """This rank's next arrival at a sync point: checked (not inside a body
-    that runs on the main rank only) and counted, in the caller's thread."""
+    that runs on the main rank only) and counted, in the caller's thread.
+    ``caller``: the frame that called the decorated function, if any."""
     region = _region.get()
     if region is not None:
         only = (
@@ -129,7 +153,7 @@ def _arrive(backend: Backend, kind: str, site: Site, local: bool) -> SyncPoint:
     key = (kind, site.name, local)
     count = counts.syncs.get(key, 0) + 1
     counts.syncs[key] = count
-    return SyncPoint(kind, site.name, count, site.location)
+    return SyncPoint(kind, site.name, count, site.location, call_site(caller))
 
 
 def _sync(
@@ -188,7 +212,8 @@ class _Meet(NamedTuple):
 
     ``prepare``: join the backend's group first (the first time, that may
     block).  ``reporting``: tell the others this rank raised it (the caller
-    re-raises it).  A tuple: made on every decorated call that syncs."""
+    re-raises it).  ``caller``: the frame that called the decorated function
+    (set by :func:`around`).  A tuple: made on every decorated call that syncs."""
 
     backend: Backend
     kind: str
@@ -198,6 +223,7 @@ class _Meet(NamedTuple):
     payload: object = None
     reporting: BaseException | None = None
     prepare: bool = False
+    caller: FrameType | None = None
 
 
 class _Prepare(NamedTuple):
@@ -217,10 +243,10 @@ def _do(need: _Need) -> object:
     if isinstance(need, _Prepare):
         _prepare(need.at.backend)
         return None
-    backend, kind, site, local, timeout, payload, exc, prepare = need
+    backend, kind, site, local, timeout, payload, exc, prepare, caller = need
     if prepare:
         _prepare(backend)
-    point = _arrive(backend, kind, site, local)
+    point = _arrive(backend, kind, site, local, caller)
     if exc is None:
         return _sync(backend, point, local, None, payload, resolve_timeout(timeout))
     try:
@@ -261,7 +287,7 @@ async def _do_async(need: _Need) -> object:
     if need.prepare and not prepare:
         _prepare(backend)
     try:
-        point = _arrive(backend, need.kind, need.site, need.local)
+        point = _arrive(backend, need.kind, need.site, need.local, need.caller)
         failure = None if exc is None else _failure(backend, exc)
         call = functools.partial(
             _prepare_and_sync if prepare else _sync,
@@ -585,7 +611,7 @@ Outcome: TypeAlias = "tuple[object, BaseException | None]"
 Around: TypeAlias = "Generator[_Need | _Body, Outcome, Outcome]"
 
 
-def around(policies: Sequence[Policy], backend: Backend) -> Around:
+def around(policies: Sequence[Policy], backend: Backend, caller: FrameType | None = None) -> Around:
     """A call under ``policies`` (outermost first), as steps: the one
     skeleton that functions, coroutines, ``with`` and ``async with`` blocks
     share.
@@ -597,7 +623,9 @@ def around(policies: Sequence[Policy], backend: Backend) -> Around:
     blocks, waits or raises by itself: :func:`advance` drives it in this
     thread, :func:`advance_async` in an event loop, and the caller runs the
     body and raises what the call raised (so no frame of it lies on the
-    raise path)."""
+    raise path).  ``caller``, the frame that called a decorated function,
+    goes with each sync point, whose messages then name the call's file and
+    line."""
     entered: list[tuple[Policy, object]] = []
     result: object = None
     exc: BaseException | None = None
@@ -608,7 +636,7 @@ def around(policies: Sequence[Policy], backend: Backend) -> Around:
             exc = error
             break
         if not isinstance(decided, tuple):
-            outcome = yield from _waits(decided)
+            outcome = yield from _waits(decided, caller)
             decided, exc = outcome  # type: ignore[assignment]
             if exc is not None:
                 break
@@ -628,7 +656,7 @@ def around(policies: Sequence[Policy], backend: Backend) -> Around:
             continue
         if need is None:
             continue
-        synced, failed = yield need
+        synced, failed = yield need if caller is None else need._replace(caller=caller)
         if failed is not None:
             exc = failed
             continue
@@ -639,10 +667,10 @@ def around(policies: Sequence[Policy], backend: Backend) -> Around:
     return result, exc
 
 
-def _waits(steps: Steps[T]) -> Generator[_Need, Outcome, Outcome]:
-    """A policy half's steps inside :func:`around`: its needs go out, their
-    outcomes come back; returns its own outcome (what it decided, or the
-    exception that ended it)."""
+def _waits(steps: Steps[T], caller: FrameType | None) -> Generator[_Need, Outcome, Outcome]:
+    """A policy half's steps inside :func:`around`: its needs go out (with
+    ``caller``), their outcomes come back; returns its own outcome (what it
+    decided, or the exception that ended it)."""
     value: object = None
     while True:
         try:
@@ -651,6 +679,12 @@ def _waits(steps: Steps[T]) -> Generator[_Need, Outcome, Outcome]:
             return done.value, None
         except BaseException as error:
             return None, error
+        if caller is not None:
+            need = (
+                _Prepare(need.at._replace(caller=caller))
+                if isinstance(need, _Prepare)
+                else need._replace(caller=caller)
+            )
         value, failed = yield need  # outside any try: closing it just ends it
         if failed is not None:
             return None, failed

@@ -39,6 +39,7 @@ import torch.distributed as dist
 
 from ._env import Launch
 from ._errors import SyncError
+from ._excepthook import install as prefix_tracebacks
 from ._loopback import LOOPBACK, host_on_loopback
 
 __all__ = [
@@ -138,6 +139,10 @@ def open_store(launch: Launch, env: Mapping[str, str], timeout: float | None) ->
     with _lock:
         if _opened is not None:
             return _opened
+        # This process is a rank of a job from now on: its uncaught exception
+        # is written prefixed with its rank, in one piece, as torch's process
+        # group would have it written (it has none yet).
+        prefix_tracebacks(launch.rank)
         if launch.world_size == 1:
             # Alone: a store of its own, nobody to find (the launcher's
             # variables name no store for a job of one rank).

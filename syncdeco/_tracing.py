@@ -14,7 +14,7 @@ from typing import final
 
 from . import _trace
 from ._backend import DEFAULT, Failure
-from ._errors import PeerFailedError, SyncError, SyncMismatchError, SyncTimeoutError
+from ._errors import PeerFailedError, SyncError, SyncMismatchError, SyncTimeoutError, shown
 from ._policy import Site, meet
 from ._select import get_backend
 
@@ -86,6 +86,13 @@ class _Trace:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        error = self._leave(exc)
+        if error is not None:
+            raise shown(error)  # from here: one frame of syncdeco's under the block
+
+    def _leave(self, exc: BaseException | None) -> SyncError | None:
+        """End the block (left with ``exc``, if any); returns the error
+        leaving it raises, if any."""
         _trace.active = None
         recorder = self.recorder
         assert recorder is not None
@@ -109,7 +116,7 @@ class _Trace:
                 "a sync point in it timed out, was mismatched, or heard of a failure "
                 "from a rank at another sync point",
             )
-            return
+            return None
         # The end of the block is a sync point.  A rank leaving it with an
         # exception reports it there, so the others hear at once instead of
         # waiting out the timeout; the ranks go on to the second sync point
@@ -120,9 +127,9 @@ class _Trace:
             meet(backend, "barrier", site, failure=failure, timeout=DEFAULT)
         except SyncTimeoutError as problem:
             if exc is None:
-                raise
+                return problem
             exc.add_note(f"syncdeco: at the end of sd.trace(): {problem}")
-            return
+            return None
         except SyncError as problem:
             if isinstance(problem, PeerFailedError) and rank == 0:
                 # Every rank heard of the failure, but one that was at another
@@ -131,13 +138,19 @@ class _Trace:
             elif not isinstance(problem, PeerFailedError):
                 self._leave_parts(rank, f"its end raised {type(problem).__name__}")
             if exc is None:
-                raise  # another rank failed: leaving the block is where this one hears
+                return problem  # another rank failed: this one hears where it leaves
             exc.add_note(f"syncdeco: at the end of sd.trace(): {problem}")
-            return
+            return None
         if rank == 0:
             self._merge(world_size)
         if exc is None:
-            meet(backend, "barrier", Site(f"{site.name} merged", self.location), timeout=DEFAULT)
+            try:
+                meet(
+                    backend, "barrier", Site(f"{site.name} merged", self.location), timeout=DEFAULT
+                )
+            except SyncError as problem:
+                return problem
+        return None
 
     def _leave_parts(self, rank: int, why: str) -> None:
         _log.warning(

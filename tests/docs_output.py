@@ -43,6 +43,11 @@ SOURCES = {
     "examples/when_things_go_wrong.py": Source(
         "tests/test_examples.py::test_when_things_go_wrong_on_two_gloo_ranks"
     ),
+    "tests/scripts/first_failure.py": Source(
+        "tests/test_messages.py::"
+        "test_each_rank_prints_one_whole_prefixed_traceback_at_the_first_sync_point",
+        numbers_vary=True,  # line numbers: of syncdeco's own file too
+    ),
     "tests/scripts/killed.py": Source(
         "tests/test_torchrun.py::test_a_killed_rank_is_named_within_5s_under_a_slow_monitor"
     ),

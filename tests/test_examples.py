@@ -81,6 +81,10 @@ def test_when_things_go_wrong_on_two_gloo_ranks(tmp_path: Path) -> None:
     assert "rank(s) 1 (last seen at main_first" in out
     assert "which is in read_shard (" in out  # where it is stuck, from its own stack
     assert out.count("SyncMismatchError: ranks reached different sync points") == 2
+    # a mismatch names where each decorated function was called, too
+    assert out.count("barrier_after '__main__.load_checkpoint' (call 1, when_things_go_") == 2
+    assert re.search(r"'__main__\.save_checkpoint' \(call 1, \S+:\d+, called from \S+:\d+\)", out)
+    assert "no message" not in out
     assert "[rank 0] the group still works" in out
     assert "[rank 0] RankExitedError: rank 1 exited without reaching this sync point" in out
 

@@ -57,7 +57,7 @@ def _assert_fail(text: str, out: Path) -> None:
     found = re.search(
         r"^\[rank 1/2\] PeerFailedError after ([\d.]+)s: rank 0 raised ConnectionError: "
         r"HTTP 503 from the dataset mirror \(seen by rank 1 at main_first '[\w.<>]+\.download' "
-        r"\(call 1, framework_checks\.py:\d+\)\)",
+        r"\(call 1, framework_checks\.py:\d+, called from framework_checks\.py:\d+\)\)",
         text,
         re.M,
     )

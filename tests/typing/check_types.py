@@ -3,7 +3,7 @@ checker sees through each decorator."""
 
 from __future__ import annotations
 
-from typing import assert_type
+from typing import Never, assert_type
 
 import syncdeco as sd
 from syncdeco.testing import Outcome, run_ranks
@@ -103,6 +103,11 @@ with sd.main_first(local=True):
     pass
 with sd.barrier_after(every=2):
     pass
+assert_type(sd.main_first(local=True), sd.MainFirst)
+assert_type(sd.barrier_after(every=2), sd.BarrierAfter)
+assert_type(sd.on_main_only(), sd.OnMainOnly[None])
+assert_type(sd.on_main_only(default=0), sd.OnMainOnly[int])
+assert_type(sd.on_main_only(broadcast=True), sd.OnMainOnly[Never])
 assert_type(sd.rank(), int)
 assert_type(sd.is_main(local=True), bool)
 assert_type(sd.get_backend(), sd.Backend)
