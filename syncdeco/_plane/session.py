@@ -290,17 +290,22 @@ class Session:
         ``losses`` already noted in :attr:`deaths`; not called once this
         rank has said it is leaving, or at interpreter exit.
 
-        Inside a sync point the others are told at once (:meth:`tell`);
-        outside one, at this rank's next sync point (``TorchBackend.sync``):
-        never from a rank that is not using the store (at the end of a job
-        whose store host has gone, that would make the store client log)."""
+        Inside a sync point the others are told at once (:meth:`tell`).
+        Outside one, fail-fast (on by default) ends this rank (see
+        ``failfast``); with it off, the others are told at this rank's next
+        sync point (``TorchBackend.sync``): never from a rank that is not
+        using the store (at the end of a job whose store host has gone, that
+        would make the store client log)."""
         if in_sync_point:
             self.tell()
             return
         # Elsewhere (its own collective, computing, loading data): with
-        # fail-fast on, end this rank (see failfast).
-        here = [failure for failure, elsewhere in losses if elsewhere is None]
-        there = [failure for failure, elsewhere in losses if elsewhere is not None]
+        # fail-fast on, end this rank (see failfast); but not for a rank whose
+        # end a sync point has already raised here (the others told it first,
+        # and the program has had its say).
+        known = self.exchange.gone
+        here = [f for f, elsewhere in losses if elsewhere is None and f.rank not in known]
+        there = [f for f, elsewhere in losses if elsewhere is not None and f.rank not in known]
         for failure in here:
             failfast.peer_ended(failure.rank, self.tell)
         if there:
