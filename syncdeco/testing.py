@@ -213,7 +213,7 @@ def _child(
     import torch.distributed as dist
 
     from ._plane import failfast
-    from ._plane.group import announce_exit
+    from ._plane.group import SESSIONS, announce_exit
 
     # Its own process group, so that the parent can kill whatever it starts.
     os.setsid()
@@ -251,6 +251,9 @@ def _child(
         conn.send_bytes(_dumps(out))
     finally:
         if dist.is_initialized():
+            # As at interpreter exit: the group a first sync point made is
+            # up on every rank before this one closes its side of it.
+            SESSIONS.await_group()
             dist.destroy_process_group()
         conn.close()
 

@@ -111,6 +111,12 @@ class Sessions:
         if self.latest is not None:
             self.latest.end_responders()
 
+    def await_group(self) -> None:
+        """At interpreter exit, first: wait for the others to have up the
+        group this rank's first sync point made (see ``Session.await_group``)."""
+        if self.latest is not None and not self.forked_child:
+            self.latest.await_group()
+
     def forget_in_child(self) -> None:
         """In a forked child (notebook_launcher, multiprocessing): it gets
         its own variables, and is no member of the parent's group or
@@ -231,6 +237,7 @@ def _make_group(ref: weakref.ref[Session], job: startup.JobStore, backend: str) 
         dist.init_process_group(
             backend, store=job.group_store(), rank=exchange.rank, world_size=exchange.world_size
         )
+        made.made_group()
     group = dist.distributed_c10d._get_default_group()
     with SESSIONS.lock:
         SESSIONS.current = (weakref.ref(group), made)
@@ -327,11 +334,13 @@ def announce_exit(exc: BaseException | None, *, at_exit: bool = False) -> None:
         pass  # exiting anyway: the others fall back on their timeout
 
 
-# At interpreter exit (atexit runs the last registered first): the store's
-# host ends the others' responders, then every session's watch threads end,
+# At interpreter exit (atexit runs the last registered first): a rank waits
+# for the others to have the group up that its first sync point made, the
+# store's host ends the others' responders, then every session's watch threads end,
 # then syncdeco's exit notice runs (registered when syncdeco is imported).
 atexit.register(SESSIONS.stop)
 atexit.register(SESSIONS.end_responders)
+atexit.register(SESSIONS.await_group)
 
 
 def exit_notice() -> None:

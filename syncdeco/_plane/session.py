@@ -31,6 +31,7 @@ import functools
 import logging
 import pickle
 import threading
+import time
 import weakref
 from collections.abc import Mapping
 from datetime import timedelta
@@ -58,6 +59,7 @@ Loss = tuple[Failure, tuple[int, ...] | None]
 _WATCH_TIMEOUT: Final = 60.0  # seconds a look at the leases may take (it never waits)
 _FIND_FIRST: Final = 0.01  # seconds between the first looks for the node's ranks
 _FIND_MOST: Final = 5.0  # ... and the longest, while some have not started yet
+_GROUP_WAIT: Final = 5.0  # seconds a rank's exit waits for the others' group to be up
 _JOIN: Final = 2.0  # seconds stop() waits for a thread to leave its store call
 
 
@@ -73,6 +75,7 @@ class Session:
         "env",
         "exchange",
         "finder",
+        "group_up",
         "hosts_store",
         "look",
         "looking",
@@ -108,6 +111,9 @@ class Session:
         # or when the session stops.  ``looking``: while the finder runs.
         self.look = threading.Event()
         self.looking = False
+        # The key each rank adds to once the group this session's first sync
+        # point made is up here (None: the session made no group).
+        self.group_up: str | None = None
         self.responder: StackResponder | None = None
         self.death_watch: DeathWatch | None = None  # the processes of this node's other ranks
         self.finder: threading.Thread | None = None  # ... looked for by this thread
@@ -269,6 +275,35 @@ class Session:
             return
         self.node_watch = watch
         watch.start()
+
+    # -- the group this session made ----------------------------------------------
+
+    def made_group(self) -> None:
+        """The default group, made at this session's first sync point, is
+        up on this rank: say so (one request, once per job)."""
+        made = self.exchange
+        self.group_up = f"{made.prefix}/group_up"
+        made.store.add(self.group_up, 1)
+
+    def await_group(self) -> None:
+        """At interpreter exit, on a rank whose first sync point made the
+        group: wait until every rank has it up (:data:`_GROUP_WAIT` at most).
+        Gloo connects a pair of ranks one side before the other: a rank that
+        exits at once (a program with one sync point) would close its side
+        while the other still reads it ("Connection closed by peer")."""
+        made = self.exchange
+        if self.group_up is None or made.world_size < 2:
+            return
+        deadline = time.monotonic() + _GROUP_WAIT
+        pause = _FIND_FIRST
+        try:
+            while int(made.spare.add(self.group_up, 0)) < made.world_size:
+                if time.monotonic() >= deadline:
+                    return
+                time.sleep(pause)
+                pause = min(2 * pause, 0.2)
+        except Exception as exc:  # the store has gone: nothing to wait for
+            _log.debug("rank %d did not wait for the group: %r", made.rank, exc)
 
     # -- ranks seen to end -----------------------------------------------------
 
