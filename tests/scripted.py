@@ -11,6 +11,7 @@ import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zygote
@@ -78,11 +79,7 @@ def run_forked(
     except subprocess.TimeoutExpired:
         pytest.fail(f"{args} did not finish within {timeout}s")
     finally:
-        try:  # nothing is left behind, even a process it started
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        kill_all([proc])  # nothing is left behind, even a process it started
     text = out.decode(errors="replace")
     assert proc.returncode == 0, text
     return text
@@ -134,12 +131,7 @@ def run_forked_ranks(
                 pytest.fail(f"{args} on {nproc} ranks did not finish within {timeout}s")
             outputs.append(out.decode(errors="replace"))
     finally:
-        for proc in procs:  # each rank is its own session: kill it with what it started
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
+        kill_all(procs)  # each rank is its own session: killed with what it started
         del store
     text = "".join(outputs)
     assert [proc.returncode for proc in procs] == [0] * nproc, text
@@ -197,7 +189,7 @@ def read_until(
     return lines
 
 
-def kill_all(procs: Sequence[subprocess.Popen]) -> None:
+def kill_all(procs: Sequence[subprocess.Popen[Any] | zygote.Forked]) -> None:
     """Kill each of ``procs`` with every process of its session, and reap it."""
     for proc in procs:
         try:
@@ -205,5 +197,6 @@ def kill_all(procs: Sequence[subprocess.Popen]) -> None:
         except ProcessLookupError:
             pass
         proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+        stdout = getattr(proc, "stdout", None)  # a zygote.Forked reads its own output
+        if stdout is not None:
+            stdout.close()

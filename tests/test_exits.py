@@ -21,7 +21,6 @@ from __future__ import annotations
 import atexit
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 import zygote
+from scripted import kill_all
 
 import syncdeco as sd
 from syncdeco.testing import launcher_env, run_ranks
@@ -92,12 +92,7 @@ def _run(
     except subprocess.TimeoutExpired:
         pytest.fail(f"{scenario}: ranks did not finish within {BOUND}s: {outputs}")
     finally:
-        for proc in procs:  # each rank is its own session: kill it with what it started
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
+        kill_all(procs)  # each rank is its own session: killed with what it started
     return outputs
 
 
