@@ -1,12 +1,17 @@
 """The examples run as their docstrings say, on the Null backend and on Gloo
 ranks under torchrun, and do what they claim.
 
-Under torchrun every rank is a fresh interpreter (but the resumed job of
-ddp_checkpoint.py, whose ranks are forked as below).  On the Null backend
-(``python examples/NAME.py``) the quickstart starts a fresh interpreter;
-the other examples' runs are forked from a zygote that has imported torch
-and syncdeco (``zygote.py``), which runs the script as ``__main__`` with the
-same arguments, environment and way of ending, two seconds of CPU cheaper."""
+The quickstart runs under torchrun itself, as the README says (4 ranks);
+each rank is a fresh interpreter.  The other examples' ranks are forked from
+a zygote that has imported torch and syncdeco (``zygote.py``), with the
+variables torchrun gives them and a store hosted as torchrun's agent hosts
+it (``run_forked_ranks``): what they show is the example's behaviour, not
+the start of a torchrun job (tested with torchrun in test_startup.py and
+test_torchrun.py), and each rank is two seconds of CPU cheaper.  On the Null
+backend (``python examples/NAME.py``) the quickstart starts a fresh
+interpreter; the other examples' runs are forked from the zygote too, which
+runs the script as ``__main__`` with the same arguments, environment and way
+of ending."""
 
 from __future__ import annotations
 
@@ -38,6 +43,14 @@ def _torchrun(
         tmp_path,
         env,
     )  # fmt: skip
+
+
+def _ranks(
+    ranks: int, script: str, tmp_path: Path, *args: str, env: dict[str, str] | None = None
+) -> str:
+    """``torchrun --standalone --nproc-per-node RANKS examples/SCRIPT ARGS...``,
+    each rank forked from the zygote (``run_forked_ranks``)."""
+    return run_forked_ranks([str(EXAMPLES / script), *args], ranks, tmp_path, env)
 
 
 def _python(script: str, tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> str:
@@ -73,7 +86,7 @@ def test_quickstart_on_four_gloo_ranks(tmp_path: Path) -> None:
 
 
 def test_when_things_go_wrong_on_two_gloo_ranks(tmp_path: Path) -> None:
-    out = _torchrun(2, "when_things_go_wrong.py", tmp_path)
+    out = _ranks(2, "when_things_go_wrong.py", tmp_path)
     # docs/errors.md shows what it prints, line for line
     docs_output.check("examples/when_things_go_wrong.py", out)
     assert "[rank 1] PeerFailedError: rank 0 raised ConnectionError: HTTP 503" in out
@@ -105,7 +118,7 @@ CACHE_FILE = r"(cache-[0-9a-f]+\.arrow)"
 def test_datasets_main_first_tokenizes_once_on_gloo_ranks(tmp_path: Path) -> None:
     pytest.importorskip("datasets", reason="datasets is in the examples extra")
     data, env = tmp_path / "data", _hf_env(tmp_path)
-    out = _torchrun(3, "datasets_main_first.py", tmp_path, "--dir", str(data), env=env)
+    out = _ranks(3, "datasets_main_first.py", tmp_path, "--dir", str(data), env=env)
     # Rank 0 ran tokenize and wrote the map() cache; ranks 1 and 2 loaded that
     # very file (it existed before their map() ran) and tokenized nothing:
     # their rows say rank 0 made them.
@@ -156,12 +169,11 @@ def test_ddp_checkpoint_resumes_on_two_gloo_ranks(tmp_path: Path) -> None:
     import torch
 
     ckpt = tmp_path / "ckpt"
-    # The first run also writes the trace that the next test reads (one
-    # torchrun job less: each starts three processes that import torch); the
-    # second runs without one.
+    # The first run also writes the trace that _check_trace reads (one job
+    # less); the second runs without one.
     trace = tmp_path / "trace.json"
     args = ("--dir", str(ckpt), "--steps", "20", "--trace", str(trace))
-    out = _torchrun(2, "ddp_checkpoint.py", tmp_path, *args)
+    out = _ranks(2, "ddp_checkpoint.py", tmp_path, *args)
     assert _saved_steps(out, 2) == [10, 20]
     assert not _said(out, 1, 2, "saved checkpoint.*")  # only the main rank saves
     for rank in (0, 1):
@@ -172,10 +184,8 @@ def test_ddp_checkpoint_resumes_on_two_gloo_ranks(tmp_path: Path) -> None:
     assert first[0] == first[1]  # DDP kept the ranks' models identical
     assert torch.load(ckpt / "checkpoint.pt", weights_only=True)["step"] == 20
 
-    # The resumed job's two ranks are forked from the zygote, with torchrun's
-    # variables and an agent's store (the job above started as torchrun starts it).
-    args = ("--dir", str(ckpt), "--steps", "40")
-    out = run_forked_ranks([str(EXAMPLES / "ddp_checkpoint.py"), *args], 2, tmp_path)
+    # A new job resumes from the checkpoint.
+    out = _ranks(2, "ddp_checkpoint.py", tmp_path, "--dir", str(ckpt), "--steps", "40")
     for rank in (0, 1):
         # Both ranks loaded the checkpoint: their parameters are those run 1 ended with.
         _said_once(out, rank, 2, f"resumed from step 20, params {first[0]}")
@@ -241,7 +251,7 @@ EMBEDDING = r"embedding Tensor \((?P<rows>\d+), 16\) torch\.float32, checksum (?
 
 
 def test_vocab_broadcast_on_two_gloo_ranks(tmp_path: Path) -> None:
-    out = _torchrun(2, "vocab_broadcast.py", tmp_path, "--dir", str(tmp_path / "vocab"))
+    out = _ranks(2, "vocab_broadcast.py", tmp_path, "--dir", str(tmp_path / "vocab"))
     built = _said_once(out, 0, 2, r"built a vocabulary of (\d+) words from \d+ in corpus\.txt")
     assert "built a vocabulary" not in out.replace(built[0], "")  # rank 0 alone built it
     held = [_said_once(out, rank, 2, rf"vocab of (\d+) words, {EMBEDDING}") for rank in (0, 1)]
