@@ -2,7 +2,15 @@
 Hugging Face Accelerate (``PartialState``) under torchrun, and Lightning
 Fabric, both with its own launcher (a plain ``python script.py``: Fabric starts
 rank 1 by running the script again) and under torchrun.  Real Gloo ranks; the
-scripts are in tests/scripts/ and print ``[rank R/W] ...`` lines."""
+scripts are in tests/scripts/ and print ``[rank R/W] ...`` lines.
+
+Under torchrun the ranks are forked from the zygote (``zygote.py``, torch
+imported once) with the variables torchrun gives them and a store hosted as
+torchrun's agent hosts it (``run_forked_ranks``): the frameworks read those
+variables and make their group from them as under torchrun itself; the start
+of a real torchrun job is tested in test_startup.py and test_torchrun.py.
+Fabric's own launcher runs as a user runs it: ``python script.py``, a fresh
+interpreter, which starts rank 1 as another."""
 
 from __future__ import annotations
 
@@ -12,14 +20,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from scripted import run_script
+from scripted import run_forked_ranks, run_script
 
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 
 
-def _run(args: list[str], tmp_path: Path) -> str:
-    return run_script(args, tmp_path)
+def _torchrun(script: list[str], tmp_path: Path) -> str:
+    """``torchrun --standalone --nproc-per-node 2 SCRIPT...``, the ranks forked."""
+    return run_forked_ranks(script, 2, tmp_path)
 
 
 @pytest.fixture
@@ -91,7 +99,7 @@ def _assert_modes(text: str, out: Path, modes: str) -> None:
 def test_accelerate_partial_state(out: Path, tmp_path: Path) -> None:
     pytest.importorskip("accelerate")
     modes = "fail,ok"
-    text = _run([*TORCHRUN, str(SCRIPTS / "accelerate_ranks.py"), str(out), modes], tmp_path)
+    text = _torchrun([str(SCRIPTS / "accelerate_ranks.py"), str(out), modes], tmp_path)
     for rank in (0, 1):
         assert (
             f"[rank {rank}/2] accelerate process_index={rank} num_processes=2 "
@@ -109,8 +117,10 @@ def test_accelerate_partial_state(out: Path, tmp_path: Path) -> None:
 def test_lightning_fabric(launcher: str, modes: str, out: Path, tmp_path: Path) -> None:
     pytest.importorskip("lightning_fabric")
     script = [str(SCRIPTS / "fabric_ranks.py"), str(out), modes]
-    args = [sys.executable, *script] if launcher == "fabric" else [*TORCHRUN, *script]
-    text = _run(args, tmp_path)
+    if launcher == "fabric":
+        text = run_script([sys.executable, *script], tmp_path)
+    else:
+        text = _torchrun(script, tmp_path)
     environment = "LightningEnvironment" if launcher == "fabric" else "TorchElasticEnvironment"
     for rank in (0, 1):
         assert (
