@@ -1,7 +1,7 @@
 """The sync plane at scale: simulated ranks against a real TCPStore.
 
     python benchmarks/scale.py            # 16, 128, 1024 and 4096 ranks (3 minutes on 2 cores)
-    python benchmarks/scale.py --smoke    # 16 ranks, 2 sync points a design (seconds)
+    python benchmarks/scale.py --smoke    # 16 ranks in one worker, 2 sync points a design (seconds)
 
 Each simulated rank is a thread with its own TCPStore client connection and
 its own ``syncdeco._plane.exchange.Exchange`` (the product code, not a copy),
@@ -780,7 +780,7 @@ def main(argv: Iterable[str] | None = None) -> int:
         plan = [p for p in PLAN + SMOKE_PLAN if p[0] in wanted][: len(wanted)]
     sizes = [p[0] for p in plan]
     cores = os.cpu_count() or 1
-    procs = args.procs or (2 if args.smoke else min(8, max(2, 2 * cores)))
+    procs = args.procs or (1 if args.smoke else min(8, max(2, 2 * cores)))
     window = 1.0 if args.smoke else WAIT_WINDOW
     _raise_nofile()
     # Each new connection's failed reverse lookup of 127.0.0.1 logs a warning;

@@ -1,4 +1,4 @@
-"""The scale benchmark's smoke run: 16 simulated ranks, the three designs,
+"""The scale benchmark's smoke run: 16 simulated ranks in one worker process, the three designs,
 to show the command works end to end.  It asserts no speed."""
 
 from __future__ import annotations
