@@ -18,7 +18,7 @@ from pathlib import Path
 import docs_output
 import pytest
 import torch.distributed as dist
-from scripted import LAUNCHER_VARIABLES, start_script
+from scripted import LAUNCHER_VARIABLES, run_forked, start_script
 
 from syncdeco.__main__ import main
 from syncdeco._jobs import local_jobs
@@ -414,19 +414,11 @@ def test_a_responder_reads_the_sync_point_its_exchange_is_in_or_last_passed() ->
     assert sync_state(lambda: None) is None  # its exchange is gone
 
 
-def test_the_where_benchmark_runs() -> None:
+def test_the_where_benchmark_runs(tmp_path: Path) -> None:
+    # forked from the zygote (torch imported once), as `python benchmarks/where.py --smoke`
     bench = ROOT / "benchmarks" / "where.py"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(
-        [sys.executable, str(bench), "--smoke"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    (row,) = [ln.split() for ln in done.stdout.splitlines() if ln.split()[:1] == ["16"]]
+    out = run_forked([str(bench), "--smoke"], tmp_path, {"PYTHONPATH": str(ROOT)}, timeout=300)
+    (row,) = [ln.split() for ln in out.splitlines() if ln.split()[:1] == ["16"]]
     # requests per query: the asker's (one a rank and a few), the responders'
     # (7 a rank, some of which may come after the count is read)
-    assert int(row[-3]) > 16 and 5 * 16 <= int(row[-2]) <= 7 * 16, done.stdout
+    assert int(row[-3]) > 16 and 5 * 16 <= int(row[-2]) <= 7 * 16, out
