@@ -6,34 +6,21 @@ PASS, FAIL and SKIP lines as its docstring says."""
 from __future__ import annotations
 
 import importlib.util
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from scripted import run_forked
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
 CHECKS = ("nccl-group", "local-rank-device", "nccl-wire", "gloo-cuda-broadcast", "nccl-broadcast")
 
 
-def run_script(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the script and the ranks it started
-        out, err = proc.communicate()
-        pytest.fail(f"gpu_check.py {' '.join(args)} still running after {timeout} s:\n{out}{err}")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+def run_script(*args: str, tmp_path: Path, timeout: float) -> str:
+    """``python benchmarks/gpu_check.py ARGS...``, forked from the zygote
+    (``zygote.py``: torch imported once); its output, stdout and stderr
+    together.  Fails the test if it exits non-zero or runs past ``timeout``."""
+    return run_forked([str(SCRIPT), *args], tmp_path, timeout=timeout)
 
 
 def load() -> ModuleType:
@@ -54,27 +41,25 @@ def lines(stdout: str) -> dict[str, str]:
     return found
 
 
-def test_without_a_gpu_every_check_is_skipped() -> None:
+def test_without_a_gpu_every_check_is_skipped(tmp_path: Path) -> None:
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: run benchmarks/gpu_check.py itself")
-    result = run_script(timeout=120)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert lines(result.stdout) == dict.fromkeys(CHECKS, "SKIP")
-    assert result.stdout.count("no GPU (torch.cuda.is_available() is False") == len(CHECKS)
-    assert "every check SKIPPED (no GPU)" in result.stdout
+    out = run_script(tmp_path=tmp_path, timeout=120)
+    assert lines(out) == dict.fromkeys(CHECKS, "SKIP"), out
+    assert out.count("no GPU (torch.cuda.is_available() is False") == len(CHECKS), out
+    assert "every check SKIPPED (no GPU)" in out
 
 
-def test_the_rehearsal_runs_every_check_but_nccl_on_real_ranks() -> None:
+def test_the_rehearsal_runs_every_check_but_nccl_on_real_ranks(tmp_path: Path) -> None:
     # It checks the script (ranks, reports, comparisons, timings), not CUDA.
-    result = run_script("--rehearse", timeout=240)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "REHEARSAL on the CPU" in result.stdout
-    assert lines(result.stdout) == {**dict.fromkeys(CHECKS[:4], "PASS"), CHECKS[4]: "SKIP"}
-    assert "rank 1: rank 1 on cpu (member, received)" in result.stdout
-    assert "on_main_only(broadcast=True) -> 1 MiB CPU tensor: rank 0: " in result.stdout
-    assert "no check failed" in result.stdout
+    out = run_script("--rehearse", tmp_path=tmp_path, timeout=240)
+    assert "REHEARSAL on the CPU" in out
+    assert lines(out) == {**dict.fromkeys(CHECKS[:4], "PASS"), CHECKS[4]: "SKIP"}, out
+    assert "rank 1: rank 1 on cpu (member, received)" in out
+    assert "on_main_only(broadcast=True) -> 1 MiB CPU tensor: rank 0: " in out
+    assert "no check failed" in out
 
 
 def pass_line(check: str, rank: int) -> str:
