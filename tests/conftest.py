@@ -32,6 +32,9 @@ LONG: dict[str, float] = {
     "tests/test_examples.py::test_ddp_checkpoint": 18,
     "tests/test_where.py::test_where_shows_each_rank_of_a_hung_torchrun_job": 14,
     "tests/test_startup.py::test_a_restarted_torchrun_job_does_not_read_the_last_attempts": 9,
+    "tests/test_share.py::test_a_result_too_large_for_dev_shm_reaches_every_rank": 13,
+    "tests/test_share.py::test_a_node_main_that_cannot_write_hands_on_through_the_store": 11,
+    "tests/test_exits.py::test_exit_before_a_local_sync_point_reaches_that_node_only": 8,
 }
 
 MIDDLE = 1.2  # seconds a test not in LONG takes, on average (rough)
