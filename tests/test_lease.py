@@ -106,3 +106,73 @@ def test_the_numbers_leave_room_for_the_false_alarms_and_the_bound():
     assert PERIOD + 6.2 < LOST_AFTER
     assert LOST_AFTER + LOOK <= 9.5
     assert LOOK < STALL
+
+
+# -- loss marks (a rank that ends through fail-fast marks the other nodes' leases) --------
+
+LOSS = b'{"how": "fail-fast", "ranks": [2], "host": "nodeC", "said": "was lost"}'
+
+
+def test_a_renewal_answers_with_a_mark_written_over_the_lease():
+    wrote = lease.alive(5, "nodeB", (1,))
+    assert lease.renewed(wrote, wrote) is None  # renewed: the store holds what it wrote
+    assert lease.renewed(wrote, lease.mark(LOSS)) == LOSS
+    assert lease.renewed(wrote, lease.alive(9, "nodeB", (1,))) is None  # overwritten next time
+    assert lease.read(lease.mark(LOSS)) is None  # a mark names no node
+    assert lease.running(wrote)
+    assert not lease.running(lease.mark(LOSS)) and not lease.running(lease.ended("b", (1,)))
+
+
+class _Store:
+    """compare_set as the job's store answers it (the value after it)."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, bytes] = {}
+
+    def compare_set(self, key: str, expected: bytes, desired: bytes) -> bytes:
+        if self.values.get(key) == expected:
+            self.values[key] = desired
+        return self.values[key]
+
+
+def _pulse(store: _Store, key: str, renewals: list[float], heard: list[tuple[float, bytes]]):
+    """A pulse's renewals as pulse._serve makes them, as a generator of times."""
+    wrote = lease.alive(0, "nodeB", (1,))
+    store.values[key] = wrote
+    for count, at in enumerate(renewals, 1):
+        yield at
+        value = lease.alive(count, "nodeB", (1,))
+        answer = store.compare_set(key, wrote, value)
+        loss = lease.renewed(value, answer)
+        if loss is not None:
+            heard.append((at, loss))
+            answer = store.compare_set(key, answer, value)
+        wrote = answer
+
+
+def test_a_pulse_hears_a_mark_within_a_renewal_and_writes_its_lease_back():
+    for marked_at in (0.1, 3.0, 4.49, 4.5, 7.2):
+        store, heard = _Store(), []
+        pulse = _pulse(store, "b", renewals(30), heard)
+        leases, lost = Leases(), []
+        now, next_renewal, marked = 0.0, next(pulse), False
+        while now <= 30:  # the watcher looks every LOOK; events between looks in time order
+            while next_renewal is not None and next_renewal <= now:
+                if not marked and marked_at <= next_renewal:
+                    store.values["b"], marked = lease.mark(LOSS), True
+                next_renewal = next(pulse, None)
+            if not marked and marked_at <= now:
+                store.values["b"], marked = lease.mark(LOSS), True
+            lost += leases.look(now, {"b": store.values["b"]})
+            now += LOOK / 4
+        ((at, loss),) = heard  # heard once, with the mark's loss
+        assert loss == LOSS and marked_at <= at < marked_at + PERIOD + 1e-9
+        assert lease.marked(store.values["b"]) is None  # written back
+        assert lost == []  # the mark, then the lease back: a node that renews is never lost
+
+
+def test_a_mark_left_standing_by_a_lost_node_is_judged_like_its_lease():
+    leases = Leases()
+    values = [lease.alive(1, "nodeC", (2,))] * 3 + [lease.mark(LOSS)] * 20
+    lost = [now for now, v in enumerate(values) if leases.look(float(now), {"c": v})]
+    assert lost and lost[0] == 3 + LOST_AFTER

@@ -106,6 +106,12 @@ class NodeWatch:
                     return ranks if late else ()
         return ()
 
+    def over(self) -> set[str]:
+        """The nodes reported (lost, or their ranks all ended): no mark
+        goes to them (see ``pulse.mark_all``)."""
+        with self._lock:
+            return set(self._state.over)
+
     # In the watcher's thread:
 
     def _look(self) -> bool:
@@ -129,6 +135,9 @@ class NodeWatch:
         with self._lock:
             for node, value in zip(nodes, values, strict=True):
                 reading = lease.read(value)
+                if reading is None:  # a loss mark: the node's pulse writes its lease back
+                    running[node] = value
+                    continue
                 state.ranks[node] = (reading.host, reading.ranks)
                 if reading.ended:
                     state.over.add(node)
@@ -138,11 +147,11 @@ class NodeWatch:
                 else:
                     running[node] = value
             for node in state.leases.look(now, running):
-                reading = lease.read(running[node])
+                host, ranks = state.ranks.get(node, ("", ()))
                 state.over.add(node)
                 state.lost.add(node)
-                _log.debug("syncdeco: node %s (%s) lost", node, reading.host)
-                failures += [lost_failure(r, reading.host, reading.ranks) for r in reading.ranks]
+                _log.debug("syncdeco: node %s (%s) lost", node, host)
+                failures += [lost_failure(r, host, ranks) for r in ranks]
         if failures:
             self._report(failures)
         return True

@@ -7,7 +7,12 @@ The main rank of each node of a job that spans several starts one
   with the keepalive of ``keepalive.py``, so it ends soon after the store's
   host is lost;
 * renews the node's lease every :data:`lease.PERIOD` seconds: a count that
-  moves, the host name and the node's ranks;
+  moves, the host name and the node's ranks; with a ``compare_set`` from
+  the value it last wrote, so that a loss mark written over the lease
+  (:func:`mark_all`, by a rank that ends through fail-fast on another node)
+  comes back in the answer: the pulse passes it to its main on a pipe of
+  their own (the main ends, and its node's other ranks end after it, see
+  ``failfast``), and writes its lease back at once;
 * watches the processes of the node's ranks through their pidfds (the main
   hands it each rank's pid on its standard input as it learns them), and
   once they have all ended, leaves the lease saying so and exits: at the
@@ -20,7 +25,10 @@ does, or the end of every rank it serves.  It is forked from the node's
 main, so it costs no second import of torch.
 
 Costs: one store request per renewal (2/3 of a request per node and second)
-and one Python process per node.
+and one Python process per node.  A mark costs nothing while no loss
+happens; at a loss, the rank that marks sends three requests (the list of
+nodes, their leases, the marks), and each marked pulse one more (its lease
+written back).
 """
 
 from __future__ import annotations
@@ -28,15 +36,19 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import timedelta
 from typing import IO, Any, Final
 
-__all__ = ["Pulse", "lease_key", "start"]
+from . import lease
+
+__all__ = ["Pulse", "lease_key", "linger", "mark_all", "start"]
 
 LIST: Final = "pulses"  # the key listing every node that has a pulse: "node main-rank" lines
 CONNECT_TIMEOUT: Final = 30.0  # seconds the pulse tries to reach the job's store
 _ATTEMPT: Final = 1.0  # seconds of one try (between them, it looks whether its main lives)
+_LINGER_LOOK: Final = 0.1  # seconds between two looks for marks not read yet
 
 
 def lease_key(node: str) -> str:
@@ -46,11 +58,12 @@ def lease_key(node: str) -> str:
 class Pulse:
     """The handle a node's main keeps on its node's pulse."""
 
-    __slots__ = ("_lock", "_pipe", "_sent", "pid")
+    __slots__ = ("_lock", "_news", "_pipe", "_sent", "pid")
 
-    def __init__(self, pid: int, pipe: IO[bytes]) -> None:
+    def __init__(self, pid: int, pipe: IO[bytes], news: IO[bytes]) -> None:
         self.pid = pid
         self._pipe = pipe
+        self._news = news
         self._lock = threading.Lock()
         self._sent: set[int] = set()
 
@@ -72,6 +85,15 @@ class Pulse:
         with self._lock, contextlib.suppress(OSError):
             self._pipe.close()
 
+    def hear(self, told: Callable[[bytes], None]) -> None:
+        """Pass each loss the pulse found marked on its lease to ``told``
+        (the fail-fast note, JSON), until the pulse ends; in a thread of
+        its own, blocked in a read."""
+        with contextlib.suppress(OSError, ValueError):
+            for line in self._news:
+                if line.strip():
+                    told(line.strip())
+
 
 def start(store_host: str, store_port: int, namespace: str, node: str, rank: int) -> Pulse:
     """Start this node's pulse, serving this process as ``rank`` (the node's
@@ -83,18 +105,20 @@ def start(store_host: str, store_port: int, namespace: str, node: str, rank: int
     the main's connections close when the main ends), and it leaves with
     ``os._exit``: none of the main's exit handlers run there."""
     read, write = os.pipe()
+    news, tell = os.pipe()  # the other way: the losses the pulse finds marked
     pid = os.fork()
     if pid == 0:  # the pulse
         code = 1
         try:
-            _only(read)
+            _only(read, tell)
             argv = [store_host, str(store_port), namespace, node, str(rank), str(os.getppid())]
-            code = _serve(argv, os.fdopen(read, "rb"))
+            code = _serve(argv, os.fdopen(read, "rb"), tell)
         finally:
             os._exit(code)
     os.close(read)
+    os.close(tell)
     threading.Thread(target=_reap, args=(pid,), name="syncdeco-pulse-reap", daemon=True).start()
-    return Pulse(pid, os.fdopen(write, "wb"))
+    return Pulse(pid, os.fdopen(write, "wb"), os.fdopen(news, "rb"))
 
 
 def _reap(pid: int) -> None:
@@ -102,15 +126,52 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, 0)
 
 
-def _only(keep: int) -> None:
-    """Close every descriptor but ``keep``; standard output and error go
+def mark_all(store: Any, skip: Collection[str], loss: bytes) -> list[str]:
+    """Mark every running node's lease but ``skip``'s with ``loss`` (a
+    fail-fast note, JSON), over ``store`` (the pulses' namespace): three
+    requests whatever the number of nodes.  Returns the nodes marked."""
+    nodes = [n for n in _listed(store) if n not in skip]
+    if not nodes:
+        return []
+    keys = [lease_key(n) for n in nodes]
+    values = [bytes(v) for v in store.multi_get(keys)]
+    marked = [k for k, v in zip(keys, values, strict=True) if lease.running(v)]
+    if marked:
+        store.multi_set(marked, [lease.mark(loss)] * len(marked))
+    return [n for n, k in zip(nodes, keys, strict=True) if k in marked]
+
+
+def linger(store: Any, skip: Collection[str], seconds: float) -> bool:
+    """Wait (``seconds`` at most) until no lease but ``skip``'s holds a loss
+    mark: each marked node's pulse has read its mark.  For the process that
+    hosts the job's store, before it ends with its store.  False if some
+    mark was still unread at the end."""
+    deadline = time.monotonic() + seconds
+    while True:
+        nodes = [n for n in _listed(store) if n not in skip]
+        values = [bytes(v) for v in store.multi_get([lease_key(n) for n in nodes])] if nodes else []
+        if not any(lease.marked(v) is not None for v in values):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(_LINGER_LOOK)
+
+
+def _listed(store: Any) -> list[str]:
+    """The nodes that have a pulse (and so a lease), one request that never waits."""
+    listing = bytes(store.compare_set(LIST, "", "")).decode()
+    return list(dict.fromkeys(entry.rsplit(" ", 1)[0] for entry in listing.split("\n") if entry))
+
+
+def _only(*keep: int) -> None:
+    """Close every descriptor but ``keep``'s; standard output and error go
     to /dev/null (torch's client logs there; the pulse has nothing to say)."""
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(null, fd)
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
-        if fd > 2 and fd != keep:
+        if fd > 2 and fd not in keep:
             with contextlib.suppress(OSError):
                 os.close(fd)
 
@@ -118,14 +179,13 @@ def _only(keep: int) -> None:
 # -- in the pulse's own process ------------------------------------------------------
 
 
-def _serve(argv: Sequence[str], stdin: IO[bytes]) -> int:
+def _serve(argv: Sequence[str], stdin: IO[bytes], tell: int) -> int:
     import select
     import socket
-    import time
 
     import torch.distributed as dist
 
-    from . import keepalive, lease
+    from . import keepalive
     from .deathwatch import DeathWatch
 
     host, port, namespace, node, main, parent = argv
@@ -185,7 +245,8 @@ def _serve(argv: Sequence[str], stdin: IO[bytes]) -> int:
     threading.Thread(target=read_stdin, name="syncdeco-pulse-stdin", daemon=True).start()
     count = 0
     try:
-        store.set(key, lease.alive(count, name, ranks))
+        wrote = lease.alive(count, name, ranks)
+        store.set(key, wrote)
         store.append(LIST, f"{node} {main_rank}\n")
         while True:
             changed.wait(lease.PERIOD)
@@ -196,7 +257,14 @@ def _serve(argv: Sequence[str], stdin: IO[bytes]) -> int:
                 store.set(key, lease.ended(name, served))
                 return 0
             count += 1
-            store.set(key, lease.alive(count, name, served))
+            value = lease.alive(count, name, served)
+            answer = bytes(store.compare_set(key, wrote, value))  # no extra request for a mark
+            loss = lease.renewed(value, answer)
+            if loss is not None:
+                with contextlib.suppress(OSError):  # the main has ended: its ranks' watch tells
+                    os.write(tell, loss + b"\n")
+                answer = bytes(store.compare_set(key, answer, value))  # the lease, back at once
+            wrote = answer  # what stands there now (the next renewal overwrites anything else)
     except Exception:
         return 1  # the job's store is gone (its host lost, or the job over)
     finally:

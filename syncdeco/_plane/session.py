@@ -9,8 +9,9 @@ serves it from other threads or processes:
 * the death watch of this node's other ranks (see ``deathwatch``), fed by a
   finder thread that looks for them as each says where it lives;
 * on a node's main, in a job that spans several nodes: the node's pulse
-  (a forked process, see ``pulse``) and the watch of the other nodes'
-  leases (see ``nodewatch``);
+  (a forked process, see ``pulse``), a thread that hears from it the losses
+  marked on the node's lease, and the watch of the other nodes' leases
+  (see ``nodewatch``);
 * the store watch, an idle canary connection that notices the loss of the
   store's host (see ``keepalive``);
 * the ranks those watches see end or lost, reported once each
@@ -41,7 +42,7 @@ import torch.distributed as dist
 
 from .. import _startup as startup
 from .._backend import Failure
-from . import exits, failfast, pulse
+from . import exits, failfast, lease, pulse
 from .deathwatch import DeathWatch, identity, watchable
 from .exchange import Exchange, Place
 from .keepalive import StoreWatch, endpoint, keep_alive, underlying
@@ -168,6 +169,13 @@ class Session:
         self.finder.start()
         exits.note_uncaught()
         self._watch_nodes()
+        if self.pulse is not None:
+            threading.Thread(
+                target=_hear,
+                args=(weakref.ref(self), self.pulse),
+                name="syncdeco-pulse-news",
+                daemon=True,
+            ).start()
 
     def close(self) -> None:
         """Stop serving: another session replaces this one.  Never waits
@@ -342,11 +350,46 @@ class Session:
         here = [f for f, elsewhere in losses if elsewhere is None and f.rank not in known]
         there = [f for f, elsewhere in losses if elsewhere is not None and f.rank not in known]
         for failure in here:
-            failfast.peer_ended(failure.rank, self.tell)
+            failfast.peer_ended(failure.rank, self.spread)
         if there:
             made = self.exchange
             store = made.spare or made.store
-            failfast.nodes_lost(failfast.not_said(there, store, made.prefix), self.tell)
+            failfast.nodes_lost(failfast.not_said(there, store, made.prefix), self.spread)
+
+    def marked(self, note: bytes) -> None:
+        """In the pulse's news thread, on a node's main: the pulse found
+        this loss (a fail-fast note) marked on the node's lease.  A sync
+        point hears of it from the store; elsewhere, fail-fast ends this
+        rank, and its node's other ranks after it."""
+        made = self.exchange
+        if made.left or self.stopping.is_set() or made.waiting is not None or made.lock.locked():
+            return
+        failfast.told_by_pulse(note, self.spread)
+
+    def spread(self, note: bytes, *, report: bool, mark: bool) -> None:
+        """As this rank ends through fail-fast (``note``: its note): report
+        the ranks seen to end (``report``); in a job that spans several
+        nodes, mark every other running node's lease with the note
+        (``mark``, see ``pulse.mark_all``); and where this rank hosts the
+        job's store, wait until every mark is read (a renewal at most)."""
+        if report:
+            self.tell()
+        if not self._spans() or not (mark or self.hosts_store):
+            return
+        made = self.exchange
+        try:
+            raw = underlying(made.spare or made.store)
+            store = dist.PrefixStore(startup.namespace(self.env), raw)  # type: ignore[attr-defined]
+            skip = {made.place.node}
+            if self.node_watch is not None:
+                skip |= self.node_watch.over()
+            if mark:
+                marked = pulse.mark_all(store, skip, note)
+                _log.debug("rank %d marked the leases of %s", made.rank, marked)
+            if self.hosts_store and not pulse.linger(store, skip, lease.PERIOD + 1.0):
+                _log.debug("rank %d ends before every mark was read", made.rank)
+        except Exception as exc:
+            _log.debug("rank %d could not mark the other nodes' leases: %r", made.rank, exc)
 
     def store_lost(self, host: str) -> None:
         """In the store watch's thread: the job's store's host went silent.
@@ -426,6 +469,16 @@ def _lost(ref: weakref.ref[Session], failures: list[Failure]) -> None:
     session = ref()
     if session is not None:
         session.seen([(f, f.lost_ranks or (f.rank,)) for f in failures])
+
+
+def _hear(ref: weakref.ref[Session], handle: pulse.Pulse) -> None:
+    # The pulse's news thread, on a node's main (see Session.marked).
+    def told(note: bytes) -> None:
+        session = ref()
+        if session is not None:
+            session.marked(note)
+
+    handle.hear(told)
 
 
 def _find_node(ref: weakref.ref[Session], store: Any) -> None:
