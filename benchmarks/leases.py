@@ -5,13 +5,16 @@
 
 What syncdeco adds to the job's store while nothing happens (all ranks
 training between sync points, or all waiting): every node's pulse renews
-its lease (``syncdeco._plane.pulse``: a ``set`` every ``lease.PERIOD``
-seconds), and two watchers (``syncdeco._plane.nodewatch.NodeWatch``, the
-product's class, each with its own connection and thread) read every lease
-once a ``lease.LOOK``.  Here each pulse is a thread with a TCPStore
-connection of its own that renews as the pulse does (the same key and
-value, ``lease.alive``), against one real TCPStore server (libuv) in a
-process of its own, so that its CPU time can be read.
+its lease (``syncdeco._plane.pulse``: one request every ``lease.PERIOD``
+seconds, ``pulse.renew``, a ``compare_set`` whose answer also carries a
+loss mark, so that every node hears of a loss at no extra request; with
+``--set``, a plain ``set`` as before marks existed, to compare), and two
+watchers (``syncdeco._plane.nodewatch.NodeWatch``, the product's class,
+each with its own connection and thread) read every lease once a
+``lease.LOOK``.  Here each pulse is a thread with a TCPStore connection of
+its own that renews as the pulse does (the same key, value and call),
+against one real TCPStore server (libuv) in a process of its own, so that
+its CPU time can be read.
 
 It reports, over a window: the requests a second to the store (counted at
 the clients), per node, and the store server's CPU, in the same run as a
@@ -39,28 +42,35 @@ CONNECT = timedelta(seconds=120)
 NAMESPACE = "syncdeco-job/bench/"
 
 
-def _pulse(port: int, node: int, stop: threading.Event, counted: list[Counted]) -> None:
+def _pulse(
+    port: int, node: int, stop: threading.Event, counted: list[Counted], plain: bool
+) -> None:
     import torch.distributed as dist
 
     from syncdeco._plane import lease
-    from syncdeco._plane.pulse import LIST, lease_key
+    from syncdeco._plane.pulse import LIST, lease_key, renew
 
     tcp = dist.TCPStore("127.0.0.1", port, is_master=False, wait_for_workers=False, timeout=CONNECT)
     store = Counted(dist.PrefixStore(NAMESPACE, tcp))
     counted.append(store)
     name, ranks = f"n{node}", range(8 * node, 8 * node + 8)
-    store.set(lease_key(name), lease.alive(0, name, ranks))
+    wrote = lease.alive(0, name, ranks)
+    store.set(lease_key(name), wrote)
     store.append(LIST, f"{name} {8 * node}\n")
     count = 0
     while not stop.wait(lease.PERIOD):
         count += 1
-        store.set(lease_key(name), lease.alive(count, name, ranks))
+        if plain:
+            store.set(lease_key(name), lease.alive(count, name, ranks))
+        else:
+            wrote, _ = renew(store, lease_key(name), wrote, lease.alive(count, name, ranks))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", type=int, default=512, help="simulated nodes (8 ranks each)")
     parser.add_argument("--window", type=float, default=20.0, help="seconds measured")
+    parser.add_argument("--set", action="store_true", help="renew with a plain set (before)")
     args = parser.parse_args(argv)
     _raise_nofile()
     import torch.distributed as dist
@@ -82,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         stop = threading.Event()
         counted: list[Counted] = []
         threads = [
-            threading.Thread(target=_pulse, args=(port, n, stop, counted), daemon=True)
+            threading.Thread(target=_pulse, args=(port, n, stop, counted, args.set), daemon=True)
             for n in range(args.nodes)
         ]
         for t in threads:
@@ -125,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         here.send("stop")
         server.join(10)
     per_s = requests / took
-    print(f"{args.nodes} nodes ({8 * args.nodes} ranks), {took:.0f} s window")
+    how = "set" if args.set else "compare_set"
+    print(f"{args.nodes} nodes ({8 * args.nodes} ranks), {took:.0f} s window, renewals by {how}")
     print(f"  requests to the job's store: {per_s:.0f}/s, {per_s / args.nodes:.2f} per node and s")
     print(f"    of which the two watchers: {watched / took:.1f}/s")
     print(

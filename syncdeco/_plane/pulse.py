@@ -43,7 +43,7 @@ from typing import IO, Any, Final
 
 from . import lease
 
-__all__ = ["Pulse", "lease_key", "linger", "mark_all", "start"]
+__all__ = ["Pulse", "lease_key", "linger", "mark_all", "renew", "start"]
 
 LIST: Final = "pulses"  # the key listing every node that has a pulse: "node main-rank" lines
 CONNECT_TIMEOUT: Final = 30.0  # seconds the pulse tries to reach the job's store
@@ -124,6 +124,16 @@ def start(store_host: str, store_port: int, namespace: str, node: str, rank: int
 def _reap(pid: int) -> None:
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, 0)
+
+
+def renew(store: Any, key: str, wrote: bytes, value: bytes) -> tuple[bytes, bytes | None]:
+    """One renewal of the lease ``key`` to ``value``, where the pulse last
+    wrote ``wrote``: one ``compare_set``, whose answer carries a loss mark
+    written over the lease meanwhile.  Returns what stands there now (the
+    next renewal's ``wrote``: anything else is overwritten then) and the
+    loss marked, if any (then the lease was not renewed: renew again)."""
+    answer = bytes(store.compare_set(key, wrote, value))
+    return answer, lease.renewed(value, answer)
 
 
 def mark_all(store: Any, skip: Collection[str], loss: bytes) -> list[str]:
@@ -257,14 +267,11 @@ def _serve(argv: Sequence[str], stdin: IO[bytes], tell: int) -> int:
                 store.set(key, lease.ended(name, served))
                 return 0
             count += 1
-            value = lease.alive(count, name, served)
-            answer = bytes(store.compare_set(key, wrote, value))  # no extra request for a mark
-            loss = lease.renewed(value, answer)
+            wrote, loss = renew(store, key, wrote, lease.alive(count, name, served))
             if loss is not None:
                 with contextlib.suppress(OSError):  # the main has ended: its ranks' watch tells
                     os.write(tell, loss + b"\n")
-                answer = bytes(store.compare_set(key, answer, value))  # the lease, back at once
-            wrote = answer  # what stands there now (the next renewal overwrites anything else)
+                wrote, _ = renew(store, key, wrote, lease.alive(count, name, served))
     except Exception:
         return 1  # the job's store is gone (its host lost, or the job over)
     finally:

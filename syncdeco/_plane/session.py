@@ -370,11 +370,13 @@ class Session:
         """As this rank ends through fail-fast (``note``: its note): report
         the ranks seen to end (``report``); in a job that spans several
         nodes, mark every other running node's lease with the note
-        (``mark``, see ``pulse.mark_all``); and where this rank hosts the
-        job's store, wait until every mark is read (a renewal at most)."""
+        (``mark``, see ``pulse.mark_all``); and where the job's store ends
+        with this rank (see :meth:`_store_ends_here`), wait until every
+        mark is read (a renewal at most)."""
         if report:
             self.tell()
-        if not self._spans() or not (mark or self.hosts_store):
+        linger = self._store_ends_here()
+        if not self._spans() or not (mark or linger):
             return
         made = self.exchange
         try:
@@ -386,7 +388,7 @@ class Session:
             if mark:
                 marked = pulse.mark_all(store, skip, note)
                 _log.debug("rank %d marked the leases of %s", made.rank, marked)
-            if self.hosts_store and not pulse.linger(store, skip, lease.PERIOD + 1.0):
+            if linger and not pulse.linger(store, skip, lease.PERIOD + 1.0):
                 _log.debug("rank %d ends before every mark was read", made.rank)
         except Exception as exc:
             _log.debug("rank %d could not mark the other nodes' leases: %r", made.rank, exc)
@@ -401,6 +403,16 @@ class Session:
             return  # the sync point reports it
         agent = self.env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
         failfast.store_host_lost(host, () if agent else (0,))
+
+    def _store_ends_here(self) -> bool:
+        """Whether the job's store ends soon after this rank does: it hosts
+        the store, or, under torchrun, its node's agent does (the agent of
+        group rank 0), which ends its workers and itself, with its store,
+        once one fails and no restart is left."""
+        if self.hosts_store:
+            return True
+        env = self.env
+        return env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and env.get("GROUP_RANK") == "0"
 
     def tell(self) -> None:
         """Tell the others now of the ranks seen to end (from any thread:
