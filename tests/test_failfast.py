@@ -26,7 +26,7 @@ import pytest
 
 import syncdeco as sd
 from syncdeco._backend import Failure
-from syncdeco._plane import failfast, lease
+from syncdeco._plane import failfast, lease, pulse
 from syncdeco._plane.exits import killed_failure
 from syncdeco._plane.nodewatch import lost_failure
 
@@ -153,6 +153,61 @@ def test_a_clean_exit_leaves_a_note_in_each_inbox_and_takes_its_own_away(
     assert failfast._read_note(1, os.getpid()) is None  # read once
     failfast.note_exit(None)  # rank 0, the last one out
     assert not job.exists()
+
+
+class _Counting:
+    """A store that counts the requests sent through it."""
+
+    def __init__(self, store: object) -> None:
+        self.store, self.sent = store, []
+
+    def __getattr__(self, name: str):
+        call = getattr(self.store, name)
+
+        def counted(*args, **kwargs):
+            self.sent.append(name)
+            return call(*args, **kwargs)
+
+        return counted
+
+
+def test_a_loss_is_marked_on_every_running_lease_in_three_requests_and_read_back() -> None:
+    """pulse.mark_all, pulse.renew and pulse.linger against a real TCPStore
+    in this process (no rank: the store's answers are the rule's input)."""
+    import torch.distributed as dist
+
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    store = dist.PrefixStore("job/", server)  # type: ignore[attr-defined]
+    leases = {
+        "a": lease.alive(1, "a", (0,)),  # this rank's node: skipped
+        "b": lease.alive(1, "b", (1,)),
+        "c": lease.ended("c", (2,)),  # its ranks all ended: not marked
+        "d": lease.alive(7, "d", (3,)),
+    }
+    for node, value in leases.items():
+        store.set(pulse.lease_key(node), value)
+        store.append(pulse.LIST, f"{node} 0\n")
+    loss = json.dumps({"how": "fail-fast", "ranks": [9], "host": "e", "said": "x"}).encode()
+    counting = _Counting(store)
+    assert pulse.mark_all(counting, {"a"}, loss) == ["b", "d"]
+    assert counting.sent == ["compare_set", "multi_get", "multi_set"]
+    now = {n: bytes(store.get(pulse.lease_key(n))) for n in leases}
+    assert now == {**leases, "b": lease.mark(loss), "d": lease.mark(loss)}
+    assert not pulse.linger(store, {"a"}, 0.0)  # not read yet
+    # Node b's pulse renews from what it last wrote: the answer is the mark.
+    key = pulse.lease_key("b")
+    wrote, heard = pulse.renew(store, key, leases["b"], lease.alive(2, "b", (1,)))
+    assert heard == loss and wrote == lease.mark(loss)
+    assert pulse.renew(store, key, wrote, lease.alive(2, "b", (1,))) == (
+        lease.alive(2, "b", (1,)),
+        None,
+    )
+    assert not pulse.linger(store, {"a"}, 0.0)  # d's is not read yet
+    key = pulse.lease_key("d")
+    wrote, heard = pulse.renew(store, key, leases["d"], lease.alive(8, "d", (3,)))
+    assert heard == loss
+    pulse.renew(store, key, wrote, lease.alive(8, "d", (3,)))
+    assert pulse.linger(store, {"a"}, 0.0)
 
 
 # -- ranks on one host --------------------------------------------------------------------
