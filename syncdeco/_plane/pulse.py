@@ -60,7 +60,7 @@ class Pulse:
 
     __slots__ = ("_lock", "_news", "_pipe", "_sent", "pid")
 
-    def __init__(self, pid: int, pipe: IO[bytes], news: IO[bytes]) -> None:
+    def __init__(self, pid: int, pipe: IO[bytes], news: int) -> None:
         self.pid = pid
         self._pipe = pipe
         self._news = news
@@ -88,9 +88,19 @@ class Pulse:
     def hear(self, told: Callable[[bytes], None]) -> None:
         """Pass each loss the pulse found marked on its lease to ``told``
         (the fail-fast note, JSON), until the pulse ends; in a thread of
-        its own, blocked in a read."""
-        with contextlib.suppress(OSError, ValueError):
-            for line in self._news:
+        its own, blocked in a read (of the descriptor itself: a daemon
+        thread blocked in a buffered file's read at interpreter exit would
+        make its finalization abort)."""
+        pending = b""
+        while True:
+            try:
+                chunk = os.read(self._news, 65536)
+            except OSError:
+                return
+            if not chunk:
+                return  # the pulse has ended
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
                 if line.strip():
                     told(line.strip())
 
@@ -118,7 +128,7 @@ def start(store_host: str, store_port: int, namespace: str, node: str, rank: int
     os.close(read)
     os.close(tell)
     threading.Thread(target=_reap, args=(pid,), name="syncdeco-pulse-reap", daemon=True).start()
-    return Pulse(pid, os.fdopen(write, "wb"), os.fdopen(news, "rb"))
+    return Pulse(pid, os.fdopen(write, "wb"), news)
 
 
 def _reap(pid: int) -> None:
