@@ -171,43 +171,42 @@ class _Counting:
         return counted
 
 
-def test_a_loss_is_marked_on_every_running_lease_in_three_requests_and_read_back() -> None:
-    """pulse.mark_all, pulse.renew and pulse.linger against a real TCPStore
-    in this process (no rank: the store's answers are the rule's input)."""
+def test_the_loss_mark_takes_one_request_and_every_waiting_pulse_hears_it() -> None:
+    """pulse.mark, pulse.listen and pulse.linger against a real TCPStore in
+    this process (no rank: the store's answers are the rule's input)."""
+    import threading
+
     import torch.distributed as dist
 
     server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     store = dist.PrefixStore("job/", server)  # type: ignore[attr-defined]
     leases = {
-        "a": lease.alive(1, "a", (0,)),  # this rank's node: skipped
+        "a": lease.alive(1, "a", (0,)),  # this rank's node: not waited for
         "b": lease.alive(1, "b", (1,)),
-        "c": lease.ended("c", (2,)),  # its ranks all ended: not marked
+        "c": lease.ended("c", (2,)),  # its ranks all ended: its pulse is gone
         "d": lease.alive(7, "d", (3,)),
     }
     for node, value in leases.items():
         store.set(pulse.lease_key(node), value)
         store.append(pulse.LIST, f"{node} 0\n")
+    heard: dict[str, bytes] = {}
+    listeners = {}
+    for node in ("b", "d"):  # each pulse waits on a connection of its own
+        own = dist.PrefixStore("job/", server.clone())  # type: ignore[attr-defined]
+        told = (lambda n: lambda loss: heard.__setitem__(n, loss))(node)
+        listeners[node] = threading.Thread(target=pulse.listen, args=(own, node, told))
+        listeners[node].start()
+    assert not pulse.linger(store, {"a"}, 0.0)  # nobody heard anything yet
     loss = json.dumps({"how": "fail-fast", "ranks": [9], "host": "e", "said": "x"}).encode()
     counting = _Counting(store)
-    assert pulse.mark_all(counting, {"a"}, loss) == ["b", "d"]
-    assert counting.sent == ["compare_set", "multi_get", "multi_set"]
-    now = {n: bytes(store.get(pulse.lease_key(n))) for n in leases}
-    assert now == {**leases, "b": lease.mark(loss), "d": lease.mark(loss)}
-    assert not pulse.linger(store, {"a"}, 0.0)  # not read yet
-    # Node b's pulse renews from what it last wrote: the answer is the mark.
-    key = pulse.lease_key("b")
-    wrote, heard = pulse.renew(store, key, leases["b"], lease.alive(2, "b", (1,)))
-    assert heard == loss and wrote == lease.mark(loss)
-    assert pulse.renew(store, key, wrote, lease.alive(2, "b", (1,))) == (
-        lease.alive(2, "b", (1,)),
-        None,
-    )
-    assert not pulse.linger(store, {"a"}, 0.0)  # d's is not read yet
-    key = pulse.lease_key("d")
-    wrote, heard = pulse.renew(store, key, leases["d"], lease.alive(8, "d", (3,)))
-    assert heard == loss
-    pulse.renew(store, key, wrote, lease.alive(8, "d", (3,)))
-    assert pulse.linger(store, {"a"}, 0.0)
+    assert pulse.mark(counting, loss)
+    assert counting.sent == ["compare_set"]  # one request, whatever the number of nodes
+    assert not pulse.mark(store, b'{"how": "fail-fast", "said": "later"}')  # the first stays
+    for node, listener in listeners.items():
+        listener.join(30)
+        assert not listener.is_alive(), node
+    assert heard == {"b": loss, "d": loss}
+    assert pulse.linger(store, {"a"}, 30.0)  # b and d have heard; c's ranks have ended
 
 
 # -- ranks on one host --------------------------------------------------------------------

@@ -17,13 +17,13 @@ every rank, of the store's host.  A rank that ends here leaves a note on
 its node saying why (in each other rank's inbox) before it ends: its node's other
 ranks see it end through their death watch, read the note, and end too,
 naming the original loss.  A rank that heard of the loss first hand (not
-from a note) also marks every other node's lease with the note (see
-``pulse.mark_all``): each node's pulse finds the mark at its next renewal
-and hands it to its node's main, which ends here (:func:`told_by_pulse`),
-and its node's other ranks after it, through its note.  So every rank of
-every node ends, naming the original loss, within a renewal of the first
-one.  The rank that hosts the job's store waits, before it ends, until
-every mark has been read (a renewal at most), as its store ends with it.
+from a note) also writes its note as the job's loss mark (see
+``pulse.mark``), which every node's pulse waits for: each hands it to its
+node's main at once, which ends here (:func:`told_by_pulse`), and its
+node's other ranks after it, through its note.  So every rank of every
+node ends, naming the original loss, moments after the first one.  The
+rank whose end ends the job's store waits, before it ends, until every
+pulse has heard the mark (moments; 2 s at most).
 
 A rank that exits through Python (a clean exit, or an uncaught exception)
 leaves a note too, so a clean exit is never taken for a loss.
@@ -54,7 +54,7 @@ from typing import Any, ClassVar, Final, Protocol, final
 
 from .._backend import Failure, _Config
 from .._errors import SyncError
-from . import exits, lease
+from . import exits
 from .frames import load_failure
 
 __all__ = [
@@ -80,9 +80,9 @@ ENV: Final = "SYNCDECO_FAIL_FAST"
 _ON: Final = frozenset({"1", "true", "yes", "on"})
 _OFF: Final = frozenset({"0", "false", "no", "off"})
 _TELL: Final = 0.5  # seconds this rank may spend telling the job's store before it ends
-# ... and marking the other nodes' leases, and, on the store's host, waiting
-# until each marked pulse has read its mark (a renewal, and some slack)
-SPREAD: Final = _TELL + lease.PERIOD + 1.0
+# ... and writing the loss mark, and, on the store's host, waiting until
+# every pulse has heard it (2 s at most, see Session.spread)
+SPREAD: Final = _TELL + 2.5
 _ABORT: Final = 2.0  # seconds an NCCL abort may take before the process ends anyway
 _NOTE_AGE: Final = 86400.0  # seconds after which a note of an ended job is removed
 
@@ -128,9 +128,9 @@ class Loss:
 class Tell(Protocol):
     """What a rank that ends here does with the job's store first (see
     ``Session.spread``): ``note``, the fail-fast note (JSON); ``report``:
-    report the ranks seen to end; ``mark``: mark the other nodes' leases
-    with the note.  On the rank that hosts the store, it also waits until
-    the marks are read."""
+    report the ranks seen to end; ``mark``: write the note as the job's
+    loss mark, for every node's pulse.  Where the store ends with this
+    rank, it also waits until the pulses have heard it."""
 
     def __call__(self, note: bytes, *, report: bool, mark: bool) -> None: ...
 
@@ -187,8 +187,8 @@ def _passed_on(note: Mapping[str, Any], sender: tuple[int, str]) -> Loss:
 
 
 def loss_from_mark(note: bytes) -> Loss | None:
-    """The loss a mark on this node's lease carries (see ``pulse``), from
-    the fail-fast note of the rank that heard of it first (None: not one)."""
+    """The loss the job's loss mark carries (see ``pulse``): the fail-fast
+    note of the rank that heard of it first (None: not one)."""
     try:
         said = json.loads(note)
     except ValueError:
@@ -424,8 +424,8 @@ def nodes_lost(failures: Sequence[Failure], tell: Tell) -> None:
 
 
 def told_by_pulse(note: bytes, tell: Tell) -> None:
-    """This node's pulse found ``note`` (a rank's fail-fast note, see
-    :func:`loss_from_mark`) marked on its lease while this rank, the node's
+    """This node's pulse heard the job's loss mark, ``note`` (a rank's
+    fail-fast note, see :func:`loss_from_mark`), while this rank, the node's
     main, was outside a sync point: end this rank (its node's other ranks
     end after it, through its note)."""
     loss = loss_from_mark(note)

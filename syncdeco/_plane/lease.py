@@ -27,13 +27,7 @@ Why these numbers (the three false alarms a loss detector must survive):
 A node lost at time t is named by t + LOST_AFTER + LOOK at the latest
 (about 9 s), whatever the sync point's timeout.
 
-A lease's value is what :func:`alive` or :func:`ended` make, or a loss
-mark (:func:`mark`): a rank that ends through fail-fast writes one over
-every other running node's lease (one ``multi_set``), and each node's pulse
-finds it in the answer to its next renewal, a ``compare_set`` from the
-value it last wrote (:func:`renewed`), at no extra request: a node learns
-of a loss within a :data:`PERIOD` of the mark, and its pulse writes its
-lease back at once.
+A lease's value is what :func:`alive` or :func:`ended` make.
 """
 
 from __future__ import annotations
@@ -51,11 +45,7 @@ __all__ = [
     "Reading",
     "alive",
     "ended",
-    "mark",
-    "marked",
     "read",
-    "renewed",
-    "running",
 ]
 
 PERIOD: Final = 1.5  # seconds between a pulse's renewals
@@ -64,7 +54,6 @@ LOST_AFTER: Final = 8.0  # seconds a lease may stand still before its node is lo
 STALL: Final = 3.0  # a gap between two looks longer than this: the watcher stalled
 
 _ENDED: Final = "ended"  # the count's place, once the node's ranks have all ended
-_MARK: Final = b"mark "  # a loss mark: these bytes, then the loss as JSON
 
 
 def alive(count: int, host: str, ranks: Iterable[int]) -> bytes:
@@ -78,32 +67,6 @@ def ended(host: str, ranks: Iterable[int]) -> bytes:
     (a rank that said it exits and one killed alike: the watcher reports
     them, and the job's store settles whether a rank had said so)."""
     return f"{_ENDED} {host} {_ranks(ranks)}".encode()
-
-
-def mark(loss: bytes) -> bytes:
-    """A loss mark, written over a running node's lease: ``loss`` is the
-    fail-fast note (JSON, one line) that the node's ranks end with."""
-    return _MARK + loss
-
-
-def marked(value: bytes) -> bytes | None:
-    """The loss a lease's value carries, if it is a mark (else None)."""
-    return value[len(_MARK) :] if value.startswith(_MARK) else None
-
-
-def running(value: bytes) -> bool:
-    """Whether a lease says its node runs (neither ended nor marked): the
-    leases worth marking."""
-    return not value.startswith((_ENDED.encode(), _MARK))
-
-
-def renewed(wrote: bytes, answer: bytes) -> bytes | None:
-    """A pulse's renewal is a ``compare_set`` that expects the value the
-    pulse last wrote and writes ``wrote``; ``answer`` is what the store
-    holds after it.  The loss to pass on to the node's ranks where a mark
-    stood there instead (None: renewed, or something else stood there,
-    which the next renewal overwrites)."""
-    return None if answer == wrote else marked(answer)
 
 
 def _ranks(ranks: Iterable[int]) -> str:
@@ -121,10 +84,8 @@ class Reading:
     ended: bool
 
 
-def read(value: bytes) -> Reading | None:
-    """A lease's value, read (None: a loss mark, which names no node)."""
-    if value.startswith(_MARK):
-        return None
+def read(value: bytes) -> Reading:
+    """A lease's value, read."""
     count, host, ranks = value.decode().split(" ")
     return Reading(host, tuple(int(r) for r in ranks.split(",") if r != "-"), count == _ENDED)
 
@@ -151,9 +112,7 @@ class Leases:
         none yet); return the nodes that are lost, in the order of
         ``values``.  A node whose lease says its ranks ended is never lost
         here (the watcher reads that itself); a node with no lease is not
-        judged.  A mark is a value like another: a pulse that reads it
-        writes its lease back within a renewal, and a mark that stands
-        still (the node's pulse is gone too) is judged as a lease would be."""
+        judged."""
         if self._last is not None and now - self._last > self.stall:
             self._since.clear()  # the watcher saw nothing meanwhile: start over
         self._last = now

@@ -107,8 +107,8 @@ class NodeWatch:
         return ()
 
     def over(self) -> set[str]:
-        """The nodes reported (lost, or their ranks all ended): no mark
-        goes to them (see ``pulse.mark_all``)."""
+        """The nodes reported (lost, or their ranks all ended): their
+        pulses hear no mark (see ``pulse.linger``)."""
         with self._lock:
             return set(self._state.over)
 
@@ -135,9 +135,6 @@ class NodeWatch:
         with self._lock:
             for node, value in zip(nodes, values, strict=True):
                 reading = lease.read(value)
-                if reading is None:  # a loss mark: the node's pulse writes its lease back
-                    running[node] = value
-                    continue
                 state.ranks[node] = (reading.host, reading.ranks)
                 if reading.ended:
                     state.over.add(node)
@@ -147,11 +144,11 @@ class NodeWatch:
                 else:
                     running[node] = value
             for node in state.leases.look(now, running):
-                host, ranks = state.ranks.get(node, ("", ()))
+                reading = lease.read(running[node])
                 state.over.add(node)
                 state.lost.add(node)
-                _log.debug("syncdeco: node %s (%s) lost", node, host)
-                failures += [lost_failure(r, host, ranks) for r in ranks]
+                _log.debug("syncdeco: node %s (%s) lost", node, reading.host)
+                failures += [lost_failure(r, reading.host, reading.ranks) for r in reading.ranks]
         if failures:
             self._report(failures)
         return True

@@ -7,12 +7,14 @@ The main rank of each node of a job that spans several starts one
   with the keepalive of ``keepalive.py``, so it ends soon after the store's
   host is lost;
 * renews the node's lease every :data:`lease.PERIOD` seconds: a count that
-  moves, the host name and the node's ranks; with a ``compare_set`` from
-  the value it last wrote, so that a loss mark written over the lease
-  (:func:`mark_all`, by a rank that ends through fail-fast on another node)
-  comes back in the answer: the pulse passes it to its main on a pipe of
-  their own (the main ends, and its node's other ranks end after it, see
-  ``failfast``), and writes its lease back at once;
+  moves, the host name and the node's ranks;
+* waits, on a second connection of its own, for the job's loss mark
+  (:data:`MARK`, which a rank that ends through fail-fast writes, see
+  :func:`mark`): a store ``wait``, which costs no request while it waits,
+  and which the store answers the moment the mark is written.  The pulse
+  then hands the mark (that rank's fail-fast note) to its main on a pipe
+  of their own (the main ends, and its node's other ranks after it, see
+  ``failfast``), and says it has (:func:`heard_key`);
 * watches the processes of the node's ranks through their pidfds (the main
   hands it each rank's pid on its standard input as it learns them), and
   once they have all ended, leaves the lease saying so and exits: at the
@@ -24,11 +26,10 @@ for minutes, SIGSTOP, a debugger) can silence it: only the loss of its node
 does, or the end of every rank it serves.  It is forked from the node's
 main, so it costs no second import of torch.
 
-Costs: one store request per renewal (2/3 of a request per node and second)
-and one Python process per node.  A mark costs nothing while no loss
-happens; at a loss, the rank that marks sends three requests (the list of
-nodes, their leases, the marks), and each marked pulse one more (its lease
-written back).
+Costs: one store request per renewal (2/3 of a request per node and second),
+one Python process per node, and one more connection to the job's store
+per node, idle in its wait.  At a loss, the rank that marks sends one
+request, and each pulse two (it reads the mark and says it heard it).
 """
 
 from __future__ import annotations
@@ -43,16 +44,23 @@ from typing import IO, Any, Final
 
 from . import lease
 
-__all__ = ["Pulse", "lease_key", "linger", "mark_all", "renew", "start"]
+__all__ = ["MARK", "Pulse", "heard_key", "lease_key", "linger", "listen", "mark", "start"]
 
 LIST: Final = "pulses"  # the key listing every node that has a pulse: "node main-rank" lines
+MARK: Final = "pulses-mark"  # the job's loss mark: the fail-fast note of the rank that heard first
 CONNECT_TIMEOUT: Final = 30.0  # seconds the pulse tries to reach the job's store
 _ATTEMPT: Final = 1.0  # seconds of one try (between them, it looks whether its main lives)
-_LINGER_LOOK: Final = 0.1  # seconds between two looks for marks not read yet
+_LINGER_LOOK: Final = 0.05  # seconds between two looks for pulses that have not heard yet
+_LISTEN: Final = timedelta(days=30)  # one wait for the mark (then another)
 
 
 def lease_key(node: str) -> str:
     return f"pulse/{node}"
+
+
+def heard_key(node: str) -> str:
+    """Set by ``node``'s pulse once it has handed the mark to its main."""
+    return f"pulse-heard/{node}"
 
 
 class Pulse:
@@ -136,45 +144,47 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, 0)
 
 
-def renew(store: Any, key: str, wrote: bytes, value: bytes) -> tuple[bytes, bytes | None]:
-    """One renewal of the lease ``key`` to ``value``, where the pulse last
-    wrote ``wrote``: one ``compare_set``, whose answer carries a loss mark
-    written over the lease meanwhile.  Returns what stands there now (the
-    next renewal's ``wrote``: anything else is overwritten then) and the
-    loss marked, if any (then the lease was not renewed: renew again)."""
-    answer = bytes(store.compare_set(key, wrote, value))
-    return answer, lease.renewed(value, answer)
+def mark(store: Any, loss: bytes) -> bool:
+    """Write the job's loss mark, ``loss`` (a fail-fast note, JSON), over
+    ``store`` (the pulses' namespace), unless another rank wrote one first:
+    one request, whatever the number of nodes; every pulse's wait ends.
+    Returns whether this one was first."""
+    return bytes(store.compare_set(MARK, "", loss)) == loss
 
 
-def mark_all(store: Any, skip: Collection[str], loss: bytes) -> list[str]:
-    """Mark every running node's lease but ``skip``'s with ``loss`` (a
-    fail-fast note, JSON), over ``store`` (the pulses' namespace): three
-    requests whatever the number of nodes.  Returns the nodes marked."""
-    nodes = [n for n in _listed(store) if n not in skip]
-    if not nodes:
-        return []
-    keys = [lease_key(n) for n in nodes]
-    values = [bytes(v) for v in store.multi_get(keys)]
-    marked = [k for k, v in zip(keys, values, strict=True) if lease.running(v)]
-    if marked:
-        store.multi_set(marked, [lease.mark(loss)] * len(marked))
-    return [n for n, k in zip(nodes, keys, strict=True) if k in marked]
+def listen(store: Any, node: str, told: Callable[[bytes], None]) -> None:
+    """In ``node``'s pulse, on a connection of its own: wait for the job's
+    loss mark, hand it to ``told``, and say so.  Returns once heard, or
+    when the store is gone."""
+    while True:
+        try:
+            store.wait([MARK], _LISTEN)
+            break
+        except Exception as exc:
+            if "timeout" not in str(exc).lower():
+                return  # the store is gone
+    try:
+        told(bytes(store.get(MARK)))
+        store.set(heard_key(node), b"1")
+    except Exception:
+        return
 
 
 def linger(store: Any, skip: Collection[str], seconds: float) -> bool:
-    """Wait (``seconds`` at most) until no lease but ``skip``'s holds a loss
-    mark: each marked node's pulse has read its mark.  For the process that
-    hosts the job's store, before it ends with its store.  False if some
-    mark was still unread at the end."""
+    """Wait (``seconds`` at most) until the pulse of every node whose ranks
+    still run, but ``skip``'s, has heard the mark.  For the process whose
+    end ends the job's store.  False if some had not at the end."""
     deadline = time.monotonic() + seconds
-    while True:
-        nodes = [n for n in _listed(store) if n not in skip]
-        values = [bytes(v) for v in store.multi_get([lease_key(n) for n in nodes])] if nodes else []
-        if not any(lease.marked(v) is not None for v in values):
-            return True
+    nodes = [n for n in _listed(store) if n not in skip]
+    if not nodes:
+        return True
+    values = [bytes(v) for v in store.multi_get([lease_key(n) for n in nodes])]
+    keys = [heard_key(n) for n, v in zip(nodes, values, strict=True) if not lease.read(v).ended]
+    while keys and not store.check(keys):
         if time.monotonic() >= deadline:
             return False
         time.sleep(_LINGER_LOOK)
+    return True
 
 
 def _listed(store: Any) -> list[str]:
@@ -231,8 +241,18 @@ def _serve(argv: Sequence[str], stdin: IO[bytes], tell: int) -> int:
             if time.monotonic() > deadline:
                 return 1  # the job's store is gone: nothing to renew
     os.close(parent_fd)
+    waiting = tcp.clone()  # type: ignore[attr-defined]  # the wait for the mark: its own
     keepalive.keep_alive(host, store_port)
     store: Any = dist.PrefixStore(namespace, tcp)  # type: ignore[attr-defined]
+
+    def told(loss: bytes) -> None:
+        with contextlib.suppress(OSError):  # the main has ended: its ranks' watch tells
+            os.write(tell, loss + b"\n")
+
+    marks = dist.PrefixStore(namespace, waiting)  # type: ignore[attr-defined]
+    threading.Thread(
+        target=listen, args=(marks, node, told), name="syncdeco-pulse-listen", daemon=True
+    ).start()
     name = socket.gethostname()
     key = lease_key(node)
     lock = threading.Lock()
@@ -265,8 +285,7 @@ def _serve(argv: Sequence[str], stdin: IO[bytes], tell: int) -> int:
     threading.Thread(target=read_stdin, name="syncdeco-pulse-stdin", daemon=True).start()
     count = 0
     try:
-        wrote = lease.alive(count, name, ranks)
-        store.set(key, wrote)
+        store.set(key, lease.alive(count, name, ranks))
         store.append(LIST, f"{node} {main_rank}\n")
         while True:
             changed.wait(lease.PERIOD)
@@ -277,11 +296,7 @@ def _serve(argv: Sequence[str], stdin: IO[bytes], tell: int) -> int:
                 store.set(key, lease.ended(name, served))
                 return 0
             count += 1
-            wrote, loss = renew(store, key, wrote, lease.alive(count, name, served))
-            if loss is not None:
-                with contextlib.suppress(OSError):  # the main has ended: its ranks' watch tells
-                    os.write(tell, loss + b"\n")
-                wrote, _ = renew(store, key, wrote, lease.alive(count, name, served))
+            store.set(key, lease.alive(count, name, served))
     except Exception:
         return 1  # the job's store is gone (its host lost, or the job over)
     finally:

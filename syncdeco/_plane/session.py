@@ -9,8 +9,8 @@ serves it from other threads or processes:
 * the death watch of this node's other ranks (see ``deathwatch``), fed by a
   finder thread that looks for them as each says where it lives;
 * on a node's main, in a job that spans several nodes: the node's pulse
-  (a forked process, see ``pulse``), a thread that hears from it the losses
-  marked on the node's lease, and the watch of the other nodes' leases
+  (a forked process, see ``pulse``), a thread that hears from it the
+  job's loss mark, and the watch of the other nodes' leases
   (see ``nodewatch``);
 * the store watch, an idle canary connection that notices the loss of the
   store's host (see ``keepalive``);
@@ -42,7 +42,7 @@ import torch.distributed as dist
 
 from .. import _startup as startup
 from .._backend import Failure
-from . import exits, failfast, lease, pulse
+from . import exits, failfast, pulse
 from .deathwatch import DeathWatch, identity, watchable
 from .exchange import Exchange, Place
 from .keepalive import StoreWatch, endpoint, keep_alive, underlying
@@ -62,6 +62,7 @@ _FIND_FIRST: Final = 0.01  # seconds between the first looks for the node's rank
 _FIND_MOST: Final = 5.0  # ... and the longest, while some have not started yet
 _GROUP_WAIT: Final = 5.0  # seconds a rank's exit waits for the others' group to be up
 _JOIN: Final = 2.0  # seconds stop() waits for a thread to leave its store call
+_LINGER: Final = 2.0  # seconds the store's host waits, at most, for the pulses to hear a loss
 
 
 @final
@@ -357,8 +358,8 @@ class Session:
             failfast.nodes_lost(failfast.not_said(there, store, made.prefix), self.spread)
 
     def marked(self, note: bytes) -> None:
-        """In the pulse's news thread, on a node's main: the pulse found
-        this loss (a fail-fast note) marked on the node's lease.  A sync
+        """In the pulse's news thread, on a node's main: the pulse heard
+        the job's loss mark (a rank's fail-fast note).  A sync
         point hears of it from the store; elsewhere, fail-fast ends this
         rank, and its node's other ranks after it."""
         made = self.exchange
@@ -369,10 +370,10 @@ class Session:
     def spread(self, note: bytes, *, report: bool, mark: bool) -> None:
         """As this rank ends through fail-fast (``note``: its note): report
         the ranks seen to end (``report``); in a job that spans several
-        nodes, mark every other running node's lease with the note
-        (``mark``, see ``pulse.mark_all``); and where the job's store ends
+        nodes, write the job's loss mark, which every node's pulse waits
+        for (``mark``, see ``pulse.mark``); and where the job's store ends
         with this rank (see :meth:`_store_ends_here`), wait until every
-        mark is read (a renewal at most)."""
+        running node's pulse has heard it."""
         if report:
             self.tell()
         linger = self._store_ends_here()
@@ -382,16 +383,16 @@ class Session:
         try:
             raw = underlying(made.spare or made.store)
             store = dist.PrefixStore(startup.namespace(self.env), raw)  # type: ignore[attr-defined]
+            if mark:
+                first = pulse.mark(store, note)
+                _log.debug("rank %d wrote the loss mark (first: %s)", made.rank, first)
             skip = {made.place.node}
             if self.node_watch is not None:
                 skip |= self.node_watch.over()
-            if mark:
-                marked = pulse.mark_all(store, skip, note)
-                _log.debug("rank %d marked the leases of %s", made.rank, marked)
-            if linger and not pulse.linger(store, skip, lease.PERIOD + 1.0):
-                _log.debug("rank %d ends before every mark was read", made.rank)
+            if linger and not pulse.linger(store, skip, _LINGER):
+                _log.debug("rank %d ends before every pulse heard the mark", made.rank)
         except Exception as exc:
-            _log.debug("rank %d could not mark the other nodes' leases: %r", made.rank, exc)
+            _log.debug("rank %d could not write the loss mark: %r", made.rank, exc)
 
     def store_lost(self, host: str) -> None:
         """In the store watch's thread: the job's store's host went silent.
