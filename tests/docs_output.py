@@ -57,7 +57,7 @@ SOURCES = {
     "tests/scripts/failfast_ranks.py (a lost node)": Source(
         "tests/test_failfast.py::test_a_node_lost_while_the_others_are_in_their_all_reduce_ends_them"
     ),
-    "tests/scripts/failfast_ranks.py (a lost node, another node)": Source(
+    "tests/scripts/failfast_ranks.py (another node)": Source(
         "tests/test_failfast.py::"
         "test_a_node_lost_ends_the_ranks_of_every_other_node_not_only_the_watchers"
     ),
