@@ -94,8 +94,8 @@ class Pulse:
             self._pipe.close()
 
     def hear(self, told: Callable[[bytes], None]) -> None:
-        """Pass each loss the pulse found marked on its lease to ``told``
-        (the fail-fast note, JSON), until the pulse ends; in a thread of
+        """Pass the job's loss mark to ``told`` (a fail-fast note, JSON)
+        once the pulse has heard it, until the pulse ends; in a thread of
         its own, blocked in a read (of the descriptor itself: a daemon
         thread blocked in a buffered file's read at interpreter exit would
         make its finalization abort)."""
@@ -123,7 +123,7 @@ def start(store_host: str, store_port: int, namespace: str, node: str, rank: int
     the main's connections close when the main ends), and it leaves with
     ``os._exit``: none of the main's exit handlers run there."""
     read, write = os.pipe()
-    news, tell = os.pipe()  # the other way: the losses the pulse finds marked
+    news, tell = os.pipe()  # the other way: the loss mark, once the pulse heard it
     pid = os.fork()
     if pid == 0:  # the pulse
         code = 1
