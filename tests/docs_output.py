@@ -57,6 +57,10 @@ SOURCES = {
     "tests/scripts/failfast_ranks.py (a lost node)": Source(
         "tests/test_failfast.py::test_a_node_lost_while_the_others_are_in_their_all_reduce_ends_them"
     ),
+    "tests/scripts/failfast_ranks.py (another node)": Source(
+        "tests/test_failfast.py::"
+        "test_a_node_lost_ends_the_ranks_of_every_other_node_not_only_the_watchers"
+    ),
     "python -m syncdeco where (tests/scripts/where_job.py)": Source(
         "tests/test_where.py::test_where_shows_each_rank_of_a_hung_torchrun_job_then_says_it_ended",
         numbers_vary=True,

@@ -16,9 +16,17 @@ Who hears of a loss: every rank, of its node's ranks (death watch); rank 0
 every rank, of the store's host.  A rank that ends here leaves a note on
 its node saying why (in each other rank's inbox) before it ends: its node's other
 ranks see it end through their death watch, read the note, and end too,
-naming the original loss.  A rank that exits through Python (a clean exit,
-or an uncaught exception) leaves a note too, so a clean exit is never taken
-for a loss.
+naming the original loss.  A rank that heard of the loss first hand (not
+from a note) also writes its note as the job's loss mark (see
+``pulse.mark``), which every node's pulse waits for: each hands it to its
+node's main at once, which ends here (:func:`told_by_pulse`), and its
+node's other ranks after it, through its note.  So every rank of every
+node ends, naming the original loss, moments after the first one.  The
+rank whose end ends the job's store waits, before it ends, until every
+pulse has heard the mark (moments; 2 s at most).
+
+A rank that exits through Python (a clean exit, or an uncaught exception)
+leaves a note too, so a clean exit is never taken for a loss.
 
 The rules are plain functions over plain values (:func:`enabled`,
 :func:`loss_from_note`, :func:`loss_from_failure`, :func:`message`); the
@@ -42,7 +50,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Final, final
+from typing import Any, ClassVar, Final, Protocol, final
 
 from .._backend import Failure, _Config
 from .._errors import SyncError
@@ -63,6 +71,7 @@ __all__ = [
     "not_said",
     "peer_ended",
     "store_host_lost",
+    "told_by_pulse",
     "watching",
 ]
 
@@ -71,6 +80,9 @@ ENV: Final = "SYNCDECO_FAIL_FAST"
 _ON: Final = frozenset({"1", "true", "yes", "on"})
 _OFF: Final = frozenset({"0", "false", "no", "off"})
 _TELL: Final = 0.5  # seconds this rank may spend telling the job's store before it ends
+# ... and writing the loss mark, and, on the store's host, waiting until
+# every pulse has heard it (2 s at most, see Session.spread)
+SPREAD: Final = _TELL + 2.5
 _ABORT: Final = 2.0  # seconds an NCCL abort may take before the process ends anyway
 _NOTE_AGE: Final = 86400.0  # seconds after which a note of an ended job is removed
 
@@ -103,11 +115,28 @@ def enabled(option: bool | None, env: Mapping[str, str]) -> bool:
 @dataclass(frozen=True, slots=True)
 class Loss:
     """Ranks lost to the job: ``ranks`` on ``host`` ("" where unknown),
-    ``how`` they ended (a phrase: "were killed ...")."""
+    ``how`` they ended (a phrase: "were killed ..."); ``first``: the rank
+    (and its host) that heard of it first and ended, where this rank heard
+    it from that one."""
 
     ranks: tuple[int, ...]
     host: str
     how: str
+    first: tuple[int, str] | None = None
+
+
+class Tell(Protocol):
+    """What a rank that ends here does with the job's store first (see
+    ``Session.spread``): ``note``, the fail-fast note (JSON); ``report``:
+    report the ranks seen to end; ``mark``: write the note as the job's
+    loss mark, for every node's pulse.  Where the store ends with this
+    rank, it also waits until the pulses have heard it."""
+
+    def __call__(self, note: bytes, *, report: bool, mark: bool) -> None: ...
+
+
+def _silent(note: bytes, *, report: bool, mark: bool) -> None:
+    """The :class:`Tell` of a rank whose store is gone."""
 
 
 _KILLED: Final = (
@@ -140,12 +169,33 @@ def loss_from_note(rank: int, host: str, note: Mapping[str, Any] | None) -> Loss
     if note is None:
         return Loss((rank,), host, _KILLED)
     if note.get("how") == "fail-fast":
-        said = f"{note.get('said', '')} (rank {rank}, on {host}, heard it first and ended)"
-        return Loss(tuple(note.get("ranks", ())), str(note.get("host", "")), said)
+        return _passed_on(note, (rank, host))
     if note.get("clean"):
         return None
     kind, said = str(note.get("exc_type", "")), _first_line(str(note.get("message", "")))
     return Loss((rank,), host, f"exited with {kind}: {said}" if kind else "exited with an error")
+
+
+def _passed_on(note: Mapping[str, Any], sender: tuple[int, str]) -> Loss:
+    """The loss a fail-fast note (from ``sender``, a rank and its host)
+    passes on: the original ranks, and the rank that heard it first."""
+    first = note.get("first")
+    if isinstance(first, list) and len(first) == 2:
+        sender = (int(first[0]), str(first[1]))
+    ranks = tuple(int(r) for r in note.get("ranks", ()))
+    return Loss(ranks, str(note.get("host", "")), str(note.get("said", "")), sender)
+
+
+def loss_from_mark(note: bytes) -> Loss | None:
+    """The loss the job's loss mark carries (see ``pulse``): the fail-fast
+    note of the rank that heard of it first (None: not one)."""
+    try:
+        said = json.loads(note)
+    except ValueError:
+        return None
+    if not isinstance(said, dict) or said.get("how") != "fail-fast":
+        return None
+    return _passed_on(said, (-1, ""))
 
 
 def _were(ranks: Sequence[int]) -> str:
@@ -163,11 +213,18 @@ def _ranks(ranks: Sequence[int]) -> str:
     return "ranks " + ", ".join(map(str, ranks[:-1])) + f" and {ranks[-1]}"
 
 
+def _how(loss: Loss) -> str:
+    if loss.first is None:
+        return loss.how
+    rank, host = loss.first
+    return f"{loss.how} (rank {rank}, on {host}, heard it first and ended)"
+
+
 def _describe(loss: Loss) -> str:
     where = f" on {loss.host}" if loss.host else ""
     if not loss.ranks:
-        return f"the ranks{where or ' of a host'} {loss.how}"
-    return f"{_ranks(loss.ranks)}{where} {loss.how}"
+        return f"the ranks{where or ' of a host'} {_how(loss)}"
+    return f"{_ranks(loss.ranks)}{where} {_how(loss)}"
 
 
 def message(rank: int, losses: Sequence[Loss]) -> str:
@@ -289,7 +346,7 @@ def note_exit(exc: BaseException | None, *, convert: bool = True) -> None:
             if loss is not None and not loss.how.startswith("exited with")
         ]
         if losses:
-            end(_merge(losses), lambda: None)
+            end(_merge(losses), _silent)
     with _State.lock:
         if _State.ended or _State.notes is None:
             return
@@ -345,7 +402,7 @@ def _remove(job: Path | None) -> None:
         job.rmdir()
 
 
-def peer_ended(rank: int, tell: Callable[[], None]) -> None:
+def peer_ended(rank: int, tell: Tell) -> None:
     """The death watch saw ``rank`` of this node end while
     this rank was outside a sync point: end this rank, unless it exited
     cleanly."""
@@ -353,15 +410,27 @@ def peer_ended(rank: int, tell: Callable[[], None]) -> None:
         return
     note = _read_note(rank, _State.siblings.get(rank, 0))
     loss = loss_from_note(rank, socket.gethostname(), note)
-    if loss is not None:  # a rank that failed fast has told the store already
-        end([loss], (lambda: None) if note is not None else tell)
+    if loss is not None:
+        # A rank that left no note is reported here; one that failed fast
+        # has told the store and the other nodes already.
+        end([loss], tell, report=note is None, mark=loss.first is None)
 
 
-def nodes_lost(failures: Sequence[Failure], tell: Callable[[], None]) -> None:
+def nodes_lost(failures: Sequence[Failure], tell: Tell) -> None:
     """The node watch saw ranks of other nodes lost (``failures``) while
     this rank was outside a sync point: end this rank."""
     if _wanted() and failures:
-        end(_merge([loss_from_failure(f) for f in failures]), tell)
+        end(_merge([loss_from_failure(f) for f in failures]), tell, report=True, mark=True)
+
+
+def told_by_pulse(note: bytes, tell: Tell) -> None:
+    """This node's pulse heard the job's loss mark, ``note`` (a rank's
+    fail-fast note, see :func:`loss_from_mark`), while this rank, the node's
+    main, was outside a sync point: end this rank (its node's other ranks
+    end after it, through its note)."""
+    loss = loss_from_mark(note)
+    if loss is not None and _wanted():
+        end([loss], tell, report=False, mark=False)
 
 
 def not_said(failures: Sequence[Failure], store: Any, prefix: str) -> list[Failure]:
@@ -389,15 +458,15 @@ def store_host_lost(host: str, ranks: tuple[int, ...]) -> None:
     sync point: end this rank (``ranks``: who ran there, as far as known)."""
     if _wanted():
         how = f"{_were(ranks)} lost with the host of the job's store (it went silent)"
-        end([Loss(ranks, host, how)], lambda: None)
+        end([Loss(ranks, host, how)], _silent)
 
 
 def _merge(losses: Sequence[Loss]) -> list[Loss]:
     """One loss per (host, how): ``ranks 2 and 3 on node1 ...``."""
-    merged: dict[tuple[str, str], set[int]] = {}
+    merged: dict[tuple[str, str, tuple[int, str] | None], set[int]] = {}
     for loss in losses:
-        merged.setdefault((loss.host, loss.how), set()).update(loss.ranks)
-    return [Loss(tuple(sorted(r)), host, how) for (host, how), r in merged.items()]
+        merged.setdefault((loss.host, loss.how, loss.first), set()).update(loss.ranks)
+    return [Loss(tuple(sorted(r)), *key) for key, r in merged.items()]
 
 
 def _wanted() -> bool:
@@ -409,20 +478,27 @@ def _wanted() -> bool:
         return False  # said at arm()
 
 
-def end(losses: Sequence[Loss], tell: Callable[[], None]) -> None:
+def end(
+    losses: Sequence[Loss], tell: Tell = _silent, *, report: bool = False, mark: bool = False
+) -> None:
     """End this process for ``losses`` (once; later calls return): leave
-    the note, log the error, tell the job's store (``tell``, half a second
-    at most), abort an NCCL group, and exit with :data:`EXIT_CODE`."""
+    the note, log the error, tell the job's store and the other nodes
+    (``tell``, :data:`SPREAD` seconds at most), abort an NCCL group, and
+    exit with :data:`EXIT_CODE`."""
     with _State.lock:
         if _State.ended or _State.leaving:
             return
         _State.ended = True
     first = losses[0]
-    said = "; ".join(f"{_ranks(x.ranks)} {x.how}" if x is not first else x.how for x in losses)
-    _write_note({"how": "fail-fast", "ranks": first.ranks, "host": first.host, "said": said})
+    said = "; ".join(f"{_ranks(x.ranks)} {_how(x)}" if x is not first else x.how for x in losses)
+    heard = first.first or (_State.rank, socket.gethostname())
+    note = {"how": "fail-fast", "ranks": first.ranks, "host": first.host, "said": said}
+    note["first"] = list(heard)
+    _write_note(note)
     _leave_inbox()
     _log.error("%s", message(_State.rank, losses))
-    _bounded(tell, _TELL)
+    text = json.dumps(note).encode()
+    _bounded(lambda: tell(text, report=report, mark=mark), SPREAD)
     _bounded(_abort, _ABORT)
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):

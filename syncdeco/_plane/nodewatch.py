@@ -106,6 +106,12 @@ class NodeWatch:
                     return ranks if late else ()
         return ()
 
+    def over(self) -> set[str]:
+        """The nodes reported (lost, or their ranks all ended): their
+        pulses hear no mark (see ``pulse.linger``)."""
+        with self._lock:
+            return set(self._state.over)
+
     # In the watcher's thread:
 
     def _look(self) -> bool:

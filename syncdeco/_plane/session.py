@@ -9,8 +9,9 @@ serves it from other threads or processes:
 * the death watch of this node's other ranks (see ``deathwatch``), fed by a
   finder thread that looks for them as each says where it lives;
 * on a node's main, in a job that spans several nodes: the node's pulse
-  (a forked process, see ``pulse``) and the watch of the other nodes'
-  leases (see ``nodewatch``);
+  (a forked process, see ``pulse``), a thread that hears from it the
+  job's loss mark, and the watch of the other nodes' leases
+  (see ``nodewatch``);
 * the store watch, an idle canary connection that notices the loss of the
   store's host (see ``keepalive``);
 * the ranks those watches see end or lost, reported once each
@@ -61,6 +62,7 @@ _FIND_FIRST: Final = 0.01  # seconds between the first looks for the node's rank
 _FIND_MOST: Final = 5.0  # ... and the longest, while some have not started yet
 _GROUP_WAIT: Final = 5.0  # seconds a rank's exit waits for the others' group to be up
 _JOIN: Final = 2.0  # seconds stop() waits for a thread to leave its store call
+_LINGER: Final = 2.0  # seconds the store's host waits, at most, for the pulses to hear a loss
 
 
 @final
@@ -168,6 +170,13 @@ class Session:
         self.finder.start()
         exits.note_uncaught()
         self._watch_nodes()
+        if self.pulse is not None:
+            threading.Thread(
+                target=_hear,
+                args=(weakref.ref(self), self.pulse),
+                name="syncdeco-pulse-news",
+                daemon=True,
+            ).start()
 
     def close(self) -> None:
         """Stop serving: another session replaces this one.  Never waits
@@ -342,11 +351,48 @@ class Session:
         here = [f for f, elsewhere in losses if elsewhere is None and f.rank not in known]
         there = [f for f, elsewhere in losses if elsewhere is not None and f.rank not in known]
         for failure in here:
-            failfast.peer_ended(failure.rank, self.tell)
+            failfast.peer_ended(failure.rank, self.spread)
         if there:
             made = self.exchange
             store = made.spare or made.store
-            failfast.nodes_lost(failfast.not_said(there, store, made.prefix), self.tell)
+            failfast.nodes_lost(failfast.not_said(there, store, made.prefix), self.spread)
+
+    def marked(self, note: bytes) -> None:
+        """In the pulse's news thread, on a node's main: the pulse heard
+        the job's loss mark (a rank's fail-fast note).  A sync
+        point hears of it from the store; elsewhere, fail-fast ends this
+        rank, and its node's other ranks after it."""
+        made = self.exchange
+        if made.left or self.stopping.is_set() or made.waiting is not None or made.lock.locked():
+            return
+        failfast.told_by_pulse(note, self.spread)
+
+    def spread(self, note: bytes, *, report: bool, mark: bool) -> None:
+        """As this rank ends through fail-fast (``note``: its note): report
+        the ranks seen to end (``report``); in a job that spans several
+        nodes, write the job's loss mark, which every node's pulse waits
+        for (``mark``, see ``pulse.mark``); and where the job's store ends
+        with this rank (see :meth:`_store_ends_here`), wait until every
+        running node's pulse has heard it."""
+        if report:
+            self.tell()
+        linger = self._store_ends_here()
+        if not self._spans() or not (mark or linger):
+            return
+        made = self.exchange
+        try:
+            raw = underlying(made.spare or made.store)
+            store = dist.PrefixStore(startup.namespace(self.env), raw)  # type: ignore[attr-defined]
+            if mark:
+                first = pulse.mark(store, note)
+                _log.debug("rank %d wrote the loss mark (first: %s)", made.rank, first)
+            skip = {made.place.node}
+            if self.node_watch is not None:
+                skip |= self.node_watch.over()
+            if linger and not pulse.linger(store, skip, _LINGER):
+                _log.debug("rank %d ends before every pulse heard the mark", made.rank)
+        except Exception as exc:
+            _log.debug("rank %d could not write the loss mark: %r", made.rank, exc)
 
     def store_lost(self, host: str) -> None:
         """In the store watch's thread: the job's store's host went silent.
@@ -358,6 +404,16 @@ class Session:
             return  # the sync point reports it
         agent = self.env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
         failfast.store_host_lost(host, () if agent else (0,))
+
+    def _store_ends_here(self) -> bool:
+        """Whether the job's store ends soon after this rank does: it hosts
+        the store, or, under torchrun, its node's agent does (the agent of
+        group rank 0), which ends its workers and itself, with its store,
+        once one fails and no restart is left."""
+        if self.hosts_store:
+            return True
+        env = self.env
+        return env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and env.get("GROUP_RANK") == "0"
 
     def tell(self) -> None:
         """Tell the others now of the ranks seen to end (from any thread:
@@ -426,6 +482,16 @@ def _lost(ref: weakref.ref[Session], failures: list[Failure]) -> None:
     session = ref()
     if session is not None:
         session.seen([(f, f.lost_ranks or (f.rank,)) for f in failures])
+
+
+def _hear(ref: weakref.ref[Session], handle: pulse.Pulse) -> None:
+    # The pulse's news thread, on a node's main (see Session.marked).
+    def told(note: bytes) -> None:
+        session = ref()
+        if session is not None:
+            session.marked(note)
+
+    handle.hear(told)
 
 
 def _find_node(ref: weakref.ref[Session], store: Any) -> None:
