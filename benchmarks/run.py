@@ -35,6 +35,7 @@ import timeit
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Final
 
 import torch
 import wrapt
@@ -155,6 +156,33 @@ def print_memory(memory: dict[int, Memory], tensor_mib: int) -> None:
                   f"| {copies:.2f} | {target} | {m['machine_shmem']:.0f} |")  # fmt: skip
 
 
+FLOOR: Final = ("store floor", "store floor + cleanup")
+SMALL: Final = ("barrier_after", "on_main_only(broadcast) small", "broadcast_object_list small")
+
+
+def print_floor(runs: dict[int, dict[str, float]]) -> None:
+    """What the job's store allows: a sync point's store requests alone
+    (see benchmarks/_worker.py), against a sync point, a small broadcast
+    result and broadcast_object_list of the same run."""
+    print(
+        "\n# the store's floor: a sync point's requests alone (members set, rank 0 "
+        "multi_gets and sets, members get), without and with syncdeco's cleanup "
+        "(deleting the previous keys); per-call medians in microseconds\n"
+    )
+    print(
+        "| ranks | store floor | + cleanup | barrier_after | small broadcast "
+        "| broadcast_object_list small | floor / bol | floor + cleanup / bol |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for n, us in runs.items():
+        if not all(k in us for k in FLOOR + SMALL):
+            continue
+        bare, clean = (us[k] for k in FLOOR)
+        mine, small, bol = (us[k] for k in SMALL)
+        print(f"| {n} | {bare:.0f} | {clean:.0f} | {mine:.0f} | {small:.0f} | {bol:.0f} "
+              f"| {bare / bol:.2f}x | {clean / bol:.2f}x |")  # fmt: skip
+
+
 # (case, how the backend is chosen): "explicit" under sd.use_backend(NullBackend()),
 # "default" with nothing chosen (what a plain `python script.py` takes: the
 # backend is resolved at each call and comes out as the Null backend).
@@ -270,8 +298,10 @@ def main() -> None:
     memory: dict[int, Memory] = {}
     if args.scale:
         runs.append((args.scale, ["dist.barrier", "barrier_after", "sd.barrier"]))
+    floors: dict[int, dict[str, float]] = {}
     for n, only in runs:
         us, memory[n] = run_ranks(n, args, only)
+        floors[n] = us
         for figure, mine, peer, how, target in FIGURES:
             if mine not in us:
                 continue
@@ -280,6 +310,8 @@ def main() -> None:
             shown = "-" if value is None else f"{value:.2f}x"
             print(f"| {n} | {figure} | {mine} | {peer} | {us[mine]:.0f} | {peer_us} | {shown} "
                   f"| {verdict(value, how, target)} |")  # fmt: skip
+
+    print_floor(floors)
 
     print_memory(memory, args.tensor_mib)
 
