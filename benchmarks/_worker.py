@@ -79,32 +79,34 @@ def cases(rank: int, iters: int, big_iters: int, tensor_mib: int) -> list[Case]:
     # by the agent: a third process): each member sets its key, rank 0
     # reads them all with one multi_get (which waits) and sets one answer
     # that each member reads with a get (which waits), on a connection of
-    # its own; no Python of syncdeco's.  "+ cleanup" also deletes, as
-    # syncdeco does, each member's previous key (after setting the next)
-    # and rank 0's previous answer (before reading): the least a sync point
-    # of syncdeco's design costs.  Without cleanup the keys stay (a
-    # benchmark's few thousand).
+    # its own; no Python of syncdeco's.  "+ cleanup" also deletes keys as
+    # syncdeco does: each member its previous key (after setting the
+    # next), rank 0 the answer of two calls back (before reading; every
+    # member has read it once its next key is there).  That is the least a
+    # sync point of syncdeco's design costs.  Without cleanup the keys stay
+    # (a benchmark's few thousand).
     floor = dist.distributed_c10d._get_default_store().clone()
     floor.set_timeout(timedelta(seconds=600))
     world = dist.get_world_size()
-    trips = itertools.count()
+    trips = {"f": itertools.count(), "c": itertools.count()}
 
-    def store_floor(cleanup: bool) -> None:
-        i, tag = next(trips), "c" if cleanup else "f"
+    def store_floor(tag: str) -> None:
+        i, base = next(trips[tag]), f"floor/{tag}"
+        cleanup = tag == "c"
         if rank == 0:
-            if cleanup and i:
-                floor.delete_key(f"floor/{tag}/d/{i - 1}")
-            floor.multi_get([f"floor/{tag}/u/{i}/{r}" for r in range(1, world)])
-            floor.set(f"floor/{tag}/d/{i}", b"ok")
+            if cleanup and i > 1:
+                floor.delete_key(f"{base}/d/{i - 2}")
+            floor.multi_get([f"{base}/u/{i}/{r}" for r in range(1, world)])
+            floor.set(f"{base}/d/{i}", b"ok")
         else:
-            floor.set(f"floor/{tag}/u/{i}/{rank}", b"here")
-            if cleanup and i:
-                floor.delete_key(f"floor/{tag}/u/{i - 1}/{rank}")
-            floor.get(f"floor/{tag}/d/{i}")
+            floor.set(f"{base}/u/{i}/{rank}", b"here")
+            if cleanup and i > 0:
+                floor.delete_key(f"{base}/u/{i - 1}/{rank}")
+            floor.get(f"{base}/d/{i}")
 
     out: list[Case] = [
-        ("store floor", functools.partial(store_floor, False), iters),
-        ("store floor + cleanup", functools.partial(store_floor, True), iters),
+        ("store floor", functools.partial(store_floor, "f"), iters),
+        ("store floor + cleanup", functools.partial(store_floor, "c"), iters),
         ("dist.barrier", dist.barrier, iters),
         ("sd.barrier", lambda: sd.barrier("bench"), iters),
         ("barrier_after", step, iters),
