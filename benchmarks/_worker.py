@@ -242,7 +242,8 @@ def main() -> None:
     if rank == 0:
         medians = {name: statistics.median(v) for name, v in samples.items()}
         with open(args.out, "w") as f:
-            json.dump({"world_size": dist.get_world_size(), "us": medians, "mib": mem}, f)
+            out = {"world_size": dist.get_world_size(), "us": medians, "mib": mem}
+            json.dump({**out, "rounds": samples}, f)
     with contextlib.suppress(Exception):
         dist.barrier()
     dist.destroy_process_group()
