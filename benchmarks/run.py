@@ -315,14 +315,14 @@ def main() -> None:
         runs.append((args.scale, ["dist.barrier", "barrier_after", "sd.barrier"]))
     floors: dict[int, tuple[dict[str, float], Rounds]] = {}
     for n, only in runs:
-        us, memory[n], rounds = run_ranks(n, args, only)
-        floors[n] = us, rounds
+        us, memory[n], per_round = run_ranks(n, args, only)
+        floors[n] = us, per_round
         for figure, mine, peer, how, target in FIGURES:
             if mine not in us:
                 continue
             value = ratio(us, mine, peer, how)
             peer_us = f"{us[peer]:.0f}" if peer in us else "-"
-            shown = "-" if value is None else f"{value:.2f}x{spread(rounds, mine, peer, how)}"
+            shown = "-" if value is None else f"{value:.2f}x{spread(per_round, mine, peer, how)}"
             print(f"| {n} | {figure} | {mine} | {peer} | {us[mine]:.0f} | {peer_us} | {shown} "
                   f"| {verdict(value, how, target)} |")  # fmt: skip
 
