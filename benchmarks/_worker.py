@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import itertools
 import json
 import statistics
 import time
 from collections.abc import Callable
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -72,7 +75,38 @@ def cases(rank: int, iters: int, big_iters: int, tensor_mib: int) -> list[Case]:
         dist.broadcast(out, src=0)
         return out
 
+    # The floor of a sync point over the job's store (under torchrun, served
+    # by the agent: a third process): each member sets its key, rank 0
+    # reads them all with one multi_get (which waits) and sets one answer
+    # that each member reads with a get (which waits), on a connection of
+    # its own; no Python of syncdeco's.  "+ cleanup" also deletes keys as
+    # syncdeco does: each member its previous key (after setting the
+    # next), rank 0 the answer of two calls back (before reading; every
+    # member has read it once its next key is there).  That is the least a
+    # sync point of syncdeco's design costs.  Without cleanup the keys stay
+    # (a benchmark's few thousand).
+    floor = dist.distributed_c10d._get_default_store().clone()
+    floor.set_timeout(timedelta(seconds=600))
+    world = dist.get_world_size()
+    trips = {"f": itertools.count(), "c": itertools.count()}
+
+    def store_floor(tag: str) -> None:
+        i, base = next(trips[tag]), f"floor/{tag}"
+        cleanup = tag == "c"
+        if rank == 0:
+            if cleanup and i > 1:
+                floor.delete_key(f"{base}/d/{i - 2}")
+            floor.multi_get([f"{base}/u/{i}/{r}" for r in range(1, world)])
+            floor.set(f"{base}/d/{i}", b"ok")
+        else:
+            floor.set(f"{base}/u/{i}/{rank}", b"here")
+            if cleanup and i > 0:
+                floor.delete_key(f"{base}/u/{i - 1}/{rank}")
+            floor.get(f"{base}/d/{i}")
+
     out: list[Case] = [
+        ("store floor", functools.partial(store_floor, "f"), iters),
+        ("store floor + cleanup", functools.partial(store_floor, "c"), iters),
         ("dist.barrier", dist.barrier, iters),
         ("sd.barrier", lambda: sd.barrier("bench"), iters),
         ("barrier_after", step, iters),
@@ -208,7 +242,8 @@ def main() -> None:
     if rank == 0:
         medians = {name: statistics.median(v) for name, v in samples.items()}
         with open(args.out, "w") as f:
-            json.dump({"world_size": dist.get_world_size(), "us": medians, "mib": mem}, f)
+            out = {"world_size": dist.get_world_size(), "us": medians, "mib": mem}
+            json.dump({**out, "rounds": samples}, f)
     with contextlib.suppress(Exception):
         dist.barrier()
     dist.destroy_process_group()

@@ -35,6 +35,7 @@ import timeit
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Final
 
 import torch
 import wrapt
@@ -96,11 +97,12 @@ FIGURES = [
 
 
 Memory = dict[str, dict[str, float]]
+Rounds = dict[str, list[float]]  # each case's per-call time in each round, µs
 
 
 def run_ranks(
     n: int, args: argparse.Namespace, only: list[str] | None = None
-) -> tuple[dict[str, float], Memory]:
+) -> tuple[dict[str, float], Memory, Rounds]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         cmd = [
@@ -114,13 +116,23 @@ def run_ranks(
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         subprocess.run(cmd, check=True, env=env, timeout=1800, stdout=subprocess.DEVNULL)
         result = json.loads(out.read_text())
-        return result["us"], result["mib"]
+        return result["us"], result["mib"], result["rounds"]
 
 
 def ratio(us: dict[str, float], mine: str, peer: str, how: str) -> float | None:
     if mine not in us or peer not in us:
         return None
     return us[mine] / us[peer] if how == "time" else us[peer] / us[mine]
+
+
+def spread(rounds: Rounds, mine: str, peer: str, how: str) -> str:
+    """The ratio's range over the rounds (each round times every case once,
+    interleaved): ``[min-max]``."""
+    if mine not in rounds or peer not in rounds:
+        return ""
+    pairs = zip(rounds[mine], rounds[peer], strict=True)
+    values = [m / p if how == "time" else p / m for m, p in pairs]
+    return f" [{min(values):.2f}-{max(values):.2f}]"
 
 
 def verdict(value: float | None, how: str, target: float) -> str:
@@ -153,6 +165,36 @@ def print_memory(memory: dict[int, Memory], tensor_mib: int) -> None:
                 target = "met (about 1)" if copies <= 1.25 else "NOT met (about 1)"
             print(f"| {n} | {how} | {m['private']:.0f} | {m['shared']:.0f} | {node:.0f} "
                   f"| {copies:.2f} | {target} | {m['machine_shmem']:.0f} |")  # fmt: skip
+
+
+FLOOR: Final = ("store floor", "store floor + cleanup")
+SMALL: Final = ("barrier_after", "on_main_only(broadcast) small", "broadcast_object_list small")
+
+
+def print_floor(runs: dict[int, tuple[dict[str, float], Rounds]]) -> None:
+    """What the job's store allows: a sync point's store requests alone
+    (see benchmarks/_worker.py), against a sync point, a small broadcast
+    result and broadcast_object_list of the same run."""
+    print(
+        "\n# the store's floor: a sync point's requests alone (members set, rank 0 "
+        "multi_gets and sets, members get), without and with syncdeco's cleanup "
+        "(deleting the previous keys); per-call medians in microseconds; ratios: of "
+        "the medians, [their range over the rounds]\n"
+    )
+    print(
+        "| ranks | store floor | + cleanup | barrier_after | small broadcast "
+        "| broadcast_object_list small | floor / bol | floor + cleanup / bol |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for n, (us, rounds) in runs.items():
+        if not all(k in us for k in FLOOR + SMALL):
+            continue
+        bare, clean = (us[k] for k in FLOOR)
+        mine, small, bol = (us[k] for k in SMALL)
+        low = spread(rounds, FLOOR[0], SMALL[2], "time")
+        high = spread(rounds, FLOOR[1], SMALL[2], "time")
+        print(f"| {n} | {bare:.0f} | {clean:.0f} | {mine:.0f} | {small:.0f} | {bol:.0f} "
+              f"| {bare / bol:.2f}x{low} | {clean / bol:.2f}x{high} |")  # fmt: skip
 
 
 # (case, how the backend is chosen): "explicit" under sd.use_backend(NullBackend()),
@@ -262,7 +304,8 @@ def main() -> None:
         return
     print(
         f"# {args.rounds} interleaved rounds of {args.iters} calls ({args.big_iters} for "
-        f"{args.tensor_mib} MiB tensors); per-call medians in microseconds\n"
+        f"{args.tensor_mib} MiB tensors); per-call medians in microseconds; ratio: of "
+        f"the medians, [its range over the rounds]\n"
     )
     print("| ranks | figure | syncdeco | peer | syncdeco µs | peer µs | ratio | target |")
     print("|---|---|---|---|---|---|---|---|")
@@ -270,16 +313,20 @@ def main() -> None:
     memory: dict[int, Memory] = {}
     if args.scale:
         runs.append((args.scale, ["dist.barrier", "barrier_after", "sd.barrier"]))
+    floors: dict[int, tuple[dict[str, float], Rounds]] = {}
     for n, only in runs:
-        us, memory[n] = run_ranks(n, args, only)
+        us, memory[n], per_round = run_ranks(n, args, only)
+        floors[n] = us, per_round
         for figure, mine, peer, how, target in FIGURES:
             if mine not in us:
                 continue
             value = ratio(us, mine, peer, how)
             peer_us = f"{us[peer]:.0f}" if peer in us else "-"
-            shown = "-" if value is None else f"{value:.2f}x"
+            shown = "-" if value is None else f"{value:.2f}x{spread(per_round, mine, peer, how)}"
             print(f"| {n} | {figure} | {mine} | {peer} | {us[mine]:.0f} | {peer_us} | {shown} "
                   f"| {verdict(value, how, target)} |")  # fmt: skip
+
+    print_floor(floors)
 
     print_memory(memory, args.tensor_mib)
 

@@ -76,7 +76,7 @@ class Site:
 class _Region(NamedTuple):
     kind: str  # "main_first" or "on_main_only"
     local: bool
-    where: str
+    where: Site  # (formatted only for a message: not on every call)
 
 
 # The body of a main_first or on_main_only that is running right now.
@@ -366,7 +366,7 @@ class MainFirst:
             yield _Prepare(at)
         else:
             yield at
-        return True, _region.set(_Region(self.kind, self.local, str(self.site)))
+        return True, _region.set(_Region(self.kind, self.local, self.site))
 
     def exit(
         self, backend: Backend, state: object, exc: BaseException | None, result: object
@@ -402,14 +402,14 @@ class OnMainOnly:
             return self._broadcast(backend)
         if not _is_main(backend, self.local):
             return False, self.default
-        return True, _region.set(_Region(self.kind, self.local, str(self.site)))
+        return True, _region.set(_Region(self.kind, self.local, self.site))
 
     def _broadcast(self, backend: Backend) -> Steps[tuple[bool, object]]:
         at = _Meet(backend, self.kind, self.site, self.local, self.timeout, prepare=True)
         if not _is_main(backend, self.local):
             return False, unshare((yield at))  # the main rank's result
         yield _Prepare(at)
-        return True, _region.set(_Region(self.kind, self.local, str(self.site)))
+        return True, _region.set(_Region(self.kind, self.local, self.site))
 
     def exit(
         self, backend: Backend, state: object, exc: BaseException | None, result: object

@@ -12,8 +12,7 @@ deadline as wall-clock time for a frame that crosses hosts
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Final, final
+from typing import Final, NamedTuple, final
 
 __all__ = ["GRACE", "STACK_WAIT", "WITHDRAW_MARGIN", "Deadline"]
 
@@ -23,10 +22,11 @@ WITHDRAW_MARGIN: Final = 1.0  # seconds before a member's deadline to look for i
 
 
 @final
-@dataclass(frozen=True, slots=True)
-class Deadline:
+class Deadline(NamedTuple):
     """When a wait ends (``at``, monotonic; None: never), for a sync point
-    whose timeout is ``timeout`` seconds (None: none)."""
+    whose timeout is ``timeout`` seconds (None: none).  (A named tuple: every
+    rank makes one at every sync point, and a frozen dataclass's init costs
+    a few times more.)"""
 
     at: float | None
     timeout: float | None

@@ -442,7 +442,8 @@ class Exchange:
         if stacks is not None and world:
             missing = self._with_nodes(missing, stacks)
         last_seen = self.last_seen(missing)
-        last_seen.update((r, where) for r, where in told.items() if where is not None)
+        if told:
+            last_seen.update((r, where) for r, where in told.items() if where is not None)
         verdict: Verdict | None = protocol.judge(
             seq, point, self.rank, failure, arrived, missing, last_seen, stacks, agreed
         )
@@ -511,15 +512,18 @@ class Exchange:
         deadline: Deadline,
         mail: Transport,
     ) -> object:
-        main, mine = way.main, deadline.extended(way.tiers)
-        self._send(mail, base, seq, Frame.of(seq, self.rank, point, failure, mine.wall()))
-        self.waiting = Wait(time.monotonic(), point.describe(), False, main, (), base, seq)
+        main, mine, where = way.main, deadline.extended(way.tiers), point.describe()
+        frame = Frame(
+            seq, self.rank, point.kind, point.name, point.count, failure, where, mine.wall()
+        )
+        self._send(mail, base, seq, frame)
+        self.waiting = Wait(time.monotonic(), where, False, main, (), base, seq)
         try:
             verdict = load_verdict(mail.receive(base, seq, self.rank, mine))
         except Late:
             verdict = self._give_up(base, seq, main, point, deadline, mail)
         self.sent[way.scope] = (mail, base, seq)
-        return self._heard(verdict, main, point, seq, way.scope == "w", deadline)
+        return self._heard(verdict, main, point, seq, way.scope == "w", deadline, where)
 
     def _note(self, frames: Sequence[Frame] | Any, agreed: Sequence[Agreed] = ()) -> None:
         """Remember what members' frames say of their ranks: that one is
@@ -542,10 +546,12 @@ class Exchange:
         seq: int,
         world: bool,
         deadline: Deadline,
+        where: str | None = None,
     ) -> object:
         """A member has its verdict from ``main``: remember what it says, and
-        return the result or raise."""
-        self.seen[main] = (point.describe(), time.time())
+        return the result or raise.  ``where``: ``point`` described, if it
+        was already."""
+        self.seen[main] = (point.describe() if where is None else where, time.time())
         gone = protocol.marks_gone(verdict, main, self.tier is not None and world)
         if gone is not None:
             self.gone[gone] = cast(Failed, verdict).failure
@@ -596,7 +602,10 @@ class Exchange:
         deadline: Deadline,
     ) -> object:
         plan = cast(pernode.Plan, verdict.plan)
-        tensors = _off_wire(pernode.receive(self, seq, plan, main, world, point, deadline), plan)
+        tensors: list[torch.Tensor] = []
+        if plan[1]:  # the result has tensors: they follow the verdict
+            got = pernode.receive(self, seq, plan, main, world, point, deadline)
+            tensors = _off_wire(got, plan)
         if verdict.data is None:
             return None
         try:

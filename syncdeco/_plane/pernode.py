@@ -89,15 +89,6 @@ def prepare(
     sent.  Raises (and the others hear of it) where that cannot be done."""
     share = isinstance(payload, Share)
     value = payload.value if isinstance(payload, Share) else payload
-    ours = exchange.broadcast is dist.broadcast  # not a simulated rank's broadcast
-    if not ours and world:
-        mode = BCAST
-    elif share:
-        mode = SHARE
-    elif world and exchange.wire_device().type != "cpu":
-        mode = BCAST  # NCCL: CUDA to CUDA, which crosses the network once per node already
-    else:
-        mode = NODE
     tensors: list[torch.Tensor] = []
     try:
         data = wire.dumps(value, tensors)
@@ -107,6 +98,17 @@ def prepare(
             f"{point.describe()} to broadcast it; return something picklable."
         )
         raise
+    if not tensors:
+        return data, (BCAST, []), []  # (how tensors would travel matters only with some)
+    ours = exchange.broadcast is dist.broadcast  # not a simulated rank's broadcast
+    if not ours and world:
+        mode = BCAST
+    elif share:
+        mode = SHARE
+    elif world and exchange.wire_device().type != "cpu":
+        mode = BCAST  # NCCL: CUDA to CUDA, which crosses the network once per node already
+    else:
+        mode = NODE
     if mode == SHARE:
         for tensor in tensors:
             if tensor.device.type != "cpu":

@@ -166,6 +166,8 @@ def gone_frames(route: Route, rank: int, gone: Mapping[int, Failure], seq: int) 
     answers at once, with their exits as their frames.  The world's main
     hears of any rank's exit (through its node's main with tiers), so any
     gone rank counts at a world sync point; elsewhere, only members."""
+    if not gone:
+        return {}
     world_main = route.kind == MAIN and route.scope == "w"
     return {
         r: Frame.exit(seq, failure)

@@ -19,27 +19,38 @@ __all__ = ["Meta", "dumps", "loads", "meta", "off_wire", "on_wire", "receive_buf
 Meta = tuple[tuple[int, ...], torch.dtype, str, bool, bool]  # shape, dtype, device, grad, param
 
 
+_TENSORS: Final = (torch.Tensor, torch.nn.Parameter)  # exact types: subclasses pickle as they do
+
+
+def _tensor(index: int) -> torch.Tensor:
+    """Where a result's tensor goes in its pickle.  Only :class:`_Unpickler`
+    resolves it (to the tensor that came by broadcast)."""
+    raise pickle.UnpicklingError(f"tensor {index} of a result read without its tensors")
+
+
 class _Pickler(pickle.Pickler):
+    """Takes a result's tensors out of its pickle.  ``reducer_override``,
+    not ``persistent_id``: pickle calls it only for objects that are not
+    of its built-in types (str, int, list, dict, ...), so a result of plain
+    data pickles at C speed (a dict of 80 strings: 2 µs against 15)."""
+
     def __init__(self, file: io.BytesIO, tensors: list[torch.Tensor]) -> None:
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
         self.tensors = tensors
-        self.seen: dict[int, int] = {}
 
-    def persistent_id(self, obj: object) -> int | None:
-        if type(obj) not in (torch.Tensor, torch.nn.Parameter):
-            return None
+    def reducer_override(self, obj: object) -> object:
+        if type(obj) not in _TENSORS:
+            return NotImplemented
         tensor = cast(torch.Tensor, obj)
         if (
             tensor.layout != torch.strided
             or tensor.is_quantized
             or tensor.device.type not in ("cpu", "cuda")
         ):
-            return None  # pickled like any other object
-        index = self.seen.get(id(tensor))
-        if index is None:  # the same tensor twice is sent once, and stays one
-            index = self.seen[id(tensor)] = len(self.tensors)
-            self.tensors.append(tensor)
-        return index
+            return NotImplemented  # pickled like any other object
+        # (pickle's memo sends the same tensor twice once, and it stays one)
+        self.tensors.append(tensor)
+        return _tensor, (len(self.tensors) - 1,)
 
 
 class _Unpickler(pickle.Unpickler):
@@ -47,11 +58,15 @@ class _Unpickler(pickle.Unpickler):
         super().__init__(file)
         self.tensors = tensors
 
-    def persistent_load(self, pid: object) -> torch.Tensor:
-        return self.tensors[cast(int, pid)]
+    def find_class(self, module: str, name: str) -> object:
+        if module == __name__ and name == "_tensor":
+            return self.tensors.__getitem__
+        return super().find_class(module, name)
 
 
 def dumps(payload: object, tensors: list[torch.Tensor] | None) -> bytes:
+    """``payload`` pickled; with ``tensors``, its tensors are appended there
+    instead (they travel by broadcast)."""
     if tensors is None:
         return pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
     buffer = io.BytesIO()
@@ -60,6 +75,9 @@ def dumps(payload: object, tensors: list[torch.Tensor] | None) -> bytes:
 
 
 def loads(data: bytes, tensors: list[torch.Tensor]) -> object:
+    """What :func:`dumps` wrote, with its tensors (as they came) put back."""
+    if not tensors:
+        return pickle.loads(data)  # no tensor: a plain pickle
     return _Unpickler(io.BytesIO(data), tensors).load()
 
 
