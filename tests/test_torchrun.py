@@ -85,12 +85,6 @@ def test_local_main_first_on_two_torchrun_nodes(tmp_path: Path) -> None:
         assert len(before - ours) == len(torch_own), facts  # one group each
 
 
-# The survivors may still be between two sync points when rank 1 is killed:
-# fail-fast (on by default, test_failfast.py) would end them there; with it
-# off, their next sync point names the kill, which is what is tested here.
-NO_FAIL_FAST = {"SYNCDECO_FAIL_FAST": "0"}
-
-
 def test_a_killed_rank_is_named_within_5s_under_a_slow_monitor(tmp_path: Path) -> None:
     # torchrun looks at its workers once a minute here, so it does not tear
     # the job down in time: the survivors, waiting with timeout=None, must
@@ -99,7 +93,7 @@ def test_a_killed_rank_is_named_within_5s_under_a_slow_monitor(tmp_path: Path) -
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "3",
         "--monitor-interval", "60", "--master-port", str(_free_port()),
         str(KILLED), str(tmp_path),
-    ], extra_env=NO_FAIL_FAST)  # fmt: skip
+    ])  # fmt: skip
     # The agent itself notices its workers ended only at its next look (a
     # minute): stop reading once both survivors have spoken.
     said = ("[rank 0] RankKilledError", "[rank 2] RankKilledError")

@@ -81,6 +81,9 @@ def main(scenario: str, tmp: Path) -> None:
         # A rank is SIGKILLed (no exit handler runs) while the others wait
         # with no timeout: the ranks of its host see its process end.
         victim = 0 if scenario == "killed_main" else 1
+        # Every rank's Gloo group is up after a second sync point (a kill
+        # while another rank still connects its side fails that one there).
+        meet("ready")
         if sd.rank() == victim:
             (tmp / "killed-at").write_text(repr(time.time()))
             os.kill(os.getpid(), signal.SIGKILL)

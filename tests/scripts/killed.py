@@ -4,7 +4,9 @@ others wait for it at a sync point with no timeout.
     torchrun --nproc-per-node 3 --monitor-interval 60 killed.py DIR
 
 torchrun looks at its workers once a minute here, so it does not stop the
-survivors before they have heard of the kill from syncdeco.
+survivors before they have heard of the kill from syncdeco.  Fail-fast is
+off: a survivor not yet at "end of epoch" when the kill comes would end at
+once instead (docs/hangs.md), and this shows what the sync point says.
 """
 
 import os
@@ -16,6 +18,7 @@ from pathlib import Path
 import syncdeco as sd
 
 killed_at = Path(sys.argv[1]) / "killed-at"
+sd.init(fail_fast=False)  # the first sync point: every rank's group is up after it
 sd.barrier("warm up")
 if sd.rank() == 1:
     killed_at.write_text(repr(time.time()))
