@@ -9,7 +9,7 @@ import mmap
 import pickle
 import sys
 from collections.abc import Callable, Sequence
-from typing import Final, cast
+from typing import Any, Final, cast
 
 import torch
 import torch.distributed as dist
@@ -38,7 +38,7 @@ class _Pickler(pickle.Pickler):
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
         self.tensors = tensors
 
-    def reducer_override(self, obj: object) -> object:
+    def reducer_override(self, obj: object) -> Any:  # a reduce tuple, or NotImplemented
         if type(obj) not in _TENSORS:
             return NotImplemented
         tensor = cast(torch.Tensor, obj)
