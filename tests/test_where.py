@@ -420,5 +420,8 @@ def test_the_where_benchmark_runs(tmp_path: Path) -> None:
     out = run_forked([str(bench), "--smoke"], tmp_path, {"PYTHONPATH": str(ROOT)}, timeout=300)
     (row,) = [ln.split() for ln in out.splitlines() if ln.split()[:1] == ["16"]]
     # requests per query: the asker's (one a rank and a few), the responders'
-    # (7 a rank, some of which may come after the count is read)
-    assert int(row[-3]) > 16 and 5 * 16 <= int(row[-2]) <= 7 * 16, out
+    # (7 a rank, some of which may come after the count is read; under load
+    # also the wait each goes back to, and a responder's first check and
+    # wait where it had not reached them when the count began: 164 seen
+    # once at load 5).  A responder that polled would send hundreds each.
+    assert int(row[-3]) > 16 and 5 * 16 <= int(row[-2]) <= 12 * 16, out
