@@ -29,6 +29,7 @@ from syncdeco._backend import Failure
 from syncdeco._plane import failfast, lease, pulse
 from syncdeco._plane.exits import killed_failure
 from syncdeco._plane.nodewatch import lost_failure
+from syncdeco.testing import launcher_env
 
 RANKS = Path(__file__).parent / "scripts" / "failfast_ranks.py"
 ENDED_WITHIN = 60.0  # seconds a test waits for a rank to end before it fails (no timing promise)
@@ -304,6 +305,42 @@ def test_a_slow_rank_is_no_loss_and_a_killed_one_ends_the_others(three_ranks) ->
 # -- two nodes ----------------------------------------------------------------------------
 
 
+def _slurm(
+    c: netns.Cluster, rank: int, world: int, per_node: int, port: int, on: bool
+) -> dict[str, str]:
+    """SLURM's variables for ``rank`` of a job on ``c`` (rank 0 hosts the
+    job's store), fail-fast ``on`` or off."""
+    return {
+        **launcher_env("slurm", rank, world, per_node),
+        "SLURM_JOB_ID": "4343",
+        "SLURM_NNODES": str(world // per_node),
+        "SLURMD_NODENAME": c.hosts[rank // per_node],
+        "MASTER_ADDR": c.hosts[0],
+        "MASTER_PORT": str(port),
+        "SYNCDECO_FAIL_FAST": "1" if on else "0",
+    }
+
+
+class _Job:
+    """The ranks of a job on a cluster: their output, and waits on them
+    that fail the test (with every rank's output) if a rank ends first."""
+
+    def __init__(self, procs: list) -> None:
+        self.procs = procs
+
+    def logs(self) -> str:
+        return "\n".join(f"--- rank {r}:\n{p.output()[-3000:]}" for r, p in enumerate(self.procs))
+
+    def until(self, ready, what: str, survivors: tuple[int, ...] | None = None) -> None:
+        watched = range(len(self.procs)) if survivors is None else survivors
+        deadline = time.monotonic() + 120
+        while not ready():
+            ended = any(self.procs[r].poll() is not None for r in watched)
+            if time.monotonic() > deadline or ended:
+                pytest.fail(f"{what}: not so\n{self.logs()}")
+            time.sleep(0.05)
+
+
 @pytest.mark.parametrize("lost", [1, 0], ids=["second-node", "store-host"])
 def test_a_node_lost_while_the_others_are_in_their_all_reduce_ends_them(
     tmp_path: Path, lost: int
@@ -325,32 +362,12 @@ def test_a_node_lost_while_the_others_are_in_their_all_reduce_ends_them(
     with netns.Cluster(nodes=2, workdir=tmp_path / "cluster") as c:
         port, procs = c.port(), []
         for rank in range(4):
-            env = {
-                "SLURM_JOB_ID": "4343",
-                "SLURM_STEP_ID": "0",
-                "SLURM_PROCID": str(rank),
-                "SLURM_NTASKS": "4",
-                "SLURM_LOCALID": str(rank % 2),
-                "SLURM_NODEID": str(rank // 2),
-                "SLURM_NNODES": "2",
-                "SLURM_TASKS_PER_NODE": "2(x2)",
-                "SLURMD_NODENAME": c.hosts[rank // 2],
-                "MASTER_ADDR": c.hosts[0],
-                "MASTER_PORT": str(port),
-                "SYNCDECO_FAIL_FAST": "1",
-            }
+            env = _slurm(c, rank, 4, 2, port, True)
             argv = [sys.executable, str(RANKS), str(tmp_path), "--busy", *map(str, lost_ranks)]
             procs.append(c.start(rank // 2, argv, env))
 
-        def logs() -> str:
-            return "\n".join(f"--- rank {r}:\n{p.output()[-3000:]}" for r, p in enumerate(procs))
-
-        def until(ready, what: str) -> None:
-            deadline = time.monotonic() + 120
-            while not ready():
-                if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
-                    pytest.fail(f"{what}: not so\n{logs()}")
-                time.sleep(0.05)
+        job = _Job(procs)
+        logs, until = job.logs, job.until
 
         until(lambda: all((tmp_path / f"ready-{r}.json").exists() for r in range(4)), "ready")
         (tmp_path / "go-1").write_text("")
@@ -392,9 +409,9 @@ def test_a_node_lost_ends_the_ranks_of_every_other_node_not_only_the_watchers(
     (no collective's failure can end them), rank 2 computes, and node 2 is
     lost (link cut, then its processes killed).
 
-    Fail-fast on: rank 0 judges node 2 lost, marks node 1's lease and ends;
-    node 1's pulse finds the mark at its next renewal and its main, rank 1,
-    ends: both with exit code 75 and one error naming rank 2 on node2 (for
+    Fail-fast on: rank 0 judges node 2 lost, writes the job's loss mark and
+    ends; node 1's pulse, waiting for the mark, hands it to its main, rank 1,
+    which ends: both with exit code 75 and one error naming rank 2 on node2 (for
     rank 1, as heard first by rank 0).  Off: nothing ends; once rank 0 has
     judged node 2 lost, the test lets ranks 0 and 1 go on to a sync point,
     which raises on both, naming rank 2."""
@@ -404,33 +421,12 @@ def test_a_node_lost_ends_the_ranks_of_every_other_node_not_only_the_watchers(
     with netns.Cluster(nodes=3, workdir=tmp_path / "cluster") as c:
         port, procs = c.port(), []
         for rank in range(3):
-            env = {
-                "SLURM_JOB_ID": "4344",
-                "SLURM_STEP_ID": "0",
-                "SLURM_PROCID": str(rank),
-                "SLURM_NTASKS": "3",
-                "SLURM_LOCALID": "0",
-                "SLURM_NODEID": str(rank),
-                "SLURM_NNODES": "3",
-                "SLURM_TASKS_PER_NODE": "1(x3)",
-                "SLURMD_NODENAME": c.hosts[rank],
-                "MASTER_ADDR": c.hosts[0],
-                "MASTER_PORT": str(port),
-                "SYNCDECO_FAIL_FAST": "1" if on else "0",
-            }
+            env = {**_slurm(c, rank, 3, 1, port, on), "SLURM_JOB_ID": "4344"}
             argv = [sys.executable, str(RANKS), str(tmp_path), "--busy", "2", "--wait", "0", "1"]
             procs.append(c.start(rank, [*argv, "--debug"], env))
 
-        def logs() -> str:
-            return "\n".join(f"--- rank {r}:\n{p.output()[-3000:]}" for r, p in enumerate(procs))
-
-        def until(ready, what: str, survivors: tuple[int, ...] = (0, 1, 2)) -> None:
-            deadline = time.monotonic() + 120
-            while not ready():
-                ended = any(procs[r].poll() is not None for r in survivors)
-                if time.monotonic() > deadline or ended:
-                    pytest.fail(f"{what}: not so\n{logs()}")
-                time.sleep(0.05)
+        job = _Job(procs)
+        logs, until = job.logs, job.until
 
         until(lambda: all((tmp_path / f"ready-{r}.json").exists() for r in range(3)), "ready")
         (tmp_path / "go-1").write_text("")
