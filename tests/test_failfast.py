@@ -172,6 +172,23 @@ class _Counting:
         return counted
 
 
+def test_the_store_host_waits_only_for_pulses_that_can_still_hear_the_mark() -> None:
+    # Seen under torchrun: the rank whose end ends the store waited its whole
+    # 2 s for the lost node's pulse (gone with its node), and the agent's
+    # SIGTERM came first.
+    readings = {
+        "a": lease.read(lease.alive(1, "a", (0, 1))),
+        "b": lease.read(lease.alive(4, "b", (2, 3))),  # lost: its pulse went with it
+        "c": lease.read(lease.ended("c", (4,))),  # its ranks all ended: its pulse too
+        "d": lease.read(lease.alive(9, "d", (5,))),
+    }
+    assert pulse.awaited(readings, (2, 3)) == ["a", "d"]
+    assert pulse.awaited(readings, ()) == ["a", "b", "d"]
+    note = json.dumps({"how": "fail-fast", "ranks": [2, 3], "host": "b", "said": "x"})
+    assert failfast.lost_in(note.encode()) == (2, 3)
+    assert failfast.lost_in(b"not a note") == ()
+
+
 def test_the_loss_mark_takes_one_request_and_every_waiting_pulse_hears_it() -> None:
     """pulse.mark, pulse.listen and pulse.linger against a real TCPStore in
     this process (no rank: the store's answers are the rule's input)."""

@@ -66,6 +66,7 @@ __all__ = [
     "end",
     "loss_from_failure",
     "loss_from_note",
+    "lost_in",
     "message",
     "nodes_lost",
     "not_said",
@@ -196,6 +197,15 @@ def loss_from_mark(note: bytes) -> Loss | None:
     if not isinstance(said, dict) or said.get("how") != "fail-fast":
         return None
     return _passed_on(said, (-1, ""))
+
+
+def lost_in(note: bytes) -> tuple[int, ...]:
+    """The ranks a fail-fast note (JSON, see :func:`end`) names lost."""
+    try:
+        said = json.loads(note)
+        return tuple(int(r) for r in said.get("ranks", ()))
+    except (ValueError, TypeError, AttributeError):
+        return ()
 
 
 def _were(ranks: Sequence[int]) -> str:

@@ -44,7 +44,17 @@ from typing import IO, Any, Final
 
 from . import lease
 
-__all__ = ["MARK", "Pulse", "heard_key", "lease_key", "linger", "listen", "mark", "start"]
+__all__ = [
+    "MARK",
+    "Pulse",
+    "awaited",
+    "heard_key",
+    "lease_key",
+    "linger",
+    "listen",
+    "mark",
+    "start",
+]
 
 LIST: Final = "pulses"  # the key listing every node that has a pulse: "node main-rank" lines
 MARK: Final = "pulses-mark"  # the job's loss mark: the fail-fast note of the rank that heard first
@@ -170,21 +180,31 @@ def listen(store: Any, node: str, told: Callable[[bytes], None]) -> None:
         return
 
 
-def linger(store: Any, skip: Collection[str], seconds: float) -> bool:
+def linger(store: Any, skip: Collection[str], seconds: float, lost: Collection[int] = ()) -> bool:
     """Wait (``seconds`` at most) until the pulse of every node whose ranks
     still run, but ``skip``'s, has heard the mark.  For the process whose
-    end ends the job's store.  False if some had not at the end."""
+    end ends the job's store.  False if some had not at the end.  ``lost``:
+    the ranks the loss names (their nodes' pulses will never hear it)."""
     deadline = time.monotonic() + seconds
     nodes = [n for n in _listed(store) if n not in skip]
     if not nodes:
         return True
     values = [bytes(v) for v in store.multi_get([lease_key(n) for n in nodes])]
-    keys = [heard_key(n) for n, v in zip(nodes, values, strict=True) if not lease.read(v).ended]
+    readings = {n: lease.read(v) for n, v in zip(nodes, values, strict=True)}
+    keys = [heard_key(n) for n in awaited(readings, lost)]
     while keys and not store.check(keys):
         if time.monotonic() >= deadline:
             return False
         time.sleep(_LINGER_LOOK)
     return True
+
+
+def awaited(readings: Mapping[str, lease.Reading], lost: Collection[int]) -> list[str]:
+    """Of the nodes whose leases read ``readings``, those whose pulse can
+    still hear the mark: not those whose ranks have all ended, nor those of
+    the ranks ``lost`` (the node that was lost, gone with its pulse)."""
+    gone = set(lost)
+    return [n for n, r in readings.items() if not r.ended and not gone.intersection(r.ranks)]
 
 
 def _listed(store: Any) -> list[str]:

@@ -389,7 +389,7 @@ class Session:
             skip = {made.place.node}
             if self.node_watch is not None:
                 skip |= self.node_watch.over()
-            if linger and not pulse.linger(store, skip, _LINGER):
+            if linger and not pulse.linger(store, skip, _LINGER, failfast.lost_in(note)):
                 _log.debug("rank %d ends before every pulse heard the mark", made.rank)
         except Exception as exc:
             _log.debug("rank %d could not write the loss mark: %r", made.rank, exc)
