@@ -413,6 +413,45 @@ def test_a_node_lost_while_the_others_are_in_their_all_reduce_ends_them(
         docs_output.check("tests/scripts/failfast_ranks.py (a lost node)", shown)  # docs/hangs.md
 
 
+def test_a_lost_torchrun_node_ends_the_others_blocked_in_their_all_reduce(tmp_path: Path) -> None:
+    """Two torchrun nodes of two ranks (torchrun's defaults: its agent stops
+    a node's other workers as soon as one exits), fail-fast on by default;
+    ranks 0 and 1 wait in their own ``dist.all_reduce``, node 1's ranks
+    compute, and node 1 is lost.  Both survivors end with exit code 75 (in
+    the agent's summary) and one error each naming ranks 2 and 3: the rank
+    whose agent hosts the store does not wait for the lost node's pulse
+    (when it did, the agent's SIGTERM ended it first, exit -15)."""
+    why = netns.unavailable()
+    if why is not None:
+        pytest.skip(f"multi-node tests need network namespaces: {why}")
+    with netns.Cluster(nodes=2, workdir=tmp_path / "cluster") as c:
+        port, agents = c.port(), []
+        for node in (0, 1):
+            argv = [
+                "timeout", "150", sys.executable, "-m", "torch.distributed.run",
+                "--nnodes", "2", "--nproc-per-node", "2", "--node-rank", str(node),
+                "--master-addr", c.addr(0), "--master-port", str(port),
+                str(RANKS), str(tmp_path), "--busy", "2", "3",
+            ]  # fmt: skip
+            agents.append(c.start(node, argv, {"SYNCDECO_FAIL_FAST": ""}))
+        job = _Job(agents)
+        job.until(lambda: all((tmp_path / f"ready-{r}.json").exists() for r in range(4)), "ready")
+        (tmp_path / "go-1").write_text("")
+        job.until(lambda: all((tmp_path / f"in-1-{r}").exists() for r in range(4)), "in round 1")
+        c.lose(1)
+        try:
+            agents[0].popen.wait(ENDED_WITHIN)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"node 0 still runs {ENDED_WITHIN}s after the loss\n{job.logs()}")
+        said = agents[0].output()
+        pids = {r: json.loads((tmp_path / f"ready-{r}.json").read_text())["pid"] for r in (0, 1)}
+        for rank, pid in pids.items():
+            assert f"exitcode  : 75 (pid: {pid})" in said, said  # torchrun's summary
+            errors = [ln for ln in said.splitlines() if f"syncdeco fail-fast: rank {rank} " in ln]
+            assert len(errors) == 1, said
+            assert "ranks 2 and 3 on node1 were lost with their node" in errors[0], said
+
+
 # -- three nodes --------------------------------------------------------------------------
 
 
