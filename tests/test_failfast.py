@@ -415,12 +415,14 @@ def test_a_node_lost_while_the_others_are_in_their_all_reduce_ends_them(
 
 def test_a_lost_torchrun_node_ends_the_others_blocked_in_their_all_reduce(tmp_path: Path) -> None:
     """Two torchrun nodes of two ranks (torchrun's defaults: its agent stops
-    a node's other workers as soon as one exits), fail-fast on by default;
-    ranks 0 and 1 wait in their own ``dist.all_reduce``, node 1's ranks
-    compute, and node 1 is lost.  Both survivors end with exit code 75 (in
-    the agent's summary) and one error each naming ranks 2 and 3: the rank
-    whose agent hosts the store does not wait for the lost node's pulse
-    (when it did, the agent's SIGTERM ended it first, exit -15)."""
+    a node's other workers, SIGTERM, as soon as one exits), fail-fast on by
+    default; ranks 0 and 1 wait in their own ``dist.all_reduce``, node 1's
+    ranks compute, and node 1 is lost.  Node 0's agent ends with the job:
+    the first of its ranks to end exits 75 with one error naming ranks 2 and
+    3, and the other either does the same or is ended by the agent's SIGTERM
+    before it could (seen under load; torchrun's summary says which).  That
+    the rank whose agent hosts the store waits for no lost node's pulse is
+    tested with plain values above."""
     why = netns.unavailable()
     if why is not None:
         pytest.skip(f"multi-node tests need network namespaces: {why}")
@@ -445,11 +447,20 @@ def test_a_lost_torchrun_node_ends_the_others_blocked_in_their_all_reduce(tmp_pa
             pytest.fail(f"node 0 still runs {ENDED_WITHIN}s after the loss\n{job.logs()}")
         said = agents[0].output()
         pids = {r: json.loads((tmp_path / f"ready-{r}.json").read_text())["pid"] for r in (0, 1)}
+        ended = {}  # rank: how torchrun's summary says it ended
         for rank, pid in pids.items():
-            assert f"exitcode  : 75 (pid: {pid})" in said, said  # torchrun's summary
+            if f"exitcode  : 75 (pid: {pid})" in said:
+                ended[rank] = "fail-fast"
+            elif f"exitcode  : -15 (pid: {pid})" in said:
+                ended[rank] = "the agent's SIGTERM"
+        assert len(ended) == 2 and "fail-fast" in ended.values(), (ended, said)
+        for rank, how in ended.items():
             errors = [ln for ln in said.splitlines() if f"syncdeco fail-fast: rank {rank} " in ln]
-            assert len(errors) == 1, said
-            assert "ranks 2 and 3 on node1 were lost with their node" in errors[0], said
+            if how == "fail-fast":
+                assert len(errors) == 1, said
+                assert "ranks 2 and 3 on node1 were lost with their node" in errors[0], said
+            else:
+                assert len(errors) <= 1, said  # the SIGTERM may come after its error
 
 
 # -- three nodes --------------------------------------------------------------------------
