@@ -224,20 +224,9 @@ def simulated(sizes: Sequence[int], rounds: int) -> str:
 # -- a real job -------------------------------------------------------------------
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                stat = Path(f"/proc/{name}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat[stat.rfind(")") + 2 :].split()[1]) == pid:
-                found.append(int(name))
-    return found
-
-
 def real(world: int, rounds: int) -> str:
+    from syncdeco._jobs import children
+
     script = ROOT / "tests" / "scripts" / "where_job.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -284,7 +273,7 @@ def real(world: int, rounds: int) -> str:
                     (took, float(asked[1]) / 1e3 if asked else 0.0, _server_cpu(agent.pid) - cpu)
                 )
     finally:
-        for pid in {*pids, *_children(agent.pid)}:
+        for pid in {*pids, *children(agent.pid)}:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

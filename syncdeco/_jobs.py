@@ -23,7 +23,7 @@ from typing import Final, final
 from ._env import LaunchEnvError, detect_launch
 from ._startup import namespace
 
-__all__ = ["LocalJob", "LocalRank", "job_of", "local_jobs", "read_environ"]
+__all__ = ["LocalJob", "LocalRank", "children", "job_of", "local_jobs", "read_environ"]
 
 # The variables that name a run of a job, most telling first (see job_id).
 _ID_VARIABLES: Final = ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "OMPI_MCA_ess_base_jobid")
@@ -97,6 +97,11 @@ def _parent(pid: int, proc: Path) -> int:
         return 0
     fields = stat[stat.rfind(")") + 2 :].split()
     return int(fields[1]) if len(fields) > 1 else 0
+
+
+def children(pid: int, proc: Path = Path("/proc")) -> list[int]:
+    """The processes whose parent is ``pid`` (a launcher's agent: its ranks)."""
+    return [child for child in _pids(proc) if _parent(child, proc) == pid]
 
 
 def _ancestors(pid: int, proc: Path) -> set[int]:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from scripted import LAUNCHER_VARIABLES, run_forked, start_script
 
 from syncdeco.__main__ import main
-from syncdeco._jobs import local_jobs
+from syncdeco._jobs import children, local_jobs
 from syncdeco._plane.stacks import StackReport, SyncSeen, _format, who_key
 from syncdeco._where import StoreJob, WhereError, choose, jobs_in
 from syncdeco._where_text import as_data, format_where, group, parse_stack, rank_ranges
@@ -68,24 +68,10 @@ def _where_here(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, st
     return code, out, err
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{name}/stat").read_text()
-        except OSError:
-            continue
-        if int(stat[stat.rfind(")") + 2 :].split()[1]) == pid:
-            found.append(int(name))
-    return found
-
-
 def _end_job(agent: subprocess.Popen, ranks: list[int]) -> None:
     """Kill the job's ranks (torchrun starts each in a session of its own),
     then its agent, and reap it: nothing is left behind."""
-    for pid in {*ranks, *_children(agent.pid)}:
+    for pid in {*ranks, *children(agent.pid)}:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
