@@ -299,9 +299,11 @@ def real(world: int, rounds: int) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="16 simulated ranks, one round")
-    parser.add_argument("--real", type=int, metavar="N", help="a real torchrun job of N ranks")
+    parser.add_argument("--real", type=int, metavar="N", help="a real torchrun job of N ranks (4 or more)")
     parser.add_argument("--rounds", type=int, default=ROUNDS)
     args = parser.parse_args(argv)
+    if args.real is not None and args.real < 4:
+        parser.error(f"--real {args.real}: the job needs 4 ranks or more (rank 3 is the stuck one)")
     print(f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}", flush=True)
     if args.real:
         print(real(args.real, args.rounds))
