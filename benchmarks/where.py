@@ -299,7 +299,9 @@ def real(world: int, rounds: int) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="16 simulated ranks, one round")
-    parser.add_argument("--real", type=int, metavar="N", help="a real torchrun job of N ranks (4 or more)")
+    parser.add_argument(
+        "--real", type=int, metavar="N", help="a real torchrun job of N ranks (4 or more)"
+    )
     parser.add_argument("--rounds", type=int, default=ROUNDS)
     args = parser.parse_args(argv)
     if args.real is not None and args.real < 4:
