@@ -10,9 +10,11 @@ cost on the Null backend is measured in this process, with the backend
 chosen explicitly and on the default path (none chosen), in interleaved
 rounds, as ranges and ratios to a wrapt pass-through of the same round:
 
-    python benchmarks/run.py --null-only   # only that (a minute)  Peers: raw
-torch.distributed always; Accelerate's ``main_process_first`` and Lightning's
-``rank_zero_only`` when installed (``pip install -e ".[bench]"``).
+    python benchmarks/run.py --null-only   # only that (a minute)
+
+Peers: raw torch.distributed always; Accelerate's ``main_process_first``
+and Lightning's ``rank_zero_only`` when installed (``pip install -e
+".[bench]"``).
 
 A tensor result is measured three ways: each rank its own copy
 (``on_main_only(broadcast=True)``), every rank of the node the same shared

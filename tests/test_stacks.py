@@ -48,6 +48,26 @@ def waits_at(function: str) -> int:
     raise AssertionError(f"no '# waits: {function}' line in {SCRIPT}")
 
 
+def stop(pid: int, within: float = 10.0) -> None:
+    """SIGSTOP ``pid`` and wait until every thread of it has stopped: each
+    thread stops on its own way back to user space, after ``kill`` returns
+    (on a loaded machine, a thread already woken may not have run yet)."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + within
+    while True:
+        states = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+            except (FileNotFoundError, ProcessLookupError):
+                pass  # a thread that ended meanwhile
+        if all(state in "Tt" for state in states):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"process {pid} did not stop within {within:g} s: {states}")
+        time.sleep(0.001)
+
+
 def answering(store: Any, prefix: str, rank: int = 0) -> None:
     """Wait until the stack responder of ``rank`` under ``prefix`` has said in
     the store that it answers (the key fetch_stacks looks for), through
@@ -204,14 +224,14 @@ def test_a_rank_holding_the_gil_is_reported_as_not_answering(server: Any, childr
 def test_a_stopped_rank_is_reported_as_stopped(server: Any, children: Any) -> None:
     child = children("sleep")
     child.reached("load_batch")
-    os.kill(child.proc.pid, signal.SIGSTOP)
+    stop(child.proc.pid)
     try:
         began = time.monotonic()
         report = fetch_stacks(server, PREFIX, [1], timeout=1.0)[1]
         took = time.monotonic() - began
     finally:
         os.kill(child.proc.pid, signal.SIGCONT)
-    assert not report.answered
+    assert not report.answered, (report.pid, child.proc.pid, report.stack)
     assert report.reason is not None
     assert report.where().startswith("did not answer within 1 s: its process is stopped (SIGSTOP")
     assert took < 1.0 + 5.0, took
@@ -228,12 +248,12 @@ def test_a_rank_without_a_responder_is_named_as_such(server: Any) -> None:
 def test_a_late_reply_is_not_taken_for_a_later_request(server: Any, children: Any) -> None:
     child = children("phases")
     child.reached("phase_one")
-    os.kill(child.proc.pid, signal.SIGSTOP)
+    stop(child.proc.pid)
     try:
         first = fetch_stacks(server, PREFIX, [1], timeout=0.5)[1]
     finally:
         os.kill(child.proc.pid, signal.SIGCONT)
-    assert not first.answered
+    assert not first.answered, (first.pid, child.proc.pid, first.stack)
     # Resumed, the child answers that first request late, from phase_one.
     late = _stacks._Keys(PREFIX, 1).reply(1)
     server.wait([late], timedelta(seconds=START))

@@ -855,8 +855,11 @@ class Exchange:
         self, failure: Failure, store: Any, *, elsewhere: Sequence[int] | None = None
     ) -> bool:
         """Report the exit of a rank on this node whose process ended
-        without saying so itself; False if it had (or another rank reported
-        it first).  The ranks are in step, so the next sync point that rank
+        without saying so itself; False if it had said how it ended, or
+        another rank reported a different end first.  (Two reports of the
+        same end both return True: a compare-and-set cannot tell them
+        apart, and the second one's offers never replace the first's.)
+        The ranks are in step, so the next sync point that rank
         would have joined is this rank's current one or the one after.
         ``elsewhere``: the rank is on another node, whose ranks these are
         (its node was lost, or its pulse saw it end)."""

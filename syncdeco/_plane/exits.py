@@ -99,8 +99,10 @@ def say_exit(
     the other members' frames, so that a main waiting for every frame (a
     slow member among them) wakes at once.  First hand, in one request per
     store with no reply.  Second hand, at this rank's current sync point
-    and the next, never replacing what is there, and only if nobody did it
-    before: a compare-and-set on one key per rank settles that.  ``store``:
+    and the next, never replacing what is there, and only if nobody wrote
+    another end of that rank before: a compare-and-set on one key per rank
+    settles that (a second report of the same end goes on, and changes
+    nothing).  ``store``:
     the job's store; ``node``: a connection to the node's store, with
     tiers (None: none, or gone with its main)."""
     gone = dump_failure(failure)
