@@ -84,11 +84,35 @@ def cases(rank: int, iters: int, big_iters: int, tensor_mib: int) -> list[Case]:
     # next), rank 0 the answer of two calls back (before reading; every
     # member has read it once its next key is there).  That is the least a
     # sync point of syncdeco's design costs.  Without cleanup the keys stay
-    # (a benchmark's few thousand).
+    # (a benchmark's few thousand).  "queues" is the same exchange over the
+    # store's queues, where a read takes the value away (a queue per member
+    # and direction; rank 0 pops each member's in turn): no cleanup to do,
+    # and no key left.  It is not syncdeco's design (a queue cannot be
+    # looked at by another rank without taking from it, nor written "unless
+    # something is there", which its exit and withdrawal rules need); it
+    # shows what a sync point would gain without the cleanup's requests.
     floor = dist.distributed_c10d._get_default_store().clone()
     floor.set_timeout(timedelta(seconds=600))
     world = dist.get_world_size()
     trips = {"f": itertools.count(), "c": itertools.count()}
+
+    def pop(key: str) -> None:
+        while True:
+            try:
+                floor.queue_pop(key, block=True)
+                return
+            except dist.QueueEmptyError:
+                pass  # the store's wait on a queue can return early: wait again
+
+    def queues_floor() -> None:
+        if rank == 0:
+            for r in range(1, world):
+                pop(f"floor/q/u/{r}")
+            for r in range(1, world):
+                floor.queue_push(f"floor/q/d/{r}", b"ok")
+        else:
+            floor.queue_push(f"floor/q/u/{rank}", b"here")
+            pop(f"floor/q/d/{rank}")
 
     def store_floor(tag: str) -> None:
         i, base = next(trips[tag]), f"floor/{tag}"
@@ -107,6 +131,7 @@ def cases(rank: int, iters: int, big_iters: int, tensor_mib: int) -> list[Case]:
     out: list[Case] = [
         ("store floor", functools.partial(store_floor, "f"), iters),
         ("store floor + cleanup", functools.partial(store_floor, "c"), iters),
+        ("store floor, queues", queues_floor, iters),
         ("dist.barrier", dist.barrier, iters),
         ("sd.barrier", lambda: sd.barrier("bench"), iters),
         ("barrier_after", step, iters),

@@ -169,7 +169,7 @@ def print_memory(memory: dict[int, Memory], tensor_mib: int) -> None:
                   f"| {copies:.2f} | {target} | {m['machine_shmem']:.0f} |")  # fmt: skip
 
 
-FLOOR: Final = ("store floor", "store floor + cleanup")
+FLOOR: Final = ("store floor", "store floor + cleanup", "store floor, queues")
 SMALL: Final = ("barrier_after", "on_main_only(broadcast) small", "broadcast_object_list small")
 
 
@@ -180,23 +180,25 @@ def print_floor(runs: dict[int, tuple[dict[str, float], Rounds]]) -> None:
     print(
         "\n# the store's floor: a sync point's requests alone (members set, rank 0 "
         "multi_gets and sets, members get), without and with syncdeco's cleanup "
-        "(deleting the previous keys); per-call medians in microseconds; ratios: of "
-        "the medians, [their range over the rounds]\n"
+        "(deleting the previous keys), and over the store's queues (a read takes the "
+        "value: nothing to clean up; not syncdeco's design, see benchmarks/_worker.py); "
+        "per-call medians in microseconds; ratios: of the medians, [their range over "
+        "the rounds]\n"
     )
     print(
-        "| ranks | store floor | + cleanup | barrier_after | small broadcast "
-        "| broadcast_object_list small | floor / bol | floor + cleanup / bol |"
+        "| ranks | store floor | + cleanup | queues | barrier_after | small broadcast "
+        "| broadcast_object_list small | floor / bol | floor + cleanup / bol | queues / bol |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for n, (us, rounds) in runs.items():
         if not all(k in us for k in FLOOR + SMALL):
             continue
-        bare, clean = (us[k] for k in FLOOR)
+        bare, clean, queues = (us[k] for k in FLOOR)
         mine, small, bol = (us[k] for k in SMALL)
-        low = spread(rounds, FLOOR[0], SMALL[2], "time")
-        high = spread(rounds, FLOOR[1], SMALL[2], "time")
-        print(f"| {n} | {bare:.0f} | {clean:.0f} | {mine:.0f} | {small:.0f} | {bol:.0f} "
-              f"| {bare / bol:.2f}x{low} | {clean / bol:.2f}x{high} |")  # fmt: skip
+        low, high, q = (spread(rounds, k, SMALL[2], "time") for k in FLOOR)
+        print(f"| {n} | {bare:.0f} | {clean:.0f} | {queues:.0f} | {mine:.0f} | {small:.0f} "
+              f"| {bol:.0f} | {bare / bol:.2f}x{low} | {clean / bol:.2f}x{high} "
+              f"| {queues / bol:.2f}x{q} |")  # fmt: skip
 
 
 # (case, how the backend is chosen): "explicit" under sd.use_backend(NullBackend()),
