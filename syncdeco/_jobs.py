@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, final
 
+from . import _proc
 from ._env import LaunchEnvError, detect_launch
 from ._startup import namespace
 
@@ -92,11 +93,10 @@ def read_environ(pid: int, proc: Path = Path("/proc")) -> dict[str, str] | None:
 
 def _parent(pid: int, proc: Path) -> int:
     try:
-        stat = (proc / str(pid) / "stat").read_text()
+        fields = _proc.stat(pid, proc)
     except OSError:
         return 0
-    fields = stat[stat.rfind(")") + 2 :].split()
-    return int(fields[1]) if len(fields) > 1 else 0
+    return int(fields[1]) if fields and len(fields) > 1 else 0
 
 
 def children(pid: int, proc: Path = Path("/proc")) -> list[int]:

@@ -27,11 +27,11 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, Final, final
 
 import torch.distributed as dist
 
+from . import _proc
 from ._jobs import LocalJob, local_jobs
 from ._plane.stacks import StackReport, fetch_stacks, last_answer, who
 from ._where_text import as_data, format_where, heading
@@ -262,22 +262,13 @@ def _address(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _ended(pid: int) -> bool:
-    """Whether process ``pid`` has ended (gone, or a zombie not yet reaped)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat[stat.rfind(")") + 2 :][:1] in ("Z", "X")
-
-
 def _local(job: str | None, pid: int | None) -> LocalJob:
     """The job on this machine to show."""
     jobs = local_jobs()
     if pid is not None:
         jobs = [j for j in jobs if any(r.pid == pid for r in j.ranks)]
         if not jobs:
-            if _ended(pid):
+            if _proc.ended(pid):
                 raise WhereError(f"process {pid} has ended (no such process on this machine)")
             raise WhereError(
                 f"process {pid} is no rank of a job: its environment has no launcher's "

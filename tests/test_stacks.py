@@ -26,6 +26,7 @@ import torch.distributed as dist
 import zygote
 
 import syncdeco
+from syncdeco import _proc
 from syncdeco._plane import stacks as _stacks
 from syncdeco._plane.stacks import (
     StackResponder,
@@ -54,14 +55,11 @@ def stop(pid: int, within: float = 10.0) -> None:
     (on a loaded machine, a thread already woken may not have run yet)."""
     os.kill(pid, signal.SIGSTOP)
     deadline = time.monotonic() + within
+    tasks = Path(f"/proc/{pid}/task")
     while True:
-        states = []
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            try:
-                states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
-            except (FileNotFoundError, ProcessLookupError):
-                pass  # a thread that ended meanwhile
-        if all(state in "Tt" for state in states):
+        # (a thread that ended meanwhile has no state: None)
+        states = [_proc.state(int(task.name), tasks) for task in tasks.iterdir()]
+        if all(state in (None, "T", "t") for state in states):
             return
         if time.monotonic() > deadline:
             raise AssertionError(f"process {pid} did not stop within {within:g} s: {states}")

@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Final, Protocol, final
 
+from .. import _proc
 from .._backend import Failure, _Config
 from .._errors import SyncError
 from . import exits
@@ -372,17 +373,9 @@ def note_exit(exc: BaseException | None, *, convert: bool = True) -> None:
 def _sibling_loss(rank: int, pid: int) -> Loss | None:
     """The loss that the end of ``rank`` of this node is, if it has ended."""
     note = _read_note(rank, pid, keep=True)
-    if note is None and not _gone(pid):
+    if note is None and not _proc.ended(pid):
         return None
     return loss_from_note(rank, socket.gethostname(), note)
-
-
-def _gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except (OSError, IndexError):
-        return True
 
 
 def watching(rank: int, pid: int) -> None:

@@ -89,6 +89,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Final, final
 
+from .. import _proc
+
 __all__ = [
     "StackReport",
     "StackResponder",
@@ -856,12 +858,11 @@ _STATES: Final = {
 def _process_state(pid: int) -> str | None:
     """What /proc says of ``pid`` on this host, if it explains the silence."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return "its process has ended"
+        state = _proc.state(pid)
     except OSError:
         return None
-    state = stat[stat.rfind(")") + 2 :][:1]
+    if state is None:
+        return "its process has ended"
     swapped = _swapped_mib(pid)
     if state in _STATES:
         said = _STATES[state]
