@@ -16,6 +16,7 @@ import statistics
 import time
 from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,6 +24,24 @@ import torch.distributed as dist
 import syncdeco as sd
 
 Case = tuple[str, Callable[[], object], int]  # name, one call, calls per round
+
+
+def floor_step(store: Any, rank: int, world: int, base: str, i: int, *, cleanup: bool) -> None:
+    """Call ``i`` of the store's floor (see ``cases``), on ``rank``: members
+    set their key, rank 0 reads them all with one multi_get and sets one
+    answer that members get; with ``cleanup``, also the deletes syncdeco
+    makes (each member its previous key, rank 0 the answer of two calls
+    back)."""
+    if rank == 0:
+        if cleanup and i > 1:
+            store.delete_key(f"{base}/d/{i - 2}")
+        store.multi_get([f"{base}/u/{i}/{r}" for r in range(1, world)])
+        store.set(f"{base}/d/{i}", b"ok")
+    else:
+        store.set(f"{base}/u/{i}/{rank}", b"here")
+        if cleanup and i > 0:
+            store.delete_key(f"{base}/u/{i - 1}/{rank}")
+        store.get(f"{base}/d/{i}")
 
 
 def cases(rank: int, iters: int, big_iters: int, tensor_mib: int) -> list[Case]:
@@ -115,18 +134,7 @@ def cases(rank: int, iters: int, big_iters: int, tensor_mib: int) -> list[Case]:
             pop(f"floor/q/d/{rank}")
 
     def store_floor(tag: str) -> None:
-        i, base = next(trips[tag]), f"floor/{tag}"
-        cleanup = tag == "c"
-        if rank == 0:
-            if cleanup and i > 1:
-                floor.delete_key(f"{base}/d/{i - 2}")
-            floor.multi_get([f"{base}/u/{i}/{r}" for r in range(1, world)])
-            floor.set(f"{base}/d/{i}", b"ok")
-        else:
-            floor.set(f"{base}/u/{i}/{rank}", b"here")
-            if cleanup and i > 0:
-                floor.delete_key(f"{base}/u/{i - 1}/{rank}")
-            floor.get(f"{base}/d/{i}")
+        floor_step(floor, rank, world, f"floor/{tag}", next(trips[tag]), cleanup=tag == "c")
 
     out: list[Case] = [
         ("store floor", functools.partial(store_floor, "f"), iters),

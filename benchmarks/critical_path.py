@@ -46,25 +46,13 @@ SMALL = {"vocab": ["<pad>", "<unk>", "hello", "world"] * 20, "size": 80}
 
 
 def store_floor(store: Any, rank: int) -> Callable[[], None]:
-    """The same sync point's store requests alone, with its cleanup (as
-    ``benchmarks/_worker.py``'s "store floor + cleanup"), for its CPU."""
+    """The same sync point's store requests alone, with its cleanup
+    (``benchmarks/_worker.py``'s "store floor + cleanup"), for its CPU."""
+    from _worker import floor_step
+
     calls = itertools.count()
     store.set_timeout(timedelta(seconds=600))
-
-    def floor() -> None:
-        i = next(calls)
-        if rank == 0:
-            if i > 1:
-                store.delete_key(f"critical/d/{i - 2}")
-            store.multi_get([f"critical/u/{i}/1"])
-            store.set(f"critical/d/{i}", b"ok")
-        else:
-            store.set(f"critical/u/{i}/1", b"here")
-            if i > 0:
-                store.delete_key(f"critical/u/{i - 1}/1")
-            store.get(f"critical/d/{i}")
-
-    return floor
+    return lambda: floor_step(store, rank, 2, "critical", next(calls), cleanup=True)
 
 
 def rank_side(calls: int, out: str) -> None:
