@@ -62,9 +62,9 @@ def _resolve() -> Backend:
     found = _auto_backend(os.environ)
     if found is not None:
         return found
-    from ._plane import backend, group
+    from ._plane import group
 
-    world = backend.group_world()  # None where torch's internals are unknown
+    world = group.group_world()  # None where torch's internals are unknown
     with _Config.lock:
         _group = group.SESSIONS
         if world is not None and _Config.backend is None and forgotten == _forgotten:

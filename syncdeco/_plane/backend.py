@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Mapping
-from typing import Any, Final, final
+from typing import Final, final
 
 import torch
 import torch.distributed as dist
@@ -17,7 +17,7 @@ from . import group
 from .group import SESSIONS
 from .session import Session
 
-__all__ = ["AUTO", "TorchBackend", "auto_backend", "group_world"]
+__all__ = ["AUTO", "TorchBackend", "auto_backend"]
 
 
 @final
@@ -55,6 +55,9 @@ class TorchBackend:
         self.sync(here, local=False, failure=None, payload=None, timeout=timeout)
 
     def _session(self, point: SyncPoint | None, timeout: float | None) -> Session:
+        live = group.live_session()
+        if live is not None:
+            return live
         return group.session_for(self._backend, self._env, point, timeout)
 
     def prepare(self) -> None:
@@ -63,6 +66,8 @@ class TorchBackend:
         job's store (rank 0 outside torchrun's agent store) opens it now, so
         that the others reach it while it runs an hour-long first
         ``main_first``; the others connect at their sync point."""
+        if group.live_session() is not None:
+            return
         if dist.is_initialized():
             group.current_session(self._env)
             return
@@ -76,6 +81,9 @@ class TorchBackend:
     # the launcher's environment.
 
     def rank(self) -> int:
+        live = group.live_session()
+        if live is not None:
+            return live.exchange.rank
         if dist.is_initialized():
             return dist.get_rank()
         last = SESSIONS.last_group
@@ -84,6 +92,9 @@ class TorchBackend:
         return group.launch_of(self._env).rank
 
     def world_size(self) -> int:
+        live = group.live_session()
+        if live is not None:
+            return live.exchange.world_size
         if dist.is_initialized():
             return dist.get_world_size()
         last = SESSIONS.last_group
@@ -128,6 +139,8 @@ _inits = itertools.count(1)  # numbers the sync points that ensure_group makes
 
 def auto_backend(env: Mapping[str, str]) -> TorchBackend | None:
     """The backend for an initialised group or a launcher's job, if any."""
+    if group.live_session() is not None:
+        return AUTO
     if not group.DISTRIBUTED:
         return None
     if dist.is_initialized():
@@ -137,26 +150,3 @@ def auto_backend(env: Mapping[str, str]) -> TorchBackend | None:
     if SESSIONS.last_group is not None:
         return AUTO  # its group was destroyed: a sync point says so, rank facts stay
     return AUTO if group.launched(env) else None
-
-
-class _NoGroups:
-    """c10d's world where torch.distributed is not built: never a group."""
-
-    _default_pg = None
-
-
-def group_world() -> Any:
-    """An object whose ``_default_pg`` is None exactly when
-    ``dist.is_initialized()`` is False: torch's own ``_World``, read on the
-    hot path of a plain process as one attribute read instead of a call.
-    None where torch's internals are not as syncdeco knows them (then the
-    default path keeps calling ``dist.is_initialized()``)."""
-    if not group.DISTRIBUTED:
-        return _NoGroups
-    world = getattr(dist.distributed_c10d, "_world", None)
-    try:
-        if (world._default_pg is not None) is not dist.is_initialized():  # type: ignore[union-attr]
-            return None
-    except AttributeError:
-        return None
-    return world

@@ -428,6 +428,9 @@ class Exchange:
         stale = self.stale.pop(base, None)
         if stale is not None:
             stale[0].drop_verdict(base, stale[1])
+        # The verdict if all is well is made before the frames come, so that
+        # the members, who wait for it, do not wait for its pickling too.
+        ready = self._ready(seq, payload, world, point)
         if gone:
             arrived = gone
         else:
@@ -449,27 +452,22 @@ class Exchange:
         )
         own_error: BaseException | None = None
         wires: list[torch.Tensor] = []
+        encoded = b""  # the verdict as it travels, if made already
         if verdict is None:
-            try:
-                # Tensors travel apart from the pickle (``pernode``); they
-                # are made ready before any member is told they follow, so a
-                # failure here is an ordinary one.
-                data: bytes | None = None
-                plan: pernode.Plan = (pernode.BCAST, [])
-                if payload is not None:
-                    data, plan, wires = pernode.prepare(self, payload, world, point)
-                verdict = Ok(seq, data, cast("tuple[str, list[object]]", plan))
-            except Exception as exc:
-                own_error = exc
-                verdict = protocol.failed(seq, [(Failure.from_exception(self.rank, exc), None)])
+            if isinstance(ready, Exception):
+                own_error = ready
+                verdict = protocol.failed(seq, [(Failure.from_exception(self.rank, ready), None)])
+            else:
+                verdict, encoded, wires = ready
         if not isinstance(verdict, Timeout):
             asked = protocol.to_ask(arrived, agreed, time.time(), WITHDRAW_MARGIN)
             # Every member asked is claimed, so that none withdraws later.
             claims = [self._claim(base, seq, m, b"answered") for m in asked]
             if b"withdrawn" in claims:  # too late: a member gave up
                 verdict, wires, own_error = protocol.withdrawal(verdict, True, self.rank), [], None
+                encoded = b""
 
-        mail.answer(base, seq, members, dump_verdict(verdict))
+        mail.answer(base, seq, members, encoded or dump_verdict(verdict))
         if seq > 1 and not gone and not missing:
             # Every member has read the previous verdict: it goes at this
             # scope's next sync point, where the round trip hides in the wait
@@ -488,6 +486,25 @@ class Exchange:
             return wire.loads(cast(bytes, verdict.data), _off_wire(shared, plan))
         protocol.raise_for(verdict, point, self.rank, deadline.timeout)
         return None
+
+    def _ready(
+        self, seq: int, payload: object, world: bool, point: SyncPoint
+    ) -> tuple[Ok, bytes, list[torch.Tensor]] | Exception:
+        """The main's verdict at ``seq`` if every rank is well, encoded, and
+        the tensors that follow it; or what preparing it raised.  Tensors
+        travel apart from the pickle (``pernode``); they are made ready
+        before any member is told they follow, so a failure here is an
+        ordinary one, which the others hear of."""
+        try:
+            data: bytes | None = None
+            plan: pernode.Plan = (pernode.BCAST, [])
+            wires: list[torch.Tensor] = []
+            if payload is not None:
+                data, plan, wires = pernode.prepare(self, payload, world, point)
+        except Exception as exc:
+            return exc
+        verdict = Ok(seq, data, cast("tuple[str, list[object]]", plan))
+        return verdict, dump_verdict(verdict), wires
 
     def _with_nodes(self, missing: list[int], stacks: dict[int, tuple[str, str]]) -> list[int]:
         """``missing``, with the ranks of each node whose main is missing

@@ -43,8 +43,10 @@ __all__ = [
     "current_session",
     "early_session",
     "exit_notice",
+    "group_world",
     "launch_of",
     "launched",
+    "live_session",
     "refuse_destroyed",
     "session_for",
 ]
@@ -134,6 +136,47 @@ class Sessions:
 
 
 SESSIONS: Final = Sessions()
+
+
+class _NoGroups:
+    """c10d's world where torch.distributed is not built: never a group."""
+
+    _default_pg = None
+
+
+def group_world() -> Any:
+    """An object whose ``_default_pg`` is None exactly when
+    ``dist.is_initialized()`` is False: torch's own ``_World``, read on hot
+    paths as one attribute read instead of a call.  None where torch's
+    internals are not as syncdeco knows them (then those paths keep calling
+    ``dist.is_initialized()``)."""
+    if not DISTRIBUTED:
+        return _NoGroups
+    world = getattr(dist.distributed_c10d, "_world", None)
+    try:
+        if (world._default_pg is not None) is not dist.is_initialized():  # type: ignore[union-attr]
+            return None
+    except AttributeError:
+        return None
+    return world
+
+
+_WORLD: Final = group_world()
+
+
+def live_session() -> Session | None:
+    """The session of the default group, while that group is the default
+    one: what every sync point, and every rank fact it asks for, looks up
+    first, in three attribute reads (torch's ``is_initialized()``,
+    ``get_rank()`` and ``_get_default_group()`` are several calls each,
+    and a sync point asked them eleven times).  None before the session is
+    made, after the group is destroyed or replaced, and where torch's
+    internals are unknown: then the callers take the long way."""
+    made = SESSIONS.current
+    if made is None or _WORLD is None:
+        return None
+    default = _WORLD._default_pg
+    return made[1] if default is not None and made[0]() is default else None
 
 
 def current() -> Session | None:
