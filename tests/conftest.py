@@ -7,13 +7,12 @@ import syncdeco._select
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Tests that take the longest (a minute of mypy, a pytest run of its own,
-# torchrun jobs of frameworks and examples): run first, so that with the
-# suite's three xdist workers none of them starts last and runs alone.  (The
+# Tests that take the longest (a pytest run of its own, torchrun jobs of
+# frameworks and examples): run first, so that with the suite's three xdist
+# workers none of them starts last and runs alone.  (The
 # multi-node false-alarm job's minute of waiting runs while the module's
 # other tests do: test_multinode.py starts it with its first test.)
 LONG_FIRST = (
-    "tests/test_typing.py",
     "tests/test_plugin.py::test_marker_runs_tests_on_ranks_and_reports_each_rank",
     "tests/test_scale.py",
     "tests/test_frameworks.py",
