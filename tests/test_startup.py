@@ -10,7 +10,8 @@ set by hand so that rank 0 hosts the store, SLURM's, Open MPI's), running
 ``ranks`` marker's do the same.  Each run has its own bound, and every
 process a run started is killed with its session when the run ends.
 
-The real torchrun's ranks are fresh interpreters.  Plain-process ranks are
+The real torchrun's ranks are fresh interpreters (its agent is forked from
+the zygote: ``scripted.start_torchrun``).  Plain-process ranks are
 forked from a zygote that has imported torch and syncdeco (``zygote.py``:
 two seconds of CPU saved per rank), and end through the interpreter's own
 exit; the pairs in ``FRESH`` start fresh interpreters instead, so that every
@@ -39,7 +40,7 @@ from typing import Any
 import pytest
 import torch.distributed as dist
 import zygote
-from scripted import LAUNCHER_VARIABLES
+from scripted import LAUNCHER_VARIABLES, start_torchrun
 
 import syncdeco as sd
 from syncdeco.testing import launcher_env, run_ranks
@@ -184,18 +185,10 @@ def run(
     port = _free_port()
     if launch == "torchrun":
         agent = [
-            sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
-            "--nproc-per-node", str(world_size), "--master-addr", "127.0.0.1",
-            "--master-port", str(port), *torchrun_args,
+            "--nnodes", "1", "--nproc-per-node", str(world_size),
+            "--master-addr", "127.0.0.1", "--master-port", str(port), *torchrun_args,
         ]  # fmt: skip
-        proc = subprocess.Popen(
-            [*agent, *command],
-            env=base,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        return _finish([proc], f"torchrun {scenario} {arg}")
+        return _finish([start_torchrun([*agent, *command], base)], f"torchrun {scenario} {arg}")
     store = None
     if launch == "torchrun-agent":
         # what torchrun's agent does: it hosts the store, every rank is a client
