@@ -33,13 +33,9 @@ import itertools
 import json
 import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 SMALL = {"vocab": ["<pad>", "<unk>", "hello", "world"] * 20, "size": 80}
@@ -129,14 +125,9 @@ def rank_side(calls: int, out: str) -> None:
 
 
 def one_run(calls: int) -> dict[int, dict[str, float]]:
-    with tempfile.TemporaryDirectory() as out:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "CRITICAL_PATH": f"{calls} {out}"}
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-        command += ["--nproc-per-node", "2", __file__]
-        job = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-        if job.returncode != 0:
-            raise SystemExit(f"the job failed ({job.returncode}):\n{job.stdout}\n{job.stderr}")
-        return {r: json.loads(Path(out, f"rank{r}.json").read_text()) for r in (0, 1)}
+    from _job import two_ranks
+
+    return dict(enumerate(two_ranks(__file__, "CRITICAL_PATH", str(calls), 600)))
 
 
 def main() -> None:

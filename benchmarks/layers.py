@@ -31,14 +31,12 @@ import json
 import os
 import pickle
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
+
+from _job import two_ranks
 
 from syncdeco._plane import wire
 from syncdeco._plane.frames import Frame, Ok, dump_frame, dump_verdict, load_frame, load_verdict
@@ -133,15 +131,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--calls", type=int, default=1000)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as out:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "LAYERS": f"{args.rounds} {args.calls} {out}"}
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-        command += ["--nproc-per-node", "2", __file__]
-        job = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1200)
-        if job.returncode != 0:
-            raise SystemExit(f"the job failed ({job.returncode}):\n{job.stdout}\n{job.stderr}")
-        got = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in (0, 1)]
-    main_rank, member = got
+    main_rank, member = two_ranks(__file__, "LAYERS", f"{args.rounds} {args.calls}", 1200)
     peer = statistics.median(wall for wall, _ in main_rank[PEER])
     print("| layer | µs per call [range] | / broadcast_object_list | main CPU µs | member CPU µs |")
     print("|---|---|---|---|---|")
@@ -156,7 +146,6 @@ def main() -> None:
 if __name__ == "__main__":
     if "LAYERS" in os.environ:
         rounds, calls, out = os.environ["LAYERS"].split(" ", 2)
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         rank_side(int(rounds), int(calls), out)
     else:
         main()
