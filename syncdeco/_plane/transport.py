@@ -3,8 +3,10 @@
 :class:`Keys`, over a store and nothing else: each member ``set``\\ s its
 frame under a key of its own for this sync point; the main waits for all of
 them and reads them in one ``multi_get`` (which waits for its keys first,
-with the connection's timeout set to the deadline); it answers with one
-verdict key that every member reads with ``get`` (the same).  The main
+with the connection's timeout set to the deadline; a lone member's frame
+that is there already is read with one request that does not wait); it
+answers with one verdict key that every member reads with ``get`` (the
+same).  The main
 makes a constant number of requests however many members there are, and
 nothing is popped one at a time.  (The queue per member of syncdeco before
 0.2 lives on in ``benchmarks/_queues.py``, which ``benchmarks/scale.py``
@@ -30,6 +32,10 @@ __all__ = ["Keys", "Late", "StoreLost", "Transport", "wait_on"]
 
 T = TypeVar("T")
 
+# A value no frame or verdict has (theirs are pickles): ``compare_set(key,
+# ABSENT, ABSENT)`` answers with the key's value, or with ABSENT where the
+# key is not there, and sets nothing either way: a read that does not wait.
+ABSENT: Final = b"\x00syncdeco: no such key"
 FOREVER_CHUNK: Final = 3600.0  # one store wait, when a sync point waits forever
 MIN_WAIT: Final = 0.001
 
@@ -138,6 +144,13 @@ class Keys:
         self, base: str, seq: int, members: Sequence[int], deadline: Deadline
     ) -> tuple[dict[int, bytes], list[int]]:
         keys = [f"{base}/u/{seq}/{m}" for m in members]
+        if len(keys) == 1:
+            # One member: its frame is often there already (the main's way
+            # back to the sync point is longer than its member's), and then
+            # one request reads it where a waiting read takes two.
+            frame = bytes(self.store.compare_set(keys[0], ABSENT, ABSENT))
+            if frame != ABSENT:
+                return {members[0]: frame}, []
         try:
             # multi_get waits for its keys itself, with the connection's
             # timeout: one wait less than wait() and then multi_get().
