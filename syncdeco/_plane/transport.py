@@ -35,6 +35,13 @@ T = TypeVar("T")
 # A value no frame or verdict has (theirs are pickles): ``compare_set(key,
 # ABSENT, ABSENT)`` answers with the key's value, or with ABSENT where the
 # key is not there, and sets nothing either way: a read that does not wait.
+# Only where nobody else waits for that key: torch 2.13's libuv store server
+# wakes every client waiting for a key on any compare_set of it, even one
+# that sets nothing, and the woken client's read of the missing key returns
+# b"" (seen: a node's main waiting for rank 0's verdict got b"" when its
+# watcher looked at that key this way).  A main's members' frames are read
+# by that main alone, one request at a time; verdicts, which several ranks
+# and watchers wait for, are looked at with check() and get() (``peek``).
 ABSENT: Final = b"\x00syncdeco: no such key"
 FOREVER_CHUNK: Final = 3600.0  # one store wait, when a sync point waits forever
 MIN_WAIT: Final = 0.001
@@ -147,7 +154,9 @@ class Keys:
         if len(keys) == 1:
             # One member: its frame is often there already (the main's way
             # back to the sync point is longer than its member's), and then
-            # one request reads it where a waiting read takes two.
+            # one request reads it where a waiting read takes two.  (Only
+            # this main reads this key, and it is not waiting for it: see
+            # ABSENT.)
             frame = bytes(self.store.compare_set(keys[0], ABSENT, ABSENT))
             if frame != ABSENT:
                 return {members[0]: frame}, []
@@ -179,7 +188,7 @@ class Keys:
         return bool(self.store.check([f"{base}/d/{seq}"]))
 
     def peek(self, base: str, seq: int, rank: int) -> bytes | None:
-        key = f"{base}/d/{seq}"
+        key = f"{base}/d/{seq}"  # (not compare_set: others may wait for it, see ABSENT)
         return bytes(self.store.get(key)) if self.store.check([key]) else None
 
     def drop_frame(self, base: str, seq: int, rank: int) -> None:
