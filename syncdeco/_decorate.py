@@ -104,8 +104,9 @@ class _Stack:
         if failed is not None:  # raised as itself, outside the except clause
             raise shown(failed)
         # (the user's call: its messages name its file and line)
-        steps = around(self.policies, backend, sys._getframe(1))
-        outcome = advance(steps, None)
+        caller = sys._getframe(1)
+        steps = around(self.policies, backend)
+        outcome = advance(steps, None, caller)
         if outcome is None:  # the body runs here
             try:
                 recorder = _trace.active
@@ -118,7 +119,7 @@ class _Stack:
                     outcome = recorder.body(self.policies[0].site.name, body), None
             except BaseException as exc:
                 outcome = None, exc
-            outcome = advance(steps, outcome)
+            outcome = advance(steps, outcome, caller)
             assert outcome is not None, "around() runs the body once"
         result, error = outcome
         if error is not None:
@@ -147,8 +148,8 @@ class _Stack:
         caller: FrameType | None = sys._getframe(1)
         if caller is not None and not caller.f_code.co_flags & inspect.CO_COROUTINE:
             caller = None
-        steps = around(self.policies, backend, caller)
-        outcome = await advance_async(steps, None)
+        steps = around(self.policies, backend)
+        outcome = await advance_async(steps, None, caller)
         if outcome is None:  # the body runs here
             try:
                 recorder = _trace.active
@@ -159,7 +160,7 @@ class _Stack:
                     outcome = await recorder.body_async(self.policies[0].site.name, body), None
             except BaseException as exc:
                 outcome = None, exc
-            outcome = await advance_async(steps, outcome)
+            outcome = await advance_async(steps, outcome, caller)
             assert outcome is not None, "around() runs the body once"
         result, error = outcome
         if error is not None:

@@ -5,8 +5,9 @@ A policy is a small frozen value.  A stack of syncdeco decorators is one
 wrapper holding a tuple of policies (outermost first).  Each policy has two
 halves, ``enter`` (before the body: go on, or skip it with a value) and
 ``exit`` (after the body, or after the body raised).  A half that may
-block (join the process group, meet the other ranks) yields what it needs
-done and receives its result; a half that cannot block returns plainly.
+block (join the process group, meet the other ranks) returns the one thing
+it needs done (a need); ``enter`` then decides in ``entered``, from that
+need's result.  A half that cannot block returns its decision plainly.
 
 :func:`around` is the one skeleton of a call under a tuple of policies, for
 functions, coroutines, ``with`` and ``async with`` blocks alike: steps that
@@ -25,7 +26,7 @@ from collections.abc import Generator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from types import FrameType
-from typing import ClassVar, Final, NamedTuple, TypeAlias, TypeVar, final
+from typing import ClassVar, Final, NamedTuple, TypeAlias, final
 
 import wrapt
 
@@ -46,7 +47,6 @@ __all__ = [
     "Outcome",
     "Policy",
     "Site",
-    "Steps",
     "advance",
     "advance_async",
     "around",
@@ -54,8 +54,6 @@ __all__ = [
     "decorator",
     "meet",
 ]
-
-T = TypeVar("T")
 
 
 @final
@@ -217,8 +215,7 @@ class _Meet(NamedTuple):
 
     ``prepare``: join the backend's group first (the first time, that may
     block).  ``reporting``: tell the others this rank raised it (the caller
-    re-raises it).  ``caller``: the frame that called the decorated function
-    (set by :func:`around`).  A tuple: made on every decorated call that syncs."""
+    re-raises it).  A tuple: made on every decorated call that syncs."""
 
     backend: Backend
     kind: str
@@ -228,12 +225,6 @@ class _Meet(NamedTuple):
     payload: object = None
     reporting: BaseException | None = None
     prepare: bool = False
-    caller: FrameType | None = None
-
-    def called_from(self, caller: FrameType | None) -> _Meet:
-        """This need, made by the call ``caller`` made (``_replace``, at a
-        fraction of its cost: one is made at every sync point)."""
-        return _Meet(*self[:-1], caller)
 
 
 class _Prepare(NamedTuple):
@@ -244,16 +235,16 @@ class _Prepare(NamedTuple):
 
 
 _Need: TypeAlias = "_Prepare | _Meet"
-Steps: TypeAlias = Generator[_Need, object, T]
-"""A policy half: yields what may block, receives its result, returns its own."""
+_NEEDS: Final = (_Prepare, _Meet)
 
 
-def _do(need: _Need) -> object:
-    """Do what ``need`` asks, in this thread."""
+def _do(need: _Need, caller: FrameType | None) -> object:
+    """Do what ``need`` asks, in this thread (``caller``: the frame that
+    called the decorated function, if any, which the sync point names)."""
     if isinstance(need, _Prepare):
         _prepare(need.at.backend)
         return None
-    backend, kind, site, local, timeout, payload, exc, prepare, caller = need
+    backend, kind, site, local, timeout, payload, exc, prepare = need
     if prepare:
         _prepare(backend)
     point = _arrive(backend, kind, site, local, caller)
@@ -271,7 +262,7 @@ def _prepare_once(backend: Backend) -> None:
     _counts_for(backend).prepared = True
 
 
-async def _do_async(need: _Need) -> object:
+async def _do_async(need: _Need, caller: FrameType | None) -> object:
     """What :func:`_do` does, with every wait in the worker thread.
 
     A sync point this rank has reached is always completed, in order, even
@@ -289,7 +280,7 @@ async def _do_async(need: _Need) -> object:
             await off_loop(functools.partial(_prepare_once, backend), None)
         except asyncio.CancelledError as cancelled:
             # Cancelled before its body: the others hear so at its sync point.
-            await _do_async(need.at._replace(reporting=cancelled))
+            await _do_async(need.at._replace(reporting=cancelled), caller)
             raise
         return None
     backend, exc = need.backend, need.reporting
@@ -297,7 +288,7 @@ async def _do_async(need: _Need) -> object:
     if need.prepare and not prepare:
         _prepare(backend)
     try:
-        point = _arrive(backend, need.kind, need.site, need.local, need.caller)
+        point = _arrive(backend, need.kind, need.site, need.local, caller)
         failure = None if exc is None else _failure(backend, exc)
         call = functools.partial(
             _prepare_and_sync if prepare else _sync,
@@ -342,11 +333,11 @@ def _is_main(backend: Backend, local: bool) -> bool:
 
 _SKIP: Final = object()  # state of a policy that decided to do nothing
 
-# What a policy half returns: ``enter`` its decision (go on?, state) or the
-# steps that reach it; ``exit`` the one sync point it meets at, if any.  A
-# half that never waits returns plainly, so a call that does not sync (such
-# as ``barrier_after(every=N)`` between meetings) makes no generator.
-Entered: TypeAlias = "tuple[bool, object] | Steps[tuple[bool, object]]"
+# What a policy half returns: ``enter`` its decision (go on?, state), or the
+# one need it has before it can decide, whose result then goes to
+# ``entered`` for the decision; ``exit`` the one sync point it meets at, if
+# any.  No half waits for more than one thing, so none is a generator.
+Entered: TypeAlias = "tuple[bool, object] | _Need"
 Exited: TypeAlias = "_Meet | None"
 
 
@@ -368,14 +359,11 @@ class MainFirst:
         region = _region.get()
         if region is not None and region.kind == "main_first" and region.local == self.local:
             return True, _SKIP  # already inside a main_first on the same ranks
-        return self._first(backend)
-
-    def _first(self, backend: Backend) -> Steps[tuple[bool, object]]:
         at = _Meet(backend, self.kind, self.site, self.local, self.timeout, prepare=True)
-        if _is_main(backend, self.local):
-            yield _Prepare(at)
-        else:
-            yield at
+        return _Prepare(at) if _is_main(backend, self.local) else at
+
+    def entered(self, need: _Need, synced: object) -> tuple[bool, object]:
+        """After ``need``: the main rank has joined, another has waited for it."""
         return True, _region.set(_Region(self.kind, self.local, self.site))
 
     def exit(
@@ -408,17 +396,19 @@ class OnMainOnly:
         return self.broadcast
 
     def enter(self, backend: Backend) -> Entered:
+        main = _is_main(backend, self.local)
         if self.broadcast:
-            return self._broadcast(backend)
-        if not _is_main(backend, self.local):
+            at = _Meet(backend, self.kind, self.site, self.local, self.timeout, prepare=True)
+            return _Prepare(at) if main else at
+        if not main:
             return False, self.default
         return True, _region.set(_Region(self.kind, self.local, self.site))
 
-    def _broadcast(self, backend: Backend) -> Steps[tuple[bool, object]]:
-        at = _Meet(backend, self.kind, self.site, self.local, self.timeout, prepare=True)
-        if not _is_main(backend, self.local):
-            return False, unshare((yield at))  # the main rank's result
-        yield _Prepare(at)
+    def entered(self, need: _Need, synced: object) -> tuple[bool, object]:
+        """After ``need``: the main rank has joined; another has the main
+        rank's result (``synced``), and returns it."""
+        if need.__class__ is _Meet:
+            return False, unshare(synced)
         return True, _region.set(_Region(self.kind, self.local, self.site))
 
     def exit(
@@ -460,6 +450,9 @@ class BarrierAfter:
         n = calls.get(key, 0) + 1
         calls[key] = n
         return True, n % self.every == 0
+
+    def entered(self, need: _Need, synced: object) -> tuple[bool, object]:
+        raise AssertionError("barrier_after decides without waiting")  # (enter has no need)
 
     def exit(
         self, backend: Backend, state: object, exc: BaseException | None, result: object
@@ -621,7 +614,7 @@ Outcome: TypeAlias = "tuple[object, BaseException | None]"
 Around: TypeAlias = "Generator[_Need | _Body, Outcome, Outcome]"
 
 
-def around(policies: Sequence[Policy], backend: Backend, caller: FrameType | None = None) -> Around:
+def around(policies: Sequence[Policy], backend: Backend) -> Around:
     """A call under ``policies`` (outermost first), as steps: the one
     skeleton that functions, coroutines, ``with`` and ``async with`` blocks
     share.
@@ -633,9 +626,7 @@ def around(policies: Sequence[Policy], backend: Backend, caller: FrameType | Non
     blocks, waits or raises by itself: :func:`advance` drives it in this
     thread, :func:`advance_async` in an event loop, and the caller runs the
     body and raises what the call raised (so no frame of it lies on the
-    raise path).  ``caller``, the frame that called a decorated function,
-    goes with each sync point, whose messages then name the call's file and
-    line."""
+    raise path)."""
     entered: list[tuple[Policy, object]] = []
     result: object = None
     exc: BaseException | None = None
@@ -645,10 +636,14 @@ def around(policies: Sequence[Policy], backend: Backend, caller: FrameType | Non
         except BaseException as error:
             exc = error
             break
-        if not isinstance(decided, tuple):
-            outcome = yield from _waits(decided, caller)
-            decided, exc = outcome  # type: ignore[assignment]
+        if isinstance(decided, _NEEDS):  # the one need it has before it decides
+            synced, exc = yield decided  # outside any try: closing it just ends it
             if exc is not None:
+                break
+            try:
+                decided = policy.entered(decided, synced)
+            except BaseException as error:
+                exc = error
                 break
         go, state = decided
         if not go:
@@ -666,7 +661,7 @@ def around(policies: Sequence[Policy], backend: Backend, caller: FrameType | Non
             continue
         if need is None:
             continue
-        synced, failed = yield need if caller is None else need.called_from(caller)
+        synced, failed = yield need
         if failed is not None:
             exc = failed
             continue
@@ -677,33 +672,14 @@ def around(policies: Sequence[Policy], backend: Backend, caller: FrameType | Non
     return result, exc
 
 
-def _waits(steps: Steps[T], caller: FrameType | None) -> Generator[_Need, Outcome, Outcome]:
-    """A policy half's steps inside :func:`around`: its needs go out (with
-    ``caller``), their outcomes come back; returns its own outcome (what it
-    decided, or the exception that ended it)."""
-    value: object = None
-    while True:
-        try:
-            need = steps.send(value)
-        except StopIteration as done:
-            return done.value, None
-        except BaseException as error:
-            return None, error
-        if caller is not None:
-            need = (
-                _Prepare(need.at.called_from(caller))
-                if isinstance(need, _Prepare)
-                else need.called_from(caller)
-            )
-        value, failed = yield need  # outside any try: closing it just ends it
-        if failed is not None:
-            return None, failed
-
-
-def advance(steps: Around, outcome: Outcome | None) -> Outcome | None:
+def advance(
+    steps: Around, outcome: Outcome | None, caller: FrameType | None = None
+) -> Outcome | None:
     """Drive ``steps`` in this thread, blocking where it waits, from
     ``outcome`` (None at the start; the body's outcome after :data:`BODY`):
-    returns None where the body is to run, else the call's outcome."""
+    returns None where the body is to run, else the call's outcome.
+    ``caller``, the frame that called a decorated function, goes with each
+    sync point, whose messages then name the call's file and line."""
     while True:
         try:
             need = steps.send(outcome)  # type: ignore[arg-type]  # None starts it
@@ -712,15 +688,17 @@ def advance(steps: Around, outcome: Outcome | None) -> Outcome | None:
         if need is BODY:
             return None
         try:
-            outcome = _do(need), None  # type: ignore[arg-type]
+            outcome = _do(need, caller), None  # type: ignore[arg-type]
         except BaseException as error:
             outcome = None, error
 
 
-async def advance_async(steps: Around, outcome: Outcome | None) -> Outcome | None:
+async def advance_async(
+    steps: Around, outcome: Outcome | None, caller: FrameType | None = None
+) -> Outcome | None:
     """:func:`advance` in an event loop: what blocks runs in the worker
     thread while the loop runs its other tasks.  The one difference is here:
-    ``await _do_async(need)`` for ``_do(need)``."""
+    ``await _do_async(need, caller)`` for ``_do(need, caller)``."""
     while True:
         try:
             need = steps.send(outcome)  # type: ignore[arg-type]  # None starts it
@@ -729,6 +707,6 @@ async def advance_async(steps: Around, outcome: Outcome | None) -> Outcome | Non
         if need is BODY:
             return None
         try:
-            outcome = await _do_async(need), None  # type: ignore[arg-type]
+            outcome = await _do_async(need, caller), None  # type: ignore[arg-type]
         except BaseException as error:
             outcome = None, error

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from scripted import run_forked
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+BENCH = BENCHMARKS / "run.py"
 
 
 def test_benchmark_smoke_run(tmp_path: Path) -> None:
@@ -18,3 +19,9 @@ def test_benchmark_smoke_run(tmp_path: Path) -> None:
         assert f"| 2 | {figure} |" in out, out
     for path in ("explicit", "default"):  # the backend chosen, and none chosen
         assert f"| 3-deep syncdeco stack | {path} |" in out, out
+
+
+def test_hotpath_smoke_run(tmp_path: Path) -> None:
+    # (its fake store must keep up with the requests the exchange makes)
+    out = run_forked([str(BENCHMARKS / "hotpath.py"), "--smoke"], tmp_path, timeout=120)
+    assert "| on_main_only(broadcast) small |" in out, out

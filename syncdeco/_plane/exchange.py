@@ -444,7 +444,7 @@ class Exchange:
         stacks = self.stacks(missing) if missing and not self.gone.keys() & arrived.keys() else None
         if stacks is not None and world:
             missing = self._with_nodes(missing, stacks)
-        last_seen = self.last_seen(missing)
+        last_seen = self.last_seen(missing) if missing else {}
         if told:
             last_seen.update((r, where) for r, where in told.items() if where is not None)
         verdict: Verdict | None = protocol.judge(
