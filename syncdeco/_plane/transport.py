@@ -44,6 +44,7 @@ T = TypeVar("T")
 # and watchers wait for, are looked at with check() and get() (``peek``).
 ABSENT: Final = b"\x00syncdeco: no such key"
 FOREVER_CHUNK: Final = 3600.0  # one store wait, when a sync point waits forever
+_FOREVER: Final = timedelta(seconds=FOREVER_CHUNK)  # (made once: a wait at every sync point)
 MIN_WAIT: Final = 0.001
 
 
@@ -121,7 +122,7 @@ def wait_on(store: Any, deadline: Deadline, request: Callable[[], T]) -> T:
     Anything but a timeout means the store is gone: :class:`StoreLost`."""
     while True:
         left = deadline.left()
-        store.set_timeout(timedelta(seconds=max(FOREVER_CHUNK if left is None else left, MIN_WAIT)))
+        store.set_timeout(_FOREVER if left is None else timedelta(seconds=max(left, MIN_WAIT)))
         try:
             return request()
         except dist.QueueEmptyError:
