@@ -287,16 +287,26 @@ class SyncTimeoutError(SyncError, TimeoutError):
                 f"rank {observer} down, or pass a larger timeout= (None waits forever)."
             )
             return
-        who = ", ".join(
-            (whereabouts(r, self.last_seen[r]) if r in self.last_seen else str(r))
-            + (f", which {self.places[r]}" if r in self.places else "")
+        ranks = ", ".join(map(str, self.missing))
+        each = "; ".join(
+            f"rank {whereabouts(r, self.last_seen[r]) if r in self.last_seen else r}"
+            + (f" {self.places[r]}" if r in self.places else "")
             for r in self.missing
+            if r in self.last_seen or r in self.places
         )
-        more = " Their stacks are in .stacks." if self.stacks else ""
+        said = f": {each}." if each else "."
+        more = " Their stacks, or why none came, are in .stacks." if self.stacks else ""
+        early = (
+            " A rank never seen at a sync point cannot say where it is (it answers "
+            "from its first one on): call sd.init() at the start of every rank's "
+            "program to have it located."
+            if any(self.last_seen.get(r, "") is None for r in self.missing)
+            else ""
+        )
         super().__init__(
-            f"rank {observer} waited {timeout:g}s at {point} but rank(s) {who} did "
-            f"not arrive.{more} Check those ranks' logs for a crash or a slow step, or "
-            f"pass a larger timeout= (timeout=None waits forever)."
+            f"rank {observer} waited {timeout:g}s at {point} but rank(s) {ranks} did "
+            f"not arrive{said}{more} Check those ranks' logs for a crash or a slow step, "
+            f"or pass a larger timeout= (timeout=None waits forever).{early}"
         )
 
 

@@ -91,8 +91,8 @@ def test_when_things_go_wrong_on_two_gloo_ranks(tmp_path: Path) -> None:
     docs_output.check("examples/when_things_go_wrong.py", out)
     assert "[rank 1] PeerFailedError: rank 0 raised ConnectionError: HTTP 503" in out
     assert "[rank 0] SyncTimeoutError: rank 0 waited 1s at barrier 'end of epoch'" in out
-    assert "rank(s) 1 (last seen at main_first" in out
-    assert "which is in read_shard (" in out  # where it is stuck, from its own stack
+    assert "rank(s) 1 did not arrive: rank 1 (last seen at main_first" in out
+    assert ") is in read_shard (" in out  # where it is stuck, from its own stack
     assert out.count("SyncMismatchError: ranks reached different sync points") == 2
     # a mismatch names where each decorated function was called, too
     assert out.count("barrier_after '__main__.load_checkpoint' (call 1, when_things_go_") == 2

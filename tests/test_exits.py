@@ -145,6 +145,30 @@ def test_a_killed_rank_is_named_by_every_rank_waiting_with_no_timeout(
         assert "SIGKILL or the out-of-memory killer" in line, out
 
 
+def test_a_killed_node_main_is_named_at_a_local_sync_point_on_its_store(
+    tmp_path: Path,
+) -> None:
+    # Two nodes of two ranks under SLURM's variables: rank 2, the second
+    # node's main, hosts its node's store and dies with it; rank 3 meets it
+    # at a local sync point with no timeout, on that store, or (1 run in 4)
+    # cut off from it already.  Either way rank 3 names rank 2 at once, not
+    # the job's store, and does not wait on the job's store for a main that
+    # never answers there.
+    out = _run("node_main_killed", 4, 2, tmp_path, launcher="slurm")
+    assert out[2] == "exit status -9\n", out
+    # -6 as in the test above: Gloo's teardown on a mesh whose peer was killed
+    aborted = ["exit status -6", "terminate called without an active exception"]
+    status, line, *rest = out[3].splitlines()
+    assert (status == "exit status 0" and not rest) or [status, *rest] == aborted, out
+    assert line.startswith("[rank 3] RankKilledError within "), out
+    assert "rank 2 exited without reaching this sync point" in line, out
+    assert "main_first 'node data'" in line, out
+    took = float(line.split(" within ", 1)[1].split("s:", 1)[0])
+    assert took < 5, out  # the promise: named within 5 s
+    for rank in (0, 1):
+        assert out[rank].splitlines() in (["exit status 0"], aborted), out
+
+
 def test_main_whose_program_ended_is_named(tmp_path: Path) -> None:
     out = _run("main_returns", 3, 3, tmp_path)
     assert out[0] == "exit status 0\n", out
@@ -224,16 +248,34 @@ def test_a_main_waiting_for_a_slow_member_hears_of_an_exit(tmp_path: Path) -> No
         assert f"[rank {rank}] RankExitedError rank=2 exc_type='OSError'" in out[rank], out
 
 
-def test_an_exit_while_a_daemon_thread_waits_does_not_hang(tmp_path: Path) -> None:
-    # The daemon thread holds the channel's store connection for its whole
-    # wait (300 s): the exit notice must not queue behind it.
-    out = _run("daemon_thread_waits", 2, 2, tmp_path)
-    assert out[0] == "exit status 0\n[rank 0] rank 1 has exited\n", out
-    # Rank 1 ended, without waiting for its thread. Its status is 0, or -6
+@pytest.mark.parametrize("scenario", ["daemon_member_waits", "daemon_main_waits"])
+def test_an_exit_while_a_daemon_thread_waits_reaches_the_other_rank(
+    scenario: str, tmp_path: Path
+) -> None:
+    # The daemon thread holds the exchange's store connection for its whole
+    # wait (300 s): the exit notice must not queue behind it, and must reach
+    # the sync point that thread is in, which it never finishes.
+    out = _run(scenario, 2, 2, tmp_path)
+    leaver = 1 if scenario == "daemon_member_waits" else 0
+    stayer = 1 - leaver
+    status, *said = out[stayer].splitlines()
+    assert status == "exit status 0" and said[0] == f"[rank {stayer}] rank {leaver} has exited"
+    exited = f"[rank {stayer}] RankExitedError rank={leaver} exc_type=''"
+    if leaver == 1:
+        # The member's frame was sent before its process ended: the sync
+        # point its thread was in completes; the next one names it.
+        assert said[1:3] == [f"[rank {stayer}] passed background", said[2]], out
+        assert said[2].startswith(exited) and "barrier 'next'" in said[2], out
+    else:
+        # The main never answered: the member hears its exit at that sync
+        # point, at once (not at its 300 s timeout), and at the next.
+        assert said[1].startswith(exited) and "barrier 'background'" in said[1], out
+        assert said[2].startswith(exited) and "barrier 'next'" in said[2], out
+    # The leaver ended without waiting for its thread. Its status is 0, or -6
     # (SIGABRT) in about 1 run in 3: a daemon thread still blocked in a c10d
     # store call when the interpreter tears down aborts the process. That is
     # torch's teardown, not this notice.
-    assert out[1] in (
+    assert out[leaver] in (
         "exit status 0\n",
         "exit status -6\nterminate called without an active exception\n",
     ), out

@@ -709,7 +709,7 @@ def test_timeout_says_where_the_missing_rank_was_last_seen(tmp_path: Path) -> No
     missing, last_seen, message = main
     assert missing == (1,)
     assert "barrier 'warm up'" in last_seen[1] and "test_ranks.py:" in last_seen[1]
-    assert "rank(s) 1 (last seen at barrier 'warm up'" in message
+    assert "rank(s) 1 did not arrive: rank 1 (last seen at barrier 'warm up'" in message
     assert late[0] == (1,) and "too late" in late[2]
 
 
@@ -991,4 +991,5 @@ def test_a_timeout_names_the_user_function_a_missing_rank_is_in(tmp_path: Path) 
         assert missing == (1,)
         assert places[1].startswith("is in load_batch (") and "test_ranks.py:" in places[1]
         assert "in load_batch" in stacks[1] and "in stuck_in_a_user_function" in stacks[1]
-        assert "which is in load_batch (" in message and ".stacks" in message
+        assert "rank 1 (last seen at " in message and ") is in load_batch (" in message
+        assert ".stacks" in message

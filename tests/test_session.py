@@ -6,6 +6,7 @@ test_multinode.py."""
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Iterator
 from datetime import timedelta
@@ -68,6 +69,9 @@ def test_a_session_replaced_by_another_closes_its_own(store: Any) -> None:
         first.finder.join(timeout=10)  # it ends at its next look
         assert not first.finder.is_alive()
         assert second.store_watch is first.store_watch  # the same store: watched once
+        # ... and its news goes to the session that replaced the first
+        on_lost = second.store_watch.on_lost
+        assert isinstance(on_lost, functools.partial) and on_lost.args[0]() is second
     finally:
         second.stop()
         for made in (first, second):
@@ -95,6 +99,29 @@ def test_a_loss_outside_a_sync_point_waits_for_the_next(
     session.report_deaths(session.exchange.store)
     assert session.deaths == []
     assert _told(store, 1)
+
+
+class _Unreachable:
+    """A store whose host has gone: every request fails."""
+
+    def __getattr__(self, name: str) -> Any:
+        def fail(*args: Any, **kwargs: Any) -> Any:
+            raise dist.DistNetworkError("Connection reset by peer")
+
+        return fail
+
+
+def test_a_loss_that_cannot_be_told_is_kept_for_the_sync_point(
+    store: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SYNCDECO_FAIL_FAST", "0")
+    session = _session(store, rank=0)
+    loss = (exits.killed_failure(1), None)
+    session.seen([loss])
+    session.report_deaths(_Unreachable())
+    assert session.deaths == [loss]  # not dropped: the next sync point tries again
+    session.report_deaths(session.exchange.store)
+    assert session.deaths == [] and _told(store, 1)
 
 
 def test_a_loss_inside_a_sync_point_is_told_at_once(store: Any) -> None:

@@ -241,7 +241,8 @@ def test_a_late_rank_is_named_at_the_first_sync_points_timeout(launch: str, tmp_
         assert got["elapsed"] <= timeout + SLACK, (rank, got)
         assert not got["group_after"], (rank, got)  # a failed first sync point makes no group
     assert rec[0]["elapsed"] >= timeout, rec[0]
-    assert "but rank(s) 1 (never seen at a sync point)" in rec[0]["message"], rec[0]
+    assert "but rank(s) 1 did not arrive: rank 1 (never seen at a sync point)" in rec[0]["message"]
+    assert "call sd.init() at the start of every rank" in rec[0]["message"], rec[0]
     # The late rank, once the others are done, hears that it came too late.
     late = rec[1]
     assert late["waited_for_others"], late

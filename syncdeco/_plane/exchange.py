@@ -31,7 +31,7 @@ import pickle
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Final, cast, final
+from typing import Any, Final, NoReturn, cast, final
 
 import torch
 import torch.distributed as dist
@@ -51,6 +51,7 @@ from .frames import (
     Verdict,
     dump_frame,
     dump_verdict,
+    load_failure,
     load_frame,
     load_verdict,
 )
@@ -66,6 +67,9 @@ __all__ = ["PREFIX", "Exchange", "Place"]
 
 PREFIX: Final = "syncdeco"
 WAKE: Final = "wake"  # a frame's kind, put by a look that found the verdict first
+# Seconds a rank that lost its node's store looks for its node's main's exit
+# on the job's store (the node's death watch reports a kill within about one).
+NODE_GONE_WAIT: Final = 3.0
 
 _log = logging.getLogger("syncdeco")
 
@@ -299,16 +303,9 @@ class Exchange:
         timeout: float | None,
     ) -> object:
         deadline = Deadline.after(timeout)
-        if self.left:
-            raise SyncError(
-                f"rank {self.rank} at {point.describe()}: this process has already told "
-                f"the other ranks it is exiting (syncdeco does so at interpreter exit, "
-                f"after the atexit handlers registered after `import syncdeco`), so they "
-                f"will not meet it here. Reach sync points before the program ends: not "
-                f"from a daemon thread still running at exit, nor from an atexit handler "
-                f"registered before `import syncdeco`."
-            )
         with self.lock:
+            if self.left:  # (under the lock: leave() may take it meanwhile)
+                raise self._after_leaving(point)
             # The sequence number moves first, so that a rank whose topology
             # lookup times out stays in step with the others.
             name = "l" if local and self.world_size > 1 else "w"
@@ -341,11 +338,19 @@ class Exchange:
                 base = self.base(way.scope, way.main)
                 # A local sync point travels over the node's store once it is up.
                 node_mail = self.node_mail
+                if way.scope == "l" and node_mail is None and self.tier is not None:
+                    # Cut off from its node's store: the node's main that hosts it is gone.
+                    self._node_store_lost(way.main, seq, point, deadline)
                 mail = node_mail if way.scope == "l" and node_mail is not None else self.mail
-                if way.kind == MAIN:
-                    return self._lead(base, seq, way, point, failure, payload, deadline, mail)
-                return self._follow(base, seq, way, point, failure, deadline, mail)
-            except dist.DistNetworkError as exc:
+                try:
+                    if way.kind == MAIN:
+                        return self._lead(base, seq, way, point, failure, payload, deadline, mail)
+                    return self._follow(base, seq, way, point, failure, deadline, mail)
+                except (StoreLost, dist.DistNetworkError):
+                    if mail is self.mail:
+                        raise
+                    self._node_store_lost(way.main, seq, point, deadline)
+            except (StoreLost, dist.DistNetworkError) as exc:
                 if _silent(exc, self.store):
                     raise self._store_lost(point) from exc
                 raise SyncError(
@@ -357,6 +362,17 @@ class Exchange:
             finally:
                 self.waiting = None
                 self.passed, self.at = (point, time.monotonic()), None
+
+    def _after_leaving(self, point: SyncPoint) -> SyncError:
+        """A sync point reached after this rank said it is exiting."""
+        return SyncError(
+            f"rank {self.rank} at {point.describe()}: this process has already told "
+            f"the other ranks it is exiting (syncdeco does so at interpreter exit, "
+            f"after the atexit handlers registered after `import syncdeco`), so they "
+            f"will not meet it here. Reach sync points before the program ends: not "
+            f"from a daemon thread still running at exit, nor from an atexit handler "
+            f"registered before `import syncdeco`."
+        )
 
     def _store_lost(self, point: SyncPoint) -> RankLostError:
         """The job's store's host stopped answering (its connection timed
@@ -380,6 +396,33 @@ class Exchange:
         host = "?" if at is None else f"{at[0]}:{at[1]}"
         ranks = (0,) if self.tier is None else self.tier.zero
         return Failure(0, protocol.STORE_LOST, "", "", True, True, host, ranks)
+
+    def _node_store_lost(
+        self, main: int, seq: int, point: SyncPoint, deadline: Deadline
+    ) -> NoReturn:
+        """A local sync point lost its node's store (now, or at an earlier
+        sync point), which the node's main (``main``) hosts: that rank has
+        ended.  Raises what the others hear of it: its exit on the job's
+        store (its own notice, or the one this node's death watch writes
+        within about a second of a killed process), else that it is gone."""
+        self.nodes.cut_off()  # from now on the job's store
+        key, store = f"{self.prefix}/gone/{main}", self.store
+        left = deadline.left()
+        until = time.monotonic() + (NODE_GONE_WAIT if left is None else min(left, NODE_GONE_WAIT))
+        pause = 0.005
+        while not store.check([key]):  # (checks: a store wait that times out would log)
+            if time.monotonic() >= until:
+                break
+            time.sleep(pause)
+            pause = min(2 * pause, 0.1)
+        else:
+            exited = self.gone[main] = load_failure(bytes(store.get(key)))
+            protocol.raise_for(protocol.failed(seq, [(exited, None)]), point, self.rank, None)
+        raise SyncError(
+            f"rank {self.rank} at {point.describe()} lost its connection to its node's "
+            f"store, which rank {main} (its node's main) hosts: rank {main}'s process "
+            f"has ended. Its log, and the launcher's, say why."
+        )
 
     def _relay_store_lost(self, way: Route, seq: int) -> None:
         """A node's main lost the job's store: its node hears it (relayed)."""
@@ -467,6 +510,8 @@ class Exchange:
                 verdict, wires, own_error = protocol.withdrawal(verdict, True, self.rank), [], None
                 encoded = b""
 
+        if self.left:  # said meanwhile, from another thread: its exit is the verdict
+            raise self._after_leaving(point)
         mail.answer(base, seq, members, encoded or dump_verdict(verdict))
         if seq > 1 and not gone and not missing:
             # Every member has read the previous verdict: it goes at this
@@ -698,6 +743,8 @@ class Exchange:
                     raise
             self.sent["w"] = (self.mail, wbase, seq)
         if nmail is not None:
+            if self.left:  # (as in _lead)
+                raise self._after_leaving(point)
             nmail.answer(nbase, seq, members, early)
             if seq > 1 and not gone and not missing:
                 nmail.drop_verdict(nbase, seq - 1)
@@ -865,7 +912,8 @@ class Exchange:
                 self.lock.release()
         elif self.spare is not None:
             # A thread is inside a sync point, blocked on this exchange's
-            # connection (the store client holds it for the whole wait).
+            # connection (the store client holds it for the whole wait), and
+            # may never finish it: the exit goes there too (``in_flight``).
             self._say_exit(failure, self.spare, first_hand=True, spare=True)
 
     def report_killed(
@@ -899,7 +947,8 @@ class Exchange:
         """``exits.say_exit``, with where this rank's node's store is: its
         own connection to it (first hand), or the spare (``spare``, or second
         hand); none for a node's main's exit reported second hand (its
-        node's store went with it)."""
+        node's store went with it).  ``spare``, first hand: a thread of this
+        rank is inside a sync point (see ``exits.say_exit``'s ``in_flight``)."""
         tier = self.tier
         node = None
         if tier is not None and (first_hand or failure.rank != tier.main):
@@ -916,6 +965,7 @@ class Exchange:
             prefix=self.prefix,
             transport=self.transport,
             first_hand=first_hand,
+            in_flight=first_hand and spare,
         )
 
     def node_main(self) -> int | None:

@@ -92,6 +92,7 @@ def say_exit(
     prefix: str,
     transport: Callable[[Any], Transport],
     first_hand: bool,
+    in_flight: bool = False,
 ) -> bool:
     """Write ``failure`` (an exit) where the ranks that wait for its rank
     look (``where``: see ``protocol.waiters``): its frame (or, for a main,
@@ -102,13 +103,18 @@ def say_exit(
     and the next, never replacing what is there, and only if nobody wrote
     another end of that rank before: a compare-and-set on one key per rank
     settles that (a second report of the same end goes on, and changes
-    nothing).  ``store``:
-    the job's store; ``node``: a connection to the node's store, with
-    tiers (None: none, or gone with its main)."""
+    nothing).  First hand but ``in_flight`` (another thread of the rank is
+    inside a sync point, which it may never finish), at the current sync
+    point and the next, like a second-hand report, but as the rank's own
+    word on its end.  ``store``: the job's store; ``node``: a connection
+    to the node's store, with tiers (None: none, or gone with its main)."""
     gone = dump_failure(failure)
     key = f"{prefix}/gone/{failure.rank}"
     if not first_hand and bytes(store.compare_set(key, "", gone)) != gone:
         return False
+    posting = first_hand and not in_flight  # sets only: see the docstring
+    if in_flight:
+        store.set(key, gone)
     posts: dict[int, tuple[Transport, list[Any], list[Any]]] = {}
     for on, scope, main, members, slot in where:
         conn = store if on == "job" else node
@@ -117,12 +123,12 @@ def say_exit(
         mail, frames, verdicts = posts.setdefault(id(conn), (transport(conn), [], []))
         base = f"{prefix}/{scope}/{main}"
         seq = seqs[scope]
-        for at in (seq + 1,) if first_hand else range(max(seq, 1), seq + 2):
+        for at in (seq + 1,) if posting else range(max(seq, 1), seq + 2):
             if failure.rank == main:
                 verdicts.append((base, at, dump_verdict(failed(at, [(failure, None)]))))
                 continue
             frame = dump_frame(Frame.exit(at, failure))
-            if first_hand:
+            if posting:
                 frames.append((base, at, slot, frame))
             elif not mail.offer_frame(base, at, slot, frame):
                 continue  # it did reach that sync point itself (or its node's main did)
@@ -132,7 +138,7 @@ def say_exit(
                 if m not in (slot, main)
             ]
     for n, (mail, frames, verdicts) in enumerate(posts.values()):
-        if first_hand:
+        if posting:
             mail.post(frames, verdicts, [(key, gone)] if n == 0 else [])
             continue
         for base, at, verdict in verdicts:

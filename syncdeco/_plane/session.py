@@ -255,7 +255,9 @@ class Session:
         if at is None:
             return  # not a TCP store: nothing to tune, nowhere to renew a lease
         kept = self.store_watch
-        if kept is None or (kept.host, kept.port) != at:
+        if kept is not None and (kept.host, kept.port) == at:
+            kept.on_lost = functools.partial(_store_lost, weakref.ref(self))  # now this one's
+        else:
             try:
                 self.store_watch = StoreWatch(*at, made.store)
                 self.store_watch.on_lost = functools.partial(_store_lost, weakref.ref(self))
@@ -427,8 +429,12 @@ class Session:
         be reached (its host was the rank that ended) is left for the sync
         point to report."""
         made = self.exchange
-        while self.deaths:
-            failure, elsewhere = self.deaths.pop()
+        while True:
+            try:  # (several threads may report: each takes its own)
+                loss = self.deaths.pop()
+            except IndexError:
+                return
+            failure, elsewhere = loss
             try:
                 told = made.report_killed(failure, store, elsewhere=elsewhere)
                 _log.debug("rank %d reported rank %d's end: %s", made.rank, failure.rank, told)
@@ -436,6 +442,7 @@ class Session:
                 _log.debug(
                     "rank %d could not report rank %d's end: %r", made.rank, failure.rank, exc
                 )
+                self.deaths.append(loss)  # for the sync point to report
                 return
 
     def overdue(self, rank: int) -> tuple[int, ...]:

@@ -18,8 +18,14 @@ Scenarios:
 - ``killed_member``, ``killed_main``, ``killed_local``: rank 1 (rank 0)
   is SIGKILLed while the others wait with no timeout (at a local sync
   point).
-- ``daemon_thread_waits``: rank 1 exits while a daemon thread of it waits at
-  a sync point.
+- ``daemon_member_waits``, ``daemon_main_waits``: rank 1 (rank 0) exits
+  while a daemon thread of it waits at a sync point, which the other rank
+  joins once that process is gone.
+- ``node_main_killed``: four ranks on two nodes (SLURM's variables); rank
+  2, the second node's main, which hosts its node's store, is SIGKILLed
+  right after a world sync point; rank 3 goes on to a local sync point with
+  no timeout (it may have lost the node's store already, as it read that
+  world sync point's verdict there).
 - ``stuck_then_main_ends_first``: four ranks on two nodes (SLURM's
   variables: the node tier is up from the second world sync point); rank 3
   is busy in a user function while the others time out, then rank 0 (which
@@ -106,10 +112,12 @@ def main(scenario: str, tmp: Path) -> None:
         try_to_meet("next")
         if sd.rank() == 0:
             (tmp / "rank0-heard").write_text("")
-    elif scenario == "daemon_thread_waits":
-        # Rank 1's main thread ends while a daemon thread of it waits at a
-        # sync point rank 0 joins only once rank 1's process is gone.
-        if sd.rank() == 1:
+    elif scenario in ("daemon_member_waits", "daemon_main_waits"):
+        # One rank's main thread ends while a daemon thread of it waits at a
+        # sync point (a member: its frame sent; a main: waiting for frames),
+        # which the other rank joins only once that process is gone.
+        leaver = 1 if scenario == "daemon_member_waits" else 0
+        if sd.rank() == leaver:
             import threading
 
             from syncdeco._plane import group
@@ -118,13 +126,34 @@ def main(scenario: str, tmp: Path) -> None:
             session = group.current()
             assert session is not None
             exchange = session.exchange
-            _until("the daemon thread to enter its sync point", exchange.lock.locked)
-            (tmp / "rank1.pid.tmp").write_text(str(os.getpid()))
-            os.replace(tmp / "rank1.pid.tmp", tmp / "rank1.pid")
+
+            def waiting() -> bool:
+                return exchange.waiting is not None
+
+            _until("the daemon thread to wait at its sync point", waiting)
+            (tmp / "leaver.pid.tmp").write_text(str(os.getpid()))
+            os.replace(tmp / "leaver.pid.tmp", tmp / "leaver.pid")
             return
-        pid = int(_wait_for(tmp / "rank1.pid"))
-        _until(f"rank 1 (pid {pid}) to exit", lambda: not _alive(pid))
-        say("rank 1 has exited")
+        pid = int(_wait_for(tmp / "leaver.pid"))
+        _until(f"rank {leaver} (pid {pid}) to exit", lambda: not _alive(pid))
+        say(f"rank {leaver} has exited")
+        try_to_meet("background")
+        try_to_meet("next")
+    elif scenario == "node_main_killed":
+        meet("tier up")  # the node tier is up from here: rank 3 meets rank 2 on their node's store
+        if sd.rank() == 2:
+            (tmp / "killed-at").write_text(repr(time.time()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif sd.rank() == 3:
+            try:
+                with sd.main_first(local=True, name="node data", timeout=None):
+                    pass
+            except sd.SyncError as exc:
+                took = time.time() - float((tmp / "killed-at").read_text())
+                say(f"{type(exc).__name__} within {took:.1f}s: {exc}")
+            (tmp / "rank3-heard").write_text("")
+        else:
+            _wait_for(tmp / "rank3-heard")  # rank 0 hosts the job's store: it stays till then
     elif scenario == "stuck_then_main_ends_first":
         meet("tier up")
         from syncdeco._plane import group
