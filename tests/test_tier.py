@@ -8,6 +8,7 @@ cores cannot reach."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import sys
@@ -31,6 +32,7 @@ from syncdeco import (
     SyncTimeoutError,
 )
 from syncdeco._backend import Failure, SyncPoint
+from syncdeco._plane import watch
 from syncdeco._plane.exchange import Exchange, Place
 from syncdeco._plane.tier import host_store, join_store
 from syncdeco._plane.transport import Keys
@@ -244,6 +246,74 @@ def test_local_sync_points_stay_on_the_node(job: Job) -> None:
     out = job.run(body)
     assert all(v == [None] * 3 for v in out.values()), out
     assert [s.calls for s in job.stores] == before  # not one request to the job's store
+
+
+def test_a_node_main_that_waits_on_its_nodes_store_logs_who_came(
+    job: Job, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The watcher's warning for a local sync point looks on the node's
+    store, where the node's ranks send their frames (not the job's)."""
+    main, came, late = 4, (5, 6), 7  # the second node
+    ex = job.exchanges
+    out: dict[int, object] = {}
+
+    def local(rank: int) -> None:
+        out[rank] = ex[rank].sync(point(ex[rank], "node", True), True, None, None, TIMEOUT)
+
+    threads = [threading.Thread(target=local, args=(r,), daemon=True) for r in (main, *came)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30  # until the main waits and both frames are sent
+    while not all(ex[r].waiting is not None for r in (main, *came)):
+        assert time.monotonic() < deadline, "the node's ranks did not reach the sync point"
+        time.sleep(0.005)
+    wait = ex[main].waiting
+    assert wait is not None
+    with caplog.at_level(logging.WARNING, logger="syncdeco"):
+        watch.warn(ex[main], wait, 1.0)
+    (record,) = [r for r in caplog.records if "has waited" in r.getMessage()]
+    assert "arrived 5, 6; missing 7" in record.getMessage(), record.getMessage()
+    threads.append(threading.Thread(target=local, args=(late,), daemon=True))
+    threads[-1].start()
+    for t in threads:
+        t.join(60)
+        assert not t.is_alive()
+    assert out == {r: None for r in (main, *came, late)}, out
+
+
+def test_a_mains_claims_are_deleted_once_its_members_had_the_verdict() -> None:
+    """A main answering a member close to its deadline claims the answer
+    first (a key per member); once the member is at the next sync point,
+    the key goes: a loop of sync points near their timeout leaves none."""
+    two = Job(world=2, node=2)  # one node: no tier, one store
+    ex = two.exchanges
+    claim = "tier-test/w/0/claim/1/1"
+    out: dict[int, object] = {}
+
+    def member() -> None:
+        try:
+            out[1] = ex[1].sync(point(ex[1], "near"), False, None, None, 0.01)
+        except SyncTimeoutError as exc:  # the main came after its grace
+            out[1] = exc
+
+    started = time.monotonic()
+    thread = threading.Thread(target=member, daemon=True)
+    thread.start()
+    # Past its timeout, into its grace (two seconds: GRACE and STACK_WAIT),
+    # within WITHDRAW_MARGIN (one second) of its end: the main asks.
+    while ex[1].waiting is None or time.monotonic() < started + 1.1:
+        assert time.monotonic() < started + 30, "rank 1 did not reach the sync point"
+        time.sleep(0.001)
+    out[0] = ex[0].sync(point(ex[0], "near"), False, None, None, TIMEOUT)
+    thread.join(30)
+    assert not thread.is_alive()
+    # In its grace period: both met; after it, both heard of the withdrawal.
+    assert out == {0: None, 1: None} or all(
+        isinstance(v, SyncTimeoutError) for v in out.values()
+    ), out
+    assert two.stores[0].store.check([claim])
+    two.barriers(1, "next")
+    assert not two.stores[0].store.check([claim])
 
 
 def test_a_result_reaches_every_node(job: Job) -> None:

@@ -19,8 +19,8 @@ in step.
 A rank whose process ends writes its exit where the others already wait
 (``exits``): a member, its frame for the next sync point of each scope; a
 main, the verdict of that sync point.  A main then remembers the gone
-member, and a member its gone main, for every later sync point.  Nobody
-polls.
+member, and a member its gone main, for every later sync point.  No rank
+polls for an exit: it is written where the others already wait.
 """
 
 from __future__ import annotations
@@ -166,7 +166,9 @@ class Exchange:
         self.left = False  # this process has said it is exiting
         self.met = 0  # sync points that succeeded
         self.watcher: threading.Thread | None = None
-        self.stale: dict[str, tuple[Transport, int]] = {}  # verdicts to delete, per scope
+        self.stale: dict[str, tuple[Transport, int]] = {}  # verdicts to delete, per base
+        # (seq, member) of this main's claims, per base, to delete (_drop_claims)
+        self.claimed: dict[str, list[tuple[int, int]]] = {}
         # This rank's frames to delete, per scope: each goes once its next
         # frame is sent (then, the round trip hides in the wait).
         self.sent: dict[str, tuple[Transport, str, int]] = {}
@@ -238,16 +240,6 @@ class Exchange:
             node=node,
         )
         return way
-
-    def scope(
-        self, local: bool, deadline: Deadline, point: SyncPoint
-    ) -> tuple[str, int, tuple[int, ...]]:
-        """(scope name, main rank, member ranks) of the world or this node,
-        as the world's main or a member that meets it directly sees them."""
-        way = self.route(local, deadline, point)
-        if way.kind in (NODE_MAIN, protocol.NODE_MEMBER, FALLBACK):
-            return "w", 0, ()
-        return way.scope, way.main, way.members
 
     def _find_node(self, deadline: Deadline, point: SyncPoint) -> tuple[int, tuple[int, ...]]:
         prefix, place = self.prefix, self.place
@@ -477,8 +469,11 @@ class Exchange:
         if gone:
             arrived = gone
         else:
+            # A look at who has come goes over a connection of its own: on the
+            # node's store for a local sync point there (see watch.warn).
+            look = None if mail is self.mail else self.transport(cast(Tier, self.tier).spare)
             self.waiting = Wait(
-                time.monotonic(), point.describe(), True, self.rank, members, base, seq
+                time.monotonic(), point.describe(), True, self.rank, members, base, seq, look
             )
             sent, missing = mail.collect(base, seq, members, deadline)
             arrived, absent, told, agreed = protocol.gathered(map(load_frame, sent.values()))
@@ -506,6 +501,8 @@ class Exchange:
             asked = protocol.to_ask(arrived, agreed, time.time(), WITHDRAW_MARGIN)
             # Every member asked is claimed, so that none withdraws later.
             claims = [self._claim(base, seq, m, b"answered") for m in asked]
+            if asked:  # (deleted once each member has had the verdict: _drop_claims)
+                self.claimed.setdefault(base, []).extend((seq, m) for m in asked)
             if b"withdrawn" in claims:  # too late: a member gave up
                 verdict, wires, own_error = protocol.withdrawal(verdict, True, self.rank), [], None
                 encoded = b""
@@ -518,6 +515,8 @@ class Exchange:
             # scope's next sync point, where the round trip hides in the wait
             # (here, it would wait behind every member's read of this one).
             self.stale[base] = (mail, seq - 1)
+            if self.claimed:
+                self._drop_claims(base, seq)
         if own_error is not None:
             raise own_error
         if isinstance(verdict, Ok):
@@ -863,6 +862,21 @@ class Exchange:
         return None
 
     # -- a member that gives up, and a main that answers anyway -------------------
+
+    def _drop_claims(self, base: str, seq: int) -> None:
+        """Delete the claims this main made before ``seq`` in ``base``:
+        every member has had those verdicts, as each sent its frame for
+        ``seq``.  (Claims are rare: only for members close to their
+        deadline.)"""
+        claimed = self.claimed.pop(base, None)
+        if claimed is None:
+            return
+        later = [(at, m) for at, m in claimed if at >= seq]
+        if later:
+            self.claimed[base] = later
+        for at, m in claimed:
+            if at < seq:
+                self.store.delete_key(f"{base}/claim/{at}/{m}")
 
     def _claim(self, base: str, seq: int, member: int, claim: bytes) -> bytes:
         """Settle, once and for all, whether ``member`` waits for this sync

@@ -58,7 +58,6 @@ __all__ = [
     "Tier",
     "host_store",
     "join_store",
-    "members_key",
     "uses_tiers",
 ]
 
@@ -79,11 +78,6 @@ class Tier:
     members: tuple[int, ...]  # the node's other ranks
     slots: tuple[int, ...]  # whom rank 0 waits for on the job's store
     zero: tuple[int, ...] = (0,)  # the ranks of rank 0's node
-
-    def direct(self) -> bool:
-        """Whether this rank meets rank 0 on the job's store (rank 0's own
-        node), instead of through its node's main."""
-        return self.main == 0
 
     @property
     def layout(self) -> Layout:
@@ -115,11 +109,6 @@ def join_store(port: int) -> Any:
         wait_for_workers=False,
         timeout=timedelta(seconds=JOIN_TIMEOUT),
     )
-
-
-def members_key(prefix: str, main: int) -> str:
-    """Where a node's main writes its node's other ranks, once the tier is up."""
-    return f"{prefix}/members/{main}"
 
 
 @final
@@ -208,11 +197,11 @@ class NodeTier:
             keys.append(f"{prefix}/nodestore/{place.node}")
         keys += [f"{prefix}/mains", f"{prefix}/mainnode"]
         if not job.check(keys):
-            here = [k for k in keys if job.check([k])]
+            absent = [k for k in keys if not job.check([k])]
             raise SyncError(
                 f"rank {self.rank} at {point.describe()}: the ranks of its node "
                 f"({place.node}) did not all say where they live before meeting: "
-                f"{len(keys) - len(here)} of {', '.join(keys)} are missing. The "
+                f"{len(absent)} of {len(keys)} keys are missing ({', '.join(absent)}). The "
                 f"launcher's LOCAL_RANK and LOCAL_WORLD_SIZE (or OMPI_COMM_WORLD_LOCAL_"
                 f"RANK/SIZE, or SLURM_LOCALID and SLURM_STEP_TASKS_PER_NODE at "
                 f"SLURM_NODEID) must number each node's ranks 0 to n-1 on every node."
@@ -237,8 +226,6 @@ class NodeTier:
         elif self.rank == main:
             store = cast(tuple[Any, int], self.hosted)[0]
             spare = store.clone()
-            # For a timeout that finds this node's main missing: its ranks too.
-            job.set(members_key(prefix, main), ",".join(map(str, members)))
         else:
             try:
                 store = self.join_node(int(bytes(port or b"0")))

@@ -8,8 +8,8 @@ that is there already is read with one request that does not wait); it
 answers with one verdict key that every member reads with ``get`` (the
 same).  The main
 makes a constant number of requests however many members there are, and
-nothing is popped one at a time.  (The queue per member of syncdeco before
-0.2 lives on in ``benchmarks/_queues.py``, which ``benchmarks/scale.py``
+nothing is popped one at a time.  (The queue per member of syncdeco's first
+design lives on in ``benchmarks/_queues.py``, which ``benchmarks/scale.py``
 measures against this.)
 
 A transport never decides anything: ``exchange.py`` does, with
@@ -117,9 +117,11 @@ def wait_on(store: Any, deadline: Deadline, request: Callable[[], T]) -> T:
     ``deadline`` (in chunks of an hour where it has no end), again until
     the deadline passes; then :class:`Late`.  A wait never ends before its
     deadline, so a store's client logs a timed-out wait only where the
-    sync point itself times out (a shorter wait, to look elsewhere now
-    and then, would make it log each time: look from another thread).
-    Anything but a timeout means the store is gone: :class:`StoreLost`."""
+    sync point itself times out, or once an hour in a wait without end (a
+    shorter wait, to look elsewhere now and then, would make it log each
+    time: look from another thread).  Any other store error means the store
+    is gone: :class:`StoreLost`; a broken connection raises torch's
+    ``DistNetworkError`` as it is, for the caller to read."""
     while True:
         left = deadline.left()
         store.set_timeout(_FOREVER if left is None else timedelta(seconds=max(left, MIN_WAIT)))
