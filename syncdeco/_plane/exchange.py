@@ -40,7 +40,7 @@ from .._backend import Failure, SyncPoint
 from .._errors import RankLostError, SyncError, SyncTimeoutError
 from . import pernode, protocol, wire
 from .deadline import NEVER, STACK_WAIT, WITHDRAW_MARGIN, Deadline
-from .exits import say_exit
+from .exits import gone_key, say_exit
 from .frames import (
     Agreed,
     Failed,
@@ -398,7 +398,7 @@ class Exchange:
         store (its own notice, or the one this node's death watch writes
         within about a second of a killed process), else that it is gone."""
         self.nodes.cut_off()  # from now on the job's store
-        key, store = f"{self.prefix}/gone/{main}", self.store
+        key, store = gone_key(self.prefix, main), self.store
         left = deadline.left()
         until = time.monotonic() + (NODE_GONE_WAIT if left is None else min(left, NODE_GONE_WAIT))
         pause = 0.005

@@ -23,6 +23,7 @@ from .transport import Transport
 
 __all__ = [
     "exit_failure",
+    "gone_key",
     "killed_failure",
     "note_uncaught",
     "say_exit",
@@ -82,6 +83,12 @@ def exit_failure(rank: int, exc: BaseException | None) -> Failure:
 # -- writing an exit where the others wait ---------------------------------------------
 
 
+def gone_key(prefix: str, rank: int) -> str:
+    """The key that holds how ``rank`` ended, on the job's store: written
+    once (its own notice, or the first second-hand report; see say_exit)."""
+    return f"{prefix}/gone/{rank}"
+
+
 def say_exit(
     failure: Failure,
     store: Any,
@@ -109,7 +116,7 @@ def say_exit(
     word on its end.  ``store``: the job's store; ``node``: a connection
     to the node's store, with tiers (None: none, or gone with its main)."""
     gone = dump_failure(failure)
-    key = f"{prefix}/gone/{failure.rank}"
+    key = gone_key(prefix, failure.rank)
     if not first_hand and bytes(store.compare_set(key, "", gone)) != gone:
         return False
     posting = first_hand and not in_flight  # sets only: see the docstring

@@ -445,7 +445,7 @@ def not_said(failures: Sequence[Failure], store: Any, prefix: str) -> list[Failu
         if failure.lost_host or failure.lost_ranks:
             out.append(failure)
             continue
-        key = f"{prefix}/gone/{failure.rank}"
+        key = exits.gone_key(prefix, failure.rank)
         try:
             said = load_failure(store.get(key)) if store.check([key]) else None
         except Exception as exc:
