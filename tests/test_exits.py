@@ -169,6 +169,26 @@ def test_a_killed_node_main_is_named_at_a_local_sync_point_on_its_store(
         assert out[rank].splitlines() in (["exit status 0"], aborted), out
 
 
+def test_a_node_hears_why_its_main_lost_the_jobs_store(tmp_path: Path) -> None:
+    # Two nodes of two ranks under SLURM's variables: rank 0, which hosts
+    # the job's store, is killed while rank 2 (the second node's main) waits
+    # there for its verdict and rank 3 waits for rank 2's relay with no
+    # timeout.  Rank 2 raises, and relays that to rank 3, which does not
+    # wait for a relay that never comes (rank 2 stays, as a program that
+    # caught the error would).
+    out = _run("store_host_killed_with_tiers", 4, 2, tmp_path, launcher="slurm")
+    assert out[0] == "exit status -9\n", out
+    lost = "lost its connection to the process group's store"
+    said = {r: out[r].splitlines() for r in (1, 2, 3)}
+    # (-6: Gloo's teardown on a mesh whose peer was killed, as above)
+    assert all(lines[0] in ("exit status 0", "exit status -6") for lines in said.values()), out
+    line = said[2][1]
+    assert line.startswith("[rank 2] SyncError: rank 2 at barrier 'after'") and lost in line, out
+    line = said[3][1]
+    assert line.startswith("[rank 3] PeerFailedError: rank 2 raised SyncError: "), out
+    assert lost in line and "seen by rank 3 at barrier 'after'" in line, out
+
+
 def test_main_whose_program_ended_is_named(tmp_path: Path) -> None:
     out = _run("main_returns", 3, 3, tmp_path)
     assert out[0] == "exit status 0\n", out

@@ -321,10 +321,14 @@ class Exchange:
                 if way.kind == NODE_MAIN:
                     try:
                         return self._relay(way, seq, point, failure, deadline)
-                    except dist.DistNetworkError as exc:
-                        if _silent(exc, self.store):  # its node waits for the relay
+                    except (StoreLost, dist.DistNetworkError) as exc:
+                        # Its node waits for the relay: it hears what this rank raises.
+                        if _silent(exc, self.store):
                             self._relay_store_lost(way, seq)
-                        raise
+                            raise
+                        ended = self._store_ended(point, exc)
+                        self._relay_failure(way, seq, Failure.from_exception(self.rank, ended))
+                        raise ended from exc
                 if way.kind in (protocol.NODE_MEMBER, FALLBACK):
                     return self._follow_node(way, seq, point, failure, deadline)
                 base = self.base(way.scope, way.main)
@@ -345,12 +349,7 @@ class Exchange:
             except (StoreLost, dist.DistNetworkError) as exc:
                 if _silent(exc, self.store):
                     raise self._store_lost(point) from exc
-                raise SyncError(
-                    f"rank {self.rank} at {point.describe()} lost its connection to the "
-                    f"process group's store ({exc}): the store's host (rank 0, or the "
-                    f"launcher's agent) has exited or cannot be reached. Rank 0's log "
-                    f"says why."
-                ) from exc
+                raise self._store_ended(point, exc) from exc
             finally:
                 self.waiting = None
                 self.passed, self.at = (point, time.monotonic()), None
@@ -416,14 +415,30 @@ class Exchange:
             f"has ended. Its log, and the launcher's, say why."
         )
 
+    def _store_ended(self, point: SyncPoint, exc: BaseException) -> SyncError:
+        """The job's store went away on a host that still answers: its
+        process ended."""
+        return SyncError(
+            f"rank {self.rank} at {point.describe()} lost its connection to the "
+            f"process group's store ({exc}): the store's host (rank 0, or the "
+            f"launcher's agent) has exited or cannot be reached. Rank 0's log "
+            f"says why."
+        )
+
     def _relay_store_lost(self, way: Route, seq: int) -> None:
-        """A node's main lost the job's store: its node hears it (relayed)."""
+        """A node's main lost the job's store's host: its node hears it (relayed)."""
+        self._relay_failure(way, seq, self._store_loss())
+
+    def _relay_failure(self, way: Route, seq: int, failure: Failure) -> None:
+        """A node's main cannot reach rank 0's verdict: its node hears
+        ``failure`` instead, relayed as the verdict (unless one is there
+        already: a look at the job's store may have found rank 0's)."""
         nmail = self.node_mail
         if nmail is None:
             return
-        verdict = dump_verdict(protocol.failed(seq, [(self._store_loss(), None)]))
+        verdict = dump_verdict(protocol.failed(seq, [(failure, None)]))
         with contextlib.suppress(Exception):
-            nmail.answer(self.base("w", self.rank), seq, way.members, verdict)
+            nmail.offer_verdict(self.base("w", self.rank), seq, -1, verdict)
 
     def _send(self, mail: Transport, base: str, seq: int, frame: Frame | NodeFrame) -> None:
         """Send this rank's frame, then forget its previous one in the same

@@ -26,6 +26,10 @@ Scenarios:
   right after a world sync point; rank 3 goes on to a local sync point with
   no timeout (it may have lost the node's store already, as it read that
   world sync point's verdict there).
+- ``store_host_killed_with_tiers``: four ranks on two nodes (SLURM's
+  variables); rank 0, which hosts the job's store, is SIGKILLed while the
+  second node waits for its verdict, its main (rank 2) on the job's store,
+  rank 3 on its node's store for rank 2's relay.
 - ``stuck_then_main_ends_first``: four ranks on two nodes (SLURM's
   variables: the node tier is up from the second world sync point); rank 3
   is busy in a user function while the others time out, then rank 0 (which
@@ -154,6 +158,23 @@ def main(scenario: str, tmp: Path) -> None:
             (tmp / "rank3-heard").write_text("")
         else:
             _wait_for(tmp / "rank3-heard")  # rank 0 hosts the job's store: it stays till then
+    elif scenario == "store_host_killed_with_tiers":
+        meet("tier up")
+        if sd.rank() == 0:  # once every rank has read that verdict from its store
+            for r in (1, 2, 3):
+                _wait_for(tmp / f"rank{r}-up")
+            os.kill(os.getpid(), signal.SIGKILL)
+        (tmp / f"rank{sd.rank()}-up").write_text("")
+        if sd.rank() in (2, 3):
+            try:
+                sd.barrier("after", timeout=None)
+            except sd.SyncError as exc:
+                say(f"{type(exc).__name__}: {exc}")
+            (tmp / f"rank{sd.rank()}-heard").write_text("")
+        # Every survivor stays until both have heard: a rank 2 that goes on
+        # (it caught the error) must not leave rank 3 waiting for it.
+        _wait_for(tmp / "rank2-heard")
+        _wait_for(tmp / "rank3-heard")
     elif scenario == "stuck_then_main_ends_first":
         meet("tier up")
         from syncdeco._plane import group
