@@ -84,11 +84,17 @@ class Failure:
 
     @classmethod
     def from_exception(cls, rank: int, exc: BaseException) -> Failure:
-        """``exc``, raised on ``rank``, with its type name, message and traceback."""
+        """``exc``, raised on ``rank``, with its type name, message and
+        traceback.  Never raises: a message whose ``str()`` fails still
+        travels (the other ranks must hear of the failure)."""
+        try:
+            message = str(exc)
+        except Exception as bad:
+            message = f"<str() of the exception raised {type(bad).__qualname__}: {bad!r}>"
         return cls(
             rank=rank,
             exc_type=type(exc).__qualname__,
-            message=str(exc),
+            message=message,
             traceback="".join(traceback.format_exception(exc)),
         )
 

@@ -194,13 +194,22 @@ def _function_of(target: object) -> Any:
 
 
 def _site_of(func: Any, name: str | None) -> Site:
+    """Where ``func`` is defined, and the sync point's name: ``name``, or
+    the function's module and qualified name, the same on every rank (a
+    ``functools.partial`` is named after its function, a callable object
+    after its class's ``__call__``: never by its ``repr``, which holds an
+    address that differs from process to process)."""
+    while isinstance(func, functools.partial):
+        func = func.func
+    if not hasattr(func, "__qualname__"):  # a callable object
+        func = type(func).__call__
     code = getattr(func, "__code__", None)
     location = "<unknown>"
     if code is not None:
         location = f"{os.path.basename(code.co_filename)}:{code.co_firstlineno}"
     if name is None:
         module = getattr(func, "__module__", None) or "?"
-        name = f"{module}.{getattr(func, '__qualname__', repr(func))}"
+        name = f"{module}.{getattr(func, '__qualname__', type(func).__qualname__)}"
     return Site(name, location)
 
 

@@ -104,7 +104,8 @@ def init(
     None to pick one now as :func:`get_backend` would (initialising the
     process group from the launcher's environment if needed).  ``timeout``
     is the default for every sync point: seconds, a ``timedelta``, or None
-    to wait forever; left out, it stays at 30 minutes.  ``warn_after``: once
+    to wait forever; left out, it stays as it is (30 minutes, unless an
+    earlier ``init()`` set it).  ``warn_after``: once
     a sync point has waited this long (default a minute; None: never), a
     warning is logged through ``logging`` once per interval, naming the
     ranks that arrived, those missing and where each was last seen.  Here

@@ -4,6 +4,7 @@ backend, and the errors themselves.  Nothing here starts a process group."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import os
 import pickle
@@ -662,6 +663,7 @@ def test_exceptions_pass_through_unchanged() -> None:
 class _Recording:
     def __init__(self) -> None:
         self.points: list[sd.SyncPoint] = []
+        self.failures: list[Any] = []  # what each sync point carried, where one did
 
     def rank(self) -> int:
         return 0
@@ -674,6 +676,8 @@ class _Recording:
 
     def sync(self, point: sd.SyncPoint, **kw: object) -> object:
         self.points.append(point)
+        if kw.get("failure") is not None:
+            self.failures.append(kw["failure"])
         return kw["payload"]
 
 
@@ -698,6 +702,55 @@ def test_user_backend_sees_named_counted_sync_points() -> None:
     )
     assert rec.points[0].location.startswith("test_single.py:")
     assert rec.points[2].name == "ckpt"
+
+
+class _Loader:
+    """A callable object, decorated as an instance."""
+
+    def __call__(self, shard: int) -> int:
+        return shard
+
+
+def _load(shard: int, size: int) -> int:
+    return shard * size
+
+
+def test_a_partial_and_a_callable_object_are_named_alike_on_every_rank() -> None:
+    # Their repr holds an address that differs from process to process: a
+    # name made from it would make every rank meet at a different point.
+    rec = _Recording()
+    with sd.use_backend(rec):
+        sd.barrier_after(functools.partial(_load, size=4))(1)
+        sd.barrier_after(_Loader())(2)
+    partial, loader = rec.points
+    assert partial.name == f"{__name__}._load" and "0x" not in partial.name
+    assert partial.location.startswith("test_single.py:")
+    assert loader.name == f"{__name__}._Loader.__call__" and "0x" not in loader.name
+    assert loader.location.startswith("test_single.py:")
+
+
+class _Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("bad str")
+
+
+def test_an_exception_whose_str_fails_still_reaches_the_sync_point() -> None:
+    # Its rank must still meet the others and tell them, not raise on the
+    # way there (they would wait for it until their timeout).
+    rec = _Recording()
+
+    @sd.barrier_after
+    def step() -> None:
+        raise _Unprintable
+
+    with sd.use_backend(rec), pytest.raises(_Unprintable):
+        step()
+    assert len(rec.points) == 1
+    (failure,) = rec.failures
+    assert failure.exc_type == "_Unprintable"
+    said = "<str() of the exception raised RuntimeError: RuntimeError('bad str')>"
+    assert failure.message == said
+    assert "_Unprintable" in failure.traceback
 
 
 def test_use_backend_nests_and_restores() -> None:

@@ -35,7 +35,10 @@ class TorchBackend:
 
     def __init__(self, backend: str | None = None, *, env: Mapping[str, str] | None = None) -> None:
         if backend is not None and backend not in ("gloo", "nccl", "mpi", "ucc", "xccl"):
-            raise ValueError(f"TorchBackend(backend={backend!r}): expected 'gloo' or 'nccl'")
+            raise ValueError(
+                f"TorchBackend(backend={backend!r}): expected one of torch.distributed's "
+                f"backends: 'gloo', 'nccl', 'mpi', 'ucc' or 'xccl'"
+            )
         self._backend = backend
         self._env = os.environ if env is None else env
 
