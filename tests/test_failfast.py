@@ -156,6 +156,69 @@ def test_a_clean_exit_leaves_a_note_in_each_inbox_and_takes_its_own_away(
     assert not job.exists()
 
 
+def _fresh_notes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """This process's fail-fast state, reset for the test; the notes' base."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    for name, value in vars(failfast._State).copy().items():
+        if not name.startswith("__") and name != "lock":
+            monkeypatch.setattr(failfast._State, name, value)
+    monkeypatch.setattr(failfast._State, "siblings", {})
+    return tmp_path / f"syncdeco-notes-{os.getuid()}"
+
+
+def test_the_last_rank_out_removes_a_killed_ranks_inbox(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = _fresh_notes(tmp_path, monkeypatch)
+    failfast.arm(1, "store:1234 job", "node0/boot")  # rank 1, later killed
+    failfast.arm(0, "store:1234 job", "node0/boot")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])  # a process that ended
+    assert dead.wait(timeout=60) == 0
+    failfast.watching(1, dead.pid)  # as the death watch does
+    failfast.note_exit(None)  # rank 0 leaves
+    assert list(base.iterdir()) == []  # the job's folder went with both inboxes
+
+
+def _leave_at_once(base: Path, rank: int, go: int) -> None:
+    """In a forked child: be ``rank`` of a node's job, wait for ``go`` (a
+    pipe), and leave as a clean exit does."""
+    code = 1
+    try:
+        failfast.arm(rank, "store:1234 job", "node0/boot")
+        os.read(go, 1)
+        failfast.note_exit(None)
+        code = 0
+    finally:
+        os._exit(code)
+
+
+def test_ranks_that_leave_at_once_leave_no_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each writes its note into the other's inbox as that one removes it:
+    # the job's folder must still go, whoever is last (30 rounds of 3 ranks).
+    base = _fresh_notes(tmp_path, monkeypatch)
+    for _ in range(30):
+        read, write = os.pipe()
+        pids = []
+        for rank in range(3):
+            pid = os.fork()
+            if pid == 0:
+                _leave_at_once(base, rank, read)
+            pids.append(pid)
+        os.close(read)
+        deadline = time.monotonic() + 30
+        while not base.exists() or not all(
+            (job / str(r)).exists() for job in base.iterdir() for r in range(3)
+        ):  # until each has its inbox
+            assert time.monotonic() < deadline, "the ranks did not make their inboxes"
+            time.sleep(0.001)
+        os.write(write, b"xxx")
+        os.close(write)
+        assert [os.waitpid(pid, 0)[1] for pid in pids] == [0, 0, 0]
+        assert list(base.iterdir()) == [], list(base.rglob("*"))
+
+
 class _Counting:
     """A store that counts the requests sent through it."""
 

@@ -87,6 +87,8 @@ _TELL: Final = 0.5  # seconds this rank may spend telling the job's store before
 SPREAD: Final = _TELL + 2.5
 _ABORT: Final = 2.0  # seconds an NCCL abort may take before the process ends anyway
 _NOTE_AGE: Final = 86400.0  # seconds after which a note of an ended job is removed
+_LEFT: Final = "left"  # an inbox on its way out is renamed .left.RANK.PID (see _discard)
+_TRIES: Final = 5  # removals of an inbox on its way out, 10 ms apart
 
 _log = logging.getLogger("syncdeco")
 
@@ -306,8 +308,8 @@ def _write_note(note: Mapping[str, Any]) -> None:
     text = json.dumps(note)
     with contextlib.suppress(OSError):
         for inbox in job.iterdir():
-            if inbox.name == str(_State.rank) or not _own(inbox):
-                continue
+            if inbox.name == str(_State.rank) or inbox.name.startswith(".") or not _own(inbox):
+                continue  # (its own; one on its way out, see _discard; not the user's)
             with contextlib.suppress(OSError):
                 tmp = inbox / f".{name}"
                 tmp.write_text(text)
@@ -331,14 +333,37 @@ def _read_note(rank: int, pid: int, *, keep: bool = False) -> dict[str, Any] | N
 
 
 def _leave_inbox() -> None:
-    """Remove this rank's inbox (it reads no more), and the job's folder
-    once no rank of the node has one."""
+    """Remove this rank's inbox (it reads no more), and those of the
+    node's ranks whose process ended without removing theirs (killed), and
+    the job's folder once no rank of the node has one."""
     job = _State.notes
     if job is None:
         return
-    _remove(job / str(_State.rank))
+    _discard(job / str(_State.rank))
+    for rank, pid in sorted(_State.siblings.items()):
+        if _proc.ended(pid):
+            _discard(job / str(rank))
     with contextlib.suppress(OSError):
         job.rmdir()  # fails while another rank's inbox is there
+
+
+def _discard(inbox: Path) -> None:
+    """Remove ``inbox``, which other ranks may be writing a note into as
+    they exit too: first out of their sight (renamed to a hidden name, so
+    that a note on its way fails instead of landing in it), then, with a
+    few tries, whatever landed meanwhile."""
+    if not _own(inbox):
+        return
+    gone = inbox.with_name(f".{_LEFT}.{inbox.name}.{os.getpid()}")
+    try:
+        os.rename(inbox, gone)
+    except OSError:
+        return  # gone already
+    for _ in range(_TRIES):
+        _remove(gone)
+        if not gone.exists():
+            return
+        time.sleep(0.01)
 
 
 def note_exit(exc: BaseException | None, *, convert: bool = True) -> None:
