@@ -84,6 +84,16 @@ def _told(store: Any, rank: int) -> bool:
     return bool(store.check([f"syncdeco/gone/{rank}"]))
 
 
+class _Unreachable:
+    """A store whose host has gone: every request fails."""
+
+    def __getattr__(self, name: str) -> Any:
+        def fail(*args: Any, **kwargs: Any) -> Any:
+            raise dist.DistNetworkError("Connection reset by peer")
+
+        return fail
+
+
 def test_a_loss_outside_a_sync_point_waits_for_the_next(
     store: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -95,33 +105,12 @@ def test_a_loss_outside_a_sync_point_waits_for_the_next(
     session.seen([loss])
     assert session.deaths == [loss]  # noted, nothing told yet
     assert not _told(store, 1)
+    session.report_deaths(_Unreachable())  # a report that fails keeps it
+    assert session.deaths == [loss]
     # What TorchBackend.sync does first at this rank's next sync point:
     session.report_deaths(session.exchange.store)
     assert session.deaths == []
     assert _told(store, 1)
-
-
-class _Unreachable:
-    """A store whose host has gone: every request fails."""
-
-    def __getattr__(self, name: str) -> Any:
-        def fail(*args: Any, **kwargs: Any) -> Any:
-            raise dist.DistNetworkError("Connection reset by peer")
-
-        return fail
-
-
-def test_a_loss_that_cannot_be_told_is_kept_for_the_sync_point(
-    store: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("SYNCDECO_FAIL_FAST", "0")
-    session = _session(store, rank=0)
-    loss = (exits.killed_failure(1), None)
-    session.seen([loss])
-    session.report_deaths(_Unreachable())
-    assert session.deaths == [loss]  # not dropped: the next sync point tries again
-    session.report_deaths(session.exchange.store)
-    assert session.deaths == [] and _told(store, 1)
 
 
 def test_a_loss_inside_a_sync_point_is_told_at_once(store: Any) -> None:
