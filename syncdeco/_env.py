@@ -23,6 +23,7 @@ __all__ = [
     "local_rank_from_env",
     "local_world_size_from_env",
     "node_key",
+    "open_mpi_ranks",
     "parse_tasks_per_node",
 ]
 
@@ -324,8 +325,18 @@ def node_key(env: Mapping[str, str]) -> str:
     """A string equal on the ranks of one node and different across nodes."""
     # torchrun's GROUP_RANK tells two agents apart even on one host (the
     # loopback two-node test relies on it); SLURM numbers its nodes; Open MPI
-    # has no node id (OMPI_COMM_WORLD_NODE_RANK is a rank), so the host name.
-    for var in ("GROUP_RANK", "SLURM_NODEID"):
-        if var in env:
-            return f"{var}={env[var]}"
+    # has no node id (OMPI_COMM_WORLD_NODE_RANK is a rank), so the host name,
+    # also inside a SLURM allocation, whose SLURM_NODEID its ranks do not
+    # share: those on mpirun's node have the batch step's, the others those
+    # of the step srun started Open MPI's daemons in, numbered from 0 again.
+    if "GROUP_RANK" in env:
+        return f"GROUP_RANK={env['GROUP_RANK']}"
+    if "SLURM_NODEID" in env and not open_mpi_ranks(env):
+        return f"SLURM_NODEID={env['SLURM_NODEID']}"
     return f"host={socket.gethostname()}"
+
+
+def open_mpi_ranks(env: Mapping[str, str]) -> bool:
+    """Whether Open MPI started this rank: its variables, and not
+    torchrun's, which detect_launch reads first."""
+    return "OMPI_COMM_WORLD_RANK" in env and "RANK" not in env

@@ -37,7 +37,7 @@ from typing import Any, Final, final
 
 import torch.distributed as dist
 
-from ._env import Launch
+from ._env import Launch, open_mpi_ranks
 from ._errors import SyncError
 from ._excepthook import install as prefix_tracebacks
 from ._loopback import LOOPBACK, host_on_loopback
@@ -70,8 +70,12 @@ _RUN_VARIABLES: Final = (
 
 def namespace(env: Mapping[str, str]) -> str:
     """The prefix of syncdeco's keys for this run of the job: equal on its
-    ranks, different for another run or restart that shares the store."""
-    run = ",".join(f"{var}={env[var]}" for var in _RUN_VARIABLES if var in env)
+    ranks, different for another run or restart that shares the store.
+    (Not SLURM's step under Open MPI: within an allocation its ranks do
+    not share one, see ``_env.node_key``; its rank 0 hosts the store, which
+    no other run shares.)"""
+    skip = ("SLURM_STEP_ID",) if open_mpi_ranks(env) else ()
+    run = ",".join(f"{var}={env[var]}" for var in _RUN_VARIABLES if var in env and var not in skip)
     return f"syncdeco-job/{run or 'run'}/"
 
 

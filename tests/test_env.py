@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import socket
 import sys
 from collections.abc import Callable
 from datetime import timedelta
@@ -22,8 +23,10 @@ from syncdeco._env import (
     format_tasks_per_node,
     local_rank_from_env,
     local_world_size_from_env,
+    node_key,
     parse_tasks_per_node,
 )
+from syncdeco._startup import namespace
 
 LAUNCHER_VARIABLES = (
     "RANK",
@@ -476,3 +479,22 @@ def test_infinite_timeouts_on_real_ranks() -> None:
     with sd.main_first(timeout=math.inf):
         pass
     sd.barrier("end", timeout=math.inf)
+
+
+def test_open_mpi_ranks_in_a_slurm_allocation_share_a_node_key_and_a_namespace() -> None:
+    # mpirun inside sbatch: its own node's ranks have the batch step's SLURM
+    # variables, the other nodes' those of the step srun started Open MPI's
+    # daemons in, whose nodes are numbered from 0 again.  Neither may split
+    # a job (the key prefix) nor merge two hosts into one node.
+    ompi = {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "4", "SLURM_JOB_ID": "7"}
+    here = {**ompi, "SLURM_NODEID": "0", "SLURM_STEP_ID": "4294967294"}
+    there = {**ompi, "OMPI_COMM_WORLD_RANK": "2", "SLURM_NODEID": "0", "SLURM_STEP_ID": "0"}
+    assert node_key(here) == node_key(there) == f"host={socket.gethostname()}"
+    assert namespace(here) == namespace(there) == "syncdeco-job/SLURM_JOB_ID=7/"
+    # srun's own ranks keep SLURM's node numbers and step
+    srun = {"SLURM_PROCID": "1", "SLURM_NTASKS": "4", "SLURM_NODEID": "1", "SLURM_STEP_ID": "0"}
+    assert node_key(srun) == "SLURM_NODEID=1"
+    step = "syncdeco-job/SLURM_JOB_ID=7,SLURM_STEP_ID=0/"
+    assert namespace({**srun, "SLURM_JOB_ID": "7"}) == step
+    # and torchrun inside srun, its agents' group ranks
+    assert node_key({**srun, "RANK": "1", "GROUP_RANK": "1"}) == "GROUP_RANK=1"
