@@ -411,8 +411,10 @@ class Exchange:
             protocol.raise_for(protocol.failed(seq, [(exited, None)]), point, self.rank, None)
         raise SyncError(
             f"rank {self.rank} at {point.describe()} lost its connection to its node's "
-            f"store, which rank {main} (its node's main) hosts: rank {main}'s process "
-            f"has ended. Its log, and the launcher's, say why."
+            f"store, which rank {main} (its node's main) hosts, and found no word of "
+            f"rank {main}'s end on the job's store within {NODE_GONE_WAIT:g}s: its "
+            f"process has ended, or this rank cannot reach its node's store. Rank "
+            f"{main}'s log, and the launcher's, say which."
         )
 
     def _store_ended(self, point: SyncPoint, exc: BaseException) -> SyncError:
