@@ -24,7 +24,7 @@ from syncdeco import (
 )
 from syncdeco._backend import Failure, SyncPoint
 from syncdeco._plane import protocol
-from syncdeco._plane.deadline import GRACE, NEVER, STACK_WAIT, Deadline
+from syncdeco._plane.deadline import GRACE, NEVER, STACK_WAIT, Deadline, look_until
 from syncdeco._plane.frames import (
     Agreed,
     Failed,
@@ -604,3 +604,15 @@ def test_a_withdrawal_reaches_every_rank_as_the_same_timeout(
     if out.withdrew:
         assert out.zero == Timeout(1, (0,))
         assert all(v == Timeout(1, (0,)) for v in out.verdicts.values())
+
+
+def test_a_look_until_returns_once_it_sees_it_or_its_time_is_up() -> None:
+    looks: list[int] = []
+
+    def third() -> bool:
+        looks.append(1)
+        return len(looks) == 3
+
+    assert look_until(third, 5.0, first=0.001, most=0.002) and len(looks) == 3
+    assert not look_until(lambda: False, 0.01, first=0.001, most=0.004)
+    assert look_until(lambda: True, 0.0, first=1.0, most=1.0)  # seen at the first look

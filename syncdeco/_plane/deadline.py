@@ -6,15 +6,17 @@ a member adds for each tier above it).  The arithmetic lives here, pure:
 what a member waits beyond its main (:meth:`Deadline.extended`), when a
 node's main stops gathering its ranks (:meth:`Deadline.early`), and the
 deadline as wall-clock time for a frame that crosses hosts
-(:meth:`Deadline.wall`).  No store, no torch.
+(:meth:`Deadline.wall`); and :func:`look_until`, the one loop that looks
+for something at growing intervals.  No store, no torch.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Final, NamedTuple, final
 
-__all__ = ["GRACE", "STACK_WAIT", "WITHDRAW_MARGIN", "Deadline"]
+__all__ = ["GRACE", "STACK_WAIT", "WITHDRAW_MARGIN", "Deadline", "look_until"]
 
 GRACE: Final = 1.0  # extra seconds a member waits for the main's verdict, per tier
 STACK_WAIT: Final = 1.0  # seconds a timed-out sync point waits for the missing ranks' stacks
@@ -87,3 +89,20 @@ def _grace(timeout: float) -> float:
 
 
 NEVER: Final = Deadline(None, None)
+
+
+def look_until(done: Callable[[], object], seconds: float, *, first: float, most: float) -> bool:
+    """Call ``done`` until it is true (then True) or ``seconds`` have passed
+    (then False), sleeping ``first`` seconds after the first look and twice
+    as long after each next one, ``most`` at most.  For looks at a store
+    that must not be store waits: a wait that times out makes torch's store
+    client log."""
+    until = time.monotonic() + seconds
+    pause = first
+    while not done():
+        left = until - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(pause, left))
+        pause = min(2 * pause, most)
+    return True

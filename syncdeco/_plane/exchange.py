@@ -39,7 +39,7 @@ import torch.distributed as dist
 from .._backend import Failure, SyncPoint
 from .._errors import RankLostError, SyncError, SyncTimeoutError
 from . import pernode, protocol, wire
-from .deadline import NEVER, STACK_WAIT, WITHDRAW_MARGIN, Deadline
+from .deadline import NEVER, STACK_WAIT, WITHDRAW_MARGIN, Deadline, look_until
 from .exits import gone_key, say_exit
 from .frames import (
     Agreed,
@@ -397,16 +397,9 @@ class Exchange:
         store (its own notice, or the one this node's death watch writes
         within about a second of a killed process), else that it is gone."""
         self.nodes.cut_off()  # from now on the job's store
-        key, store = gone_key(self.prefix, main), self.store
-        left = deadline.left()
-        until = time.monotonic() + (NODE_GONE_WAIT if left is None else min(left, NODE_GONE_WAIT))
-        pause = 0.005
-        while not store.check([key]):  # (checks: a store wait that times out would log)
-            if time.monotonic() >= until:
-                break
-            time.sleep(pause)
-            pause = min(2 * pause, 0.1)
-        else:
+        key, store, left = gone_key(self.prefix, main), self.store, deadline.left()
+        wait = NODE_GONE_WAIT if left is None else min(left, NODE_GONE_WAIT)
+        if look_until(lambda: store.check([key]), wait, first=0.005, most=0.1):
             exited = self.gone[main] = load_failure(bytes(store.get(key)))
             protocol.raise_for(protocol.failed(seq, [(exited, None)]), point, self.rank, None)
         raise SyncError(

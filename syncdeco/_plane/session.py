@@ -32,7 +32,6 @@ import functools
 import logging
 import pickle
 import threading
-import time
 import weakref
 from collections.abc import Mapping
 from datetime import timedelta
@@ -43,6 +42,7 @@ import torch.distributed as dist
 from .. import _startup as startup
 from .._backend import Failure
 from . import exits, failfast, pulse
+from .deadline import look_until
 from .deathwatch import DeathWatch, identity, watchable
 from .exchange import Exchange, Place
 from .keepalive import StoreWatch, endpoint, keep_alive, underlying
@@ -305,14 +305,14 @@ class Session:
         made = self.exchange
         if self.group_up is None or made.world_size < 2:
             return
-        deadline = time.monotonic() + _GROUP_WAIT
-        pause = _FIND_FIRST
+        up, store = self.group_up, made.spare
         try:
-            while int(made.spare.add(self.group_up, 0)) < made.world_size:
-                if time.monotonic() >= deadline:
-                    return
-                time.sleep(pause)
-                pause = min(2 * pause, 0.2)
+            look_until(
+                lambda: int(store.add(up, 0)) >= made.world_size,
+                _GROUP_WAIT,
+                first=_FIND_FIRST,
+                most=0.2,
+            )
         except Exception as exc:  # the store has gone: nothing to wait for
             _log.debug("rank %d did not wait for the group: %r", made.rank, exc)
 

@@ -91,6 +91,7 @@ from types import FrameType
 from typing import Any, Final, final
 
 from .. import _proc
+from .deadline import look_until
 
 __all__ = [
     "StackReport",
@@ -615,15 +616,10 @@ def end_responders(
     if not pending:
         return []
     store.multi_set([k.bell for k in pending], [b"end"] * len(pending))
-    deadline = time.monotonic() + timeout
-    pause = _FIRST_LOOK
-    while not store.check([k.off for k in pending]):
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return [k.rank for k in pending if not store.check([k.off])]
-        time.sleep(min(pause, left))
-        pause = min(pause * 2, _MOST_BETWEEN_LOOKS)
-    return []
+    offs = [k.off for k in pending]
+    if look_until(lambda: store.check(offs), timeout, first=_FIRST_LOOK, most=_MOST_BETWEEN_LOOKS):
+        return []
+    return [k.rank for k in pending if not store.check([k.off])]
 
 
 _Options = tuple[int, int | None, Callable[[], SyncSeen | None] | None]  # limit, size, sync
@@ -726,19 +722,13 @@ def fetch_stacks(
     if not asked:
         return {}
     store.multi_set([keys.bell for keys, _ in asked.values()], [b""] * len(asked))
-    deadline = time.monotonic() + timeout
     replies = {rank: keys.reply(n) for rank, (keys, n) in asked.items()}
-    pause = _FIRST_LOOK
-    everyone = False
-    while True:
-        if store.check(list(replies.values())):
-            everyone = True
-            break
-        left = deadline - time.monotonic()
-        if left <= 0:
-            break
-        time.sleep(min(pause, left))
-        pause = min(pause * 2, _MOST_BETWEEN_LOOKS)
+    everyone = look_until(
+        lambda: store.check(list(replies.values())),
+        timeout,
+        first=_FIRST_LOOK,
+        most=_MOST_BETWEEN_LOOKS,
+    )
     answered = [r for r in asked if everyone or store.check([replies[r]])]
     reports: dict[int, StackReport] = {}
     if answered:
