@@ -129,20 +129,27 @@ def test_losses_of_one_host_and_kind_are_named_together() -> None:
     assert failfast._merge(losses) == [failfast.Loss((2, 3), "node1", losses[0].how)]
 
 
-def test_a_clean_exit_leaves_a_note_in_each_inbox_and_takes_its_own_away(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _fresh_notes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """This process's fail-fast state, reset for the test; the notes' base."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     for name, value in vars(failfast._State).copy().items():
         if not name.startswith("__") and name != "lock":
             monkeypatch.setattr(failfast._State, name, value)
+    monkeypatch.setattr(failfast._State, "siblings", {})
+    return tmp_path / f"syncdeco-notes-{os.getuid()}"
+
+
+def test_a_clean_exit_leaves_a_note_in_each_inbox_and_takes_its_own_away(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = _fresh_notes(tmp_path, monkeypatch)
 
     def be(rank: int) -> None:  # this process plays ranks 0 and 1 of one node in turn
         failfast.arm(rank, "store:1234 job", "node0/boot")
 
     be(0)
     be(1)
-    (job,) = (tmp_path / f"syncdeco-notes-{os.getuid()}").iterdir()
+    (job,) = base.iterdir()
     assert sorted(p.name for p in job.iterdir()) == ["0", "1"]
     assert oct(job.stat().st_mode & 0o777) == oct((job / "1").stat().st_mode & 0o777) == "0o700"
     failfast.note_exit(SystemExit(0))  # rank 1 exits cleanly
@@ -154,16 +161,6 @@ def test_a_clean_exit_leaves_a_note_in_each_inbox_and_takes_its_own_away(
     assert failfast._read_note(1, os.getpid()) is None  # read once
     failfast.note_exit(None)  # rank 0, the last one out
     assert not job.exists()
-
-
-def _fresh_notes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """This process's fail-fast state, reset for the test; the notes' base."""
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    for name, value in vars(failfast._State).copy().items():
-        if not name.startswith("__") and name != "lock":
-            monkeypatch.setattr(failfast._State, name, value)
-    monkeypatch.setattr(failfast._State, "siblings", {})
-    return tmp_path / f"syncdeco-notes-{os.getuid()}"
 
 
 def test_the_last_rank_out_removes_a_killed_ranks_inbox(
