@@ -21,6 +21,8 @@ by ``tests/test_imports.py``):
 * ``keepalive``, ``lease``, ``stacks``: lost hosts, node leases, and where
   a missing rank is stuck;
 * ``tier``: a store per node, and this rank's part in it;
+* ``relay``: what a waiting node does on the job's store (its main's
+  relay key, the looks for rank 0's verdict);
 * ``exchange``: one rank's side of every sync point, driving the core,
   given its store, rank, world size and place as values (so ranks can be
   simulated);

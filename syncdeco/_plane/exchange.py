@@ -55,8 +55,9 @@ from .frames import (
     load_frame,
     load_verdict,
 )
-from .keepalive import endpoint, silent
+from .keepalive import endpoint, went_silent
 from .protocol import ALONE, FALLBACK, MAIN, NODE_MAIN, Place, Route
+from .relay import WAKE, gather, looker, say_relaying
 from .share import unshare
 from .stacks import fetch_stacks
 from .tier import POLL, NodeTier, Tier, host_store, join_store
@@ -66,7 +67,6 @@ from .watch import Wait, start_watcher
 __all__ = ["PREFIX", "Exchange", "Place"]
 
 PREFIX: Final = "syncdeco"
-WAKE: Final = "wake"  # a frame's kind, put by a look that found the verdict first
 # Seconds a rank that lost its node's store looks for its node's main's exit
 # on the job's store (the node's death watch reports a kill within about one).
 NODE_GONE_WAIT: Final = 3.0
@@ -74,34 +74,6 @@ NODE_GONE_WAIT: Final = 3.0
 _log = logging.getLogger("syncdeco")
 
 Broadcast = Callable[[torch.Tensor, int], object]
-
-
-def _silent(exc: BaseException, store: Any) -> bool:
-    """Whether a connection to the job's store failed because its host went
-    silent (the kernel gave up on it: see keepalive.py), rather than because
-    the store's process ended on a host that is still up."""
-    if "timed out" in str(exc).lower():
-        return True
-    at = endpoint(store)
-    return at is not None and silent(*at)
-
-
-def _relaying(node: Transport, nbase: str) -> tuple[int, float | None] | None:
-    """The world sync point a node's main waits at on the job's store, and
-    until when (wall clock; None: forever), as it told its node."""
-    store = cast(Any, node).store
-    key = f"{nbase}/relaying"
-    if not store.check([key]):
-        return None
-    seq, until = bytes(store.get(key)).decode().split(" ")
-    return int(seq), None if until == "-" else float(until)
-
-
-def _say_relaying(node: Transport, nbase: str, seq: int, until: float | None) -> None:
-    """A node's main tells its node it waits on the job's store (one key,
-    on the node's store), so that the node's sentinel need not look."""
-    store = cast(Any, node).store
-    store.set(f"{nbase}/relaying", f"{seq} {'-' if until is None else repr(until)}")
 
 
 def _off_wire(tensors: list[torch.Tensor], plan: pernode.Plan) -> list[torch.Tensor]:
@@ -323,7 +295,7 @@ class Exchange:
                         return self._relay(way, seq, point, failure, deadline)
                     except (StoreLost, dist.DistNetworkError) as exc:
                         # Its node waits for the relay: it hears what this rank raises.
-                        if _silent(exc, self.store):
+                        if went_silent(exc, self.store):
                             self._relay_store_lost(way, seq)
                             raise
                         ended = self._store_ended(point, exc)
@@ -347,7 +319,7 @@ class Exchange:
                         raise
                     self._node_store_lost(way.main, seq, point, deadline)
             except (StoreLost, dist.DistNetworkError) as exc:
-                if _silent(exc, self.store):
+                if went_silent(exc, self.store):
                     raise self._store_lost(point) from exc
                 raise self._store_ended(point, exc) from exc
             finally:
@@ -726,15 +698,17 @@ class Exchange:
                 nbase,
                 seq,
                 node,
-                self._look(wbase, nbase, seq, node, members),
+                self._looker(wbase, nbase, seq, node, members),
                 POLL,
             )
-            got, missing, early = self._gather(nmail, nbase, wbase, seq, members, deadline.early())
+            got, missing, early = gather(
+                nmail, self.mail, nbase, wbase, seq, self.rank, members, deadline.early()
+            )
             frames += got
             self._note(got)
         if early is None:
             if nmail is not None:
-                _say_relaying(nmail, nbase, seq, mine.wall())  # the sentinel need not look
+                say_relaying(nmail, nbase, seq, mine.wall())  # the sentinel need not look
             seen = self.last_seen(missing)
             self._send(self.mail, wbase, seq, NodeFrame.of(frames, missing, seen))
             self.waiting = Wait(time.monotonic(), point.describe(), False, 0, (), wbase, seq)
@@ -759,67 +733,15 @@ class Exchange:
                 nmail.drop_verdict(nbase, seq - 1)
         return self._heard(load_verdict(early), 0, point, seq, True, deadline)
 
-    def _gather(
-        self,
-        nmail: Transport,
-        nbase: str,
-        wbase: str,
-        seq: int,
-        members: Sequence[int],
-        deadline: Deadline,
-    ) -> tuple[list[Frame], list[int], bytes | None]:
-        """A node's main: its ranks' frames, until ``deadline`` (this
-        rank's watcher looks at the job's store meanwhile, and wakes this
-        wait where it finds the verdict there): (frames, missing, the
-        verdict if it came first, from a failure elsewhere)."""
-        got, missing = nmail.collect(nbase, seq, members, deadline)
-        frames = [cast(Frame, load_frame(data)) for data in got.values()]
-        woken = [f.rank for f in frames if f.kind == WAKE]
-        if not woken:
-            return frames, missing, None
-        frames = [f for f in frames if f.kind != WAKE]
-        return frames, missing + woken, self._verdict_on_job_store(wbase, seq)
-
-    def _look(
+    def _looker(
         self, wbase: str, nbase: str, seq: int, node: Transport, wake: Sequence[int]
     ) -> Callable[[], None] | None:
-        """What a waiting node's watcher does every POLL seconds: look at
-        the job's store, over the spare connection, for rank 0's verdict
-        (it comes first where a rank elsewhere failed); relay one it finds
-        to the node, and wake its node's main where it waits for frames
-        (``wake``: the members whose frames it waits for).  A look at a
-        store whose host was lost blocks for seconds, while the node's
-        main, waiting there already, hears of the loss and relays it: so
-        the node's other ranks leave the look to a main that says it is
-        relaying (until its own deadline)."""
+        """The look a waiting node's watcher makes at the job's store (see
+        relay.py), over the spare connection."""
         if self.spare is None:
             return None  # (a simulated rank without a second connection)
         job = self.transport(self.spare)
-        sentinel = not wake
-
-        def look() -> None:
-            if sentinel:
-                relaying = _relaying(node, nbase)
-                if relaying is not None and relaying[0] == seq:
-                    if relaying[1] is None or time.time() < relaying[1]:
-                        return  # the main waits on the job's store itself, and will relay
-            try:
-                data = job.peek(wbase, seq, self.rank)
-            except dist.DistNetworkError as exc:
-                if not sentinel or not _silent(exc, self.store):
-                    wake_main()  # it looks itself, and hears of the loss
-                    raise
-                data = dump_verdict(protocol.failed(seq, [(self._store_loss(), None)]))
-            if data is None:
-                return
-            node.offer_verdict(nbase, seq, -1, data)  # the node's ranks hear it now
-            wake_main()
-
-        def wake_main() -> None:
-            for m in wake:
-                node.offer_frame(nbase, seq, m, dump_frame(_wake(seq, m)))
-
-        return look
+        return looker(job, node, self.store, nbase, wbase, seq, self.rank, wake, self._store_loss)
 
     def _follow_node(
         self, way: Route, seq: int, point: SyncPoint, failure: Failure | None, deadline: Deadline
@@ -843,7 +765,7 @@ class Exchange:
                 nbase,
                 seq,
                 node,
-                self._look(wbase, nbase, seq, node, ()) if sentinel else None,
+                self._looker(wbase, nbase, seq, node, ()) if sentinel else None,
                 POLL,
             )
             try:
@@ -863,13 +785,6 @@ class Exchange:
         if data is None:
             data = dump_verdict(self._give_up(wbase, seq, main, point, deadline))
         return self._heard(load_verdict(data), main, point, seq, True, deadline)
-
-    def _verdict_on_job_store(self, wbase: str, seq: int) -> bytes | None:
-        """Rank 0's verdict, if it came while the node waits (a failure
-        elsewhere)."""
-        if self.mail.has_verdict(wbase, seq, self.rank):
-            return self.mail.receive(wbase, seq, self.rank, NEVER)
-        return None
 
     # -- a member that gives up, and a main that answers anyway -------------------
 
@@ -998,9 +913,3 @@ class Exchange:
         if self.node is not None:
             return self.node[0]
         return self.rank if self.place.local_rank == 0 else None
-
-
-def _wake(seq: int, rank: int) -> Frame:
-    """A frame put in ``rank``'s place by a look that found the verdict on
-    the job's store first: it wakes the node's main that waits for frames."""
-    return Frame(seq, rank, WAKE, "", 0, None, "(the verdict came first)", None)

@@ -52,7 +52,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
-__all__ = ["StoreWatch", "endpoint", "keep_alive", "silent", "underlying"]
+__all__ = ["StoreWatch", "endpoint", "keep_alive", "silent", "underlying", "went_silent"]
 
 IDLE: Final = 2  # seconds of silence before the first probe
 INTERVAL: Final = 1  # seconds between probes
@@ -237,6 +237,16 @@ def silent(host: str, port: int, *, wait: float = 1.0) -> bool:
         return False
     except OSError:
         return True  # timed out, or no route to the host
+
+
+def went_silent(exc: BaseException, store: Any) -> bool:
+    """Whether a connection to ``store`` failed (``exc``) because its host
+    went silent (the kernel gave up on it), rather than because the store's
+    process ended on a host that is still up."""
+    if "timed out" in str(exc).lower():
+        return True
+    at = endpoint(store)
+    return at is not None and silent(*at)
 
 
 def _unmapped(address: str) -> str:
