@@ -193,3 +193,14 @@ def test_no_global_statement_in_the_plane() -> None:
         if isinstance(node, ast.Global)
     )
     assert not found, "\n".join(found)
+
+
+def test_no_module_reaches_a_thousand_lines() -> None:
+    # One module a concern: a module that grows to 1,000 lines holds more
+    # than one, and is split before it lands.
+    long = {
+        name: n
+        for name, path in modules().items()
+        if (n := len(path.read_text().splitlines())) >= 1000
+    }
+    assert not long, long
