@@ -52,7 +52,11 @@ __all__ = [
     "store_for_exit_notice",
 ]
 
-EXIT_NOTICE_WAIT: Final = 2.0  # seconds an exiting rank may spend reaching the store
+EXIT_NOTICE_WAIT: Final = 2.0  # seconds an exiting rank looks for a store that accepts
+# Seconds it may then take to connect: the store is up, but a loaded host
+# can take seconds to answer a new client's handshake (2 s fell short in 1
+# run of about 10 with 3 jobs at once on 2 busy cores).
+EXIT_NOTICE_CONNECT: Final = 10.0
 _FOREVER_CHUNK: Final = 3600.0  # one connection attempt, when a sync point waits forever
 _PROBE_PAUSE: Final = 0.05  # seconds between attempts to reach a store that is not up
 
@@ -246,8 +250,9 @@ def store_for_exit_notice(
     launch: Launch | None, env: Mapping[str, str], *, child: bool = False
 ) -> Any | None:
     """Where an exiting rank that has no process group writes its exit
-    notice: the job store it has open, or a connection made now, within
-    EXIT_NOTICE_WAIT seconds.  None where no notice can or should be
+    notice: the job store it has open, or a connection made now to a store
+    found accepting within EXIT_NOTICE_WAIT seconds (the connection itself
+    may take up to EXIT_NOTICE_CONNECT).  None where no notice can or should be
     written: no multi-rank launch; this rank hosts the store and never
     opened it (nobody can have reached it); this process is a
     multiprocessing child (a DataLoader worker inherits its rank's
@@ -262,11 +267,10 @@ def store_for_exit_notice(
     if tcp_is_server(launch, env) or launch.master_addr is None or launch.master_port is None:
         return None
     addr, port = launch.master_addr, launch.master_port
-    deadline = time.monotonic() + EXIT_NOTICE_WAIT
-    if _reachable(addr, port, deadline) is not None:
+    if _reachable(addr, port, time.monotonic() + EXIT_NOTICE_WAIT) is not None:
         return None
     try:
-        tcp = _tcp(addr, port, 0, master=False, seconds=max(deadline - time.monotonic(), 0.1))
+        tcp = _tcp(addr, port, 0, master=False, seconds=EXIT_NOTICE_CONNECT)
     except (dist.DistError, RuntimeError):
         return None
     return dist.PrefixStore(  # type: ignore[attr-defined]
