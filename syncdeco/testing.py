@@ -47,7 +47,9 @@ __all__ = ["HungRanksError", "Outcome", "launcher_env", "run_ranks"]
 Launcher = Literal["torchrun", "slurm", "ompi"]
 
 _ctx = mp.get_context("forkserver")
-_ctx.set_forkserver_preload(["torch", "torch.distributed", "syncdeco"])
+# syncdeco._frozen last: it hides what the others loaded from the garbage
+# collector, so that the ranks forked from the forkserver do not copy it.
+_ctx.set_forkserver_preload(["torch", "torch.distributed", "syncdeco", "syncdeco._frozen"])
 
 
 @dataclass

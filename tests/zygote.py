@@ -262,7 +262,8 @@ if __name__ == "__main__":
     import torch
     import torch.distributed  # noqa: F401
 
-    import syncdeco  # noqa: F401
+    import syncdeco
+    import syncdeco._frozen  # noqa: F401  (gc.freeze: a fork copies no page for the gc)
 
     _request = _serve(socket.socket(fileno=int(sys.argv[1])))
     if _request is not None:  # a forked child: from here on, the rank
