@@ -5,7 +5,10 @@ one more namespace) by a veth pair, with an address in a test-only subnet,
 loopback up, an ``/etc/hosts`` that names every node, and a host name of its
 own: a command run on a node is a real process in that namespace and in a UTS
 namespace whose host name is the node's (``socket.gethostname()`` says
-``node1``)::
+``node1``).  A Python script is forked from the zygote (``zygote.py``),
+which enters the node's namespaces itself, as ``ip netns exec`` and
+``unshare --uts`` would (a fresh interpreter would spend a second of CPU
+importing torch); any other command runs under ``ip netns exec``::
 
     with Cluster(nodes=2) as c:
         a = c.start(0, [sys.executable, "job.py"], env={"MASTER_ADDR": c.addr(0)})
@@ -49,11 +52,14 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+
+import zygote
 
 SUBNET = "10.213.47"  # a /24 no real network here uses; node i is SUBNET.(i + 1)
 PREFIX = "sdnet-"  # every namespace a cluster makes: sdnet-<pid>-<n>-<node or sw>
@@ -120,7 +126,9 @@ class Proc:
 
     __slots__ = ("log", "node", "popen")
 
-    def __init__(self, popen: subprocess.Popen[bytes], node: int, log: Path) -> None:
+    def __init__(
+        self, popen: subprocess.Popen[bytes] | zygote.Forked, node: int, log: Path
+    ) -> None:
         self.popen = popen
         self.node = node
         self.log = log
@@ -282,6 +290,21 @@ class Cluster:
             full.pop(key, None)
         full.update(env or {})
         log = self.workdir / f"node{node}-{len(self.procs)}.log"
+        if len(argv) > 1 and argv[0] == sys.executable and argv[1].endswith(".py"):
+            # A script: forked from the zygote, which enters the node's
+            # namespaces as the command below would (a second of CPU less
+            # than a fresh interpreter importing torch).
+            with open(log, "wb") as out:
+                forked = zygote.spawn(
+                    argv[1:],
+                    full,
+                    cwd,
+                    out=out.fileno(),
+                    node={"netns": self.namespaces[node], "hostname": self.hosts[node]},
+                )
+            proc = Proc(forked, node, log)
+            self.procs.append(proc)
+            return proc
         # ip netns exec, unshare and sh each exec the next: the Popen's pid is
         # the command's own.
         wrapped = [

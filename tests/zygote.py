@@ -88,6 +88,9 @@ def _become(request: dict[str, object]) -> None:
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
+    node = request.get("node")
+    if node is not None:
+        _enter_node(node)  # type: ignore[arg-type]
     os.environ.clear()
     os.environ.update(request["env"])  # type: ignore[arg-type]
     tempfile.tempdir = None  # read TMPDIR again
@@ -100,6 +103,41 @@ def _become(request: dict[str, object]) -> None:
     script = os.path.abspath(argv[0])
     sys.path[0] = os.path.dirname(script)
     runpy.run_path(script, run_name="__main__")
+
+
+_CLONE_NEWNS = 0x00020000
+_CLONE_NEWUTS = 0x04000000
+_CLONE_NEWNET = 0x40000000
+_MS_BIND, _MS_REC, _MS_PRIVATE = 0x1000, 0x4000, 0x40000
+
+
+def _enter_node(node: Mapping[str, str]) -> None:
+    """In the forked child: be on a node of ``tests/netns.py``'s cluster as
+    ``ip netns exec NS unshare --uts -- sh -c 'hostname H && exec ...'``
+    makes a process be: in network namespace ``netns``, with a UTS
+    namespace of its own named ``hostname``, and the namespace's files in
+    ``/etc/netns/NS`` bound over ``/etc`` in a mount namespace of its own."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def check(result: int, what: str) -> None:
+        if result != 0:
+            raise OSError(ctypes.get_errno(), f"{what}: {os.strerror(ctypes.get_errno())}")
+
+    ns = node["netns"]
+    fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+    try:
+        check(libc.setns(fd, _CLONE_NEWNET), f"setns into {ns}")
+    finally:
+        os.close(fd)
+    check(libc.unshare(_CLONE_NEWUTS | _CLONE_NEWNS), "unshare")
+    check(libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None), "mount --make-rprivate /")
+    etc = f"/etc/netns/{ns}"
+    for name in sorted(os.listdir(etc)) if os.path.isdir(etc) else []:
+        src, dst = f"{etc}/{name}".encode(), f"/etc/{name}".encode()
+        check(libc.mount(src, dst, None, _MS_BIND, None), f"bind {etc}/{name}")
+    socket.sethostname(node["hostname"])
 
 
 class Forked:
@@ -174,21 +212,29 @@ class Zygote:
         self._reading = threading.Lock()  # one thread at a time reads the socket
 
     def spawn(
-        self, argv: Sequence[str], env: Mapping[str, str], cwd: str | os.PathLike[str] | None = None
+        self,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        cwd: str | os.PathLike[str] | None = None,
+        *,
+        out: int | None = None,
+        node: Mapping[str, str] | None = None,
     ) -> Forked:
-        read, write = os.pipe()
+        read, write = os.pipe() if out is None else (-1, out)
         try:
             cwd = None if cwd is None else os.fspath(cwd)
-            request = json.dumps({"argv": list(argv), "env": dict(env), "cwd": cwd}).encode()
-            socket.send_fds(self.sock, [request], [write])
+            request = {"argv": list(argv), "env": dict(env), "cwd": cwd, "node": node}
+            socket.send_fds(self.sock, [json.dumps(request).encode()], [write])
         finally:
-            os.close(write)
+            if out is None:
+                os.close(write)
         deadline = time.monotonic() + 60.0
         while time.monotonic() < deadline:
             reply = self._receive(deadline - time.monotonic())
             if "pid" in reply:
                 return Forked(self, reply["pid"], read)
-        os.close(read)
+        if read >= 0:
+            os.close(read)
         raise RuntimeError(f"the zygote (pid {self.proc.pid}) forked nothing within 60 s")
 
     def status(self, pid: int, timeout: float | None) -> int:
@@ -243,18 +289,26 @@ _shared: Zygote | None = None
 
 
 def spawn(
-    argv: Sequence[str], env: Mapping[str, str], cwd: str | os.PathLike[str] | None = None
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    cwd: str | os.PathLike[str] | None = None,
+    *,
+    out: int | None = None,
+    node: Mapping[str, str] | None = None,
 ) -> Forked:
     """Fork ``argv`` (a script and its arguments, no interpreter) with
     ``env`` (and in ``cwd``, else the zygote's) from this test process's
-    zygote, started on first use and closed when the process exits."""
+    zygote, started on first use and closed when the process exits.
+    ``out``: a file descriptor for its output (stdout and stderr), else a
+    pipe that ``communicate`` reads; ``node``: ``{"netns": ..., "hostname":
+    ...}``, a node of ``netns.Cluster`` to start it on."""
     global _shared
     if _shared is None or _shared.proc.poll() is not None:
         import atexit
 
         _shared = Zygote()
         atexit.register(_shared.close)
-    return _shared.spawn(argv, env, cwd)
+    return _shared.spawn(argv, env, cwd, out=out, node=node)
 
 
 if __name__ == "__main__":
