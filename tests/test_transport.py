@@ -3,12 +3,14 @@ no server, no process): what each read asks of the store."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
+import pytest
 import torch.distributed as dist
 
 from syncdeco._plane.deadline import Deadline
-from syncdeco._plane.transport import ABSENT, Keys
+from syncdeco._plane.transport import ABSENT, Keys, Late, wait_on
 
 
 def _store() -> dist.HashStore:
@@ -49,3 +51,24 @@ def test_several_members_are_waited_for_together_and_the_missing_named() -> None
     store = _store()
     frames, missing = Keys(store).collect("job/w/0", 7, [1, 2], Deadline.after(0.05))
     assert (frames, missing) == ({2: b"\x80frame of rank 2"}, [1])
+
+
+def test_a_short_wait_gives_the_connection_back_its_long_timeout() -> None:
+    # The requests after a wait (a delete, a check) wait for their replies
+    # with the connection's timeout: a wait that ended with a millisecond
+    # left must not leave a millisecond to them.
+    store = _store()
+    got = wait_on(store, Deadline.after(0.2), lambda: store.get("job/w/0/u/7/2"))
+    assert got == b"\x80frame of rank 2"
+    assert store.timeout >= timedelta(hours=1)
+    store.set_timeout(timedelta(seconds=5))
+    with pytest.raises(Late):
+        wait_on(store, Deadline.after(0.01), lambda: store.get("job/w/0/u/8/2"))
+    assert store.timeout >= timedelta(hours=1)
+
+
+def test_a_wait_with_time_to_spare_sets_the_timeout_once() -> None:
+    store = Asked(_store())
+    wait_on(store, Deadline.after(60.0), lambda: store.get("job/w/0/u/7/2"))
+    assert store.asked == ["set_timeout", "get"]
+    assert timedelta(seconds=59) < store.store.timeout <= timedelta(seconds=60)

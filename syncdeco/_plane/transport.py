@@ -46,6 +46,11 @@ ABSENT: Final = b"\x00syncdeco: no such key"
 FOREVER_CHUNK: Final = 3600.0  # one store wait, when a sync point waits forever
 _FOREVER: Final = timedelta(seconds=FOREVER_CHUNK)  # (made once: a wait at every sync point)
 MIN_WAIT: Final = 0.001
+# A wait that had less than this left restores the connection's timeout to
+# _FOREVER when it ends: the requests after it that do not wait (a delete,
+# a check) wait for their replies with that timeout, and a millisecond is
+# too little on a busy host.
+SHORT_WAIT: Final = 1.0
 
 
 class Late(Exception):
@@ -122,21 +127,30 @@ def wait_on(store: Any, deadline: Deadline, request: Callable[[], T]) -> T:
     time: look from another thread).  Any other store error means the store
     is gone: :class:`StoreLost`; a broken connection raises torch's
     ``DistNetworkError`` as it is, for the caller to read."""
-    while True:
-        left = deadline.left()
-        store.set_timeout(_FOREVER if left is None else timedelta(seconds=max(left, MIN_WAIT)))
-        try:
-            return request()
-        except dist.QueueEmptyError:
-            raise  # (a queue's pop: not the store's loss; the caller waits again)
-        except dist.DistStoreError as exc:
-            if "timeout" not in str(exc).lower():
-                raise StoreLost(
-                    f"syncdeco lost the process group's store while waiting: {exc}. "
-                    f"Rank 0 or the launcher may have exited."
-                ) from exc
-            if deadline.passed():
-                raise Late from None
+    short = False  # whether it set a timeout under SHORT_WAIT
+    try:
+        while True:
+            left = deadline.left()
+            if left is None:
+                store.set_timeout(_FOREVER)
+            else:
+                short = short or left < SHORT_WAIT
+                store.set_timeout(timedelta(seconds=max(left, MIN_WAIT)))
+            try:
+                return request()
+            except dist.QueueEmptyError:
+                raise  # (a queue's pop: not the store's loss; the caller waits again)
+            except dist.DistStoreError as exc:
+                if "timeout" not in str(exc).lower():
+                    raise StoreLost(
+                        f"syncdeco lost the process group's store while waiting: {exc}. "
+                        f"Rank 0 or the launcher may have exited."
+                    ) from exc
+                if deadline.passed():
+                    raise Late from None
+    finally:
+        if short:  # (the requests after it wait for their replies with it)
+            store.set_timeout(_FOREVER)
 
 
 class Keys:
