@@ -51,16 +51,23 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 
-def _exit_notice() -> None:
-    # Registered at import, so that atexit handlers registered later (which
-    # atexit runs first) may still reach sync points before this rank tells
-    # the others it is gone.  Nothing to say if syncdeco never used torch.
+def _at_exit() -> None:
+    # syncdeco's one exit handler, registered at import, so that atexit
+    # handlers registered later (which atexit runs first) may still reach
+    # sync points, with the death watch and the stack responders up, before
+    # any of syncdeco's exit runs (group.at_exit).  Nothing to do if
+    # syncdeco never used torch; a stack responder started outside a
+    # session (benchmarks/where.py) still ends.
     group = sys.modules.get("syncdeco._plane.group")
     if group is not None:
-        group.exit_notice()
+        group.at_exit()
+        return
+    stacks = sys.modules.get("syncdeco._plane.stacks")
+    if stacks is not None:
+        stacks.end_all()
 
 
-atexit.register(_exit_notice)
+atexit.register(_at_exit)
 
 
 def __getattr__(name: str) -> object:

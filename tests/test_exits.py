@@ -121,6 +121,9 @@ def test_member_raising_outside_any_sync_point_is_named(tmp_path: Path) -> None:
         # rank 0 hosts the store (Open MPI's variables take the same path)
         ("killed_member", "slurm", 1),
         ("killed_local", "torchrun", 1),
+        # in an atexit handler registered after `import syncdeco`, before
+        # its first use: syncdeco's own exit handlers have not run yet
+        ("killed_at_exit", "torchrun", 1),
     ],
 )
 def test_a_killed_rank_is_named_by_every_rank_waiting_with_no_timeout(

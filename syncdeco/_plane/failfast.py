@@ -35,7 +35,6 @@ action is :func:`end`.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import hashlib
 import json
@@ -566,9 +565,10 @@ def _forget_in_child() -> None:
     _State.siblings = {}
 
 
-def _note_at_exit() -> None:
+def note_at_exit() -> None:
+    """At interpreter exit, before the exit notice (a step of syncdeco's one
+    exit handler): this rank's note of how it ended."""
     note_exit(exits.uncaught())
 
 
 os.register_at_fork(after_in_child=_forget_in_child)
-atexit.register(_note_at_exit)  # after syncdeco's exit notice is registered: it runs first

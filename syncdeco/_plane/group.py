@@ -15,8 +15,8 @@ plane is used at all is decided in ``syncdeco._select``.
 
 from __future__ import annotations
 
-import atexit
 import functools
+import logging
 import os
 import threading
 import weakref
@@ -30,7 +30,7 @@ from .. import _startup as startup
 from .._backend import SyncPoint
 from .._env import Launch, detect_launch, local_rank_from_env, local_world_size_from_env, node_key
 from .._errors import SyncError, SyncTimeoutError
-from . import exits, wire
+from . import exits, failfast, stacks, wire
 from .exchange import Exchange, Place
 from .session import Session
 
@@ -39,6 +39,7 @@ __all__ = [
     "SESSIONS",
     "Sessions",
     "announce_exit",
+    "at_exit",
     "current",
     "current_session",
     "early_session",
@@ -50,6 +51,8 @@ __all__ = [
     "refuse_destroyed",
     "session_for",
 ]
+
+_log = logging.getLogger("syncdeco")
 
 DISTRIBUTED: Final = dist.is_available()
 
@@ -377,19 +380,34 @@ def announce_exit(exc: BaseException | None, *, at_exit: bool = False) -> None:
         pass  # exiting anyway: the others fall back on their timeout
 
 
-# At interpreter exit (atexit runs the last registered first): a rank waits
-# for the others to have the group up that its first sync point made, the
-# store's host ends the others' responders, then every session's watch threads end,
-# then syncdeco's exit notice runs (registered when syncdeco is imported).
-atexit.register(SESSIONS.stop)
-atexit.register(SESSIONS.end_responders)
-atexit.register(SESSIONS.await_group)
-
-
 def exit_notice() -> None:
     """At interpreter exit: ``announce_exit`` with the exception that ended
     the program, if one did."""
     announce_exit(exits.uncaught(), at_exit=True)
+
+
+def at_exit() -> None:
+    """syncdeco's exit, in this order: the stack responders end; a rank
+    waits for the others to have up the group its first sync point made;
+    the store's host ends the others' responders; every session's watch
+    threads end; fail-fast notes how this rank ended; the exit notice.
+    Called by the one atexit handler that ``import syncdeco`` registers, so
+    that every handler registered after that import runs first, and may
+    still meet the others at sync points with all of this up.  A step that
+    fails is logged, and the next runs."""
+    steps = (
+        stacks.end_all,
+        SESSIONS.await_group,
+        SESSIONS.end_responders,
+        SESSIONS.stop,
+        failfast.note_at_exit,
+        exit_notice,
+    )
+    for step in steps:
+        try:
+            step()
+        except Exception:
+            _log.exception("syncdeco's exit step %s failed", step.__qualname__)
 
 
 def launched(env: Mapping[str, str]) -> bool:

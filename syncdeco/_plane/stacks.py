@@ -57,9 +57,10 @@ a sync point pays nothing.  Nor does the asking side time out a store wait:
 it looks for the replies with ``check`` at growing intervals (about 25
 requests in a second), so a rank that does not answer costs no warnings.
 
-Exit: the responder thread is a daemon, and an ``atexit`` handler rings its
-bell through a connection of its own, made when the responder started,
-and waits (2 s at most) for it to end.  A daemon thread still in a store
+Exit: the responder thread is a daemon, and at interpreter exit
+:func:`end_all` (a step of syncdeco's one exit handler, which ``import
+syncdeco`` registers) rings its bell through a connection of its own, made
+when the responder started, and waits (2 s at most) for it to end.  A daemon thread still in a store
 call when the interpreter finalizes would abort the process once that call
 returns (CPython ends it with ``pthread_exit`` from inside torch's C++
 frames: "terminate called without an active exception", status -6); a
@@ -69,7 +70,6 @@ so on every exit without the handler.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import logging
 import os
@@ -563,17 +563,13 @@ def _server_of(store: Any) -> tuple[str, int] | None:
 
 
 _responders: weakref.WeakSet[StackResponder] = weakref.WeakSet()
-_exit_hook: list[bool] = []
 
 
 def _at_exit(responder: StackResponder) -> None:
     _responders.add(responder)
-    if not _exit_hook:
-        _exit_hook.append(True)
-        atexit.register(_end_all)
 
 
-def _end_all() -> None:
+def end_all() -> None:
     """At interpreter exit: wake every responder thread and wait (2 s in all)
     for them to end, so none is in a store call when the interpreter
     finalizes.  Past the deadline the rest stay asleep, unrung, in their waits."""

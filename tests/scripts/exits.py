@@ -10,6 +10,8 @@ Scenarios:
   before a local sync point.
 - ``sync_at_exit``: every rank meets in an atexit handler registered after
   ``import syncdeco`` but before its first use.
+- ``killed_at_exit``: as ``sync_at_exit``, but in the handler rank 1 is
+  SIGKILLed while rank 0 waits with no timeout.
 - ``main_ends_first``: a correct program whose rank 0 (hosting the store
   under SLURM's variables) exits before the others do.
 - ``store_host_gone``: the same, but the others then try a sync point.
@@ -70,9 +72,31 @@ def try_to_meet(name: str, local: bool = False) -> None:
         say(f"passed {name}")
 
 
+def killed(tmp: Path, victim: int, scenario: str) -> None:
+    """Rank ``victim`` is SIGKILLed (no exit handler runs) while the others
+    wait with no timeout: the ranks of its host see its process end."""
+    # Every rank's Gloo group is up after a second sync point (a kill
+    # while another rank still connects its side fails that one there).
+    meet("ready")
+    if sd.rank() == victim:
+        (tmp / "killed-at").write_text(repr(time.time()))
+        os.kill(os.getpid(), signal.SIGKILL)
+    try:
+        if scenario == "killed_local":
+            with sd.main_first(local=True, name="after the kill", timeout=None):
+                pass
+        else:
+            sd.barrier("after the kill", timeout=None)
+    except sd.RankKilledError as exc:
+        took = time.time() - float((tmp / "killed-at").read_text())
+        say(f"{type(exc).__name__} rank={exc.rank} within {took:.1f}s: {exc}")
+
+
 def main(scenario: str, tmp: Path) -> None:
     if scenario == "sync_at_exit":
         atexit.register(lambda: (meet("shutdown"), say("met at shutdown")))
+    if scenario == "killed_at_exit":
+        atexit.register(lambda: killed(tmp, 1, "at exit"))
     local = scenario.startswith("local")
     meet("start", local)
     if scenario == "member_raises":
@@ -87,25 +111,10 @@ def main(scenario: str, tmp: Path) -> None:
         if sd.rank() == 3:
             sys.exit(0)
         try_to_meet("next", local)
+    elif scenario == "killed_at_exit":
+        meet("ready")  # (the handler does the rest)
     elif scenario.startswith("killed_"):
-        # A rank is SIGKILLed (no exit handler runs) while the others wait
-        # with no timeout: the ranks of its host see its process end.
-        victim = 0 if scenario == "killed_main" else 1
-        # Every rank's Gloo group is up after a second sync point (a kill
-        # while another rank still connects its side fails that one there).
-        meet("ready")
-        if sd.rank() == victim:
-            (tmp / "killed-at").write_text(repr(time.time()))
-            os.kill(os.getpid(), signal.SIGKILL)
-        try:
-            if scenario == "killed_local":
-                with sd.main_first(local=True, name="after the kill", timeout=None):
-                    pass
-            else:
-                sd.barrier("after the kill", timeout=None)
-        except sd.RankKilledError as exc:
-            took = time.time() - float((tmp / "killed-at").read_text())
-            say(f"{type(exc).__name__} rank={exc.rank} within {took:.1f}s: {exc}")
+        killed(tmp, 0 if scenario == "killed_main" else 1, scenario)
     elif scenario == "blocked_on_a_slow_member":
         # Rank 2 exits; rank 1 comes only once rank 0 has given up, so rank 0
         # must hear of rank 2 while it waits for rank 1's frame.
