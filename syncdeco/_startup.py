@@ -43,6 +43,7 @@ from ._excepthook import install as prefix_tracebacks
 from ._loopback import LOOPBACK, host_on_loopback
 
 __all__ = [
+    "EXIT_NOTICE_CONNECT",
     "EXIT_NOTICE_WAIT",
     "JobStore",
     "StoreUnreachable",
@@ -55,7 +56,9 @@ __all__ = [
 EXIT_NOTICE_WAIT: Final = 2.0  # seconds an exiting rank looks for a store that accepts
 # Seconds it may then take to connect: the store is up, but a loaded host
 # can take seconds to answer a new client's handshake (2 s fell short in 1
-# run of about 10 with 3 jobs at once on 2 busy cores).
+# run of about 10 with 3 jobs at once on 2 busy cores).  The price: a store
+# that accepted the look and then went away (a launcher tearing the job
+# down) holds the exit up to this long while torch's client retries.
 EXIT_NOTICE_CONNECT: Final = 10.0
 _FOREVER_CHUNK: Final = 3600.0  # one connection attempt, when a sync point waits forever
 _PROBE_PAUSE: Final = 0.05  # seconds between attempts to reach a store that is not up

@@ -222,6 +222,22 @@ class Cluster:
             (etc / "hosts").write_text(hosts)
             (etc / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
 
+    def _await_entry(self, proc: Proc, ns: str, within: float = 30.0) -> None:
+        """Wait until ``proc`` (forked by the zygote) is in namespace ``ns``,
+        so that a kill of the node's processes right after this finds it;
+        or until it ended (entering failed: its log says why)."""
+        inode = os.stat(f"/run/netns/{ns}").st_ino
+        deadline = time.monotonic() + within
+        while proc.poll() is None:
+            try:
+                if os.stat(f"/proc/{proc.pid}/ns/net").st_ino == inode:
+                    return
+            except FileNotFoundError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"process {proc.pid} did not enter {ns} within {within}s")
+            time.sleep(0.005)
+
     def _netns_add(self, name: str) -> None:
         _ip("netns", "add", name)
         self._made.append(name)
@@ -304,6 +320,7 @@ class Cluster:
                 )
             proc = Proc(forked, node, log)
             self.procs.append(proc)
+            self._await_entry(proc, self.namespaces[node])
             return proc
         # ip netns exec, unshare and sh each exec the next: the Popen's pid is
         # the command's own.

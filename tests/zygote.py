@@ -108,7 +108,7 @@ def _become(request: dict[str, object]) -> None:
 _CLONE_NEWNS = 0x00020000
 _CLONE_NEWUTS = 0x04000000
 _CLONE_NEWNET = 0x40000000
-_MS_BIND, _MS_REC, _MS_PRIVATE = 0x1000, 0x4000, 0x40000
+_MS_BIND, _MS_REC, _MS_SLAVE = 0x1000, 0x4000, 0x80000
 
 
 def _enter_node(node: Mapping[str, str]) -> None:
@@ -132,7 +132,9 @@ def _enter_node(node: Mapping[str, str]) -> None:
     finally:
         os.close(fd)
     check(libc.unshare(_CLONE_NEWUTS | _CLONE_NEWNS), "unshare")
-    check(libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None), "mount --make-rprivate /")
+    # as ip netns exec: mounts made here stay here, and unmounts outside (an
+    # `ip netns del` of another cluster) still reach here
+    check(libc.mount(b"none", b"/", None, _MS_REC | _MS_SLAVE, None), "mount --make-rslave /")
     etc = f"/etc/netns/{ns}"
     for name in sorted(os.listdir(etc)) if os.path.isdir(etc) else []:
         src, dst = f"{etc}/{name}".encode(), f"/etc/{name}".encode()

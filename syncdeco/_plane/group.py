@@ -117,8 +117,9 @@ class Sessions:
             self.latest.end_responders()
 
     def await_group(self) -> None:
-        """At interpreter exit, first: wait for the others to have up the
-        group this rank's first sync point made (see ``Session.await_group``)."""
+        """At interpreter exit (see ``at_exit``): wait for the others to have
+        up the group this rank's first sync point made (see
+        ``Session.await_group``)."""
         if self.latest is not None and not self.forked_child:
             self.latest.await_group()
 
@@ -394,7 +395,7 @@ def at_exit() -> None:
     Called by the one atexit handler that ``import syncdeco`` registers, so
     that every handler registered after that import runs first, and may
     still meet the others at sync points with all of this up.  A step that
-    fails is logged, and the next runs."""
+    fails, or is interrupted, is logged, and the next runs."""
     steps = (
         stacks.end_all,
         SESSIONS.await_group,
@@ -406,7 +407,7 @@ def at_exit() -> None:
     for step in steps:
         try:
             step()
-        except Exception:
+        except BaseException:  # (a second Ctrl-C, a SIGTERM handler's sys.exit: as atexit would)
             _log.exception("syncdeco's exit step %s failed", step.__qualname__)
 
 
