@@ -207,9 +207,20 @@ def detect_launch(env: Mapping[str, str]) -> Launch | None:
     return None
 
 
+# Slurm numbers the steps srun starts from 0; its own steps (the batch
+# script's, the extern one, salloc's interactive shell with
+# LaunchParameters=use_interactive_step) have ids just below 2**32, which
+# moved between releases (the batch step was 0xfffffffe, later 0xfffffffb),
+# or a name.
+_SPECIAL_STEPS: Final = 0xFFFFFFF0
+
+
 def _in_srun_step(env: Mapping[str, str]) -> bool:
+    """Whether this process is a task of a step srun started: not an
+    sbatch script, nor salloc's shell (SLURM variables there describe the
+    allocation, and the process is one, not rank 0 of them)."""
     step = env.get("SLURM_STEP_ID", env.get("SLURM_STEPID"))
-    return step is not None and step != "batch"
+    return step is not None and step.isdigit() and int(step) < _SPECIAL_STEPS
 
 
 def local_world_size_from_env(env: Mapping[str, str]) -> int | None:

@@ -872,6 +872,12 @@ def test_single_task_launch_uses_null_without_a_group(monkeypatch: pytest.Monkey
         {"SLURM_NTASKS": "4"},  # an salloc shell
         {"SLURM_PROCID": "0", "SLURM_NTASKS": "4"},  # an sbatch script
         {"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_STEP_ID": "batch"},
+        # the batch step by number (older Slurm, newer Slurm), the extern step,
+        # and salloc's shell as an interactive step (use_interactive_step)
+        {"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_STEP_ID": "4294967294"},
+        {"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_STEP_ID": "4294967291"},
+        {"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_STEPID": "4294967292"},
+        {"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_STEP_ID": "4294967290"},
     ],
 )
 def test_slurm_outside_an_srun_step_is_one_process(
