@@ -23,6 +23,7 @@ __all__ = [
     "local_rank_from_env",
     "local_world_size_from_env",
     "node_key",
+    "node_ranks_from_env",
     "open_mpi_ranks",
     "parse_tasks_per_node",
 ]
@@ -319,6 +320,54 @@ def _slurm_node_size(env: Mapping[str, str]) -> tuple[str, int] | None:
                 f"you set them by hand, make the counts add up to SLURM_NTASKS."
             )
     return f"{var}[SLURM_NODEID={node}]", counts[node]
+
+
+def node_ranks_from_env(env: Mapping[str, str]) -> tuple[int, ...] | None:
+    """This node's ranks by local rank, where the launcher fixes them, or None.
+
+    torchrun gives each node's ranks in a row.  srun lays out a step's tasks
+    over its nodes by ``SLURM_DISTRIBUTION`` (block, its default: in a row,
+    node after node; cyclic: one to each node in turn, a full node skipped)
+    with the counts of ``SLURM_STEP_TASKS_PER_NODE``; another distribution
+    (plane, arbitrary), or a layout this rank's own ``SLURM_PROCID`` and
+    ``SLURM_LOCALID`` contradict, is None, as are Open MPI's (its mapping is
+    not in its variables) and hand-set ranks.  For naming the ranks a node
+    waits for, before they have said where they run."""
+    if "GROUP_RANK" in env and "LOCAL_WORLD_SIZE" in env and "RANK" in env:
+        local, size = local_rank_from_env(env), local_world_size_from_env(env)
+        if local is None or size is None:
+            return None
+        first = _int(env, "RANK", "torchrun") - local
+        return tuple(range(first, first + size))
+    if _slurm_node_size(env) is None or "SLURM_LOCALID" not in env:
+        return None
+    var = next(v for v in _TASKS_PER_NODE_VARS if v in env)
+    counts = parse_tasks_per_node(env[var], var=var)
+    how = env.get("SLURM_DISTRIBUTION", "block").split(",")[0].split(":")[0]
+    layout = slurm_layout(counts, cyclic=how == "cyclic") if how in ("block", "cyclic") else None
+    node, local = int(env["SLURM_NODEID"]), local_rank_from_env(env)
+    if layout is None or local is None:
+        return None
+    ranks = layout[node]
+    if local >= len(ranks) or ranks[local] != _int(env, "SLURM_PROCID", "SLURM"):
+        return None
+    return ranks
+
+
+def slurm_layout(counts: Sequence[int], *, cyclic: bool) -> list[tuple[int, ...]]:
+    """Each node's tasks, given its count of them: in a row, node after
+    node, or (``cyclic``) one to each node in turn, skipping full nodes."""
+    if not cyclic:
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        return [tuple(range(s, s + c)) for s, c in zip(starts, counts, strict=True)]
+    nodes: list[list[int]] = [[] for _ in counts]
+    task = 0
+    for turn in range(max(counts, default=0)):
+        for node, count in enumerate(counts):
+            if turn < count:
+                nodes[node].append(task)
+                task += 1
+    return [tuple(n) for n in nodes]
 
 
 def local_rank_from_env(env: Mapping[str, str]) -> int | None:

@@ -263,6 +263,32 @@ def test_no_layout_leaves_a_rank_without_a_route(sizes: list[int], tiered: bool)
     assert all(way.tiers == {MAIN: 0, ALONE: 0}.get(way.kind, way.tiers) for way in routes.values())
 
 
+# -- naming a node's ranks before they have started -------------------------------------
+
+
+def test_a_node_names_its_absent_ranks_by_the_launchers_layout() -> None:
+    cyclic = (1, 3, 5, 7)  # node 1 of 2, 8 ranks dealt in turn: local rank 0 is rank 1
+    started = {0, 2, 3, 4, 6, 7}.__contains__
+    assert protocol.not_started(cyclic, [0, 2], started, 8) == [1, 5]
+    # Where the launcher does not say, every rank that has not started.
+    assert protocol.not_started(None, [0], started, 8) == [1, 5]
+    # A layout that one of its ranks contradicts (rank 3 has started, so it
+    # is not the missing local rank 1): not trusted.
+    assert protocol.not_started((2, 3), [1], started, 8) == [1, 5]
+    assert protocol.not_started((2,), [1], started, 8) == [1, 5]  # too short for it
+
+
+@given(st.integers(1, 64), st.data())
+def test_the_ranks_named_never_include_one_that_started(world: int, data: st.DataObject) -> None:
+    started = set(data.draw(st.sets(st.integers(0, world - 1))))
+    layout = data.draw(st.none() | st.lists(st.integers(0, world - 1), min_size=1, max_size=8))
+    absent = data.draw(st.lists(st.integers(0, 7), min_size=1, max_size=4))
+    named = protocol.not_started(layout, absent, started.__contains__, world)
+    assert not started & set(named)
+    if layout is None or any(lr >= len(layout) for lr in absent):
+        assert named == sorted(set(range(world)) - started)
+
+
 # -- ranks already gone ------------------------------------------------------------------
 
 

@@ -24,7 +24,9 @@ from syncdeco._env import (
     local_rank_from_env,
     local_world_size_from_env,
     node_key,
+    node_ranks_from_env,
     parse_tasks_per_node,
+    slurm_layout,
 )
 from syncdeco._startup import namespace
 
@@ -48,6 +50,7 @@ LAUNCHER_VARIABLES = (
     "SLURM_NODEID",
     "SLURM_TASKS_PER_NODE",
     "SLURM_STEP_TASKS_PER_NODE",
+    "SLURM_DISTRIBUTION",
 )
 
 ADDR = {"MASTER_ADDR": "n0", "MASTER_PORT": "29500"}
@@ -319,6 +322,65 @@ SLURM_STEP = {"SLURM_PROCID": "5", "SLURM_NTASKS": "11", **SRUN, **ADDR}
 )
 def test_a_slurm_node_runs_the_tasks_srun_gave_it(env: dict[str, str], size: int | None) -> None:
     assert local_world_size_from_env(env) == size
+
+
+def _task(procid: int, node: int, local: int, **more: str) -> dict[str, str]:
+    """SLURM's variables for task ``procid`` of an 11-task step on nodes of
+    4, 4 and 3 tasks."""
+    where = {"SLURM_NODEID": str(node), "SLURM_LOCALID": str(local)}
+    layout = {"SLURM_STEP_TASKS_PER_NODE": "4(x2),3"}
+    return {**SLURM_STEP, "SLURM_PROCID": str(procid), **where, **layout, **more}
+
+
+@pytest.mark.parametrize(
+    "env, ranks",
+    [
+        # torchrun: each node's ranks in a row
+        (
+            {"RANK": "6", "LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "4", "WORLD_SIZE": "8"}
+            | {"GROUP_RANK": "1", **ADDR},
+            (4, 5, 6, 7),
+        ),
+        # srun: block (its default) and cyclic, as SLURM_DISTRIBUTION says
+        (_task(5, 1, 1), (4, 5, 6, 7)),
+        (_task(5, 1, 1, SLURM_DISTRIBUTION="block:cyclic"), (4, 5, 6, 7)),
+        (_task(4, 1, 1, SLURM_DISTRIBUTION="cyclic"), (1, 4, 7, 10)),
+        (_task(8, 2, 2, SLURM_DISTRIBUTION="cyclic:block,Pack"), (2, 5, 8)),
+        # a layout the task's own rank contradicts, or one not known: none
+        (_task(4, 1, 1), None),
+        (_task(4, 1, 1, SLURM_DISTRIBUTION="plane"), None),
+        (_task(4, 1, 1, SLURM_DISTRIBUTION="arbitrary"), None),
+        # hand-set ranks without torchrun's agent, Open MPI: not known
+        (
+            {"RANK": "6", "LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "4", "WORLD_SIZE": "8", **ADDR},
+            None,
+        ),
+        (
+            {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "4"}
+            | {"OMPI_COMM_WORLD_LOCAL_RANK": "1", "OMPI_COMM_WORLD_LOCAL_SIZE": "2", **ADDR},
+            None,
+        ),
+    ],
+)
+def test_a_nodes_ranks_are_known_where_the_launcher_fixes_them(
+    env: dict[str, str], ranks: tuple[int, ...] | None
+) -> None:
+    assert node_ranks_from_env(env) == ranks
+
+
+@given(st.lists(st.integers(1, 9), min_size=1, max_size=12), st.booleans())
+def test_srun_deals_every_task_to_one_node(counts: list[int], cyclic: bool) -> None:
+    nodes = slurm_layout(counts, cyclic=cyclic)
+    assert [len(n) for n in nodes] == counts
+    assert sorted(r for n in nodes for r in n) == list(range(sum(counts)))
+    # each node's tasks in order: block, a run; cyclic, each turn goes round
+    # the nodes that still take tasks, in node order
+    assert all(list(n) == sorted(n) for n in nodes)
+    if not cyclic:
+        assert all(n[-1] - n[0] == len(n) - 1 for n in nodes)
+    else:
+        dealt = [n[turn] for turn in range(max(counts)) for n in nodes if turn < len(n)]
+        assert dealt == list(range(sum(counts)))
 
 
 @pytest.mark.parametrize(

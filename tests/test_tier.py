@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -314,6 +314,41 @@ def test_a_mains_claims_are_deleted_once_its_members_had_the_verdict() -> None:
     assert two.stores[0].store.check([claim])
     two.barriers(1, "next")
     assert not two.stores[0].store.check([claim])
+
+
+@pytest.mark.parametrize("known", [True, False])
+def test_ranks_that_never_start_are_named_by_the_launchers_layout(known: bool) -> None:
+    """Before the tier: a first sync point with ``local=True`` finds the
+    node's ranks on the job's store.  Under srun's cyclic layout (nodes
+    n0 = ranks 0, 2 and n1 = ranks 1, 3), with ranks 1 and 2 never started,
+    rank 3 names its node's main, rank 1, and rank 0 its member, rank 2;
+    where the launcher gave no layout, every rank that has not started."""
+    job = Job(world=4, node=2)  # (its exchanges: a flat layout, not used here)
+    layout = {"n0": (0, 2), "n1": (1, 3)}
+    ex = {
+        r: Exchange(
+            job.stores[r],
+            r,
+            4,
+            Place(node, layout[node].index(r), 2, layout[node] if known else None),
+            spare=job.stores[r].clone(),
+            broadcast=_no_tensors,
+            wire_device=lambda: torch.device("cpu"),
+            prefix="cyclic",
+            tiers=False,
+        )
+        for r, node in ((0, "n0"), (3, "n1"))
+    }
+    out = job.run(
+        lambda r, _: ex[r].sync(point(ex[r], "load", True), True, None, None, 0.5), range(0, 4, 3)
+    )
+    assert all(isinstance(e, SyncTimeoutError) for e in out.values()), out
+    errors = cast("dict[int, SyncTimeoutError]", out)
+    assert errors[3].missing == ((1,) if known else (1, 2))
+    assert errors[0].missing == ((2,) if known else (1, 2))
+    assert "[finding this node's ranks: local rank(s) 0 of n1]" in str(errors[3])
+    assert "[finding this node's ranks: local rank(s) 1 of n0]" in str(errors[0])
+    assert "(never seen at a sync point)" in str(errors[3])
 
 
 def test_a_result_reaches_every_node(job: Job) -> None:

@@ -162,12 +162,12 @@ class Exchange:
         self.overdue = overdue
         self.world_met = False
         # Where this rank lives, for local=True: per node (so a local sync
-        # waits only for its own node) and, when the launcher does not say
-        # how many ranks share a node, for the whole world.  Sets have no
-        # reply: they cost the store one receive each.
+        # waits only for its own node) and by rank, for the whole world (where
+        # the launcher does not say how many ranks share a node, and to name
+        # the ranks that have not started).  Sets have no reply: they cost
+        # the store one receive each.
         store.set(f"{prefix}/node/{place.node}/{place.local_rank}", str(rank))
-        if place.local_size is None:
-            store.set(f"{prefix}/topo/{rank}", pickle.dumps((place.node, place.local_rank)))
+        store.set(f"{prefix}/topo/{rank}", pickle.dumps((place.node, place.local_rank)))
 
     @property
     def tier(self) -> Tier | None:
@@ -217,34 +217,61 @@ class Exchange:
         prefix, place = self.prefix, self.place
         if place.local_rank != 0:
             key = f"{prefix}/node/{place.node}/0"
-            guess = self.rank - place.local_rank  # torchrun numbers a node's ranks in a row
-            self._wait_keys([key], [guess], deadline, point)
+            self._wait_node([0], deadline, point)
             return int(self.store.get(key)), ()
         if place.local_size is not None:
-            local_ranks = range(1, place.local_size)
-            keys = [f"{prefix}/node/{place.node}/{lr}" for lr in local_ranks]
-            self._wait_keys(keys, [self.rank + lr for lr in local_ranks], deadline, point)
+            local_ranks = list(range(1, place.local_size))
+            keys = self._wait_node(local_ranks, deadline, point)
             return self.rank, tuple(int(v) for v in self.store.multi_get(keys)) if keys else ()
         keys = [f"{prefix}/topo/{r}" for r in range(self.world_size)]
-        self._wait_keys(keys, list(range(self.world_size)), deadline, point)
+        self._wait_keys(keys, lambda absent: (absent, ""), deadline, point)
         facts = [pickle.loads(v) for v in self.store.multi_get(keys)]
         node = sorted((lr, r) for r, (key, lr) in enumerate(facts) if key == place.node)
         return self.rank, tuple(r for _, r in node if r != self.rank)
 
+    def _wait_node(self, local_ranks: list[int], deadline: Deadline, point: SyncPoint) -> list[str]:
+        """Wait for these local ranks of this node to say which ranks they
+        are (under the keys returned); out of time, name them
+        (``protocol.not_started``)."""
+        place = self.place
+
+        def started(rank: int) -> bool:
+            return bool(self.store.check([f"{self.prefix}/topo/{rank}"]))
+
+        def named(absent: list[int]) -> tuple[list[int], str]:
+            local = [local_ranks[i] for i in absent]
+            ranks = protocol.not_started(place.ranks, local, started, self.world_size)
+            return ranks, f": local rank(s) {', '.join(map(str, local))} of {place.node}"
+
+        keys = [f"{self.prefix}/node/{place.node}/{lr}" for lr in local_ranks]
+        self._wait_keys(keys, named, deadline, point)
+        return keys
+
     def _wait_keys(
-        self, keys: list[str], ranks: list[int], deadline: Deadline, point: SyncPoint
+        self,
+        keys: list[str],
+        named: Callable[[list[int]], tuple[list[int], str]],
+        deadline: Deadline,
+        point: SyncPoint,
     ) -> None:
+        """Wait for ``keys``; out of time, raise naming the ranks that
+        ``named`` gives for those still absent (by index), and what it says
+        of them."""
         if not keys:
             return
         try:
             wait_on(self.store, deadline, lambda: self.store.wait(keys))
         except Late:
-            missing = [r for r, k in zip(ranks, keys, strict=True) if not self.store.check([k])]
+            absent = [i for i, k in enumerate(keys) if not self.store.check([k])]
+            if not absent:
+                return  # (they came as the wait ended)
+            missing, whom = named(absent)
             raise SyncTimeoutError(
                 missing=missing,
-                point=point.describe() + " [finding this node's ranks]",
+                point=f"{point.describe()} [finding this node's ranks{whom}]",
                 timeout=deadline.timeout or 0.0,
                 observer=self.rank,
+                last_seen=dict.fromkeys(missing),
             ) from None
 
     def local_store(self) -> Any:

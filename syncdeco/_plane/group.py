@@ -28,7 +28,14 @@ import torch.distributed as dist
 
 from .. import _startup as startup
 from .._backend import SyncPoint
-from .._env import Launch, detect_launch, local_rank_from_env, local_world_size_from_env, node_key
+from .._env import (
+    Launch,
+    detect_launch,
+    local_rank_from_env,
+    local_world_size_from_env,
+    node_key,
+    node_ranks_from_env,
+)
 from .._errors import SyncError, SyncTimeoutError
 from . import exits, failfast, stacks, wire
 from .exchange import Exchange, Place
@@ -318,7 +325,12 @@ def _unreachable(
 
 def _place(env: Mapping[str, str], rank: int) -> Place:
     local = local_rank_from_env(env)
-    return Place(node_key(env), rank if local is None else local, local_world_size_from_env(env))
+    return Place(
+        node_key(env),
+        rank if local is None else local,
+        local_world_size_from_env(env),
+        node_ranks_from_env(env),
+    )
 
 
 def current_session(env: Mapping[str, str]) -> Session:

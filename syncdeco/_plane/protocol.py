@@ -25,7 +25,7 @@ deadline arithmetic in ``deadline.py``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, final
 
@@ -58,6 +58,7 @@ __all__ = [
     "judge",
     "main_gone",
     "marks_gone",
+    "not_started",
     "noted",
     "raise_for",
     "route",
@@ -82,12 +83,14 @@ FALLBACK: Final = "fallback"  # cut off from its node: rank 0's verdict on the j
 @final
 @dataclass(frozen=True, slots=True)
 class Place:
-    """Where a rank lives: its node's key, its rank on the node, and how many
-    ranks the node has (None: the launcher does not say)."""
+    """Where a rank lives: its node's key, its rank on the node, how many
+    ranks the node has, and which they are by local rank (None: the
+    launcher does not say)."""
 
     node: str
     local_rank: int
     local_size: int | None
+    ranks: tuple[int, ...] | None = None
 
 
 @final
@@ -151,6 +154,25 @@ def route(
 
 
 # -- ranks already gone ------------------------------------------------------------------
+
+
+def not_started(
+    layout: Sequence[int] | None,
+    absent: Sequence[int],
+    started: Callable[[int], bool],
+    world_size: int,
+) -> list[int]:
+    """The ranks to name when a node's local ranks ``absent`` have not
+    started (said where they run) in time: the launcher's ``layout`` of the
+    node (its ranks by local rank) gives them, unless one of those has
+    started (the layout is not the one the launcher used); else every rank
+    that has not started, ``absent`` among them.  ``started(rank)``: a look
+    at the store."""
+    if layout is not None and all(lr < len(layout) for lr in absent):
+        guess = [layout[lr] for lr in absent]
+        if not any(map(started, guess)):
+            return guess
+    return [r for r in range(world_size) if not started(r)]
 
 
 def main_gone(route: Route, gone: Mapping[int, Failure], seq: int) -> Failed | None:
