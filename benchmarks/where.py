@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import pickle
 import re
 import signal
 import statistics
@@ -79,6 +80,7 @@ def _ranks(conn: Connection, port: int, ranks: Sequence[int], world: int) -> Non
         store = dist.PrefixStore(NAMESPACE, tcp)  # type: ignore[attr-defined]
         store.set(f"syncdeco/pid/{rank}", str(os.getpid()))  # what an exchange writes
         store.set(f"syncdeco/node/n{rank // 8}/{rank % 8}", str(rank))
+        store.set(f"syncdeco/topo/{rank}", pickle.dumps((f"n{rank // 8}", rank % 8)))
         return store
 
     with ThreadPoolExecutor(max_workers=64) as pool:  # connecting one by one is slow

@@ -7,6 +7,7 @@ that is wrong.
 
 from __future__ import annotations
 
+import itertools
 import re
 import socket
 from collections.abc import Mapping, Sequence
@@ -208,11 +209,10 @@ def detect_launch(env: Mapping[str, str]) -> Launch | None:
     return None
 
 
-# Slurm numbers the steps srun starts from 0; its own steps (the batch
-# script's, the extern one, salloc's interactive shell with
-# LaunchParameters=use_interactive_step) have ids just below 2**32, which
-# moved between releases (the batch step was 0xfffffffe, later 0xfffffffb),
-# or a name.
+# Slurm numbers the steps srun starts from 0, below SLURM_MAX_NORMAL_STEP_ID;
+# its own steps have ids above it (the batch script's, the extern one, and
+# salloc's shell with LaunchParameters=use_interactive_step, whose
+# SLURM_STEP_ID is 4294967290), which moved between releases.
 _SPECIAL_STEPS: Final = 0xFFFFFFF0
 
 
@@ -221,7 +221,7 @@ def _in_srun_step(env: Mapping[str, str]) -> bool:
     sbatch script, nor salloc's shell (SLURM variables there describe the
     allocation, and the process is one, not rank 0 of them)."""
     step = env.get("SLURM_STEP_ID", env.get("SLURM_STEPID"))
-    return step is not None and step.isdigit() and int(step) < _SPECIAL_STEPS
+    return step is not None and step.isascii() and step.isdecimal() and int(step) < _SPECIAL_STEPS
 
 
 def local_world_size_from_env(env: Mapping[str, str]) -> int | None:
@@ -326,13 +326,15 @@ def node_ranks_from_env(env: Mapping[str, str]) -> tuple[int, ...] | None:
     """This node's ranks by local rank, where the launcher fixes them, or None.
 
     torchrun gives each node's ranks in a row.  srun lays out a step's tasks
-    over its nodes by ``SLURM_DISTRIBUTION`` (block, its default: in a row,
-    node after node; cyclic: one to each node in turn, a full node skipped)
-    with the counts of ``SLURM_STEP_TASKS_PER_NODE``; another distribution
-    (plane, arbitrary), or a layout this rank's own ``SLURM_PROCID`` and
-    ``SLURM_LOCALID`` contradict, is None, as are Open MPI's (its mapping is
-    not in its variables) and hand-set ranks.  For naming the ranks a node
-    waits for, before they have said where they run."""
+    over its nodes, with the counts of ``SLURM_STEP_TASKS_PER_NODE``, as
+    ``SLURM_DISTRIBUTION`` says: block (in a row, node after node; srun's
+    default ``*`` where tasks outnumber nodes, and where they do not each
+    node has one task and the layouts agree) or cyclic (one to each node in
+    turn, a full node skipped).  Another distribution (plane, arbitrary), a
+    layout this rank's own ``SLURM_PROCID`` and ``SLURM_LOCALID``
+    contradict, Open MPI's mapping (not in its variables) and hand-set
+    ranks are None.  For naming the ranks a node waits for, before they
+    have said where they run."""
     if "GROUP_RANK" in env and "LOCAL_WORLD_SIZE" in env and "RANK" in env:
         local, size = local_rank_from_env(env), local_world_size_from_env(env)
         if local is None or size is None:
@@ -343,8 +345,9 @@ def node_ranks_from_env(env: Mapping[str, str]) -> tuple[int, ...] | None:
         return None
     var = next(v for v in _TASKS_PER_NODE_VARS if v in env)
     counts = parse_tasks_per_node(env[var], var=var)
-    how = env.get("SLURM_DISTRIBUTION", "block").split(",")[0].split(":")[0]
-    layout = slurm_layout(counts, cyclic=how == "cyclic") if how in ("block", "cyclic") else None
+    how = env.get("SLURM_DISTRIBUTION", "*").split(",")[0].split(":")[0]
+    known = how in ("*", "block", "cyclic")  # (* is srun's default: block)
+    layout = slurm_layout(counts, cyclic=how == "cyclic") if known else None
     node, local = int(env["SLURM_NODEID"]), local_rank_from_env(env)
     if layout is None or local is None:
         return None
@@ -358,8 +361,8 @@ def slurm_layout(counts: Sequence[int], *, cyclic: bool) -> list[tuple[int, ...]
     """Each node's tasks, given its count of them: in a row, node after
     node, or (``cyclic``) one to each node in turn, skipping full nodes."""
     if not cyclic:
-        starts = [sum(counts[:i]) for i in range(len(counts))]
-        return [tuple(range(s, s + c)) for s, c in zip(starts, counts, strict=True)]
+        ends = itertools.accumulate(counts)
+        return [tuple(range(end - c, end)) for end, c in zip(ends, counts, strict=True)]
     nodes: list[list[int]] = [[] for _ in counts]
     task = 0
     for turn in range(max(counts, default=0)):

@@ -28,6 +28,8 @@ from syncdeco._env import (
     parse_tasks_per_node,
     slurm_layout,
 )
+from syncdeco._plane.group import _place
+from syncdeco._plane.protocol import Place
 from syncdeco._startup import namespace
 
 LAUNCHER_VARIABLES = (
@@ -344,6 +346,7 @@ def _task(procid: int, node: int, local: int, **more: str) -> dict[str, str]:
         # srun: block (its default) and cyclic, as SLURM_DISTRIBUTION says
         (_task(5, 1, 1), (4, 5, 6, 7)),
         (_task(5, 1, 1, SLURM_DISTRIBUTION="block:cyclic"), (4, 5, 6, 7)),
+        (_task(5, 1, 1, SLURM_DISTRIBUTION="*:cyclic"), (4, 5, 6, 7)),
         (_task(4, 1, 1, SLURM_DISTRIBUTION="cyclic"), (1, 4, 7, 10)),
         (_task(8, 2, 2, SLURM_DISTRIBUTION="cyclic:block,Pack"), (2, 5, 8)),
         # a layout the task's own rank contradicts, or one not known: none
@@ -366,6 +369,12 @@ def test_a_nodes_ranks_are_known_where_the_launcher_fixes_them(
     env: dict[str, str], ranks: tuple[int, ...] | None
 ) -> None:
     assert node_ranks_from_env(env) == ranks
+
+
+def test_a_rank_knows_its_nodes_ranks_from_its_launcher() -> None:
+    env = _task(4, 1, 1, SLURM_DISTRIBUTION="cyclic")
+    assert _place(env, 4) == Place("SLURM_NODEID=1", 1, 4, (1, 4, 7, 10))
+    assert _place({**env, "SLURM_DISTRIBUTION": "plane"}, 4).ranks is None
 
 
 @given(st.lists(st.integers(1, 9), min_size=1, max_size=12), st.booleans())

@@ -878,6 +878,7 @@ def test_single_task_launch_uses_null_without_a_group(monkeypatch: pytest.Monkey
         {"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_STEP_ID": "4294967291"},
         {"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_STEPID": "4294967292"},
         {"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_STEP_ID": "4294967290"},
+        {"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_STEP_ID": "\u00b2"},  # not a number
     ],
 )
 def test_slurm_outside_an_srun_step_is_one_process(

@@ -33,6 +33,7 @@ from syncdeco import (
 )
 from syncdeco._backend import Failure, SyncPoint
 from syncdeco._plane import watch
+from syncdeco._plane.deadline import Deadline
 from syncdeco._plane.exchange import Exchange, Place
 from syncdeco._plane.tier import host_store, join_store
 from syncdeco._plane.transport import Keys
@@ -349,6 +350,23 @@ def test_ranks_that_never_start_are_named_by_the_launchers_layout(known: bool) -
     assert "[finding this node's ranks: local rank(s) 0 of n1]" in str(errors[3])
     assert "[finding this node's ranks: local rank(s) 1 of n0]" in str(errors[0])
     assert "(never seen at a sync point)" in str(errors[3])
+
+
+def test_ranks_that_come_as_the_wait_ends_are_not_named() -> None:
+    """The wait for a node's ranks ends; they come while it looks at who is
+    missing: no timeout (naming nobody, or a rank that came)."""
+    job = Job(world=2, node=2)
+    ex, key = job.exchanges[0], "cyclic/late"
+
+    def came(absent: list[int]) -> tuple[list[int], str]:
+        job.stores[1].set(key, b"1")  # rank 1 comes now
+        return [1], ": local rank(s) 1 of n0"
+
+    ex._wait_keys([key], came, Deadline.after(0.01), point(ex, "load", True))
+    job.stores[1].delete_key(key)
+    with pytest.raises(SyncTimeoutError) as info:
+        ex._wait_keys([key], lambda absent: ([1], ""), Deadline.after(0.01), point(ex, "x"))
+    assert info.value.missing == (1,)
 
 
 def test_a_result_reaches_every_node(job: Job) -> None:

@@ -263,9 +263,9 @@ class Exchange:
             wait_on(self.store, deadline, lambda: self.store.wait(keys))
         except Late:
             absent = [i for i, k in enumerate(keys) if not self.store.check([k])]
-            if not absent:
+            missing, whom = named(absent) if absent else ([], "")
+            if not missing or all(self.store.check([keys[i]]) for i in absent):
                 return  # (they came as the wait ended)
-            missing, whom = named(absent)
             raise SyncTimeoutError(
                 missing=missing,
                 point=f"{point.describe()} [finding this node's ranks{whom}]",
