@@ -26,7 +26,7 @@ from collections.abc import Generator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from types import FrameType
-from typing import ClassVar, Final, NamedTuple, TypeAlias, final
+from typing import ClassVar, Final, NamedTuple, TypeAlias, cast, final
 
 import wrapt
 
@@ -130,11 +130,17 @@ def _file_name(path: str) -> str:
 
 
 def _arrive(
-    backend: Backend, kind: str, site: Site, local: bool, caller: FrameType | None = None
+    backend: Backend,
+    kind: str,
+    site: Site,
+    local: bool,
+    caller: FrameType | None = None,
+    call: int = 0,
 ) -> SyncPoint:
     """This rank's next arrival at a sync point: checked (not inside a body
     that runs on the main rank only) and counted, in the caller's thread.
-    ``caller``: the frame that called the decorated function, if any."""
+    ``caller``: the frame that called the decorated function, if any;
+    ``call``: its count of calls, where that names the sync point (else 0)."""
     region = _region.get()
     if region is not None:
         only = (
@@ -152,6 +158,8 @@ def _arrive(
             f"ranks could never meet there. Move the sync point out of that "
             f"body: {fix}."
         )
+    if call:
+        return SyncPoint(kind, site.name, call, site.location, call_site(caller))
     counts = _counts_for(backend)
     key = (kind, site.name, local)
     count = counts.syncs.get(key, 0) + 1
@@ -215,7 +223,9 @@ class _Meet(NamedTuple):
 
     ``prepare``: join the backend's group first (the first time, that may
     block).  ``reporting``: tell the others this rank raised it (the caller
-    re-raises it).  A tuple: made on every decorated call that syncs."""
+    re-raises it).  ``call``: the decorated function's call that meets
+    (``barrier_after``, whose sync point is named by it), or 0: the sync
+    point's own count.  A tuple: made on every decorated call that syncs."""
 
     backend: Backend
     kind: str
@@ -225,6 +235,7 @@ class _Meet(NamedTuple):
     payload: object = None
     reporting: BaseException | None = None
     prepare: bool = False
+    call: int = 0
 
 
 class _Prepare(NamedTuple):
@@ -244,10 +255,10 @@ def _do(need: _Need, caller: FrameType | None) -> object:
     if isinstance(need, _Prepare):
         _prepare(need.at.backend)
         return None
-    backend, kind, site, local, timeout, payload, exc, prepare = need
+    backend, kind, site, local, timeout, payload, exc, prepare, call = need
     if prepare:
         _prepare(backend)
-    point = _arrive(backend, kind, site, local, caller)
+    point = _arrive(backend, kind, site, local, caller, call)
     if exc is None:
         return _sync(backend, point, local, None, payload, resolve_timeout(timeout))
     try:
@@ -288,7 +299,7 @@ async def _do_async(need: _Need, caller: FrameType | None) -> object:
     if need.prepare and not prepare:
         _prepare(backend)
     try:
-        point = _arrive(backend, need.kind, need.site, need.local, caller)
+        point = _arrive(backend, need.kind, need.site, need.local, caller, need.call)
         failure = None if exc is None else _failure(backend, exc)
         call = functools.partial(
             _prepare_and_sync if prepare else _sync,
@@ -428,7 +439,8 @@ class BarrierAfter:
 
     Calls are counted per site and per ``nth``: which ``barrier_after`` of
     that site it is in its stack (0 innermost, set by :func:`compose`), so
-    each decorator of a stack counts the calls it sees."""
+    each decorator of a stack counts the calls it sees.  The sync point is
+    named by that count: ``every=5`` meets at calls 5, 10, 15."""
 
     site: Site
     every: int
@@ -449,7 +461,7 @@ class BarrierAfter:
         key = (self.site, self.nth)
         n = calls.get(key, 0) + 1
         calls[key] = n
-        return True, n % self.every == 0
+        return True, n if n % self.every == 0 else 0
 
     def entered(self, need: _Need, synced: object) -> tuple[bool, object]:
         raise AssertionError("barrier_after decides without waiting")  # (enter has no need)
@@ -459,7 +471,8 @@ class BarrierAfter:
     ) -> Exited:
         if not state:
             return None
-        return _Meet(backend, self.kind, self.site, False, self.timeout, None, exc)
+        call = cast(int, state)
+        return _Meet(backend, self.kind, self.site, False, self.timeout, None, exc, call=call)
 
 
 Policy = MainFirst | OnMainOnly | BarrierAfter

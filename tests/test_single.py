@@ -395,6 +395,34 @@ def test_each_barrier_after_of_a_stack_counts_its_own_calls(outer: int, inner: i
         assert events == [BA] * (13 % inner == 0) + [BA] * (13 % outer == 0)
 
 
+class _Points(_RankOfTwo):
+    """Rank 0 of two that keeps each sync point as reached."""
+
+    def __init__(self) -> None:
+        super().__init__(0, [])
+        self.points: list[sd.SyncPoint] = []
+
+    def sync(self, point: sd.SyncPoint, **kw: object) -> object:
+        self.points.append(point)
+        return super().sync(point, **kw)
+
+
+def test_a_barrier_after_sync_point_is_named_by_the_call_that_meets() -> None:
+    backend = _Points()
+    step = sd.barrier_after(every=5)(lambda: None)
+    stacked = _stack(sd.barrier_after(every=4), sd.barrier_after(every=2))
+    with sd.use_backend(backend):
+        for _ in range(12):
+            step()
+        assert [p.count for p in backend.points] == [5, 10]
+        assert "(call 10, " in backend.points[-1].describe()
+        backend.points.clear()
+        for _ in range(8):
+            stacked()
+    # inner (every=2) at calls 2, 4, 6, 8; outer (every=4) after it at 4 and 8
+    assert [p.count for p in backend.points] == [2, 4, 4, 6, 8, 8]
+
+
 def test_barrier_after_calls_are_counted_per_stack_not_per_name() -> None:
     events: list[str] = []
     a = sd.barrier_after(every=2, name="step")(lambda: None)
