@@ -50,9 +50,12 @@ class SyncPoint:
     """The identity of one arrival at a sync point.
 
     Ranks agree on a sync point when ``kind``, ``name`` and ``count`` are all
-    equal; ``location`` (file and line: of the decorated function, or of the
-    ``with`` block or ``barrier()`` call) and ``called`` (file and line of
-    the call of a decorated function, where known) only serve messages.
+    equal.  ``count`` is how many times this rank has reached it, or for
+    ``barrier_after`` the decorated function's call that meets (10 for the
+    tenth call with ``every=5``).  ``location`` (file and line: of the
+    decorated function, or of the ``with`` block or ``barrier()`` call) and
+    ``called`` (file and line of the call of a decorated function, where
+    known) only serve messages.
     """
 
     kind: str

@@ -721,8 +721,8 @@ def test_user_backend_sees_named_counted_sync_points() -> None:
             step()
         sd.barrier("ckpt")
     assert [(p.kind, p.count) for p in rec.points] == [
-        ("barrier_after", 1),
-        ("barrier_after", 2),
+        ("barrier_after", 2),  # the calls that meet
+        ("barrier_after", 4),
         ("barrier", 1),
     ]
     assert rec.points[0].name.endswith(
