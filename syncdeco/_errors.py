@@ -300,7 +300,7 @@ class SyncTimeoutError(SyncError, TimeoutError):
             " A rank never seen at a sync point cannot say where it is (it answers "
             "from its first one on): call sd.init() at the start of every rank's "
             "program to have it located."
-            if any(self.last_seen.get(r, "") is None for r in self.missing)
+            if any(self.last_seen.get(r, "") is None and r not in self.places for r in self.missing)
             else ""
         )
         super().__init__(

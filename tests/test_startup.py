@@ -70,6 +70,7 @@ AGENT_AND_RANK0 = {
     "main_exits": ["torchrun", "torchrun-by-hand"],
     "kill": ["torchrun-agent", "slurm"],
     "tensor": ["torchrun", "ompi"],
+    "slow_main": ["torchrun", "slurm"],
 }
 EXITS = [
     ("exit", "torchrun"),
@@ -249,6 +250,20 @@ def test_a_late_rank_is_named_at_the_first_sync_points_timeout(launch: str, tmp_
     assert late["error"] == "SyncTimeoutError" and late["missing"] == [1], late
     assert "rank 1 reached barrier 'first'" in late["message"], late
     assert "too late" in late["message"], late
+
+
+@pytest.mark.parametrize("launch", AGENT_AND_RANK0["slow_main"])
+def test_a_main_still_in_its_first_main_first_body_is_located(launch: str, tmp_path: Path) -> None:
+    # The main joins the job's store before its body (under torchrun's
+    # agent store too): the others, giving up on it, can ask it where it is.
+    log = _ok(run(launch, "slow_main", 2, tmp_path, arg="2"))
+    rec = _records(tmp_path, [0, 1], log)
+    member, main = rec[1], rec[0]
+    assert member["error"] == "SyncTimeoutError" and member["missing"] == [0], member
+    # (the innermost frame of the script's own: the body waits in wait_for)
+    assert "rank 0 (never seen at a sync point) is in wait_for (" in member["message"], member
+    assert "call sd.init()" not in member["message"], member  # it did say where it is
+    assert main["error"] == "SyncTimeoutError" and "too late" in main["message"], main
 
 
 @pytest.mark.parametrize(("how", "launch"), EXITS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 from collections.abc import Mapping
 from typing import Final, final
@@ -12,12 +13,19 @@ import torch.distributed as dist
 
 from .._backend import Failure, SyncPoint
 from .._env import local_rank_from_env
-from .._startup import tcp_is_server
+from .._errors import SyncError
+from .._startup import agent_hosts, tcp_is_server
 from . import group
 from .group import SESSIONS
 from .session import Session
 
-__all__ = ["AUTO", "TorchBackend", "auto_backend"]
+__all__ = ["AUTO", "PREPARE_WAIT", "TorchBackend", "auto_backend"]
+
+_log = logging.getLogger("syncdeco")
+
+# How long a main rank under torchrun's agent store tries to join it before
+# its body (the server is up before any rank starts: a fault, if it is not).
+PREPARE_WAIT: Final = 10.0
 
 
 @final
@@ -68,15 +76,26 @@ class TorchBackend:
         in a sync point.  Before any group exists, the rank that hosts the
         job's store (rank 0 outside torchrun's agent store) opens it now, so
         that the others reach it while it runs an hour-long first
-        ``main_first``; the others connect at their sync point."""
+        ``main_first``; under torchrun's agent store, whose server is up
+        before any rank starts, the rank joins it now (for up to
+        ``PREPARE_WAIT`` seconds; else at its sync point, which names the
+        fault).  Either way its session runs while the body does: the
+        others, waiting, can ask it where it is.  The others connect at
+        their sync point."""
         if group.live_session() is not None:
             return
         if dist.is_initialized():
             group.current_session(self._env)
             return
         group.refuse_destroyed(None)
-        if tcp_is_server(group.launch_of(self._env), self._env):
+        launch = group.launch_of(self._env)
+        if tcp_is_server(launch, self._env):
             group.early_session(self._backend, self._env, None, None)
+        elif agent_hosts(launch, self._env):
+            try:
+                group.early_session(self._backend, self._env, None, PREPARE_WAIT)
+            except SyncError as exc:  # (said again, with the sync point, after the body)
+                _log.debug("rank %d joins at its sync point: %s", launch.rank, exc)
 
     # Rank facts have no side effects: they come from the process group if
     # there is one, else from the group syncdeco was using if it has been

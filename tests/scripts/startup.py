@@ -24,6 +24,8 @@ Scenarios:
   which node 1 passes before node 0 comes to its own.
 - ``init_late T``: ``sd.init(timeout=T)`` with rank 1 coming once the others
   are done with it.
+- ``slow_main T``: the first sync point is a ``main_first(timeout=T)``
+  whose body the main runs until every other rank has given up on it.
 - ``restart``: under ``torchrun --max-restarts 1``: the first attempt leaves
   a frame of rank 1 and an exit notice of rank 0 in the agent's store; the
   second attempt's first sync point must not read them.
@@ -197,6 +199,17 @@ def main(scenario: str, tmp: Path, arg: str) -> None:
         touch(tmp / f"passed{rank}")
         facts["world"] = attempt(lambda: sd.barrier("world", timeout=60))
         record(tmp, rank, facts)
+    elif scenario == "slow_main":
+
+        @sd.main_first(timeout=float(arg))
+        def slow_body() -> str:
+            if rank == 0:  # until every other rank has given up waiting for it
+                all(wait_for(tmp / f"done{r}") for r in others)
+            return "loaded"
+
+        record(tmp, rank, attempt(slow_body))
+        touch(tmp / f"done{rank}")
+        all(wait_for(tmp / f"done{r}") for r in others)  # (rank 0 may host the store)
     elif scenario == "restart":
         if os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
             # Leave a frame of rank 1 (at a point the next attempt will not
