@@ -747,6 +747,12 @@ def barrier(name: str | None = None, *, timeout: Timeout = DEFAULT) -> None:
     ``SyncMismatchError`` if ranks reach different barriers and
     ``SyncTimeoutError`` if some do not arrive within ``timeout``.
     """
+    if callable(name):
+        raise TypeError(
+            f"barrier({name!r}): barrier is a call, not a decorator. To meet after a "
+            f"function, decorate it with @sd.barrier_after; else call sd.barrier() "
+            f"where every rank meets."
+        )
     _check_name("barrier", name)
     _check_timeout("barrier", timeout)
     site = _caller_site(name, 1)

@@ -34,7 +34,11 @@ def atomic_save(
 
         save = torch.save
     target = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:  # named by the path asked for, not the temporary file's
+        why = f"{exc.strerror} (atomic_save writes a temporary file in {target.parent} first)"
+        raise type(exc)(exc.errno, why, str(target)) from exc
     try:
         with os.fdopen(fd, "wb") as tmp:
             _chmod_like_open(tmp.fileno(), target)

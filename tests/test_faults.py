@@ -282,6 +282,15 @@ def test_atomic_save_replaces_and_cleans_up(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
 
 
+def test_atomic_save_into_a_missing_folder_names_the_path_asked_for(tmp_path: Path) -> None:
+    target = tmp_path / "no such folder" / "ckpt.pt"
+    with pytest.raises(FileNotFoundError) as info:
+        sd.atomic_save({"step": 1}, target)
+    assert info.value.filename == str(target)
+    assert str(info.value).startswith("[Errno 2] No such file or directory (atomic_save writes")
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
 def test_atomic_save_gives_the_mode_open_would(tmp_path: Path) -> None:
     old = os.umask(0o027)
     try:

@@ -596,6 +596,7 @@ def test_bad_options_fail_when_decorating(call: object, error: type, text: str) 
         (lambda: sd.on_main_only(timeout=0), ValueError, "on_main_only(timeout=...) must be"),
         (lambda: sd.on_main_only(name=3), TypeError, "on_main_only(name=3): name="),
         (lambda: sd.barrier(name=3), TypeError, "barrier(name=3): name="),
+        (lambda: sd.barrier(print), TypeError, "barrier(<built-in function print>): barrier is"),
         (lambda: sd.barrier(timeout=0), ValueError, "barrier(timeout=...) must be positive"),
     ],
 )
