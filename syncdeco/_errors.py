@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import TypeVar, final
+from typing import Final, TypeVar, final
 
 __all__ = [
     "CompositionError",
@@ -238,6 +238,11 @@ class RankLostError(RankKilledError):
         )
 
 
+# How a missing rank's place begins where it did not say where it is (its
+# stack responder's silence, in ``SyncTimeoutError.places``).
+SILENT: Final = "did not answer"
+
+
 @final
 class SyncTimeoutError(SyncError, TimeoutError):
     """Not every rank reached a sync point within its timeout.
@@ -300,7 +305,10 @@ class SyncTimeoutError(SyncError, TimeoutError):
             " A rank never seen at a sync point cannot say where it is (it answers "
             "from its first one on): call sd.init() at the start of every rank's "
             "program to have it located."
-            if any(self.last_seen.get(r, "") is None and r not in self.places for r in self.missing)
+            if any(
+                self.last_seen.get(r, "") is None and self.places.get(r, SILENT).startswith(SILENT)
+                for r in self.missing
+            )
             else ""
         )
         super().__init__(

@@ -91,6 +91,7 @@ from types import FrameType
 from typing import Any, Final, final
 
 from .. import _proc
+from .._errors import SILENT
 from .deadline import look_until
 
 __all__ = [
@@ -761,7 +762,7 @@ def _silent_report(store: Any, rank: int, keys: _Keys, timeout: float) -> StackR
         return StackReport(
             rank,
             reason=(
-                "did not answer: no stack responder runs in its process (it has not "
+                f"{SILENT}: no stack responder runs in its process (it has not "
                 "reached its first sync point yet, or it has exited)"
             ),
         )
@@ -771,7 +772,7 @@ def _silent_report(store: Any, rank: int, keys: _Keys, timeout: float) -> StackR
             rank,
             host=host,
             pid=pid,
-            reason="did not answer: its process has exited (its stack responder has stopped)",
+            reason=f"{SILENT}: its process has exited (its stack responder has stopped)",
             ended=True,
         )
     return StackReport(rank, host=host, pid=pid, reason=_why_silent(timeout, host, pid, namespace))
@@ -817,7 +818,7 @@ def _why_silent(timeout: float, host: str, pid: int, namespace: str | None) -> s
     """Why a rank with a responder did not answer: from its process's state
     when it runs on this host (in this pid namespace), else the usual
     suspects; and how to look at it."""
-    head = f"did not answer within {timeout:g} s"
+    head = f"{SILENT} within {timeout:g} s"
     look = f"To see where it is: py-spy dump --pid {pid} (on host {host})."
     state = None
     if host == socket.gethostname() and namespace is not None and namespace == _pid_namespace():
