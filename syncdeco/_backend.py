@@ -49,13 +49,14 @@ _BUILTIN_WARN_AFTER: Final = 60.0
 class SyncPoint:
     """The identity of one arrival at a sync point.
 
-    Ranks agree on a sync point when ``kind``, ``name`` and ``count`` are all
-    equal.  ``count`` is how many times this rank has reached it, or for
-    ``barrier_after`` the decorated function's call that meets (10 for the
-    tenth call with ``every=5``).  ``location`` (file and line: of the
-    decorated function, or of the ``with`` block or ``barrier()`` call) and
-    ``called`` (file and line of the call of a decorated function, where
-    known) only serve messages.
+    Ranks agree on a sync point when ``kind``, ``name`` and ``count`` (how
+    many times this rank has reached a sync point of that kind and name)
+    are all equal.  ``location`` (file and line: of the decorated function,
+    or of the ``with`` block or ``barrier()`` call), ``called`` (file and
+    line of the call of a decorated function, where known) and ``call``
+    (for ``barrier_after``: the decorated function's call that meets, 10
+    for the tenth call with ``every=5``; 0 where it is ``count``) only
+    serve messages.
     """
 
     kind: str
@@ -63,12 +64,15 @@ class SyncPoint:
     count: int
     location: str
     called: str = ""
+    call: int = 0
 
     def describe(self) -> str:
         """How error messages name it: ``barrier 'end of epoch' (call 1, train.py:40)``,
         ``main_first 'load' (call 1, train.py:12, called from train.py:40)``."""
         called = f", called from {self.called}" if self.called else ""
-        return f"{self.kind} '{self.name}' (call {self.count}, {self.location}{called})"
+        return (
+            f"{self.kind} '{self.name}' (call {self.call or self.count}, {self.location}{called})"
+        )
 
 
 @final

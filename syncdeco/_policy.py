@@ -140,7 +140,7 @@ def _arrive(
     """This rank's next arrival at a sync point: checked (not inside a body
     that runs on the main rank only) and counted, in the caller's thread.
     ``caller``: the frame that called the decorated function, if any;
-    ``call``: its count of calls, where that names the sync point (else 0)."""
+    ``call``: its count of calls, where messages say it (else 0)."""
     region = _region.get()
     if region is not None:
         only = (
@@ -158,13 +158,11 @@ def _arrive(
             f"ranks could never meet there. Move the sync point out of that "
             f"body: {fix}."
         )
-    if call:
-        return SyncPoint(kind, site.name, call, site.location, call_site(caller))
     counts = _counts_for(backend)
     key = (kind, site.name, local)
     count = counts.syncs.get(key, 0) + 1
     counts.syncs[key] = count
-    return SyncPoint(kind, site.name, count, site.location, call_site(caller))
+    return SyncPoint(kind, site.name, count, site.location, call_site(caller), call)
 
 
 def _sync(
@@ -224,8 +222,8 @@ class _Meet(NamedTuple):
     ``prepare``: join the backend's group first (the first time, that may
     block).  ``reporting``: tell the others this rank raised it (the caller
     re-raises it).  ``call``: the decorated function's call that meets
-    (``barrier_after``, whose sync point is named by it), or 0: the sync
-    point's own count.  A tuple: made on every decorated call that syncs."""
+    (``barrier_after``, whose messages say it), or 0: the sync point's own
+    count.  A tuple: made on every decorated call that syncs."""
 
     backend: Backend
     kind: str
@@ -439,8 +437,9 @@ class BarrierAfter:
 
     Calls are counted per site and per ``nth``: which ``barrier_after`` of
     that site it is in its stack (0 innermost, set by :func:`compose`), so
-    each decorator of a stack counts the calls it sees.  The sync point is
-    named by that count: ``every=5`` meets at calls 5, 10, 15."""
+    each decorator of a stack counts the calls it sees.  Messages say the
+    call that meets (``every=5``: calls 5, 10, 15); ranks agree on the
+    sync point by its count of meetings, as on any other."""
 
     site: Site
     every: int

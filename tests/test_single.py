@@ -407,20 +407,37 @@ class _Points(_RankOfTwo):
         return super().sync(point, **kw)
 
 
-def test_a_barrier_after_sync_point_is_named_by_the_call_that_meets() -> None:
+def test_a_barrier_after_sync_point_is_described_by_the_call_that_meets() -> None:
     backend = _Points()
     step = sd.barrier_after(every=5)(lambda: None)
     stacked = _stack(sd.barrier_after(every=4), sd.barrier_after(every=2))
     with sd.use_backend(backend):
         for _ in range(12):
             step()
-        assert [p.count for p in backend.points] == [5, 10]
+        assert [(p.count, p.call) for p in backend.points] == [(1, 5), (2, 10)]
         assert "(call 10, " in backend.points[-1].describe()
         backend.points.clear()
         for _ in range(8):
             stacked()
-    # inner (every=2) at calls 2, 4, 6, 8; outer (every=4) after it at 4 and 8
-    assert [p.count for p in backend.points] == [2, 4, 4, 6, 8, 8]
+    # inner (every=2) at calls 2, 4, 6, 8; outer (every=4) after it at 4 and 8;
+    # each sync point its own count (the two share the function's name)
+    assert [p.call for p in backend.points] == [2, 4, 4, 6, 8, 8]
+    assert [p.count for p in backend.points] == [1, 2, 3, 4, 5, 6]
+
+
+def test_functions_that_share_a_name_meet_by_their_count_of_meetings() -> None:
+    # One rank saves with full() twice, the other with full() then light():
+    # one sync point named "save" each time, so they agree (the calls differ).
+    ranks = [_Points(), _Points()]
+    for backend, light_second in zip(ranks, (False, True), strict=True):
+        full = sd.barrier_after(name="save")(lambda: None)
+        light = sd.barrier_after(name="save")(lambda: None)
+        with sd.use_backend(backend):
+            full()
+            (light if light_second else full)()
+    ids = [[(p.kind, p.name, p.count) for p in b.points] for b in ranks]
+    assert ids[0] == ids[1] == [("barrier_after", "save", 1), ("barrier_after", "save", 2)]
+    assert [p.call for p in ranks[1].points] == [1, 1]
 
 
 def test_barrier_after_calls_are_counted_per_stack_not_per_name() -> None:
@@ -721,10 +738,10 @@ def test_user_backend_sees_named_counted_sync_points() -> None:
         for _ in range(4):
             step()
         sd.barrier("ckpt")
-    assert [(p.kind, p.count) for p in rec.points] == [
-        ("barrier_after", 2),  # the calls that meet
-        ("barrier_after", 4),
-        ("barrier", 1),
+    assert [(p.kind, p.count, p.call) for p in rec.points] == [
+        ("barrier_after", 1, 2),  # its meetings, and the calls that meet
+        ("barrier_after", 2, 4),
+        ("barrier", 1, 0),
     ]
     assert rec.points[0].name.endswith(
         "test_user_backend_sees_named_counted_sync_points.<locals>.step"
