@@ -238,9 +238,10 @@ class RankLostError(RankKilledError):
         )
 
 
-# How a missing rank's place begins where it did not say where it is (its
-# stack responder's silence, in ``SyncTimeoutError.places``).
-SILENT: Final = "did not answer"
+# A missing rank's place (``SyncTimeoutError.places``) where no stack
+# responder runs in its process: it has not reached a sync point yet (or
+# has exited), and sd.init() at its start would have it answer.
+NO_RESPONDER: Final = "did not answer: no stack responder runs in its process"
 
 
 @final
@@ -299,14 +300,15 @@ class SyncTimeoutError(SyncError, TimeoutError):
             for r in self.missing
             if r in self.last_seen or r in self.places
         )
-        said = f": {each}." if each else "."
+        said = f": {each.rstrip('.')}." if each else "."
         more = " Their stacks, or why none came, are in .stacks." if self.stacks else ""
         early = (
             " A rank never seen at a sync point cannot say where it is (it answers "
             "from its first one on): call sd.init() at the start of every rank's "
             "program to have it located."
             if any(
-                self.last_seen.get(r, "") is None and self.places.get(r, SILENT).startswith(SILENT)
+                self.last_seen.get(r, "") is None
+                and self.places.get(r, NO_RESPONDER).startswith(NO_RESPONDER)
                 for r in self.missing
             )
             else ""

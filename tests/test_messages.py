@@ -20,7 +20,7 @@ import torch.distributed as dist
 from scripted import kill_all
 
 import syncdeco as sd
-from syncdeco._errors import FULL_TRACEBACK, shown
+from syncdeco._errors import FULL_TRACEBACK, NO_RESPONDER, shown
 from syncdeco._excepthook import prefixed
 from syncdeco.testing import launcher_env
 
@@ -152,6 +152,31 @@ def _step() -> str:
 @sd.barrier_after
 async def _step_async() -> str:
     return "stepped"
+
+
+@pytest.mark.parametrize(
+    "place, hint",
+    [
+        (None, True),  # no stack asked for
+        (f"{NO_RESPONDER} (it has not reached its first sync point yet, or it has exited)", True),
+        ("is in tokenize (train.py:12)", False),  # it said where it is
+        ("did not answer within 1 s: its main thread may be in a long C call", False),
+        ("did not answer: its process has exited (its stack responder has stopped)", False),
+    ],
+)
+def test_the_init_hint_is_given_only_where_a_rank_could_not_say_where_it_is(
+    place: str | None, hint: bool
+) -> None:
+    error = sd.SyncTimeoutError(
+        missing=[0],
+        point="main_first 'load' (call 1, train.py:10)",
+        timeout=3.0,
+        observer=1,
+        last_seen={0: None},
+        places={} if place is None else {0: place},
+    )
+    assert ("call sd.init() at the start of every rank" in str(error)) == hint
+    assert ".." not in str(error)
 
 
 def test_a_decorated_call_names_where_it_was_called() -> None:

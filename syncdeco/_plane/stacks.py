@@ -91,7 +91,7 @@ from types import FrameType
 from typing import Any, Final, final
 
 from .. import _proc
-from .._errors import SILENT
+from .._errors import NO_RESPONDER
 from .deadline import look_until
 
 __all__ = [
@@ -762,8 +762,7 @@ def _silent_report(store: Any, rank: int, keys: _Keys, timeout: float) -> StackR
         return StackReport(
             rank,
             reason=(
-                f"{SILENT}: no stack responder runs in its process (it has not "
-                "reached its first sync point yet, or it has exited)"
+                f"{NO_RESPONDER} (it has not reached its first sync point yet, or it has exited)"
             ),
         )
     host, pid, namespace = who[:3]
@@ -772,7 +771,7 @@ def _silent_report(store: Any, rank: int, keys: _Keys, timeout: float) -> StackR
             rank,
             host=host,
             pid=pid,
-            reason=f"{SILENT}: its process has exited (its stack responder has stopped)",
+            reason="did not answer: its process has exited (its stack responder has stopped)",
             ended=True,
         )
     return StackReport(rank, host=host, pid=pid, reason=_why_silent(timeout, host, pid, namespace))
@@ -818,7 +817,7 @@ def _why_silent(timeout: float, host: str, pid: int, namespace: str | None) -> s
     """Why a rank with a responder did not answer: from its process's state
     when it runs on this host (in this pid namespace), else the usual
     suspects; and how to look at it."""
-    head = f"{SILENT} within {timeout:g} s"
+    head = f"did not answer within {timeout:g} s"
     look = f"To see where it is: py-spy dump --pid {pid} (on host {host})."
     state = None
     if host == socket.gethostname() and namespace is not None and namespace == _pid_namespace():
