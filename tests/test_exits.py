@@ -366,3 +366,31 @@ def test_a_sync_point_after_this_rank_announced_its_exit() -> None:
         message = o.unwrap()
         assert message.startswith(f"rank {o.rank} at barrier 'after'"), message
         assert "already told the other ranks it is exiting" in message, message
+
+
+class _Leaving:
+    """A session's face to announce_exit: what it was told."""
+
+    def __init__(self, told: list[tuple[str, BaseException | None]], name: str) -> None:
+        self.told, self.name = told, name
+
+    def leave(self, exc: BaseException | None) -> None:
+        self.told.append((self.name, exc))
+
+
+def test_an_exit_is_told_on_the_early_session_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A main that made the group itself inside its first main_first body has
+    # two sessions: the others wait for it over the early one's store.
+    from syncdeco._plane import group
+
+    told: list[tuple[str, BaseException | None]] = []
+    early, current = _Leaving(told, "early"), _Leaving(told, "current")
+    monkeypatch.setattr(group.SESSIONS, "early", early)
+    monkeypatch.setattr(group.SESSIONS, "current", (lambda: None, current))
+    error = ValueError("disk full")
+    group.announce_exit(error)
+    assert told == [("current", error), ("early", error)]
+    told.clear()
+    monkeypatch.setattr(group.SESSIONS, "current", (lambda: None, early))  # one and the same
+    group.announce_exit(None)
+    assert told == [("early", None)]

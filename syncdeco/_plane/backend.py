@@ -39,7 +39,7 @@ class TorchBackend:
     ``backend`` (default: ``"nccl"`` when CUDA is available, else ``"gloo"``).
     """
 
-    __slots__ = ("__weakref__", "_backend", "_env")
+    __slots__ = ("__weakref__", "_backend", "_env", "_join_late")
 
     def __init__(self, backend: str | None = None, *, env: Mapping[str, str] | None = None) -> None:
         if backend is not None and backend not in ("gloo", "nccl", "mpi", "ucc", "xccl"):
@@ -49,6 +49,7 @@ class TorchBackend:
             )
         self._backend = backend
         self._env = os.environ if env is None else env
+        self._join_late = False  # (the agent's store did not let prepare() in)
 
     def __repr__(self) -> str:
         return f"TorchBackend({self._backend!r})" if self._backend else "TorchBackend()"
@@ -78,10 +79,9 @@ class TorchBackend:
         that the others reach it while it runs an hour-long first
         ``main_first``; under torchrun's agent store, whose server is up
         before any rank starts, the rank joins it now (for up to
-        ``PREPARE_WAIT`` seconds; else at its sync point, which names the
-        fault).  Either way its session runs while the body does: the
-        others, waiting, can ask it where it is.  The others connect at
-        their sync point."""
+        ``PREPARE_WAIT`` seconds, once; else at its sync point, which names
+        the fault).  Either way its session runs while the body does: the
+        others, waiting, can ask it where it is."""
         if group.live_session() is not None:
             return
         if dist.is_initialized():
@@ -91,10 +91,11 @@ class TorchBackend:
         launch = group.launch_of(self._env)
         if tcp_is_server(launch, self._env):
             group.early_session(self._backend, self._env, None, None)
-        elif agent_hosts(launch, self._env):
+        elif agent_hosts(launch, self._env) and not self._join_late:
             try:
                 group.early_session(self._backend, self._env, None, PREPARE_WAIT)
             except SyncError as exc:  # (said again, with the sync point, after the body)
+                self._join_late = True
                 _log.debug("rank %d joins at its sync point: %s", launch.rank, exc)
 
     # Rank facts have no side effects: they come from the process group if

@@ -367,9 +367,15 @@ def announce_exit(exc: BaseException | None, *, at_exit: bool = False) -> None:
     ``at_exit``) and where syncdeco.testing ends a rank; a process killed by
     a signal, or ended by os._exit(), runs neither."""
     try:
-        made = current() or SESSIONS.early
-        if made is not None:
-            made.leave(exc)
+        # Both, where a main made the group itself inside the body of its
+        # first main_first: the others wait on the early session's store.
+        made = [s for s in dict.fromkeys((current(), SESSIONS.early)) if s is not None]
+        if made:
+            for each in made:
+                try:
+                    each.leave(exc)
+                except Exception as problem:
+                    _log.debug("rank %d could not say it ends: %r", each.exchange.rank, problem)
         elif not SESSIONS.forked_child and DISTRIBUTED and dist.is_initialized():
             # No sync point ran here yet, but the others may be waiting at
             # their first: through a session over the group's store.  (A
