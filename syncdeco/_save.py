@@ -37,6 +37,8 @@ def atomic_save(
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     except OSError as exc:  # named by the path asked for, not the temporary file's
+        if exc.errno is None or isinstance(exc, FileExistsError):  # (no names left)
+            raise
         why = f"{exc.strerror} (atomic_save writes a temporary file in {target.parent} first)"
         raise type(exc)(exc.errno, why, str(target)) from exc
     try:
