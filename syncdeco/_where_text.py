@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, final
 
-from ._plane.stacks import StackReport, SyncSeen, is_user_file
+from ._plane.stacks import StackReport, SyncSeen, is_syncdeco_file, is_user_file
 
 __all__ = ["Group", "as_data", "format_where", "group", "parse_stack", "rank_ranges"]
 
@@ -98,12 +98,14 @@ class Group:
     """Ranks at one place: ``head`` says where (without the ranks), ``stack``
     lists its frames innermost user frame first (empty for ranks that did
     not answer), ``hidden`` counts the frames inside that user frame left
-    out (the library's), ``reports`` are the ranks'."""
+    out (the library's), ``wrappers`` syncdeco's own frames left out of the
+    stack (a decorated function's wrapper), ``reports`` are the ranks'."""
 
     head: str
     stack: tuple[Frame, ...]
     hidden: int
     reports: tuple[StackReport, ...]
+    wrappers: int = 0
 
     @property
     def ranks(self) -> list[int]:
@@ -116,9 +118,9 @@ class Group:
         return f"{who}: {self.head}"
 
 
-def _place(report: StackReport) -> tuple[str, tuple[Frame, ...], int]:
-    """(head, stack innermost user frame first, frames hidden) of a rank that
-    answered."""
+def _place(report: StackReport) -> tuple[str, tuple[Frame, ...], int, int]:
+    """(head, stack innermost user frame first, frames hidden inside it,
+    syncdeco's frames left out of it) of a rank that answered."""
     frames = parse_stack(report.stack or "")
     at = _user_index(frames, report.frame)
     if at is None:
@@ -126,7 +128,7 @@ def _place(report: StackReport) -> tuple[str, tuple[Frame, ...], int]:
         head = "outside the user's code" + (
             f": {inner[2]} in {os.path.basename(inner[0])}:{inner[1]}" if inner else ""
         )
-        return head, tuple(reversed(frames)), 0
+        return head, tuple(reversed(frames)), 0, 0
     file, line, function, _ = frames[at]
     inside = frames[at + 1 :]
     called = _called(inside)
@@ -137,7 +139,9 @@ def _place(report: StackReport) -> tuple[str, tuple[Frame, ...], int]:
         head = f"{called} in {where} ({function})"
     else:
         head = f"{function} in {where}"
-    return head, tuple(reversed(frames[: at + 1])), len(inside)
+    outer = frames[: at + 1]
+    shown = tuple(f for f in reversed(outer) if not is_syncdeco_file(f[0]))
+    return head, shown, len(inside), len(outer) - len(shown)
 
 
 def group(reports: Mapping[int, StackReport]) -> list[Group]:
@@ -145,21 +149,22 @@ def group(reports: Mapping[int, StackReport]) -> list[Group]:
     rank: ranks that answered with the same stack (frames compared by file
     name, line and function) and head; ranks that exited; ranks without a
     responder; each silent rank alone (its reason names its process)."""
-    keyed: dict[tuple[Any, ...], tuple[str, tuple[Frame, ...], int, list[StackReport]]] = {}
+    keyed: dict[tuple[Any, ...], tuple[str, tuple[Frame, ...], int, int, list[StackReport]]] = {}
     for rank in sorted(reports):
         report = reports[rank]
+        wrappers = 0
         if report.answered:
-            head, stack, hidden = _place(report)
+            head, stack, hidden, wrappers = _place(report)
             shape = tuple((os.path.basename(f), n, fn) for f, n, fn, _ in stack)
-            key: tuple[Any, ...] = ("at", head, shape, hidden)
+            key: tuple[Any, ...] = ("at", head, shape, hidden, wrappers)
         elif report.ended:
             head, stack, hidden, key = "exited", (), 0, ("ended",)
         elif report.host is None:
             head, stack, hidden, key = str(report.reason), (), 0, ("none", report.reason)
         else:
             head, stack, hidden, key = f"silent: {report.reason}", (), 0, ("silent", rank)
-        keyed.setdefault(key, (head, stack, hidden, []))[3].append(report)
-    groups = [Group(h, s, n, tuple(rs)) for h, s, n, rs in keyed.values()]
+        keyed.setdefault(key, (head, stack, hidden, wrappers, []))[4].append(report)
+    groups = [Group(h, s, n, tuple(rs), w) for h, s, n, w, rs in keyed.values()]
     groups.sort(key=lambda g: g.ranks[0])
     return groups
 
@@ -183,7 +188,7 @@ def _rank_line(report: StackReport, last: StackReport | None) -> str:
     if report.answered:
         parts.append(_sync_words(report.sync))
     elif last is not None and last.age is not None and last.answered:
-        head, _, _ = _place(last)
+        head = _place(last)[0]
         parts.append(f"last seen {_ago(last.age)} ago: {head}; {_sync_words(last.sync)}")
     elif last is not None and last.age is not None:
         parts.append(
@@ -213,7 +218,9 @@ def format_where(
         out.append(g.title)
         out += ["  " + _rank_line(r, last.get(r.rank)) for r in g.reports]
         if g.stack:
-            left_out = f" ({g.hidden} frame(s) inside it not shown)" if g.hidden else ""
+            parts = [f"{g.hidden} frame(s) inside it"] * bool(g.hidden)
+            parts += [f"{g.wrappers} of syncdeco's"] * bool(g.wrappers)
+            left_out = f" ({' and '.join(parts)} not shown)" if parts else ""
             out.append(f"  stack, innermost user frame first{left_out}:")
             out += ["    " + _frame_line(f) for f in g.stack]
     return "\n".join(out) + "\n"
@@ -285,6 +292,7 @@ def as_data(
                     for f, n, fn, src in g.stack
                 ],
                 "frames_inside_not_shown": g.hidden,
+                "syncdeco_frames_not_shown": g.wrappers,
             }
             for g in group(reports)
         ],

@@ -273,6 +273,24 @@ def test_a_rank_inside_a_sync_point_is_headed_by_it() -> None:
     )
 
 
+def test_syncdecos_wrapper_frames_are_left_out_of_a_groups_stack() -> None:
+    # rank 0 is in a function that a decorated step calls: the decorator's
+    # frame sits between the user's two
+    frames = [
+        (f"{USER}/train.py", 120, "<module>"),
+        ("/x/site-packages/syncdeco/_decorate.py", 114, "call"),
+        (f"{USER}/train.py", 60, "train_step"),
+        (f"{USER}/data.py", 31, "read_shard"),
+    ]
+    report = StackReport(0, stack=_stack(*frames), frame=frames[3], host="h", pid=1)
+    (g,) = group({0: report})
+    assert [f[2] for f in g.stack] == ["read_shard", "train_step", "<module>"]
+    assert g.wrappers == 1 and g.hidden == 0
+    text = format_where({0: report}, heading="j")
+    assert "  stack, innermost user frame first (1 of syncdeco's not shown):\n" in text
+    assert "_decorate.py" not in text
+
+
 def test_silent_exited_and_unstarted_ranks_are_said_so() -> None:
     silent = StackReport(2, host="h", pid=5, reason="did not answer within 2 s: it is stopped")
     reports = {

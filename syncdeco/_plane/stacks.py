@@ -101,6 +101,7 @@ __all__ = [
     "end_responders",
     "fetch_stacks",
     "innermost_user_frame",
+    "is_syncdeco_file",
     "last_answer",
     "main_thread_stack",
     "sync_state",
@@ -206,7 +207,8 @@ def _dirs() -> tuple[str, ...]:
 _NOT_USER_DIRS: Final = _dirs()
 
 
-def _is_syncdeco(file: str) -> bool:
+def is_syncdeco_file(file: str) -> bool:
+    """Whether ``file`` (a code object's file name) is syncdeco's own."""
     if file.startswith("<"):
         return False
     folder = os.path.dirname(os.path.abspath(file))
@@ -224,7 +226,7 @@ def is_user_file(file: str) -> bool:
     user's; ``<frozen ...>`` modules are the standard library's."""
     if file.startswith("<"):
         return not file.startswith("<frozen ")
-    if _is_syncdeco(file):
+    if is_syncdeco_file(file):
         return False
     path = os.path.abspath(file)
     if any(path.startswith(d) for d in _NOT_USER_DIRS):
@@ -272,7 +274,7 @@ def _in_syncdeco(frames: Sequence[Frame], user: Frame | None) -> bool:
     if user is not None:
         last = max(i for i, f in enumerate(frames) if f == user)
         inner = frames[last + 1 :]
-    return any(_is_syncdeco(f[0]) for f in inner)
+    return any(is_syncdeco_file(f[0]) for f in inner)
 
 
 # -- the answer -----------------------------------------------------------------
