@@ -9,7 +9,7 @@ decorating (it derives from both ``SyncError`` and ``TypeError``).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Final, TypeVar, final
 
 __all__ = [
@@ -286,19 +286,24 @@ class SyncTimeoutError(SyncError, TimeoutError):
             places=self.places,
         )
         if observer in self.missing:
-            ranks = ", ".join(map(str, self.missing))
+            ranks = rank_ranges(self.missing)
             super().__init__(
                 f"rank {observer} reached {point} too late: the other ranks had given "
                 f"up waiting ({timeout:g}s); late rank(s): {ranks}. Find what slowed "
                 f"rank {observer} down, or pass a larger timeout= (None waits forever)."
             )
             return
-        ranks = ", ".join(map(str, self.missing))
+        ranks = rank_ranges(self.missing)
+        # Ranks said of alike (a thousand not started, say) are said of once.
+        alike: dict[tuple[str, str], list[int]] = {}
+        for r in self.missing:
+            if r in self.last_seen or r in self.places:
+                seen = _seen(self.last_seen[r]) if r in self.last_seen else ""
+                place = f" {self.places[r]}" if r in self.places else ""
+                alike.setdefault((seen, place), []).append(r)
         each = "; ".join(
-            f"rank {whereabouts(r, self.last_seen[r]) if r in self.last_seen else r}"
-            + (f" {self.places[r]}" if r in self.places else "")
-            for r in self.missing
-            if r in self.last_seen or r in self.places
+            (f"ranks {rank_ranges(rs)}" if len(rs) > 1 else f"rank {rs[0]}") + seen + place
+            for (seen, place), rs in alike.items()
         )
         said = f": {each.rstrip('.')}." if each else "."
         more = " Their stacks, or why none came, are in .stacks." if self.stacks else ""
@@ -320,9 +325,24 @@ class SyncTimeoutError(SyncError, TimeoutError):
         )
 
 
+def rank_ranges(ranks: Iterable[int]) -> str:
+    """``[0, 1, 2, 4, 6, 7]`` as ``"0-2, 4, 6-7"``."""
+    runs: list[list[int]] = []
+    for r in sorted(set(ranks)):
+        if runs and r == runs[-1][1] + 1:
+            runs[-1][1] = r
+        else:
+            runs.append([r, r])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
 def whereabouts(rank: int, seen: str | None) -> str:
     """``rank`` with the last sync point it was seen at (for messages)."""
-    return f"{rank} (last seen at {seen})" if seen else f"{rank} (never seen at a sync point)"
+    return f"{rank}{_seen(seen)}"
+
+
+def _seen(seen: str | None) -> str:
+    return f" (last seen at {seen})" if seen else " (never seen at a sync point)"
 
 
 @final

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, final
 
+from ._errors import rank_ranges
 from ._plane.stacks import StackReport, SyncSeen, is_syncdeco_file, is_user_file
 
 __all__ = ["Group", "as_data", "format_where", "group", "parse_stack", "rank_ranges"]
@@ -57,17 +58,6 @@ def parse_stack(stack: str) -> list[Frame]:
             source = text if text and not text.startswith("...") else None
         frames.append((m["file"], int(m["line"]), m["function"], source))
     return frames
-
-
-def rank_ranges(ranks: Iterable[int]) -> str:
-    """``[0, 1, 2, 4, 6, 7]`` as ``"0-2, 4, 6-7"``."""
-    runs: list[list[int]] = []
-    for r in sorted(set(ranks)):
-        if runs and r == runs[-1][1] + 1:
-            runs[-1][1] = r
-        else:
-            runs.append([r, r])
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def _user_index(frames: Sequence[Frame], user: tuple[str, int, str] | None) -> int | None:

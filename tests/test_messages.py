@@ -179,6 +179,28 @@ def test_the_init_hint_is_given_only_where_a_rank_could_not_say_where_it_is(
     assert ".." not in str(error)
 
 
+def test_ranks_said_of_alike_are_said_of_once() -> None:
+    # a 4096-rank job whose first sync point times out with most ranks not started
+    never = f"{NO_RESPONDER} (it has not reached its first sync point yet, or it has exited)"
+    missing = [*range(1, 3000), 3005]
+    error = sd.SyncTimeoutError(
+        missing=missing,
+        point="barrier 'start' (call 1, train.py:5)",
+        timeout=60.0,
+        observer=0,
+        last_seen={**dict.fromkeys(range(1, 3000)), 3005: "barrier 'load' (call 1, train.py:3)"},
+        places={**dict.fromkeys(range(1, 3000), never), 3005: "is in read_shard (data.py:31)"},
+    )
+    assert error.missing == tuple(missing)
+    assert "but rank(s) 1-2999, 3005 did not arrive: ranks 1-2999 (never seen at a sync " in str(
+        error
+    )
+    assert "; rank 3005 (last seen at barrier 'load' (call 1, train.py:3)) is in read_shard" in (
+        str(error)
+    )
+    assert len(str(error)) < 1000
+
+
 def test_a_decorated_call_names_where_it_was_called() -> None:
     backend = _Recording()
     with sd.use_backend(backend):
