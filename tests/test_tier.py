@@ -369,6 +369,17 @@ def test_ranks_that_come_as_the_wait_ends_are_not_named() -> None:
     assert info.value.missing == (1,)
 
 
+def test_a_member_that_gives_up_raises_without_the_wait_behind_it() -> None:
+    """The user's traceback shows the timeout alone: not syncdeco's own
+    ``Late`` as the exception it happened while handling."""
+    two = Job(world=2, node=2)
+    ex = two.exchanges[1]
+    with pytest.raises(SyncTimeoutError) as info:
+        ex.sync(point(ex, "alone"), False, None, None, 0.05)  # rank 0 never comes
+    assert info.value.missing == (0,)
+    assert info.value.__context__ is None and info.value.__cause__ is None
+
+
 def test_a_result_reaches_every_node(job: Job) -> None:
     def body(rank: int, ex: Exchange) -> object:
         payload = {"vocab": 32000} if rank == 0 else None

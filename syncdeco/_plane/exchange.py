@@ -589,8 +589,10 @@ class Exchange:
         self._send(mail, base, seq, frame)
         self.waiting = Wait(time.monotonic(), where, False, main, (), base, seq)
         try:
-            verdict = load_verdict(mail.receive(base, seq, self.rank, mine))
+            verdict: Verdict | None = load_verdict(mail.receive(base, seq, self.rank, mine))
         except Late:
+            verdict = None  # (given up outside the handler: no Late in the user's traceback)
+        if verdict is None:
             verdict = self._give_up(base, seq, main, point, deadline, mail)
         self.sent[way.scope] = (mail, base, seq)
         return self._heard(verdict, main, point, seq, way.scope == "w", deadline, where)
@@ -742,6 +744,8 @@ class Exchange:
             try:
                 early = self.mail.receive(wbase, seq, self.rank, mine)
             except Late:
+                early = None  # (given up outside the handler, as in _follow)
+            if early is None:
                 try:
                     early = dump_verdict(self._give_up(wbase, seq, 0, point, deadline))
                 except SyncTimeoutError as exc:
