@@ -15,8 +15,8 @@ the user's own (or all, as root).  Nothing here touches a store.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final, final
 
@@ -33,11 +33,19 @@ _ID_VARIABLES: Final = ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "OMPI_MCA_ess_bas
 @final
 @dataclass(frozen=True, slots=True)
 class LocalRank:
-    """One rank's process on this machine."""
+    """One rank's process on this machine: the outermost that carries its
+    variables; ``family`` also holds the processes under it that carry
+    them (the rank itself where ``pid`` is a wrapper, ``timeout`` or a
+    shell; its DataLoader workers)."""
 
     pid: int
     rank: int
     parent: int
+    family: frozenset[int] = frozenset()
+
+    @property
+    def pids(self) -> frozenset[int]:
+        return self.family | {self.pid}
 
 
 @final
@@ -141,6 +149,18 @@ def job_of(env: Mapping[str, str]) -> tuple[str, str, str, int, int, str] | None
     )
 
 
+def _family(rank: LocalRank, under: Mapping[int, Sequence[LocalRank]]) -> frozenset[int]:
+    """The processes under ``rank``'s that carry the same rank."""
+    found: set[int] = set()
+    todo = [rank.pid]
+    while todo:
+        for child in under.get(todo.pop(), ()):
+            if child.rank == rank.rank and child.pid not in found:
+                found.add(child.pid)
+                todo.append(child.pid)
+    return frozenset(found)
+
+
 def local_jobs(proc: Path = Path("/proc")) -> list[LocalJob]:
     """The jobs with ranks on this machine, in order of their ids."""
     skip = _ancestors(os.getpid(), proc)
@@ -163,8 +183,14 @@ def local_jobs(proc: Path = Path("/proc")) -> list[LocalJob]:
     jobs = []
     for (ident, launcher, addr, port, size, run), ranks in found.items():
         pids = {r.pid for r in ranks}
-        # A rank's child (a DataLoader worker) has its variables, not its place.
-        own = [r for r in ranks if r.parent not in pids]
+        # A rank's child (a DataLoader worker) has its variables, not its
+        # place; nor has a wrapper's (timeout, a shell) child its own, though
+        # it is the rank: each rank is its outermost process, with the
+        # processes under it that carry the same rank.
+        under: dict[int, list[LocalRank]] = {}
+        for r in ranks:
+            under.setdefault(r.parent, []).append(r)
+        own = [replace(r, family=_family(r, under)) for r in ranks if r.parent not in pids]
         own.sort(key=lambda r: (r.rank, r.pid))
         jobs.append(LocalJob(ident, launcher, addr, port, size, run, tuple(own)))
     jobs.sort(key=lambda j: (j.id, j.addr, j.port, j.run))

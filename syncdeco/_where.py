@@ -171,7 +171,7 @@ def choose(
         )
     picked = list(jobs)
     if local is not None:
-        pids = {(socket.gethostname(), r.pid) for r in local.ranks}
+        pids = {(socket.gethostname(), p) for r in local.ranks for p in r.pids}
         picked = [j for j in jobs if any((w[0], w[1]) in pids for w in j.who.values())]
         if not picked:
             ranks = ", ".join(f"{r.rank} (pid {r.pid})" for r in local.ranks)
@@ -266,7 +266,7 @@ def _local(job: str | None, pid: int | None) -> LocalJob:
     """The job on this machine to show."""
     jobs = local_jobs()
     if pid is not None:
-        jobs = [j for j in jobs if any(r.pid == pid for r in j.ranks)]
+        jobs = [j for j in jobs if any(pid in r.pids for r in j.ranks)]
         if not jobs:
             if _proc.ended(pid):
                 raise WhereError(f"process {pid} has ended (no such process on this machine)")

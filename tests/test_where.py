@@ -349,9 +349,17 @@ def test_local_jobs_are_read_from_proc_leaving_out_the_ranks_children(tmp_path: 
     process(13, 1, RANK="0", WORLD_SIZE="1")  # a job of one: nothing to ask
     process(14, 1, HOME="/root")
     process(20, 1, RANK="0", **{**job, "MASTER_PORT": "29600"})  # another job
-    (a, b) = local_jobs(tmp_path)
+    # ranks started through a wrapper (srun ./run.sh, `timeout 600 python x.py`)
+    srun = {"SLURM_NTASKS": "2", "SLURM_STEP_ID": "0", "MASTER_ADDR": "n0", "MASTER_PORT": "29700"}
+    process(30, 1, SLURM_PROCID="0", **srun)  # the shell
+    process(31, 30, SLURM_PROCID="0", **srun)  # python, the rank
+    process(32, 31, SLURM_PROCID="0", **srun)  # its DataLoader worker
+    process(33, 1, SLURM_PROCID="1", **srun)  # rank 1, started directly
+    (a, b, c) = local_jobs(tmp_path)
     assert (a.id, a.addr, a.port, [r.pid for r in a.ranks]) == ("abc", "n0", 29500, [10, 11])
+    assert [r.pids for r in a.ranks] == [{10, 12}, {11}]
     assert (b.id, b.port, [r.rank for r in b.ranks]) == ("n0:29600", 29600, [0])
+    assert [(r.rank, r.pid, r.pids) for r in c.ranks] == [(0, 30, {30, 31, 32}), (1, 33, {33})]
 
 
 @pytest.fixture
@@ -396,6 +404,23 @@ def test_two_running_jobs_in_one_store_are_listed_to_pick_from() -> None:
     with pytest.raises(WhereError, match="several jobs") as caught:
         choose(jobs, "s")
     assert "  a: 1 ranks, 1 running\n  b: 1 ranks, 1 running" in str(caught.value)
+
+
+def test_a_ranks_responder_is_found_under_its_wrapper() -> None:
+    # `srun ./run.sh`: the outermost process with the rank's variables is the
+    # shell; the responder runs in the python under it
+    import socket
+
+    from syncdeco._jobs import LocalJob, LocalRank
+
+    here = socket.gethostname()
+    local = LocalJob("7.0", "SLURM", "n0", 29700, 2, "r", (LocalRank(30, 0, 1, frozenset({31})),))
+    said = {0: (here, 31, None, 2, 0.0), 1: ("other", 40, None, 2, 0.0)}
+    job = StoreJob("s", "p/syncdeco/stack", said, frozenset())
+    assert choose([job], "s", local=local) is job
+    alone = LocalJob("7.0", "SLURM", "n0", 29700, 2, "r", (LocalRank(30, 0, 1),))
+    with pytest.raises(WhereError, match=r"rank 0 \(pid 30\), have not said"):
+        choose([job], "s", local=alone)
 
 
 def test_a_responder_reads_the_sync_point_its_exchange_is_in_or_last_passed() -> None:
