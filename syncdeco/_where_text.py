@@ -163,12 +163,13 @@ def _ago(seconds: float) -> str:
     return f"{seconds:.0f}s" if seconds >= 10 else f"{seconds:.1f}s"
 
 
-def _sync_words(sync: SyncSeen | None) -> str:
+def _sync_words(sync: SyncSeen | None, age: float = 0.0) -> str:
+    """Where ``sync`` says a rank was, in an answer given ``age`` seconds ago."""
     if sync is None:
         return "no sync point passed yet"
     if sync.inside:
-        return f"in {sync.point} for {_ago(sync.seconds)}"
-    return f"last passed {sync.point} {_ago(sync.seconds)} ago"
+        return f"{'then ' if age else ''}in {sync.point} for {_ago(sync.seconds)}"
+    return f"last passed {sync.point} {_ago(sync.seconds + age)} ago"
 
 
 def _rank_line(report: StackReport, last: StackReport | None) -> str:
@@ -179,7 +180,7 @@ def _rank_line(report: StackReport, last: StackReport | None) -> str:
         parts.append(_sync_words(report.sync))
     elif last is not None and last.age is not None and last.answered:
         head = _place(last)[0]
-        parts.append(f"last seen {_ago(last.age)} ago: {head}; {_sync_words(last.sync)}")
+        parts.append(f"last seen {_ago(last.age)} ago: {head}; {_sync_words(last.sync, last.age)}")
     elif last is not None and last.age is not None:
         parts.append(
             f"last seen {_ago(last.age)} ago, at its first syncdeco sync point (where "

@@ -423,6 +423,20 @@ def test_a_ranks_responder_is_found_under_its_wrapper() -> None:
         choose([job], "s", local=alone)
 
 
+def test_a_silent_ranks_last_sighting_is_aged_to_now() -> None:
+    # its last answer, 14 s old, said it had passed 'epoch' 5 s before; or
+    # that it was then inside it for 5 s
+    silent = StackReport(2, host="h", pid=5, reason="did not answer within 2 s: it is stopped")
+    for inside, said in (
+        (False, "last passed barrier 'epoch' 19s ago"),
+        (True, "then in barrier 'epoch' for 5.0s"),
+    ):
+        sync = SyncSeen("barrier 'epoch'", 5.0, inside)
+        last = StackReport(2, stack=_shard(2).stack, frame=_shard(2).frame, age=14.0, sync=sync)
+        text = format_where({2: silent}, heading="j", last={2: last})
+        assert f"last seen 14s ago: read_shard in data.py:31; {said}\n" in text, text
+
+
 def test_a_responder_reads_the_sync_point_its_exchange_is_in_or_last_passed() -> None:
     from types import SimpleNamespace
 
