@@ -245,9 +245,10 @@ def message(rank: int, losses: Sequence[Loss]) -> str:
     return (
         f"syncdeco fail-fast: rank {rank} ends with exit code {EXIT_CODE}: {said}. "
         f"Rank {rank} was outside any syncdeco sync point (in its own collective, "
-        f"computing or loading data), where it would have waited for the collective's "
-        f"timeout. Look at the lost ranks' logs and launch the job again (torchrun "
-        f"--max-restarts does it for you); to handle the loss yourself, turn this "
+        f"computing or loading data), where a collective with the lost ranks fails or "
+        f"waits for its timeout. Look at the lost ranks' logs and launch the job again "
+        f"(torchrun --max-restarts, or the scheduler's requeue, does it for you); to "
+        f"handle the loss yourself, turn this "
         f"off: syncdeco.init(fail_fast=False) or {ENV}=0."
     )
 
