@@ -234,7 +234,8 @@ class RankLostError(RankKilledError):
             f"rank{plural} {ranks} lost (seen by rank {self.observer} at {self.point}): "
             f"{what}. The job cannot go on without {'them' if plural else 'it'}: end it and "
             f"restart from the last checkpoint once the host is back or replaced (torchrun "
-            f"--max-restarts, or the scheduler's requeue, does so by itself)."
+            f"--max-restarts does so by itself; under a scheduler, a requeue the job sets "
+            f"up)."
         )
 
 
@@ -296,13 +297,16 @@ class SyncTimeoutError(SyncError, TimeoutError):
         ranks = rank_ranges(self.missing)
         # Ranks said of alike (a thousand not started, say) are said of once.
         alike: dict[tuple[str, str], list[int]] = {}
-        for r in self.missing:
+        for r in sorted(self.missing):
             if r in self.last_seen or r in self.places:
                 seen = _seen(self.last_seen[r]) if r in self.last_seen else ""
-                place = f" {self.places[r]}" if r in self.places else ""
-                alike.setdefault((seen, place), []).append(r)
+                alike.setdefault((seen, self.places.get(r, "")), []).append(r)
         each = "; ".join(
-            (f"ranks {rank_ranges(rs)}" if len(rs) > 1 else f"rank {rs[0]}") + seen + place
+            (
+                f"rank {rs[0]}{seen}" + (f" {place}" if place else "")
+                if len(rs) == 1
+                else f"ranks {rank_ranges(rs)}{seen}" + (f": each {place}" if place else "")
+            )
             for (seen, place), rs in alike.items()
         )
         said = f": {each.rstrip('.')}." if each else "."

@@ -4,9 +4,11 @@
 show: every process whose environment a launcher set (torchrun, SLURM, Open
 MPI, or RANK and WORLD_SIZE by hand; see ``_env``) is a rank, and ranks
 with the same store (``MASTER_ADDR:MASTER_PORT``) and the same run of the
-job (``_startup.namespace``) are one job.  A process started by a rank (a
-DataLoader worker) has its rank's variables, but is not a rank: it is left
-out, and so are this process and its ancestors (a shell inside a job step).
+job (``_startup.namespace``) are one job.  A rank is the outermost process
+with its variables, together with the processes under it that carry the
+same rank (a DataLoader worker; the rank itself, where the outermost is a
+wrapper such as ``timeout`` or a shell).  This process and its ancestors
+(a shell inside a job step) are left out.
 
 Only processes whose ``/proc/PID/environ`` this user may read are seen:
 the user's own (or all, as root).  Nothing here touches a store.

@@ -163,13 +163,14 @@ def _ago(seconds: float) -> str:
     return f"{seconds:.0f}s" if seconds >= 10 else f"{seconds:.1f}s"
 
 
-def _sync_words(sync: SyncSeen | None, age: float = 0.0) -> str:
-    """Where ``sync`` says a rank was, in an answer given ``age`` seconds ago."""
+def _sync_words(sync: SyncSeen | None, age: float | None = None) -> str:
+    """Where ``sync`` says a rank was, in its answer now or (``age``) one
+    given that many seconds ago."""
     if sync is None:
         return "no sync point passed yet"
     if sync.inside:
-        return f"{'then ' if age else ''}in {sync.point} for {_ago(sync.seconds)}"
-    return f"last passed {sync.point} {_ago(sync.seconds + age)} ago"
+        return f"{'' if age is None else 'then '}in {sync.point} for {_ago(sync.seconds)}"
+    return f"last passed {sync.point} {_ago(sync.seconds + (age or 0.0))} ago"
 
 
 def _rank_line(report: StackReport, last: StackReport | None) -> str:

@@ -247,8 +247,8 @@ def message(rank: int, losses: Sequence[Loss]) -> str:
         f"Rank {rank} was outside any syncdeco sync point (in its own collective, "
         f"computing or loading data), where a collective with the lost ranks fails or "
         f"waits for its timeout. Look at the lost ranks' logs and launch the job again "
-        f"(torchrun --max-restarts, or the scheduler's requeue, does it for you); to "
-        f"handle the loss yourself, turn this "
+        f"(torchrun --max-restarts does it for you; under a scheduler, a requeue the job "
+        f"sets up); to handle the loss yourself, turn this "
         f"off: syncdeco.init(fail_fast=False) or {ENV}=0."
     )
 
