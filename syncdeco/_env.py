@@ -293,10 +293,21 @@ def format_tasks_per_node(counts: Sequence[int]) -> str:
 
 def _slurm_node_size(env: Mapping[str, str]) -> tuple[str, int] | None:
     """(where it was read, for messages; the count) of this node's tasks
-    under SLURM, or None where SLURM's variables do not describe the ranks:
-    outside an srun step, or where another launcher's (or hand-set RANK)
-    take precedence, as a program that starts its own ranks inside each
-    SLURM task sets them."""
+    under SLURM, or None where SLURM's variables do not describe the ranks
+    (see :func:`_slurm_step`)."""
+    step = _slurm_step(env)
+    if step is None:
+        return None
+    var, counts, node = step
+    return f"{var}[SLURM_NODEID={node}]", counts[node]
+
+
+def _slurm_step(env: Mapping[str, str]) -> tuple[str, tuple[int, ...], int] | None:
+    """(the variable read, the tasks per node, this task's node) of an srun
+    step, checked, or None where SLURM's variables do not describe the
+    ranks: outside an srun step, or where another launcher's (or hand-set
+    RANK) take precedence, as a program that starts its own ranks inside
+    each SLURM task sets them."""
     var = next((v for v in _TASKS_PER_NODE_VARS if v in env), None)
     if var is None or "SLURM_NODEID" not in env or not _in_srun_step(env):
         return None
@@ -319,7 +330,7 @@ def _slurm_node_size(env: Mapping[str, str]) -> tuple[str, int] | None:
                 f"srun sets both for the same job step. Launch through srun, or, where "
                 f"you set them by hand, make the counts add up to SLURM_NTASKS."
             )
-    return f"{var}[SLURM_NODEID={node}]", counts[node]
+    return var, counts, node
 
 
 def node_ranks_from_env(env: Mapping[str, str]) -> tuple[int, ...] | None:
@@ -341,14 +352,14 @@ def node_ranks_from_env(env: Mapping[str, str]) -> tuple[int, ...] | None:
             return None
         first = _int(env, "RANK", "torchrun") - local
         return tuple(range(first, first + size))
-    if _slurm_node_size(env) is None or "SLURM_LOCALID" not in env:
+    step = _slurm_step(env)
+    if step is None or "SLURM_LOCALID" not in env:
         return None
-    var = next(v for v in _TASKS_PER_NODE_VARS if v in env)
-    counts = parse_tasks_per_node(env[var], var=var)
+    _, counts, node = step
     how = env.get("SLURM_DISTRIBUTION", "*").split(",")[0].split(":")[0]
     known = how in ("*", "block", "cyclic")  # (* is srun's default: block)
     layout = slurm_layout(counts, cyclic=how == "cyclic") if known else None
-    node, local = int(env["SLURM_NODEID"]), local_rank_from_env(env)
+    local = local_rank_from_env(env)
     if layout is None or local is None:
         return None
     ranks = layout[node]

@@ -60,12 +60,12 @@ requests in a second), so a rank that does not answer costs no warnings.
 Exit: the responder thread is a daemon, and at interpreter exit
 :func:`end_all` (a step of syncdeco's one exit handler, which ``import
 syncdeco`` registers) rings its bell through a connection of its own, made
-when the responder started, and waits (2 s at most) for it to end.  A daemon thread still in a store
-call when the interpreter finalizes would abort the process once that call
-returns (CPython ends it with ``pthread_exit`` from inside torch's C++
-frames: "terminate called without an active exception", status -6); a
-process that serves the store itself (rank 0 under SLURM or mpirun) did
-so on every exit without the handler.
+when the responder started, and waits (2 s at most) for it to end.  A
+daemon thread still in a store call when the interpreter finalizes would
+abort the process once that call returns (CPython ends it with
+``pthread_exit`` from inside torch's C++ frames: "terminate called without
+an active exception", status -6); a process that serves the store itself
+(rank 0 under SLURM or mpirun) did so on every exit without the handler.
 """
 
 from __future__ import annotations
